@@ -1,0 +1,60 @@
+"""The gateway's exceptions, all rooted in :class:`GatewayError`.
+
+    GatewayError
+    ├── ConfigError        a config or mapping file is wrong; carries every Problem found
+    ├── BrazeError         Braze refused a request; carries the status and the response body
+    └── SpoolError         the durable spool could not do what was asked
+        └── SpoolFull      the spool is over `delivery.max_pending` or out of disk
+
+Messages say what to fix, and never hold a secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in one file: where, and what to fix."""
+
+    file: str
+    message: str
+    line: int | None = None
+    path: str | None = None  # the TOML key path, when no line is known
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.file}:{self.line}: {self.message}"
+        if self.path:
+            return f"{self.file}: {self.path}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+class ConfigError(GatewayError):
+    """The config or the mapping rules cannot be used; `problems` lists each one."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class BrazeError(GatewayError):
+    """Braze answered with a status that is not success."""
+
+    def __init__(self, status: int, body: str, message: str = "") -> None:
+        self.status = status
+        self.body = body
+        super().__init__(message or f"Braze answered {status}: {body[:500]}")
+
+
+class SpoolError(GatewayError):
+    """The spool database could not store or read what was asked."""
+
+
+class SpoolFull(SpoolError):
+    """The spool will not accept more until pending updates drain or disk space returns."""
