@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import msgspec
+
+from .errors import ConfigError, Problem
 
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of every config shape: typos are errors, values never change after load."""
 
 
-class ServerConfig(Strict):
+class ServerConfig(Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1_048_576
@@ -19,7 +28,7 @@ class ServerConfig(Strict):
     shutdown_timeout_s: float = 10.0
 
 
-class AuthConfig(Strict):
+class AuthConfig(Strict, frozen=True):
     mode: Literal["oauth2", "bearer", "none"] = "oauth2"
     client_id: str = "didomi"
     client_secret: str = ""
@@ -27,7 +36,7 @@ class AuthConfig(Strict):
     tokens: list[str] = []
 
 
-class BrazeConfig(Strict):
+class BrazeConfig(Strict, frozen=True):
     server: str = ""
     api_key: str = ""
     update_existing_only: bool = True
@@ -38,7 +47,7 @@ class BrazeConfig(Strict):
     requests_per_second: float = 1000.0
 
 
-class DeliveryConfig(Strict):
+class DeliveryConfig(Strict, frozen=True):
     spool: str = "var/gateway.db"
     retry_initial_ms: int = 250
     retry_max_ms: int = 60_000
@@ -47,17 +56,17 @@ class DeliveryConfig(Strict):
     max_pending: int = 1_000_000
 
 
-class DidomiConfig(Strict):
+class DidomiConfig(Strict, frozen=True):
     regulations: list[str] = msgspec.field(default_factory=lambda: ["gdpr"])
     on_user_deleted: Literal["ignore", "unsubscribe", "delete"] = "ignore"
 
 
-class MappingsConfig(Strict):
+class MappingsConfig(Strict, frozen=True):
     dir: str = "mappings"
     watch: bool = True
 
 
-class DidomiApiConfig(Strict):
+class DidomiApiConfig(Strict, frozen=True):
     enabled: bool = False
     base_url: str = "https://api.didomi.io/v1"
     organization_id: str = ""
@@ -66,7 +75,7 @@ class DidomiApiConfig(Strict):
     regulation: str = "gdpr"
 
 
-class Config(Strict):
+class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     braze: BrazeConfig = BrazeConfig()
@@ -74,3 +83,332 @@ class Config(Strict):
     didomi: DidomiConfig = DidomiConfig()
     mappings: MappingsConfig = MappingsConfig()
     didomi_api: DidomiApiConfig = DidomiApiConfig()
+
+
+# ---------------------------------------------------------------------------
+# Loading: TOML text -> environment interpolation -> located validation.
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+_MSGSPEC_AT = re.compile(r" - at `\$(.*)`$")
+
+# Braze REST instances whose host does not follow `rest.<name>.braze.com`.
+_INSTANCE_HOSTS = {
+    **{f"US-0{n}": f"rest.iad-0{n}.braze.com" for n in range(1, 9)},
+    "US-10": "rest.us-10.braze.com",
+    "EU-01": "rest.fra-01.braze.eu",
+    "EU-02": "rest.fra-02.braze.eu",
+    **{name: f"rest.{name.lower()}.braze.com" for name in ("AU-01", "ID-01", "JP-01", "KR-01")},
+}
+_INSTANCE_NAME = re.compile(r"^[A-Za-z]{2}-\d{2}$")
+_HOST = re.compile(r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?$")
+
+KeyPath = tuple[str | int, ...]
+
+
+def braze_base_url(server: str) -> str:
+    """Turn `braze.server` (instance name, host or URL) into a base URL; ValueError if none fits."""
+    server = server.strip()
+    if server.startswith(("http://", "https://")):
+        return server.rstrip("/")
+    if _INSTANCE_NAME.match(server):
+        host = _INSTANCE_HOSTS.get(server.upper())
+        if host is None:
+            known = ", ".join(sorted(_INSTANCE_HOSTS))
+            raise ValueError(f"unknown Braze instance {server!r}; known instances: {known}")
+        return f"https://{host}"
+    if _HOST.match(server):
+        return f"https://{server}"
+    raise ValueError(f"{server!r} is not a Braze instance name (e.g. US-01), a host or a URL")
+
+
+def format_path(path: KeyPath) -> str:
+    """Render a key path the way it reads in TOML: `map[2].to`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+class LineIndex:
+    """Finds the line of a key path in TOML text, since tomllib keeps no positions."""
+
+    _ARRAY = re.compile(r"^\s*\[\[\s*([^\]]+?)\s*\]\]")
+    _TABLE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+    _KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[KeyPath, int] = {}
+        counts: dict[str, int] = {}
+        table: KeyPath = ()
+        for number, line in enumerate(text.splitlines(), start=1):
+            if m := self._ARRAY.match(line):
+                name = m.group(1)
+                index = counts.get(name, 0)
+                counts[name] = index + 1
+                table = (*self._split(name), index)
+                self._lines.setdefault(table, number)
+            elif m := self._TABLE.match(line):
+                table = self._split(m.group(1))
+                self._lines.setdefault(table, number)
+            elif m := self._KEY.match(line):
+                self._lines.setdefault((*table, m.group(1).strip("\"'")), number)
+
+    @staticmethod
+    def _split(name: str) -> KeyPath:
+        return tuple(part.strip().strip("\"'") for part in name.split("."))
+
+    def line(self, path: KeyPath) -> int | None:
+        """The line of `path`, or of its nearest enclosing key or table."""
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return None
+
+
+class Located:
+    """Collects problems for one file, placing each on its line where it can."""
+
+    def __init__(self, file: str, text: str = "") -> None:
+        self.file = file
+        self.index = LineIndex(text)
+        self.problems: list[Problem] = []
+        self.paths: list[KeyPath] = []  # parallel to problems, to filter by section
+
+    def add(self, path: KeyPath, message: str) -> None:
+        line = self.index.line(path)
+        where = None if line is not None else format_path(path) or None
+        self.problems.append(Problem(self.file, message, line=line, path=where))
+        self.paths.append(path)
+
+
+def read_toml(path: Path, located: Located) -> dict[str, Any] | None:
+    """Read and parse one TOML file, recording an unreadable or malformed file as a problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        located.problems.append(Problem(located.file, f"cannot read the file: {_os_reason(exc)}"))
+        return None
+    located.index = LineIndex(text)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = _TOML_LINE.search(message)
+        line = int(m.group(1)) if m else None
+        located.problems.append(
+            Problem(located.file, f"invalid TOML: {_TOML_LINE.sub('', message).strip()}", line=line)
+        )
+        return None
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def interpolate(
+    value: Any, env: Mapping[str, str], located: Located, path: KeyPath = (), *, strict: bool = True
+) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` inside string values, recording missing variables."""
+    if isinstance(value, str):
+        if "${" not in value:
+            return value
+
+        def replace(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            if strict:
+                hint = f"set it, or write ${{{name}:-default}}"
+                located.add(path, f"environment variable {name} is not set ({hint})")
+            return ""
+
+        return _ENV_REF.sub(replace, value)
+    if isinstance(value, dict):
+        return {
+            k: interpolate(v, env, located, (*path, k), strict=strict) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [
+            interpolate(v, env, located, (*path, i), strict=strict) for i, v in enumerate(value)
+        ]
+    return value
+
+
+def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None:
+    """Convert one TOML table into `typ`, reporting every unknown key and the first wrong value."""
+    if not isinstance(raw, dict):
+        located.add(path, f"expected a table, got {_toml_kind(raw)}")
+        return None
+    known = {f.encode_name for f in msgspec.structs.fields(typ)}
+    unknown = [k for k in raw if k not in known]
+    for key in unknown:
+        hint = difflib.get_close_matches(key, known, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        allowed = ", ".join(sorted(known))
+        located.add((*path, key), f"unknown key {key!r}{did_you_mean}; allowed: {allowed}")
+    clean = {k: v for k, v in raw.items() if k in known}
+    try:
+        return msgspec.convert(clean, typ)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        sub: KeyPath = ()
+        if m := _MSGSPEC_AT.search(message):
+            message = message[: m.start()]
+            sub = _parse_msgspec_path(m.group(1))
+        located.add((*path, *sub), _humane(message, (*path, *sub)))
+        return None
+
+
+def _parse_msgspec_path(text: str) -> KeyPath:
+    parts: list[str | int] = []
+    for m in re.finditer(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]|\[\"?([^\]\"]+)\"?\]", text):
+        if m.group(1) is not None:
+            parts.append(m.group(1))
+        elif m.group(2) is not None:
+            parts.append(int(m.group(2)))
+        else:
+            parts.append(m.group(3))
+    return tuple(parts)
+
+
+def _humane(message: str, path: KeyPath) -> str:
+    key = format_path(path)
+    message = message.replace("Expected", "expected").replace("Invalid enum value", "invalid value")
+    return f"{key}: {message}" if key else message
+
+
+def _toml_kind(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, *, require_secrets: bool = True
+) -> Config:
+    """Load and check `gateway.toml`; raise ConfigError listing every problem found.
+
+    With `require_secrets=False` (render, test), missing variables and secrets are not errors.
+    """
+    path = Path(path)
+    env = os.environ if env is None else env
+    located = Located(str(path))
+    raw = read_toml(path, located)
+    if raw is None:
+        raise ConfigError(located.problems)
+    raw = interpolate(raw, env, located, strict=require_secrets)
+    sections: dict[str, Any] = {}
+    failed: set[str | int] = set()
+    known = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    for key, value in raw.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" (did you mean [{hint[0]}]?)" if hint else ""
+            located.add((key,), f"unknown section [{key}]{did_you_mean}")
+            continue
+        section = convert(value, known[key], located, (key,))
+        if section is None:
+            failed.add(key)
+        else:
+            sections[key] = section
+    # Cross-field checks run on the sections that did decode, so one run reports everything.
+    config = Config(**sections)
+    checks = Located(located.file)
+    checks.index = located.index
+    _check(config, checks, require_secrets=require_secrets)
+    seen = set(located.paths)
+    for problem, where in zip(checks.problems, checks.paths, strict=True):
+        if where[0] not in failed and where not in seen:
+            located.problems.append(problem)
+    if located.problems:
+        raise ConfigError(sorted(located.problems, key=lambda p: p.line or 0))
+    return _resolve_paths(config, path.parent)
+
+
+def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
+    """Cross-field rules that a type alone cannot say."""
+    braze, auth, server, delivery = config.braze, config.auth, config.server, config.delivery
+    if not braze.server:
+        located.add(
+            ("braze", "server"),
+            "braze.server is required: an instance name (US-01), a host or a URL",
+        )
+    else:
+        try:
+            braze_base_url(braze.server)
+        except ValueError as exc:
+            located.add(("braze", "server"), str(exc))
+    if require_secrets and not braze.api_key:
+        located.add(("braze", "api_key"), "braze.api_key is required (use ${BRAZE_API_KEY})")
+    if not 1 <= braze.batch_size <= 75:
+        located.add(
+            ("braze", "batch_size"),
+            "braze.batch_size must be between 1 and 75 (Braze's limit per request)",
+        )
+    for key, value in (
+        (("braze", "max_in_flight"), braze.max_in_flight),
+        (("braze", "flush_interval_ms"), braze.flush_interval_ms),
+        (("server", "max_body_bytes"), server.max_body_bytes),
+        (("auth", "token_ttl_s"), auth.token_ttl_s),
+        (("delivery", "retry_initial_ms"), delivery.retry_initial_ms),
+        (("delivery", "max_pending"), delivery.max_pending),
+    ):
+        if value <= 0:
+            located.add(key, f"{format_path(key)} must be positive")
+    for key, fvalue in (
+        (("braze", "timeout_s"), braze.timeout_s),
+        (("braze", "requests_per_second"), braze.requests_per_second),
+        (("delivery", "give_up_after_s"), delivery.give_up_after_s),
+    ):
+        if fvalue <= 0:
+            located.add(key, f"{format_path(key)} must be positive")
+    if delivery.retry_max_ms < delivery.retry_initial_ms:
+        located.add(
+            ("delivery", "retry_max_ms"), "delivery.retry_max_ms must not be below retry_initial_ms"
+        )
+    if not 0 < server.port < 65536:
+        located.add(("server", "port"), "server.port must be between 1 and 65535")
+    for i, network in enumerate(server.allow_from):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            located.add(("server", "allow_from", i), f"{network!r} is not an IP address or network")
+    if not config.didomi.regulations:
+        located.add(("didomi", "regulations"), "didomi.regulations must name a regulation")
+    if require_secrets:
+        if auth.mode == "oauth2" and not auth.client_secret:
+            located.add(
+                ("auth", "client_secret"), 'auth.client_secret is required for mode "oauth2"'
+            )
+        if auth.mode == "bearer" and not any(auth.tokens):
+            located.add(("auth", "tokens"), 'auth.tokens must list a token for mode "bearer"')
+        api = config.didomi_api
+        if api.enabled:
+            for name in ("organization_id", "key", "secret"):
+                if not getattr(api, name):
+                    located.add(("didomi_api", name), f"didomi_api.{name} is required when enabled")
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths in the config are relative to the config file's folder, not the cwd."""
+
+    def resolve(p: str) -> str:
+        return str(base / p) if not Path(p).is_absolute() else p
+
+    return msgspec.structs.replace(
+        config,
+        delivery=msgspec.structs.replace(config.delivery, spool=resolve(config.delivery.spool)),
+        mappings=msgspec.structs.replace(config.mappings, dir=resolve(config.mappings.dir)),
+    )
