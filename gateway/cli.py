@@ -1,0 +1,257 @@
+"""The `gateway` command: run, check, render, test, dead-letters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from . import __version__
+from .braze import track_bodies, track_object
+from .config import Config, load_config
+from .errors import ConfigError, GatewayError, Problem
+from .mappings import (
+    EMAIL,
+    LoadedTest,
+    Mapped,
+    Options,
+    RuleSet,
+    State,
+    event_from_test,
+    load_rules,
+)
+from .webhooks import WebhookError, decode
+
+DEFAULT_CONFIG = "gateway.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse the command line, run one command, return its exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except ConfigError as exc:
+        _problems(exc.problems)
+        return 1
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Keep Braze in step with the consent choices made in Didomi."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to gateway.toml")
+        return p
+
+    run = command("run", "serve webhooks until SIGTERM/SIGINT, then drain and exit")
+    run.add_argument("--log-format", choices=("text", "json"), default=None)
+    run.add_argument("--log-level", default="INFO")
+    run.set_defaults(func=_run)
+
+    check = command("check", "validate the config and every mapping file")
+    check.set_defaults(func=_check)
+
+    render = command("render", "print the Braze request bodies one Didomi webhook produces")
+    render.add_argument("event", type=Path, help="a Didomi webhook body (JSON file)")
+    render.add_argument("--mappings", type=Path, help="mapping folder; no gateway.toml needed")
+    render.set_defaults(func=_render)
+
+    test = command("test", "run the [[test]] tables of the mapping files")
+    test.add_argument("--mappings", type=Path, help="mapping folder; no gateway.toml needed")
+    test.set_defaults(func=_test)
+
+    dead = command("dead-letters", "inspect and re-send what Braze refused")
+    dead.add_argument("action", choices=("list", "replay", "purge"))
+    dead.add_argument("--id", type=int, action="append", help="only this dead letter (repeatable)")
+    dead.set_defaults(func=_dead_letters)
+    return parser
+
+
+def _problems(problems: Sequence[Problem], out: TextIO | None = None) -> None:
+    out = out or sys.stderr
+    for problem in problems:
+        print(problem, file=out)
+    print(f"{len(problems)} problem(s) found", file=out)
+
+
+# ---------------------------------------------------------------------------
+# check
+
+
+def _check(args: argparse.Namespace) -> int:
+    problems: list[Problem] = []
+    config: Config | None = None
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    mappings_dir = _mappings_dir(args.config, config)
+    rules: RuleSet | None = None
+    try:
+        rules = load_rules(mappings_dir, _options(config))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        _problems(problems)
+        return 1
+    assert config is not None
+    assert rules is not None
+    print(f"{args.config}: ok (Braze {config.braze.server}, auth {config.auth.mode})")
+    print(rules.summary())
+    return 0
+
+
+def _mappings_dir(config_path: str, config: Config | None) -> Path:
+    """Where the mappings are, even when gateway.toml itself has problems."""
+    if config is not None:
+        return Path(config.mappings.dir)
+    try:
+        return Path(load_config(config_path, require_secrets=False).mappings.dir)
+    except ConfigError:
+        return Path(config_path).parent / "mappings"
+
+
+def _options(config: Config | None) -> Options:
+    if config is None:
+        return Options()
+    return Options(frozenset(config.didomi.regulations), config.didomi.on_user_deleted)
+
+
+def _offline(args: argparse.Namespace) -> tuple[RuleSet, Config | None]:
+    """Rules for render and test: from --mappings alone, or from gateway.toml without secrets."""
+    if args.mappings is not None:
+        return load_rules(args.mappings), None
+    config = load_config(args.config, require_secrets=False)
+    return load_rules(config.mappings.dir, _options(config)), config
+
+
+# ---------------------------------------------------------------------------
+# render
+
+
+def _render(args: argparse.Namespace) -> int:
+    rules, config = _offline(args)
+    try:
+        webhook = decode(args.event.read_bytes())
+    except OSError as exc:
+        print(f"gateway: cannot read {args.event}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except WebhookError as exc:
+        print(f"gateway: {args.event}: {exc}", file=sys.stderr)
+        return 1
+    result = rules.apply(webhook)
+    if not isinstance(result, Mapped):
+        print(f"# nothing to send: {result.reason}", file=sys.stderr)
+        print("[]")
+        return 0
+    existing_only = config.braze.update_existing_only if config else True
+    batch_size = config.braze.batch_size if config else 75
+    if result.delete:
+        print(
+            _json([{"endpoint": "/users/delete", "body": {result.identity + "s": [result.person]}}])
+        )
+        return 0
+    obj = track_object(
+        result.identity, result.person, result.changes, update_existing_only=existing_only
+    )
+    print(_json(track_bodies([obj], batch_size)))
+    return 0
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+
+
+# ---------------------------------------------------------------------------
+# test
+
+
+def _test(args: argparse.Namespace) -> int:
+    rules, _ = _offline(args)
+    passed = failed = 0
+    for test in rules.tests:
+        errors = _run_test(rules, test)
+        if errors:
+            failed += 1
+            print(f"FAIL {test.spec.name} ({test.origin})")
+            for line in errors:
+                print(f"     {line}")
+        else:
+            passed += 1
+            print(f"ok   {test.spec.name}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _run_test(rules: RuleSet, test: LoadedTest) -> list[str]:
+    """What differs between a test's expectation and what the rules produce; empty if nothing."""
+    try:
+        webhook = decode(event_from_test(test))
+    except OSError as exc:
+        return [f"cannot read the event {test.spec.event!r}: {exc.strerror or exc}"]
+    except WebhookError as exc:
+        return [f"the event is not a Didomi webhook: {exc}"]
+    result = rules.apply(webhook)
+    produced: dict[str, State] = result.changes if isinstance(result, Mapped) else {}
+    expected: dict[str, Any] = {}
+    expect = test.spec.expect
+    if expect.email_subscribe is not None:
+        expected[EMAIL] = expect.email_subscribe
+    for group, state in (expect.subscription_groups or {}).items():
+        expected[f"group:{group.lower()}"] = state
+    for name, value in (expect.attributes or {}).items():
+        expected[f"attr:{name}"] = value
+    diff = []
+    for target, want in expected.items():
+        got = produced.get(target)
+        if got != want:
+            shown = "no change" if got is None else _show(got)
+            diff.append(f"{_label(target)}: expected {_show(want)}, produced {shown}")
+    if diff and not isinstance(result, Mapped):
+        diff.append(f"(the event changes nothing: {result.reason})")
+    return diff
+
+
+def _label(target: str) -> str:
+    if target.startswith("group:"):
+        return f"subscription_groups[{target[6:]}]"
+    if target.startswith("attr:"):
+        return f"attributes.{target[5:]}"
+    return target
+
+
+def _show(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+# ---------------------------------------------------------------------------
+# run and dead-letters live with the server and the spool.
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .server import serve  # the server pulls in aiohttp; check/render/test need not
+
+    config = load_config(args.config)
+    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
+    return serve(config, log_format=log_format, log_level=args.log_level)
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from .deadletters import command
+
+    config = load_config(args.config, require_secrets=False)
+    return command(config, args.action, args.id)

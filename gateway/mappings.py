@@ -1,0 +1,413 @@
+"""Mapping rules: `mappings/*.toml` compiled into lookup tables, and applied to Didomi webhooks.
+
+Rules are indexed by purpose id (and preference id), so mapping one event costs a dict look-up
+per purpose it carries, however many rules there are. Conflicts inside one event resolve towards
+withdrawal: `unsubscribed` (or `false`) wins, so consent withdrawal is never lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .config import Located, Strict, convert, read_toml
+from .errors import ConfigError, Problem
+from .webhooks import Entity, Webhook
+
+State = str | bool
+EMAIL = "email_subscribe"
+
+_GROUP_ID = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_ATTRIBUTE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .-]*$")
+# Braze's own profile fields: an `attribute:` rule must not overwrite them by accident.
+BRAZE_PROFILE_FIELDS = frozenset(
+    {
+        "external_id", "user_alias", "braze_id", "email", "email_subscribe", "push_subscribe",
+        "subscription_groups", "_update_existing_only", "first_name", "last_name", "phone",
+        "country", "city", "home_city", "language", "gender", "dob", "time_zone", "bio",
+        "image_url", "facebook", "twitter", "push_tokens", "email_open_tracking_disabled",
+        "email_click_tracking_disabled", "date_of_first_session", "date_of_last_session",
+        "marked_email_as_spam_at", "current_location", "attributes",
+    }
+)  # fmt: skip
+_STATES: dict[str, frozenset[State]] = {
+    "email": frozenset({"opted_in", "subscribed", "unsubscribed"}),
+    "group": frozenset({"subscribed", "unsubscribed"}),
+    "attribute": frozenset({True, False}),
+}
+# Higher rank wins a conflict inside one event: the less permissive choice.
+_RANK: dict[State, int] = {"opted_in": 0, "subscribed": 1, "unsubscribed": 2, True: 0, False: 2}
+IDENTITY_FIELDS = ("organization_user_id", "id")
+
+
+# ---------------------------------------------------------------------------
+# The file format.
+
+
+class IdentitySpec(Strict, frozen=True):
+    external_id: str | None = None
+    email: str | None = None
+
+
+class MapRule(Strict, frozen=True):
+    to: str
+    purpose: str | None = None
+    preference: str | None = None
+    value: str | None = None
+    on_chosen: str | bool | None = None
+    on_refused: str | bool | None = None
+
+
+class Expect(Strict, frozen=True):
+    email_subscribe: str | None = None
+    subscription_groups: dict[str, str] | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class MappingTest(Strict, frozen=True):
+    name: str
+    event: str | dict[str, Any]
+    expect: Expect = Expect()
+
+
+# ---------------------------------------------------------------------------
+# The compiled form.
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled `[[map]]` entry: which target it sets to what, and where it was written."""
+
+    target: str  # "email_subscribe", "group:<id>" or "attr:<name>"
+    chosen: State | None
+    refused: State | None
+    value: str | None
+    origin: str  # "file:line", for messages
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTest:
+    """A `[[test]]` table with the folder its relative event path starts from."""
+
+    spec: MappingTest
+    base: Path
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """What one webhook asks of one Braze user."""
+
+    identity: Literal["external_id", "email"]
+    person: str
+    changes: dict[str, State]
+    at: float  # epoch seconds of the choice, for ordering
+    delete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A webhook that changes nothing in Braze, and why (a metric label)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The parts of gateway.toml that change how events map."""
+
+    regulations: frozenset[str] = frozenset({"gdpr"})
+    on_user_deleted: Literal["ignore", "unsubscribe", "delete"] = "ignore"
+
+
+@dataclass(slots=True)
+class RuleSet:
+    """Every rule of a mapping folder, indexed for mapping one event in a few look-ups."""
+
+    by_purpose: dict[str, list[Rule]] = field(default_factory=dict)
+    by_preference: dict[str, dict[str, list[Rule]]] = field(default_factory=dict)
+    identity: Literal["external_id", "email"] = "external_id"
+    identity_field: str = "organization_user_id"
+    options: Options = field(default_factory=Options)
+    tests: list[LoadedTest] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        """Every subscription group id some rule targets."""
+        return sorted({r.target[6:] for r in self.rules if r.target.startswith("group:")})
+
+    def apply(self, webhook: Webhook) -> Mapped | Skipped:
+        """Map one decoded webhook to the Braze changes it asks for, or the reason it asks none."""
+        if not webhook.known:
+            return Skipped("ignored")
+        entity = webhook.subject
+        if entity is None or webhook.type == "event.deleted":
+            return Skipped("deleted")
+        person = self._person(webhook.type, entity)
+        if not person:
+            return Skipped("no_identity")
+        regulation = entity.regulation or webhook.regulation or "gdpr"
+        if regulation not in self.options.regulations:
+            return Skipped("regulation")
+        stamp = entity.updated_at or entity.created_at
+        at = stamp.timestamp() if stamp else 0.0
+        if webhook.type == "user.deleted":
+            return self._deleted(person, at)
+        if webhook.type.startswith("event.") and (entity.status or "confirmed") != "confirmed":
+            return Skipped("not_confirmed")
+        changes = self.changes(entity)
+        if not changes:
+            return Skipped("no_rule")
+        return Mapped(self.identity, person, changes, at)
+
+    def changes(self, entity: Entity) -> dict[str, State]:
+        """The target states one entity's consents ask for, conflicts resolved."""
+        changes: dict[str, State] = {}
+        purposes = entity.consents.purposes if entity.consents else None
+        for purpose in purposes or ():
+            for rule in self.by_purpose.get(purpose.id, ()):
+                if purpose.enabled is not None:
+                    _put(changes, rule.target, rule.chosen if purpose.enabled else rule.refused)
+            preferences = self.by_preference.get(purpose.id)
+            if not preferences:
+                continue
+            for preference, rules in preferences.items():
+                if purpose.enabled is False:
+                    chosen: set[str] = set()  # no consent to the purpose, none through its values
+                else:
+                    present = purpose.values.get(preference) if purpose.values else None
+                    if present is None:
+                        continue
+                    chosen = {v.strip() for v in (present.value or "").split(",")}
+                for rule in rules:
+                    _put(
+                        changes, rule.target, rule.chosen if rule.value in chosen else rule.refused
+                    )
+        return changes
+
+    def _person(self, kind: str, entity: Entity) -> str | None:
+        holder: Any = entity if kind.startswith("user.") else entity.user
+        if holder is None:
+            return None
+        name = self.identity_field
+        if name.startswith("metadata."):
+            metadata = holder.metadata or {}
+            value = metadata.get(name[9:])
+            return value if isinstance(value, str) and value else None
+        value = getattr(holder, name, None)
+        return value if isinstance(value, str) and value else None
+
+    def _deleted(self, person: str, at: float) -> Mapped | Skipped:
+        mode = self.options.on_user_deleted
+        if mode == "delete":
+            return Mapped(self.identity, person, {}, at, delete=True)
+        if mode == "unsubscribe":
+            changes: dict[str, State] = {EMAIL: "unsubscribed"}
+            changes.update({f"group:{g}": "unsubscribed" for g in self.groups})
+            return Mapped(self.identity, person, changes, at)
+        return Skipped("deleted")
+
+    def summary(self) -> str:
+        """A one-screen description of the rule set, for `gateway check`."""
+        targets: dict[str, int] = {}
+        for rule in self.rules:
+            targets[rule.target] = targets.get(rule.target, 0) + 1
+        purposes = sorted(set(self.by_purpose) | set(self.by_preference))
+        lines = [
+            f"{len(self.rules)} rules in {len(self.files)} file(s), {len(self.tests)} test(s)",
+            f"identity: Braze {self.identity} <- Didomi user {self.identity_field}",
+            "rules per target:",
+            *(f"  {target:<48} {n}" for target, n in sorted(targets.items())),
+            f"purposes referenced ({len(purposes)}): {', '.join(purposes)}",
+        ]
+        return "\n".join(lines)
+
+
+def _put(changes: dict[str, State], target: str, state: State | None) -> None:
+    if state is None:
+        return
+    current = changes.get(target)
+    if current is None or _RANK[state] > _RANK[current]:
+        changes[target] = state
+
+
+# ---------------------------------------------------------------------------
+# Loading and compiling.
+
+
+def load_rules(directory: str | Path, options: Options | None = None) -> RuleSet:
+    """Read every `*.toml` in `directory` into one RuleSet; ConfigError lists every problem."""
+    directory = Path(directory)
+    problems: list[Problem] = []
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
+    except OSError as exc:
+        raise ConfigError(
+            [Problem(str(directory), f"cannot read the mappings folder: {exc}")]
+        ) from None
+    if not paths:
+        raise ConfigError([Problem(str(directory), "no *.toml mapping files in this folder")])
+    ruleset = RuleSet(options=options or Options())
+    seen: dict[tuple[str, str | None, str | None, str | None], str] = {}
+    identity_at: str | None = None
+    for path in paths:
+        located = Located(str(path))
+        ruleset.files.append(str(path))
+        raw = read_toml(path, located)
+        if raw is not None:
+            identity_at = _compile_file(raw, path, located, ruleset, seen, identity_at)
+        problems.extend(located.problems)
+    if not ruleset.rules and not problems:
+        problems.append(Problem(str(directory), "the mapping files hold no [[map]] rules"))
+    if problems:
+        raise ConfigError(problems)
+    return ruleset
+
+
+def _compile_file(
+    raw: dict[str, Any],
+    path: Path,
+    located: Located,
+    ruleset: RuleSet,
+    seen: dict[tuple[str, str | None, str | None, str | None], str],
+    identity_at: str | None,
+) -> str | None:
+    for key in raw:
+        if key not in ("identity", "map", "test"):
+            located.add(
+                (key,), f"unknown key {key!r}; a mapping file holds [identity], [[map]], [[test]]"
+            )
+    if "identity" in raw:
+        spec = convert(raw["identity"], IdentitySpec, located, ("identity",))
+        here = f"{path}:{located.index.line(('identity',)) or 1}"
+        if identity_at is not None:
+            located.add(("identity",), f"a second [identity]; the first is at {identity_at}")
+        elif spec is not None:
+            identity_at = here
+            _set_identity(spec, located, ruleset)
+    for i, entry in enumerate(_array(raw, "map", located)):
+        rule = convert(entry, MapRule, located, ("map", i))
+        if rule is not None:
+            _add_rule(rule, ("map", i), located, ruleset, seen)
+    for i, entry in enumerate(_array(raw, "test", located)):
+        test = convert(entry, MappingTest, located, ("test", i))
+        if test is not None:
+            origin = f"{path}:{located.index.line(('test', i)) or 1}"
+            ruleset.tests.append(LoadedTest(test, path.parent, origin))
+    return identity_at
+
+
+def _array(raw: dict[str, Any], key: str, located: Located) -> Iterable[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        located.add((key,), f"{key} must be an array of tables: write [[{key}]]")
+        return ()
+    return value
+
+
+def _set_identity(spec: IdentitySpec, located: Located, ruleset: RuleSet) -> None:
+    given = [(k, v) for k, v in (("external_id", spec.external_id), ("email", spec.email)) if v]
+    if len(given) != 1:
+        located.add(("identity",), "[identity] names exactly one of external_id or email")
+        return
+    kind, name = given[0]
+    if name not in IDENTITY_FIELDS and not (name.startswith("metadata.") and len(name) > 9):
+        located.add(
+            ("identity", kind),
+            f"unknown Didomi user field {name!r}; use organization_user_id, id or metadata.KEY",
+        )
+        return
+    ruleset.identity = "external_id" if kind == "external_id" else "email"
+    ruleset.identity_field = name
+
+
+def _add_rule(
+    rule: MapRule,
+    where: tuple[str, int],
+    located: Located,
+    ruleset: RuleSet,
+    seen: dict[tuple[str, str | None, str | None, str | None], str],
+) -> None:
+    origin = f"{located.file}:{located.index.line(where) or 1}"
+    if not rule.purpose:
+        what = "a preference" if rule.preference else "a rule"
+        located.add(where, f'{what} without a purpose: add purpose = "<Didomi purpose id>"')
+        return
+    if (rule.preference is None) != (rule.value is None):
+        located.add(where, "a preference rule needs both `preference` and `value`")
+        return
+    compiled = _target(rule, where, located)
+    if compiled is None:
+        return
+    target, kind, chosen, refused = compiled
+    states = _STATES[kind]
+    for name, override in (("on_chosen", rule.on_chosen), ("on_refused", rule.on_refused)):
+        if override is None:
+            continue
+        if override == "none":
+            continue
+        if override not in states or isinstance(override, bool) != (kind == "attribute"):
+            allowed = ", ".join(sorted(f"{s!r}".lower() for s in states)) + ", 'none'"
+            located.add(
+                (*where, name), f"{name} = {override!r} is not valid for {rule.to}; use {allowed}"
+            )
+            return
+    if rule.on_chosen is not None:
+        chosen = None if rule.on_chosen == "none" else rule.on_chosen
+    if rule.on_refused is not None:
+        refused = None if rule.on_refused == "none" else rule.on_refused
+    key = (rule.to, rule.purpose, rule.preference, rule.value)
+    if key in seen:
+        located.add(where, f"duplicate rule: the same target, purpose and value as {seen[key]}")
+        return
+    seen[key] = origin
+    compiled_rule = Rule(target, chosen, refused, rule.value, origin)
+    ruleset.rules.append(compiled_rule)
+    if rule.preference is None:
+        ruleset.by_purpose.setdefault(rule.purpose, []).append(compiled_rule)
+    else:
+        prefs = ruleset.by_preference.setdefault(rule.purpose, {})
+        prefs.setdefault(rule.preference, []).append(compiled_rule)
+
+
+def _target(
+    rule: MapRule, where: tuple[str, int], located: Located
+) -> tuple[str, str, State | None, State | None] | None:
+    to = rule.to
+    if to == "OPTED_IN":
+        return EMAIL, "email", "opted_in", "unsubscribed"
+    if to == "UNSUBSCRIBED":
+        return EMAIL, "email", "unsubscribed", None
+    if _GROUP_ID.match(to):
+        return f"group:{to.lower()}", "group", "subscribed", "unsubscribed"
+    if to.startswith("attribute:"):
+        name = to[10:]
+        if not _ATTRIBUTE.match(name):
+            located.add((*where, "to"), f"{to!r}: an attribute name needs letters, digits or _")
+            return None
+        if name in BRAZE_PROFILE_FIELDS:
+            located.add((*where, "to"), f"{to!r} would overwrite Braze's profile field {name!r}")
+            return None
+        return f"attr:{name}", "attribute", True, False
+    located.add(
+        (*where, "to"),
+        f"unknown `to` {to!r}: use OPTED_IN, UNSUBSCRIBED, a subscription group id (UUID) "
+        "or attribute:NAME",
+    )
+    return None
+
+
+def event_from_test(test: LoadedTest) -> bytes:
+    """The webhook body a `[[test]]` names: a file next to the mapping, or an inline table."""
+    if isinstance(test.spec.event, dict):
+        return msgspec.json.encode(test.spec.event)
+    return (test.base / test.spec.event).read_bytes()
