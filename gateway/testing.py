@@ -1,0 +1,425 @@
+"""gateway.testing: a fake Braze REST server for the tests and the benchmarks.
+
+It answers `POST /users/track` and `POST /users/delete` as Braze's docs say the real ones do
+(braze.com/docs/api: "Errors & responses", "Rate limits", "POST: Track users", "User attributes
+object"), keeps the users it was told about, records the traffic, and injects faults on demand.
+`python -m gateway.testing --port 9000` serves it standalone for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import math
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.client import responses
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+MAX_TRACK_OBJECTS = 75  # attributes + events + purchases together, current contracts
+MAX_DELETE_IDS = 50
+UNLIMITED = 250_000  # what the headers say when no rate limit is configured
+MAX_BODY_BYTES = 4 * 1024 * 1024  # Braze answers 413 above 4 MB
+MAX_EXTERNAL_ID_BYTES = 987
+
+# Braze's own words, so clients are tested against the strings they will really meet.
+INVALID_DATA = "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields."
+PARSE_ERROR = "Error while parsing request body. Please check your syntax."
+MISSING_ID = "'external_id', 'braze_id', 'user_alias', 'email' or 'phone' is required"
+# Braze documents that a second primary identifier refuses the object, not the words it uses.
+SEVERAL_IDS = "only one of 'external_id', 'braze_id' or 'user_alias' may be given"
+NOT_AN_OBJECT = "each object must be a JSON object"  # undocumented wording, ours
+BAD_UPDATE_EXISTING_ONLY = "'_update_existing_only' must be a boolean"  # ours, likewise
+TOO_MANY_IDS = "The max number of external_ids and aliases per request was exceeded"
+
+PRIMARY_IDS = ("external_id", "user_alias", "braze_id")
+EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
+GROUP_STATES = frozenset({"subscribed", "unsubscribed"})
+GROUP_KEYS = frozenset({"subscription_group_id", "subscription_state"})
+NOT_ATTRIBUTES = frozenset({*PRIMARY_IDS, "_update_existing_only", "email_subscribe"})
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One request as the fake saw it, with the status it answered."""
+
+    path: str
+    status: int
+    body: Any  # the decoded JSON, or None when it was not JSON
+    at: float  # time.monotonic() on arrival
+    object_count: int
+
+
+@dataclass(slots=True)
+class User:
+    """What the fake knows of one Braze profile."""
+
+    email_subscribe: str | None = None
+    subscription_groups: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeBraze:
+    """An in-process Braze REST server: start() it, point the client at url, inspect the rest."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "test-braze-key",
+        latency_s: float = 0.0,
+        rate_limit: int | None = None,
+        rate_window_s: float = 3.0,
+        reset_style: Literal["epoch", "seconds"] = "epoch",
+        known_users: set[str] | None = None,
+        record: bool = True,
+    ) -> None:
+        self.api_key = api_key
+        self.latency_s = latency_s
+        self.rate_limit = rate_limit
+        self.rate_window_s = rate_window_s
+        self.reset_style = reset_style
+        self.known_users = known_users  # None: every user exists; else grows on upserts
+        self.record = record  # False: only `stats` counts; requests, ignored, deleted stay empty
+        self.requests: list[Recorded] = []
+        self.users: dict[str, User] = {}
+        self.deleted: list[str] = []
+        self.ignored: list[Json] = []  # objects for unknown users in update-only mode
+        # When set, one matching attributes object makes the whole call a 400, nothing applied.
+        self.refuse_with_400: Callable[[Json], bool] | None = None
+        self.url = ""
+        self.stats = {"requests": 0, "objects": 0, "ignored": 0, "deleted": 0, "rate_limited": 0}
+        self._faults: deque[tuple[int, Json, dict[str, str]]] = deque()
+        self._rejecters: list[Callable[[Json], str | None]] = []
+        self._window_start = -math.inf  # the first request opens the first window
+        self._window_used = 0
+        self._decoder = msgspec.json.Decoder()
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        routes = self.app.router
+        routes.add_post("/users/track", functools.partial(self._serve, self._apply_track))
+        routes.add_post("/users/delete", functools.partial(self._serve, self._apply_delete))
+        routes.add_get("/_stats", self._stats)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on host:port (0 picks a free port) and return the base URL."""
+        # A short shutdown_timeout: stop() must not wait out a handler sleeping in latency_s.
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop serving; the recorded traffic stays readable."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        body: Json | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next `count` requests with this status instead, applying nothing."""
+        fault = (status, body or {"message": responses.get(status, "Error")}, headers or {})
+        self._faults.extend([fault] * count)
+
+    def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:
+        """Refuse each otherwise valid attributes object whose predicate returns an error type."""
+        self._rejecters.append(predicate)
+
+    def objects_sent(self) -> list[Json]:
+        """Every attributes object of every 2xx /users/track, in order."""
+        return [
+            obj
+            for r in self.requests
+            if r.path == "/users/track" and 200 <= r.status < 300 and isinstance(r.body, dict)
+            for obj in r.body.get("attributes") or []
+        ]
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return _json(200, {**self.stats, "users": len(self.users)}, {})
+
+    async def _serve(
+        self, apply: Callable[[Json], tuple[int, Json, int]], request: web.Request
+    ) -> web.Response:
+        at = time.monotonic()
+        self.stats["requests"] += 1
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raw = None
+        try:
+            body = self._decoder.decode(raw) if raw else None
+        except msgspec.DecodeError:
+            body = None
+        status, payload, headers, count = self._answer(request, raw, body, apply)
+        self.stats["objects"] += count
+        if self.record:
+            self.requests.append(Recorded(request.path, status, body, at, count))
+        # Answer late but apply first: real Braze may apply a call whose answer the client
+        # never saw, and retries must survive that.
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        return _json(status, payload, headers)
+
+    def _answer(
+        self,
+        request: web.Request,
+        raw: bytes | None,
+        body: Any,
+        apply: Callable[[Json], tuple[int, Json, int]],
+    ) -> tuple[int, Json, dict[str, str], int]:
+        if self._faults:
+            status, payload, headers = self._faults.popleft()
+            return status, payload, {**self._limit(consume=False)[1], **headers}, 0
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            # No workspace is known yet, so nothing is counted against its rate limit.
+            return 401, {"message": "Invalid API key"}, self._limit(consume=False)[1], 0
+        allowed, headers = self._limit(consume=True)
+        if not allowed:
+            self.stats["rate_limited"] += 1
+            return 429, {"message": "Rate Limited"}, headers, 0
+        if raw is None:
+            return 413, {"message": "Payload Too Large"}, headers, 0
+        if request.content_type != "application/json":
+            return 415, {"message": "Unsupported Media Type"}, headers, 0
+        if not isinstance(body, dict):
+            return 400, {"error": PARSE_ERROR}, headers, 0
+        status, payload, count = apply(body)
+        return status, payload, headers, count
+
+    def _limit(self, *, consume: bool) -> tuple[bool, dict[str, str]]:
+        """Count one request in the current fixed window; say whether it fits, and the headers."""
+        now = time.monotonic()
+        if now - self._window_start >= self.rate_window_s:
+            self._window_start, self._window_used = now, 0
+        limit = self.rate_limit if self.rate_limit is not None else UNLIMITED
+        allowed = self._window_used < limit
+        if consume and allowed:
+            self._window_used += 1
+        left = max(0.0, self._window_start + self.rate_window_s - now)
+        if not allowed and self.reset_style == "seconds":
+            # Braze's newer contracts replace the three headers on a 429 by this one.
+            return False, {"X-Ratelimit-Retry-After": str(math.ceil(left))}
+        reset = math.ceil(time.time() + left) if self.reset_style == "epoch" else math.ceil(left)
+        return allowed, {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(max(0, limit - self._window_used)),
+            "X-RateLimit-Reset": str(reset),
+        }
+
+    def _apply_track(self, body: Json) -> tuple[int, Json, int]:
+        arrays: dict[str, list[Any]] = {}
+        for name in ("attributes", "events", "purchases"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, list):
+                return 400, {"message": INVALID_DATA}, 0
+            arrays[name] = value or []
+        count = sum(len(a) for a in arrays.values())
+        if count > MAX_TRACK_OBJECTS:
+            return 400, {"message": "Max Input Length Exceeded"}, count
+        errors: list[Json] = []
+        if self.refuse_with_400 is not None:
+            for index, obj in enumerate(arrays["attributes"]):
+                if isinstance(obj, dict) and self.refuse_with_400(obj):
+                    errors.append({"type": "refused", "input_array": "attributes", "index": index})
+            if errors:
+                return 400, {"message": INVALID_DATA, "errors": errors}, count
+        valid: dict[str, list[Json]] = {}
+        for name, objects in arrays.items():
+            valid[name] = []
+            for index, obj in enumerate(objects):
+                problem = self._refuse(obj, attributes=name == "attributes")
+                if problem is None:
+                    valid[name].append(obj)
+                else:
+                    errors.append({"type": problem, "input_array": name, "index": index})
+        if not any(valid.values()):
+            # Braze refuses a call with nothing valid in it as a whole: 400, nothing applied.
+            return 400, {"message": INVALID_DATA, **({"errors": errors} if errors else {})}, count
+        for obj in valid["attributes"]:
+            self._apply_attributes(obj)
+        answer: Json = {"message": "success"}
+        for name, objects in arrays.items():
+            if objects:
+                answer[f"{name}_processed"] = len(valid[name])
+        if errors:
+            answer["errors"] = errors
+        return 201, answer, count
+
+    def _refuse(self, obj: Any, *, attributes: bool) -> str | None:
+        """The error type Braze would give this object, or None when it would take it."""
+        if not isinstance(obj, dict):
+            return NOT_AN_OBJECT
+        key, problem = _identify(obj)
+        if key is None or not attributes:
+            return problem
+        if obj.get("email") is not None and not _is_email(obj["email"]):
+            return "EMAIL_BAD_FORMAT"
+        if "email_subscribe" in obj and obj["email_subscribe"] not in EMAIL_STATES:
+            return "BAD_EMAIL_SUBSCRIPTION_STATE"
+        if "_update_existing_only" in obj and not isinstance(obj["_update_existing_only"], bool):
+            return BAD_UPDATE_EXISTING_ONLY
+        if "subscription_groups" in obj:
+            problem = _check_groups(obj["subscription_groups"])
+            if problem is not None:
+                return problem
+        for predicate in self._rejecters:
+            problem = predicate(obj)
+            if problem is not None:
+                return problem
+        return None
+
+    def _apply_attributes(self, obj: Json) -> None:
+        key, _ = _identify(obj)
+        assert key is not None  # _refuse let only identified objects through
+        # Braze's default: update-only for aliases, create for every other identifier.
+        update_only = obj.get("_update_existing_only", key.startswith("alias:"))
+        if self.known_users is not None and key not in self.known_users:
+            if update_only:
+                self.stats["ignored"] += 1
+                if self.record:
+                    self.ignored.append(obj)
+                return
+            self.known_users.add(key)
+        user = self.users.setdefault(key, User())
+        for name, value in obj.items():
+            if name == "email_subscribe":
+                user.email_subscribe = value
+            elif name == "subscription_groups":
+                # Merged: a group the object does not name keeps its state.
+                groups = {g["subscription_group_id"]: g["subscription_state"] for g in value}
+                user.subscription_groups.update(groups)
+            elif name in NOT_ATTRIBUTES:
+                continue
+            elif value is None:  # Braze removes an attribute set to null
+                user.attributes.pop(name, None)
+            else:
+                user.attributes[name] = value
+
+    def _apply_delete(self, body: Json) -> tuple[int, Json, int]:
+        ids = body.get("external_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return 400, {"message": "'external_ids' must be an array of strings"}, 0
+        if len(ids) > MAX_DELETE_IDS:
+            return 400, {"message": TOO_MANY_IDS}, len(ids)
+        for external_id in ids:
+            self.users.pop(external_id, None)
+            if self.known_users is not None:
+                self.known_users.discard(external_id)
+            if self.record:
+                self.deleted.append(external_id)
+        self.stats["deleted"] += len(ids)
+        # Braze counts the ids queued for deletion, known or not.
+        return 201, {"deleted": len(ids), "message": "success"}, len(ids)
+
+
+def _identify(obj: Json) -> tuple[str | None, str | None]:
+    """The `users` key this object names, or the error type that refuses it."""
+    primaries = [name for name in PRIMARY_IDS if obj.get(name) is not None]
+    if len(primaries) > 1:
+        return None, SEVERAL_IDS
+    if primaries == ["user_alias"]:
+        alias = obj["user_alias"]
+        if not isinstance(alias, dict) or not all(
+            isinstance(alias.get(k), str) and alias[k] for k in ("alias_name", "alias_label")
+        ):
+            return None, MISSING_ID
+        return f"alias:{alias['alias_label']}:{alias['alias_name']}", None
+    if primaries:
+        value = obj[primaries[0]]
+        if not isinstance(value, str) or not value:
+            return None, MISSING_ID
+        if len(value.encode()) > MAX_EXTERNAL_ID_BYTES:
+            return None, "EXTERNAL_USER_ID_TOO_LARGE"
+        return (value if primaries == ["external_id"] else f"braze:{value}"), None
+    # email and phone identify only without a primary identifier, email first.
+    if obj.get("email") is not None:
+        email = obj["email"]
+        return (f"email:{email}", None) if _is_email(email) else (None, "EMAIL_BAD_FORMAT")
+    if isinstance(obj.get("phone"), str) and obj["phone"]:
+        return f"phone:{obj['phone']}", None
+    return None, MISSING_ID
+
+
+def _is_email(value: Any) -> bool:
+    return isinstance(value, str) and EMAIL_RE.fullmatch(value) is not None
+
+
+def _check_groups(groups: Any) -> str | None:
+    if not isinstance(groups, list):
+        return "BAD_SUBSCRIPTION_GROUP_ARRAY"
+    for group in groups:
+        if not isinstance(group, dict) or not group.keys() >= GROUP_KEYS:
+            return "BAD_SUBSCRIPTION_GROUP_HASH"
+        group_id = group["subscription_group_id"]
+        if not isinstance(group_id, str) or UUID_RE.fullmatch(group_id) is None:
+            return "BAD_SUBSCRIPTION_GROUP_ID"
+        if group["subscription_state"] not in GROUP_STATES:
+            return "BAD_SUBSCRIPTION_GROUP_STATE"
+    return None
+
+
+def _json(status: int, payload: Json, headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        status=status,
+        body=msgspec.json.encode(payload),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    fake = FakeBraze(
+        api_key=args.api_key,
+        latency_s=args.latency_ms / 1000,
+        rate_limit=args.rate_limit,
+        rate_window_s=args.rate_window_s,
+        reset_style=args.reset_style,
+        record=False,  # a long benchmark must not grow memory with every request
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    url = await fake.start(args.host, args.port)
+    print(f"fake braze listening on {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await fake.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a fake Braze until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.testing", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--api-key", default="test-braze-key")
+    parser.add_argument("--rate-limit", type=int, default=None)
+    parser.add_argument("--rate-window-s", type=float, default=3.0)
+    parser.add_argument("--reset-style", choices=("epoch", "seconds"), default="epoch")
+    asyncio.run(_serve_forever(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
