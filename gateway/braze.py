@@ -1,11 +1,23 @@
-"""Braze's REST API: the `/users/track` bodies the gateway sends."""
+"""Braze's REST API: the bodies the gateway sends, and the client that sends them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
+import msgspec
+
+from .config import BrazeConfig, braze_base_url
 from .mappings import EMAIL, State
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 TRACK = "/users/track"
 DELETE = "/users/delete"
@@ -42,3 +54,205 @@ def track_bodies(
 ) -> list[dict[str, Any]]:
     """The request bodies that carry `objects`, at most `batch_size` to a request."""
     return [{"attributes": batch} for batch in chunks(list(objects), min(batch_size, MAX_OBJECTS))]
+
+
+# ---------------------------------------------------------------------------
+# The client: one ClientSession, a rate limiter, and answers sorted into what to do next.
+
+
+class Verdict(enum.Enum):
+    """What the dispatcher should do with a request's objects after Braze answered."""
+
+    OK = "ok"  # acknowledged; `errors` names the objects Braze refused anyway
+    RETRY = "retry"  # transient (5xx, timeout, connection): back off and send again
+    RATE_LIMITED = "rate_limited"  # 429: wait for the window, then send again
+    AUTH = "auth"  # 401/403: keep everything, mark not ready, retry slowly
+    SPLIT = "split"  # 400/413: some object is bad or the body too big; halve and resend
+    REFUSED = "refused"  # another 4xx: Braze will never take this request
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Braze's answer to one request, classified."""
+
+    verdict: Verdict
+    status: int | None  # None: no HTTP answer (timeout, connection error)
+    reason: str  # short, for logs, metrics and dead letters; never holds the API key
+    errors: dict[int, str] = field(default_factory=dict)  # object index -> Braze's error type
+
+
+class RateLimiter:
+    """Paces requests to `requests_per_second` and stops all of them while Braze says to wait."""
+
+    def __init__(
+        self, requests_per_second: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = 1.0 / requests_per_second
+        self.clock = clock
+        self._next = 0.0
+        self._blocked_until = 0.0
+        self.remaining: int | None = None
+
+    async def acquire(self) -> None:
+        """Wait for this request's turn."""
+        while True:
+            now = self.clock()
+            start = max(now, self._next, self._blocked_until)
+            if start <= now:
+                self._next = now + self.interval
+                return
+            await asyncio.sleep(start - now)
+
+    def observe(self, status: int, headers: Mapping[str, str]) -> float | None:
+        """Learn from a response's rate-limit headers; returns seconds to wait, if any."""
+        remaining = _header_int(headers, "X-RateLimit-Remaining")
+        if remaining is not None:
+            self.remaining = remaining
+        wait: float | None = None
+        retry_after = _header_float(headers, "X-Ratelimit-Retry-After") or _header_float(
+            headers, "Retry-After"
+        )
+        if status == 429 or remaining == 0:
+            reset = _header_float(headers, "X-RateLimit-Reset")
+            if retry_after is not None:
+                wait = retry_after
+            elif reset is not None:
+                # Above 10^9 it is an epoch time; below, seconds from now (plans differ).
+                wait = reset - time.time() if reset > 1e9 else reset
+            elif status == 429:
+                wait = 1.0
+        if wait is not None:
+            wait = min(max(wait, 0.0), 3600.0)
+            self._blocked_until = max(self._blocked_until, self.clock() + wait)
+        return wait
+
+
+def _header_float(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = _header_float(headers, name)
+    return None if value is None else int(value)
+
+
+class _TrackResponse(msgspec.Struct):
+    message: str | None = None
+    errors: list[_ObjectError] | None = None
+
+
+class _ObjectError(msgspec.Struct):
+    type: str | None = None
+    input_array: str | None = None
+    index: int | None = None
+
+
+_track_response = msgspec.json.Decoder(_TrackResponse)
+_encoder = msgspec.json.Encoder()
+
+
+class BrazeClient:
+    """Sends requests to one Braze REST endpoint over one shared connection pool."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float,
+        limiter: RateLimiter,
+        metrics: Metrics,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url
+        self.api_key = api_key  # replaced in place when the config is reloaded
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def track(self, objects: Sequence[dict[str, Any]]) -> Answer:
+        """POST one `/users/track` request carrying `objects`."""
+        return await self.post(TRACK, {"attributes": list(objects)})
+
+    async def delete(self, external_ids: Sequence[str]) -> Answer:
+        """POST one `/users/delete` request for `external_ids`."""
+        return await self.post(DELETE, {"external_ids": list(external_ids)})
+
+    async def post(self, path: str, body: dict[str, Any]) -> Answer:
+        """Send one request after the rate limiter allows it, and classify the answer."""
+        await self.limiter.acquire()
+        data = _encoder.encode(body)
+        headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Content-Type": "application/json",
+        }
+        started = time.perf_counter()
+        status_label = "error"
+        try:
+            async with self.session.post(
+                self.base_url + path, data=data, headers=headers, timeout=self.timeout
+            ) as response:
+                status_label = str(response.status)
+                payload = await response.read()
+                wait = self.limiter.observe(response.status, response.headers)
+                if self.limiter.remaining is not None:
+                    self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
+                return _classify(response.status, payload, wait)
+        except TimeoutError:
+            return Answer(Verdict.RETRY, None, "timeout")
+        except aiohttp.ClientError as exc:
+            return Answer(Verdict.RETRY, None, f"connection: {type(exc).__name__}")
+        finally:
+            self.metrics.braze_requests.labels(path, status_label).inc()
+            self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
+
+
+def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
+    text = payload[:300].decode("utf-8", "replace")
+    if 200 <= status < 300:
+        try:
+            parsed = _track_response.decode(payload) if payload else _TrackResponse()
+        except msgspec.DecodeError:
+            parsed = _TrackResponse()
+        errors = {
+            e.index: e.type or "refused"
+            for e in parsed.errors or ()
+            if e.index is not None and e.input_array in (None, "attributes")
+        }
+        return Answer(Verdict.OK, status, "ok", errors)
+    if status == 429:
+        return Answer(Verdict.RATE_LIMITED, status, "rate limited")
+    if status in (401, 403):
+        hint = (
+            "the API key is wrong or belongs to another instance (check braze.server)"
+            if status == 401
+            else "the API key lacks the users.track or users.delete permission"
+        )
+        return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint}")
+    if status in (400, 413):
+        return Answer(Verdict.SPLIT, status, f"Braze answered {status}: {text}")
+    if status in (408,) or status >= 500:
+        return Answer(Verdict.RETRY, status, f"Braze answered {status}")
+    return Answer(Verdict.REFUSED, status, f"Braze answered {status}: {text}")
+
+
+@contextlib.asynccontextmanager
+async def open_client(config: BrazeConfig, metrics: Metrics) -> AsyncIterator[BrazeClient]:
+    """The one ClientSession to Braze, with keep-alive connections for `max_in_flight` requests."""
+    connector = aiohttp.TCPConnector(limit=config.max_in_flight * 2, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
+        yield BrazeClient(
+            session,
+            braze_base_url(config.server),
+            config.api_key,
+            timeout_s=config.timeout_s,
+            limiter=RateLimiter(config.requests_per_second),
+            metrics=metrics,
+        )

@@ -23,6 +23,7 @@ from .mappings import (
     State,
     event_from_test,
     load_rules,
+    options_of,
 )
 from .webhooks import WebhookError, decode
 
@@ -126,9 +127,7 @@ def _mappings_dir(config_path: str, config: Config | None) -> Path:
 
 
 def _options(config: Config | None) -> Options:
-    if config is None:
-        return Options()
-    return Options(frozenset(config.didomi.regulations), config.didomi.on_user_deleted)
+    return Options() if config is None else options_of(config)
 
 
 def _offline(args: argparse.Namespace) -> tuple[RuleSet, Config | None]:

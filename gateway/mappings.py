@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .config import Located, Strict, convert, read_toml
+from .config import Config, Located, Strict, convert, read_toml
 from .errors import ConfigError, Problem
 from .webhooks import Entity, Webhook
 
@@ -125,6 +125,11 @@ class Options:
 
     regulations: frozenset[str] = frozenset({"gdpr"})
     on_user_deleted: Literal["ignore", "unsubscribe", "delete"] = "ignore"
+
+
+def options_of(config: Config) -> Options:
+    """The mapping options that gateway.toml sets."""
+    return Options(frozenset(config.didomi.regulations), config.didomi.on_user_deleted)
 
 
 @dataclass(slots=True)

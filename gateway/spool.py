@@ -21,7 +21,9 @@ from .errors import SpoolError, SpoolFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
-    id INTEGER PRIMARY KEY,           -- arrival order
+    -- AUTOINCREMENT: ids never come back after a delete, so the dispatcher's cursor never
+    -- skips a row stored after the inbox was emptied.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at REAL NOT NULL,
     type TEXT NOT NULL,
     body BLOB NOT NULL
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS applied (  -- time of the last choice applied, per pe
     PRIMARY KEY (person, target)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- an id the CLI printed never names another letter
     created_at REAL NOT NULL,
     received_at REAL NOT NULL,
     type TEXT NOT NULL,
