@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from gateway.metrics import Metrics
 
 from gateway.braze import open_client
 from gateway.config import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
 from gateway.mappings import load_rules
+from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolDB
 from gateway.testing import FakeBraze
 
