@@ -101,7 +101,9 @@ _INSTANCE_HOSTS = {
     **{name: f"rest.{name.lower()}.braze.com" for name in ("AU-01", "ID-01", "JP-01", "KR-01")},
 }
 _INSTANCE_NAME = re.compile(r"^[A-Za-z]{2}-\d{2}$")
-_HOST = re.compile(r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?$")
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9.-]+\.[A-Za-z]{2,}|\d{1,3}(?:\.\d{1,3}){3}|localhost|\[[0-9A-Fa-f:]+\])(?::\d+)?$"
+)
 
 KeyPath = tuple[str | int, ...]
 
@@ -150,6 +152,7 @@ class LineIndex:
                 index = counts.get(name, 0)
                 counts[name] = index + 1
                 table = (*self._split(name), index)
+                self._lines.setdefault(table[:-1], number)  # the array itself: its first entry
                 self._lines.setdefault(table, number)
             elif m := self._TABLE.match(line):
                 table = self._split(m.group(1))
@@ -222,8 +225,10 @@ def interpolate(
 
         def replace(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            # As in the shell, `:-` means "unset or empty": an empty .env entry keeps the default.
+            if value is not None and (value or default is None):
+                return value
             if default is not None:
                 return default
             if strict:
@@ -256,16 +261,31 @@ def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None
         allowed = ", ".join(sorted(known))
         located.add((*path, key), f"unknown key {key!r}{did_you_mean}; allowed: {allowed}")
     clean = {k: v for k, v in raw.items() if k in known}
+    # Field by field first: msgspec stops at the first error, and check must report them all.
+    types = {f.encode_name: f.type for f in msgspec.structs.fields(typ)}
+    wrong = False
+    for key, value in clean.items():
+        try:
+            msgspec.convert(value, types[key])
+        except msgspec.ValidationError as exc:
+            _add_validation(exc, (*path, key), located)
+            wrong = True
+    if wrong:
+        return None
     try:
         return msgspec.convert(clean, typ)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        sub: KeyPath = ()
-        if m := _MSGSPEC_AT.search(message):
-            message = message[: m.start()]
-            sub = _parse_msgspec_path(m.group(1))
-        located.add((*path, *sub), _humane(message, (*path, *sub)))
+    except msgspec.ValidationError as exc:  # cross-field: a required key missing, __post_init__
+        _add_validation(exc, path, located)
         return None
+
+
+def _add_validation(exc: msgspec.ValidationError, path: KeyPath, located: Located) -> None:
+    message = str(exc)
+    sub: KeyPath = ()
+    if m := _MSGSPEC_AT.search(message):
+        message = message[: m.start()]
+        sub = _parse_msgspec_path(m.group(1))
+    located.add((*path, *sub), _humane(message, (*path, *sub)))
 
 
 def _parse_msgspec_path(text: str) -> KeyPath:
