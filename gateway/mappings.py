@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,6 +165,8 @@ class RuleSet:
         if regulation not in self.options.regulations:
             return Skipped("regulation")
         stamp = entity.updated_at or entity.created_at
+        if stamp is not None and stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)  # Didomi writes UTC; never the host's time zone
         at = stamp.timestamp() if stamp else 0.0
         if webhook.type == "user.deleted":
             return self._deleted(person, at)
@@ -355,22 +358,23 @@ def _add_rule(
         return
     target, kind, chosen, refused = compiled
     states = _STATES[kind]
+    valid = True
     for name, override in (("on_chosen", rule.on_chosen), ("on_refused", rule.on_refused)):
-        if override is None:
-            continue
-        if override == "none":
+        if override is None or override == "none":
             continue
         if override not in states or isinstance(override, bool) != (kind == "attribute"):
             allowed = ", ".join(sorted(f"{s!r}".lower() for s in states)) + ", 'none'"
             located.add(
                 (*where, name), f"{name} = {override!r} is not valid for {rule.to}; use {allowed}"
             )
-            return
+            valid = False
+    if not valid:
+        return
     if rule.on_chosen is not None:
         chosen = None if rule.on_chosen == "none" else rule.on_chosen
     if rule.on_refused is not None:
         refused = None if rule.on_refused == "none" else rule.on_refused
-    key = (rule.to, rule.purpose, rule.preference, rule.value)
+    key = (target, rule.purpose, rule.preference, rule.value)  # compiled: group ids lowercased
     if key in seen:
         located.add(where, f"duplicate rule: the same target, purpose and value as {seen[key]}")
         return
