@@ -16,7 +16,7 @@ import pytest
 from gateway.braze import open_client
 from gateway.config import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
-from gateway.mappings import load_rules
+from gateway.mappings import Options, load_rules
 from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolDB
 from gateway.testing import FakeBraze
@@ -59,7 +59,9 @@ def event(
 class Harness:
     """A spool, a dispatcher and a fake Braze wired together for one test."""
 
-    def __init__(self, tmp_path: Path, fake: FakeBraze, **overrides: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, fake: FakeBraze, options: Options | None = None, **overrides: Any
+    ) -> None:
         braze = {"server": fake.url, "api_key": KEY, "flush_interval_ms": 20, "timeout_s": 2.0}
         delivery = {"spool": str(tmp_path / "spool.db"), "retry_initial_ms": 10, "retry_max_ms": 80}
         for key, value in overrides.items():
@@ -68,7 +70,7 @@ class Harness:
         self.config = Config(braze=BrazeConfig(**braze), delivery=DeliveryConfig(**delivery))
         self.fake = fake
         self.metrics = Metrics()
-        self.rules = load_rules(ROOT / "mappings")
+        self.rules = load_rules(ROOT / "mappings", options)
         self.spool = Spool(SpoolDB(self.config.delivery.spool))
         self.dispatcher: Dispatcher | None = None
 
@@ -110,8 +112,10 @@ def harness(tmp_path: Path) -> Callable[..., Any]:
     created: list[Harness] = []
 
     class Running:
-        def __init__(self, fake: FakeBraze, **overrides: Any) -> None:
-            self.h = Harness(tmp_path, fake, **overrides)
+        def __init__(
+            self, fake: FakeBraze, options: Options | None = None, **overrides: Any
+        ) -> None:
+            self.h = Harness(tmp_path, fake, options, **overrides)
             created.append(self.h)
 
         async def __aenter__(self) -> Harness:
@@ -361,3 +365,66 @@ async def test_shuffled_events_end_in_the_latest_state(fake: FakeBraze, harness:
             await h.put(body)
         await h.settle()
     assert {p: u.email_subscribe for p, u in fake.users.items()} == expected
+
+
+def user_deleted(person: str, at: str = "2025-06-12T14:03:55Z") -> bytes:
+    """A Didomi user.deleted body for `person`."""
+    return msgspec.json.encode(
+        {
+            "type": "user.deleted",
+            "parameters": {
+                "entity": {
+                    "id": f"didomi-{person}",
+                    "organization_user_id": person,
+                    "created_at": at,
+                    "updated_at": at,
+                }
+            },
+        }
+    )
+
+
+async def test_user_deleted_delete_mode_calls_users_delete_once(
+    fake: FakeBraze, harness: Any
+) -> None:
+    """With on_user_deleted = "delete", Braze's /users/delete is called once for the external id."""
+    async with harness(fake, Options(on_user_deleted="delete")) as h:
+        await h.put(event("zoe", True))
+        await h.settle()
+        await h.put(user_deleted("zoe"), user_deleted("zoe"))  # Didomi may deliver twice
+        await h.settle()
+    deletes = [r for r in fake.requests if r.path == "/users/delete"]
+    assert [r.body for r in deletes] == [{"external_ids": ["zoe"]}]
+    assert fake.deleted == ["zoe"]
+    assert "zoe" not in fake.users
+
+
+async def test_user_deleted_delete_mode_retries_like_track(fake: FakeBraze, harness: Any) -> None:
+    """A failing /users/delete is retried with the same rules as /users/track."""
+    fake.fail_next(502, count=2)
+    async with harness(fake, Options(on_user_deleted="delete")) as h:
+        await h.put(user_deleted("yan"))
+        await h.settle()
+        assert h.sample("gateway_retries_total", reason="server_error") == 2
+    assert fake.deleted == ["yan"]
+
+
+async def test_user_deleted_unsubscribe_mode(fake: FakeBraze, harness: Any) -> None:
+    """With on_user_deleted = "unsubscribe", email and every mapped group are unsubscribed."""
+    async with harness(fake, Options(on_user_deleted="unsubscribe")) as h:
+        await h.put(event("xia", True, topics="product_news,offers"))
+        await h.settle()
+        await h.put(user_deleted("xia"))
+        await h.settle()
+    user = fake.users["xia"]
+    assert user.email_subscribe == "unsubscribed"
+    assert user.subscription_groups == {NEWS: "unsubscribed", OFFERS: "unsubscribed"}
+
+
+async def test_user_deleted_is_ignored_by_default(fake: FakeBraze, harness: Any) -> None:
+    """By default a user.deleted changes nothing in Braze and is counted."""
+    async with harness(fake) as h:
+        await h.put(user_deleted("wes"))
+        await h.settle()
+        assert h.sample("gateway_events_skipped_total", reason="deleted") == 1
+    assert fake.requests == []
