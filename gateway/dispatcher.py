@@ -100,6 +100,7 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._auth_problem: str | None = None
+        self._failing: str | None = None
         self._last_recount = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -127,6 +128,14 @@ class Dispatcher:
     def not_ready_reason(self) -> str | None:
         """Why the gateway should not be called ready, as far as delivery is concerned."""
         return self._auth_problem
+
+    def degraded_reason(self) -> str | None:
+        """Why delivery is being retried right now, if it is; intake still works meanwhile.
+
+        A Braze outage does not make the gateway unready: Didomi stops retrying after minutes,
+        so refusing webhooks would turn a delay into a loss. Readiness reports it instead.
+        """
+        return self._failing
 
     @property
     def idle(self) -> bool:
@@ -308,6 +317,7 @@ class Dispatcher:
             verdict = answer.verdict
             if verdict is Verdict.OK:
                 self._auth_ok()
+                self._failing = None
                 await self._ack(items, answer.errors)
                 return
             if verdict is Verdict.SPLIT and len(items) > 1:
@@ -323,6 +333,7 @@ class Dispatcher:
             attempt += 1
             retry_reason = self._retry_reason(answer)
             self.metrics.retries.labels(retry_reason).inc()
+            self._failing = f"retrying Braze ({answer.reason})"
             if verdict is Verdict.AUTH:
                 self._auth_failed(answer)
             elif verdict is not Verdict.RATE_LIMITED:
