@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
-    return serve(config, log_format=log_format, log_level=args.log_level)
+    return serve(config, config_path=args.config, log_format=log_format, log_level=args.log_level)
 
 
 def _dead_letters(args: argparse.Namespace) -> int:

@@ -354,7 +354,7 @@ def load_config(
             located.problems.append(problem)
     if located.problems:
         raise ConfigError(sorted(located.problems, key=lambda p: p.line or 0))
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, path.parent.resolve())
 
 
 def _check(config: Config, located: Located, *, require_secrets: bool) -> None:

@@ -9,6 +9,7 @@ grouped into one transaction so that N requests cost one fsync, not N.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.spool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +177,11 @@ class SpoolDB:
         self._puts_since_prune += len(items)
         if self._puts_since_prune >= 10_000:
             self._puts_since_prune = 0
-            self.prune_seen()
+            try:
+                self.prune_seen()
+            except SpoolError as exc:
+                # The rows above are committed: a failed clean-up must not turn 202s into 503s.
+                log.warning("could not prune old delivery keys (will retry later): %s", exc)
         return results
 
     def prune_seen(self) -> None:

@@ -1,0 +1,478 @@
+"""The HTTP surface: webhook intake into the spool, the token endpoint, health, readiness, metrics.
+
+`create_app` builds the aiohttp application; every resource lives in `cleanup_ctx`, in this
+order: the spool, then the `contexts` a caller adds (the dispatcher, the mapping reloader), then
+a last one that marks the gateway ready. Shutdown runs them backwards: readiness goes to 503
+first, in-flight requests finish, the added contexts stop, and the spool closes last, so every
+`202` ever answered names a committed row.
+
+A webhook passes these checks in order (DESIGN.md section 8), and each answer is counted in
+`gateway_webhooks_received_total{type,outcome}`: 403 (`server.allow_from`), 401, 415, 413 (before
+and while reading), 400, `200 ignored` (unknown type), `503` while starting, then the spool:
+`202 accepted`, `200 duplicate`, or `503` when it cannot store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+
+from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
+from .braze import open_client
+from .config import Config
+from .dispatcher import Dispatcher
+from .errors import ConfigError, SpoolError, SpoolFull
+from .logs import configure_logging, register_secret
+from .metrics import Metrics, metrics_handler
+from .reload import LiveRules
+from .spool import Spool, SpoolDB
+from .webhooks import WebhookError, decode
+
+__all__ = [
+    "CONFIG",
+    "DISPATCHER",
+    "METRICS",
+    "RULES",
+    "SPOOL",
+    "STATE",
+    "Context",
+    "State",
+    "create_app",
+    "delivery",
+    "serve",
+]
+
+log = logging.getLogger("gateway.server")
+
+WEBHOOK_PATH = "/webhooks/didomi"
+OAUTH_PATH = "/oauth/token"
+# Paths only Didomi calls; `server.allow_from` guards these, not the probes or /metrics.
+GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
+RETRY_AFTER_S = 30  # what a 503 asks the sender to wait; Didomi retries on its own schedule
+READ_CHUNK = 65_536
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _nothing() -> None:
+    return None
+
+
+class State:
+    """Mutable runtime state: starting, ready, draining, and what else readiness depends on."""
+
+    def __init__(self) -> None:
+        self.starting = True
+        self.draining = False
+        # Each returns None when all is well, or the reason the gateway is not ready.
+        self.ready_checks: list[Callable[[], str | None]] = []
+        # Each returns None, or why delivery is slow right now; readiness stays 200 and says so.
+        self.degraded_checks: list[Callable[[], str | None]] = []
+        # Called after each stored webhook; the dispatcher sets its own wake-up here.
+        self.on_wake: Callable[[], None] = _nothing
+
+    def wake(self) -> None:
+        """New webhooks are in the spool."""
+        self.on_wake()
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz should answer 503, or None when the gateway is ready."""
+        if self.draining:
+            return "draining: the gateway is shutting down"
+        if self.starting:
+            return "starting"
+        for check in self.ready_checks:
+            try:
+                reason = check()
+            except Exception as exc:  # a broken check must not turn /readyz into a 500
+                log.exception("a readiness check failed")
+                return f"a readiness check failed: {exc!r}"
+            if reason:
+                return reason
+        return None
+
+    def degraded_reason(self) -> str | None:
+        """Why delivery lags right now (a Braze outage, say), while intake still works."""
+        for check in self.degraded_checks:
+            if reason := check():
+                return reason
+        return None
+
+
+SPOOL = web.AppKey("gateway.spool", Spool)
+CONFIG = web.AppKey("gateway.config", Config)
+METRICS = web.AppKey("gateway.metrics", Metrics)
+STATE = web.AppKey("gateway.state", State)
+DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
+RULES = web.AppKey("gateway.rules", LiveRules)
+_AUTH = web.AppKey("gateway.authenticator", Authenticator)
+_ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=_encode(body), content_type="application/json", headers=headers
+    )
+
+
+def _error(
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return _json(status, {"error": error, "detail": detail}, headers)
+
+
+def _publish_ready(app: web.Application) -> None:
+    app[METRICS].ready.set(0 if app[STATE].not_ready_reason() else 1)
+
+
+# ---------------------------------------------------------------------------
+# Life cycle
+
+
+async def _spool_context(app: web.Application) -> AsyncIterator[None]:
+    delivery = app[CONFIG].delivery
+    db = await asyncio.to_thread(
+        SpoolDB,
+        delivery.spool,
+        max_pending=delivery.max_pending,
+        dedupe_window_s=delivery.dedupe_window_s,
+    )
+    spool = Spool(db)
+    app[SPOOL] = spool
+    app[METRICS].spool_pending.set(spool.pending)
+    yield
+    await spool.close()  # queued writes commit first
+    log.info("spool closed", extra={"pending": spool.pending})
+
+
+async def _ready_context(app: web.Application) -> AsyncIterator[None]:
+    app[STATE].starting = False
+    _publish_ready(app)
+    log.info("ready")
+    yield
+    await _drain(app)
+
+
+async def _drain(app: web.Application) -> None:
+    """Readiness to 503 at the first sign of shutdown, before in-flight requests are awaited."""
+    state = app[STATE]
+    if not state.draining:
+        state.draining = True
+        app[METRICS].ready.set(0)
+        log.info("draining: finishing in-flight requests")
+
+
+def _spool_room(app: web.Application) -> str | None:
+    spool = app.get(SPOOL)
+    if spool is None:
+        return "the spool is not open"
+    if spool.pending >= spool.db.max_pending:
+        return f"the spool is full ({spool.pending} updates pending)"
+    return None
+
+
+def delivery(live: LiveRules) -> Context:
+    """The context that runs delivery: the Braze client, the dispatcher, and rule reloads."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config, metrics, state, spool = app[CONFIG], app[METRICS], app[STATE], app[SPOOL]
+        async with open_client(config.braze, metrics) as client:
+            dispatcher = Dispatcher(config, spool, live.current, client, metrics)
+
+            def follow(new: Config) -> None:
+                register_secret(new.braze.api_key)
+                client.api_key = new.braze.api_key  # a fixed key is used from the next request
+
+            live.listeners.append(follow)
+            state.ready_checks.append(dispatcher.not_ready_reason)
+            state.degraded_checks.append(dispatcher.degraded_reason)
+            state.on_wake = dispatcher.wake
+            app[DISPATCHER] = dispatcher
+            app[RULES] = live
+            await dispatcher.start()
+            loop = asyncio.get_running_loop()
+            reloads: set[asyncio.Task[bool]] = set()
+
+            def on_sighup() -> None:
+                log.info("SIGHUP: reloading the mappings")
+                task = asyncio.create_task(live.reload_async())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            watcher = asyncio.create_task(live.watch()) if config.mappings.watch else None
+            try:
+                yield
+            finally:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signal.SIGHUP)
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+                state.on_wake = _nothing
+                await dispatcher.stop(grace_s=config.server.shutdown_timeout_s)
+                live.listeners.remove(follow)
+
+    return context
+
+
+def create_app(
+    config: Config, *, metrics: Metrics | None = None, contexts: Sequence[Context] = ()
+) -> web.Application:
+    """The gateway's aiohttp application; `contexts` start after the spool and stop before it."""
+    metrics = metrics if metrics is not None else Metrics()
+    app = web.Application(
+        middlewares=[metrics.middleware(), _json_errors, _allow_from],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    state = State()
+    state.ready_checks.append(functools.partial(_spool_room, app))
+    app[STATE] = state
+    app[_ALLOW] = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
+    metrics.ready.set(0)
+
+    issuer = None
+    if config.auth.mode == "oauth2":
+        auth = config.auth
+        issuer = TokenIssuer(auth.client_id, auth.client_secret, auth.token_ttl_s)
+        app.router.add_post(OAUTH_PATH, functools.partial(token_endpoint, issuer))
+    app[_AUTH] = authenticator_for(config.auth, issuer=issuer)
+
+    app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(metrics))
+
+    app.cleanup_ctx.append(_spool_context)
+    app.cleanup_ctx.extend(contexts)
+    app.cleanup_ctx.append(_ready_context)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+def serve(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    log_format: str = "text",
+    log_level: str = "INFO",
+) -> int:
+    """Run the gateway until SIGTERM or SIGINT, then drain, flush and return 0."""
+    fmt: Literal["text", "json"] = "json" if log_format == "json" else "text"
+    try:
+        if log_format != fmt:
+            raise ValueError(f"unknown log format {log_format!r}; use 'text' or 'json'")
+        configure_logging(fmt, log_level)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    for secret in (
+        config.braze.api_key,
+        config.auth.client_secret,
+        *config.auth.tokens,
+        config.didomi_api.secret,
+    ):
+        register_secret(secret)
+    metrics = Metrics()
+    try:
+        live = LiveRules.load(config, metrics, config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
+        return 1
+    app = create_app(config, metrics=metrics, contexts=[delivery(live)])
+    server = config.server
+    log.info(
+        "gateway starting on http://%s:%d (auth %s, spool %s)",
+        server.host,
+        server.port,
+        config.auth.mode,
+        config.delivery.spool,
+        extra={"host": server.host, "port": server.port, "auth_mode": config.auth.mode},
+    )
+    try:
+        web.run_app(
+            app,
+            host=server.host,
+            port=server.port,
+            shutdown_timeout=server.shutdown_timeout_s,
+            handle_signals=True,
+            print=None,
+            access_log=None,
+        )
+    except OSError as exc:  # most often: the port is taken, or the host is not ours
+        log.error("cannot serve on %s:%d: %s", server.host, server.port, exc.strerror or exc)
+        return 1
+    log.info("gateway stopped")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Middlewares
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own error answers (404, 405, ...) as JSON `{"error", "detail"}` too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            detail = f"nothing at {request.path}"
+        elif exc.status == 405:
+            detail = f"{request.method} is not allowed here; use {exc.headers.get('Allow', '')}"
+        else:
+            detail = exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_").replace("-", "_")
+        return _error(exc.status, code, detail, headers)
+    except Exception:
+        log.exception("error handling %s %s", request.method, request.path)
+        return _error(500, "internal_error", "the gateway failed on this request; see its log")
+
+
+@web.middleware
+async def _allow_from(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`server.allow_from`: only the listed networks may call the Didomi-facing routes."""
+    networks = request.app[_ALLOW]
+    if not networks or request.path not in GUARDED_PATHS or _allowed(request.remote, networks):
+        return await handler(request)
+    if request.path == WEBHOOK_PATH:
+        request.app[METRICS].webhook("other", "unauthorized")
+    log.info("request refused: %s is not in server.allow_from", request.remote)
+    return _error(403, "forbidden", "this address may not call the gateway (server.allow_from)")
+
+
+def _allowed(remote: str | None, networks: tuple[Network, ...]) -> bool:
+    if remote is None:
+        return False  # not a TCP peer: nothing to check against, so refuse
+    try:
+        address = ipaddress.ip_address(remote.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """`GET /healthz`: 200 while the process is alive."""
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """`GET /readyz`: 200 when the spool and every added context are up, else 503 and why."""
+    reason = request.app[STATE].not_ready_reason()
+    request.app[METRICS].ready.set(0 if reason else 1)
+    if reason is not None:
+        return _error(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_S)})
+    degraded = request.app[STATE].degraded_reason()
+    if degraded is not None:
+        return _json(200, {"status": "ready", "degraded": degraded})
+    return _json(200, {"status": "ready"})
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """`POST /webhooks/didomi`: check, decode and durably store one Didomi webhook."""
+    app = request.app
+    config, metrics, state = app[CONFIG], app[METRICS], app[STATE]
+
+    def refuse(
+        status: int,
+        error: str,
+        detail: str,
+        outcome: str = "rejected",
+        type_: str = "other",
+        reason: str | None = None,
+    ) -> web.Response:
+        """Count, log (the reason, never the body) and answer one refused webhook."""
+        metrics.webhook(type_, outcome)
+        level = logging.WARNING if status >= 500 else logging.INFO
+        extra = {"status": status, "remote": request.remote}
+        log.log(level, "webhook refused (%d %s): %s", status, error, reason or detail, extra=extra)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+        return _error(status, error, detail, headers)
+
+    if not app[_AUTH].authenticate(request.headers.get("Authorization")):
+        return refuse(401, "unauthorized", "a valid Bearer token is required", "unauthorized")
+    if request.content_type.lower() != "application/json":
+        return refuse(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type}",
+        )
+    limit = config.server.max_body_bytes
+    try:
+        body = await _read_capped(request, limit)
+    except (ConnectionError, HttpProcessingError) as exc:
+        return refuse(400, "bad_request", f"the body could not be read: {exc}")
+    if body is None:
+        return refuse(413, "too_large", f"the body is over server.max_body_bytes ({limit} bytes)")
+    try:
+        webhook = decode(body)
+    except WebhookError as exc:
+        return refuse(400, "bad_request", str(exc))
+    if not webhook.known:
+        metrics.webhook(webhook.type, "ignored")
+        return _json(200, {"status": "ignored"})
+    kind = webhook.type
+    if state.starting or SPOOL not in app:
+        return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
+    spool = app[SPOOL]
+    try:
+        stored = await spool.put(webhook.dedupe_key(), kind, body)
+    except SpoolFull as exc:
+        detail = "the spool is full; retry later"
+        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
+    except SpoolError as exc:
+        detail = "the spool cannot store webhooks now; retry later"
+        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
+    finally:
+        metrics.spool_pending.set(spool.pending)
+    if not stored:
+        metrics.webhook(kind, "duplicate")
+        return _json(200, {"status": "duplicate"})
+    metrics.webhook(kind, "accepted")
+    state.wake()
+    return _json(202, {"status": "accepted"})
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None once it is known to exceed `limit`: by its header, or while reading."""
+    if (request.content_length or 0) > limit:
+        return None
+    body = bytearray()
+    while chunk := await request.content.read(min(READ_CHUNK, limit + 1 - len(body))):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)

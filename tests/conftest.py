@@ -1,0 +1,143 @@
+"""Shared fixtures: a gateway.toml with its mappings written to tmp_path, its secrets, a token.
+
+`make_config(tmp_path, **sections)` writes `tmp_path / "gateway.toml"` (each keyword is a section
+whose keys replace the defaults below; a key or section given as None is left out), copies
+`mappings/email.toml` and the events it names, and returns the loaded Config. The secrets come
+from `secrets_env`, the environment a `gateway` subprocess needs too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.auth import TokenIssuer
+from gateway.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILE = "gateway.toml"
+CLIENT_ID = "didomi"
+CLIENT_SECRET = "test-client-secret-4f9a"
+BRAZE_API_KEY = "test-braze-key-7c21"
+SECRETS = {"DIDOMI_CLIENT_SECRET": CLIENT_SECRET, "BRAZE_API_KEY": BRAZE_API_KEY}
+
+# Braze at a loopback port nothing listens on: nothing is ever delivered, so what a test
+# stores stays in the spool. Tests that need Braze pass braze={"server": fake.url}.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "server": {"host": "127.0.0.1", "port": 8080},
+    "auth": {
+        "mode": "oauth2",
+        "client_id": CLIENT_ID,
+        "client_secret": "${DIDOMI_CLIENT_SECRET}",
+    },
+    "braze": {"server": "http://127.0.0.1:1", "api_key": "${BRAZE_API_KEY}"},
+    "delivery": {"spool": "var/gateway.db"},
+    "mappings": {"dir": "mappings", "watch": False},
+}
+
+MakeConfig = Callable[..., Config]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"make_config cannot write {value!r} to TOML")
+
+
+def write_config(directory: Path, **sections: dict[str, Any] | None) -> Path:
+    """Write gateway.toml (defaults plus `sections`) and the mappings folder; return its path."""
+    merged: dict[str, dict[str, Any]] = {name: dict(keys) for name, keys in DEFAULTS.items()}
+    for name, keys in sections.items():
+        if keys is None:
+            merged.pop(name, None)
+            continue
+        merged.setdefault(name, {}).update(keys)
+    lines: list[str] = []
+    for name, keys in merged.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(v)}" for key, v in keys.items() if v is not None)
+        lines.append("")
+    path = directory / CONFIG_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    mappings = directory / "mappings"
+    mappings.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "mappings" / "email.toml", mappings / "email.toml")
+    # email.toml's [[test]] tables name ../tests/events/*.json; keep those paths working.
+    shutil.copytree(ROOT / "tests" / "events", directory / "tests" / "events", dirs_exist_ok=True)
+    return path
+
+
+def build_config(directory: Path, **sections: dict[str, Any] | None) -> Config:
+    """Write gateway.toml into `directory` and load it with the test secrets."""
+    return load_config(write_config(directory, **sections), SECRETS)
+
+
+@pytest.fixture
+def make_config() -> MakeConfig:
+    """`make_config(tmp_path, server={...}, auth={...})`: write gateway.toml, return its Config."""
+    return build_config
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """The default test config (oauth2 auth, spool in tmp_path/var), written to tmp_path."""
+    return build_config(tmp_path)
+
+
+@pytest.fixture
+def secrets_env() -> dict[str, str]:
+    """The environment variables the test gateway.toml reads its secrets from."""
+    return dict(SECRETS)
+
+
+@pytest.fixture
+def token_issuer() -> TokenIssuer:
+    """An issuer with the test client credentials: its tokens pass any test gateway in oauth2."""
+    return TokenIssuer(CLIENT_ID, CLIENT_SECRET, 3600)
+
+
+@pytest.fixture
+def oauth_token(token_issuer: TokenIssuer) -> str:
+    """A fresh OAuth2 access token, as POST /oauth/token would issue it."""
+    return token_issuer.issue()[0]
+
+
+@pytest.fixture
+def auth_headers(oauth_token: str) -> dict[str, str]:
+    """Headers that authenticate a webhook in oauth2 mode and declare a JSON body."""
+    return {"Authorization": f"Bearer {oauth_token}", "Content-Type": "application/json"}
+
+
+def consent_event(n: int, *, kind: str = "event.created", user: str | None = None) -> bytes:
+    """A minimal valid Didomi webhook body whose entity id (so dedupe key) depends on `n`."""
+    entity = {
+        "id": f"evt-{n:08d}",
+        "created_at": "2025-03-14T09:26:53Z",
+        "updated_at": "2025-03-14T09:26:53Z",
+        "status": "confirmed",
+        "user": {"organization_user_id": user or f"user-{n}"},
+        "organization_user_id": user or f"user-{n}",
+        "consents": {"purposes": [{"id": "marketing_email", "enabled": True}]},
+    }
+    if kind.endswith(".updated"):
+        parameters = {"old_entity": entity, "new_entity": entity, "source": {"id": f"src-{n}"}}
+    else:
+        parameters = {"entity": entity}
+    return json.dumps({"type": kind, "parameters": parameters}).encode()
+
+
+@pytest.fixture
+def make_event() -> Callable[..., bytes]:
+    """`make_event(n, kind="event.created", user=None)`: a valid webhook body, unique per n."""
+    return consent_event

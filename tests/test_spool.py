@@ -1,0 +1,276 @@
+"""gateway.spool: dedupe, bounds, grouped commits, acks, dead letters, and what survives a close."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SpoolError, SpoolFull
+from gateway.spool import Dead, Spool, SpoolDB
+
+WINDOW = 100.0
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """A settable clock, so the dedupe window is crossed without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "var" / "spool.db"
+
+
+@pytest.fixture
+def db(path: Path, clock: Clock) -> Iterator[SpoolDB]:
+    spool = SpoolDB(path, dedupe_window_s=WINDOW, clock=clock)
+    yield spool
+    spool.close()
+
+
+def item(n: int, key: str | None = "") -> tuple[str | None, str, bytes]:
+    """A spool item; `key` "" means a key derived from n, None means no dedupe key."""
+    return (f"event.created|e{n}|t" if key == "" else key, "event.created", b'{"n": %d}' % n)
+
+
+def bodies(db: SpoolDB) -> list[bytes]:
+    return [row.body for row in db.fetch(0, 1_000_000)]
+
+
+def test_put_stores_and_a_duplicate_is_stored_once(db: SpoolDB) -> None:
+    """A repeated key answers False and adds no row; a different key is a new row."""
+    assert db.put_many([item(1)]) == [True]
+    assert db.put_many([item(1)]) == [False]
+    assert db.put_many([item(2), item(2)]) == [True, False]
+    assert bodies(db) == [b'{"n": 1}', b'{"n": 2}']
+    assert db.pending == db.count_pending() == 2
+
+
+def test_rows_without_a_key_are_never_deduplicated(db: SpoolDB) -> None:
+    """An entity without an id has no dedupe key: every delivery of it is stored."""
+    assert db.put_many([item(1, None), item(1, None)]) == [True, True]
+    assert db.count_pending() == 2
+
+
+def test_dedupe_window_expires(db: SpoolDB, clock: Clock) -> None:
+    """Inside the window a key is a duplicate; once the window has passed it is new again."""
+    assert db.put_many([item(1)]) == [True]
+    clock.now = T0 + WINDOW - 1
+    assert db.put_many([item(1)]) == [False]
+    clock.now = T0 + WINDOW + 1
+    assert db.put_many([item(1)]) == [True]
+    clock.now = T0 + WINDOW + 2  # the window now runs from the second delivery
+    assert db.put_many([item(1)]) == [False]
+    assert db.count_pending() == 2
+
+
+def test_prune_forgets_only_keys_older_than_the_window(db: SpoolDB, clock: Clock) -> None:
+    """prune_seen drops expired keys and keeps the ones still inside the window."""
+    db.put_many([item(1)])
+    clock.now = T0 + WINDOW / 2
+    db.put_many([item(2)])
+    clock.now = T0 + WINDOW + 1
+    db.prune_seen()
+    keys = {key for (key,) in db.db.execute("SELECT key FROM seen")}
+    assert keys == {"event.created|e2|t"}
+
+
+def test_max_pending_refuses_beyond_the_bound_and_forgets_the_refused_key(path: Path) -> None:
+    """Over max_pending a put is SpoolFull, not stored, and not remembered as seen."""
+    db = SpoolDB(path, max_pending=2)
+    try:
+        results = db.put_many([item(1), item(2), item(3)])
+        assert results[:2] == [True, True]
+        assert isinstance(results[2], SpoolFull)
+        assert db.count_pending() == db.pending == 2
+        # A duplicate is still recognised as such when the spool is full.
+        assert db.put_many([item(1)]) == [False]
+        # Once a row is delivered there is room, and the refused webhook's retry is accepted.
+        first = db.fetch(0, 1)[0]
+        db.ack([first.id])
+        assert db.put_many([item(3)]) == [True]
+    finally:
+        db.close()
+
+
+def test_disk_full_is_spool_full_and_stores_nothing(db: SpoolDB) -> None:
+    """A write that finds no room on disk raises SpoolFull and leaves no row and no key."""
+    db.put_many([item(1)])
+    db.db.execute("PRAGMA max_page_count = 1")  # cannot shrink below the current size
+    with pytest.raises(SpoolFull):
+        db.put_many([("big", "event.created", b"x" * 200_000)])
+    assert db.count_pending() == 1
+    assert db.db.execute("SELECT count(*) FROM seen WHERE key = 'big'").fetchone() == (0,)
+    db.db.execute("PRAGMA max_page_count = 1000000")
+    assert db.put_many([("big", "event.created", b"x" * 200_000)]) == [True]
+
+
+def test_a_spool_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) -> None:
+    """A path whose folder is a file is reported as SpoolError, naming the path."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SpoolError, match="cannot open the spool"):
+        SpoolDB(tmp_path / "file" / "spool.db")
+
+
+async def test_concurrent_puts_share_transactions(
+    db: SpoolDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many concurrent puts are committed in fewer put_many calls (transactions) than puts."""
+    calls: list[int] = []
+    original = db.put_many
+
+    def counting(items: Sequence[tuple[str | None, str, bytes]]) -> list[bool | SpoolError]:
+        calls.append(len(items))
+        return original(items)
+
+    monkeypatch.setattr(db, "put_many", counting)
+    spool = Spool(db)
+    try:
+        results = await asyncio.gather(*(spool.put(*item(n)) for n in range(500)))
+        assert results == [True] * 500
+        assert sum(calls) == 500
+        assert len(calls) < 500 / 10, calls
+        # A second wave, arriving while nothing is in flight, is grouped as well.
+        more = await asyncio.gather(*(spool.put(*item(n)) for n in range(400, 600)))
+        assert more == [False] * 100 + [True] * 100
+        assert spool.pending == db.count_pending() == 600
+    finally:
+        await spool.close()
+
+
+async def test_spool_full_fails_only_the_futures_beyond_the_bound(path: Path) -> None:
+    """In one grouped transaction, puts within max_pending succeed and the rest raise SpoolFull."""
+    spool = Spool(SpoolDB(path, max_pending=3))
+    try:
+        results = await asyncio.gather(
+            *(spool.put(*item(n)) for n in range(5)), return_exceptions=True
+        )
+        assert results[:3] == [True, True, True]
+        assert all(isinstance(r, SpoolFull) for r in results[3:])
+        assert spool.pending == 3
+    finally:
+        await spool.close()
+
+
+async def test_close_commits_queued_puts_first(path: Path) -> None:
+    """Spool.close waits for puts already queued, so nothing accepted is lost at shutdown."""
+    spool = Spool(SpoolDB(path))
+    puts = [asyncio.create_task(spool.put(*item(n))) for n in range(50)]
+    await asyncio.sleep(0)  # the puts are queued; the writer has not finished
+    await spool.close()
+    assert [p.result() for p in puts] == [True] * 50
+    reopened = SpoolDB(path)
+    try:
+        assert reopened.count_pending() == 50
+    finally:
+        reopened.close()
+
+
+def test_ack_removes_rows_moves_dead_ones_and_keeps_the_latest_applied_time(
+    db: SpoolDB, clock: Clock
+) -> None:
+    """ack drops done rows, moves refused ones with their reason, and applied times only grow."""
+    db.put_many([item(n) for n in range(4)])
+    rows = db.fetch(0, 10)
+    clock.now = T0 + 5
+    db.ack(
+        [rows[0].id],
+        applied=[("user-1", "email_subscribe", 200.0), ("user-1", "group:a", 100.0)],
+        dead=[Dead(rows[1].id, "INVALID_GROUP", person="user-1")],
+    )
+    assert [r.id for r in db.fetch(0, 10)] == [rows[2].id, rows[3].id]
+    assert db.pending == db.count_pending() == 2
+    (letter,) = db.dead_letters()
+    assert (letter.reason, letter.person, letter.body) == ("INVALID_GROUP", "user-1", rows[1].body)
+    assert (letter.created_at, letter.received_at) == (T0 + 5, rows[1].received_at)
+
+    db.ack([], applied=[("user-1", "email_subscribe", 150.0), ("user-1", "group:a", 300.0)])
+    assert db.applied_times(["user-1", "user-2"]) == {
+        ("user-1", "email_subscribe"): 200.0,  # an older time never overwrites a newer one
+        ("user-1", "group:a"): 300.0,
+    }
+
+
+def test_applied_times_handles_more_persons_than_sqlite_parameters(db: SpoolDB) -> None:
+    """Looking up thousands of persons works (the query is chunked under SQLite's limit)."""
+    db.ack([], applied=[(f"p{n}", "t", float(n)) for n in range(2000)])
+    times = db.applied_times(f"p{n}" for n in range(2500))
+    assert len(times) == 2000
+    assert times[("p1999", "t")] == 1999.0
+
+
+def test_replay_and_purge_dead_letters(db: SpoolDB, clock: Clock) -> None:
+    """replay moves named (or all) dead letters back to the inbox; purge deletes them."""
+    db.put_many([item(n) for n in range(3)])
+    rows = db.fetch(0, 10)
+    db.ack([], dead=[Dead(r.id, "refused") for r in rows])
+    letters = db.dead_letters()
+    assert db.count_pending() == 0
+    assert db.count_dead() == 3
+
+    clock.now = T0 + 60
+    assert db.replay([letters[0].id]) == 1
+    (back,) = db.fetch(0, 10)
+    assert (back.body, back.received_at) == (rows[0].body, T0 + 60)
+    assert back.id > rows[-1].id  # ids are never reused, so a dispatcher cursor never skips it
+    assert db.pending == 1
+
+    assert db.purge([letters[1].id]) == 1
+    assert [d.id for d in db.dead_letters()] == [letters[2].id]
+    assert db.dead_letters([letters[2].id, 999]) == db.dead_letters()
+    assert db.replay() == 1
+    assert db.purge() == 0
+    assert db.count_pending() == 2
+
+
+def test_data_survives_close_and_reopen(path: Path) -> None:
+    """Rows, seen keys and dead letters are all still there after the file is reopened."""
+    db = SpoolDB(path)
+    db.put_many([item(1), item(2)])
+    db.ack([], dead=[Dead(db.fetch(0, 1)[0].id, "refused")])
+    db.close()
+
+    again = SpoolDB(path)
+    try:
+        assert again.pending == 1
+        assert bodies(again) == [b'{"n": 2}']
+        assert again.count_dead() == 1
+        assert again.put_many([item(2)]) == [False]
+    finally:
+        again.close()
+
+
+def test_a_second_connection_sees_the_rows_of_the_first(path: Path) -> None:
+    """The CLI opens its own SpoolDB beside a running server; each sees the other's commits."""
+    server = SpoolDB(path)
+    cli = SpoolDB(path)
+    try:
+        server.put_many([item(1), item(2)])
+        assert bodies(cli) == [b'{"n": 1}', b'{"n": 2}']
+        server.ack([], dead=[Dead(server.fetch(0, 1)[0].id, "refused")])
+        assert cli.replay() == 1
+        assert server.count_pending() == 2
+        assert cli.put_many([item(2)]) == [False]  # dedupe state is shared through the file
+    finally:
+        cli.close()
+        server.close()
+
+
+def test_the_spool_file_is_in_wal_mode_with_full_sync(db: SpoolDB) -> None:
+    """A commit survives power loss: WAL journal and synchronous=FULL (2)."""
+    assert db.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.db.execute("PRAGMA synchronous").fetchone() == (2,)
