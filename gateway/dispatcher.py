@@ -269,11 +269,15 @@ class Dispatcher:
         if not applied:
             return items
         for item in items:
-            for target in list(item.changes):
-                last = applied.get((item.person, target))
-                if last is not None and item.changes[target].at < last:
-                    del item.changes[target]
-                    self.metrics.events_skipped.labels("stale").inc()
+            stale = [
+                target
+                for target, change in item.changes.items()
+                if change.at < applied.get((item.person, target), change.at)
+            ]
+            for target in stale:
+                del item.changes[target]
+            if stale:
+                self.metrics.events_skipped.labels("stale").inc()  # once per person, not target
         return items
 
     # -- delivering ---------------------------------------------------------------------------

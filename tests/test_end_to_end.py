@@ -1,0 +1,383 @@
+"""Live operations through the real HTTP server and a fake Braze: the whole chain, end to end.
+
+Didomi -> POST /webhooks/didomi -> spool -> mapping -> dispatcher -> fake Braze, with the
+delivery context that `gateway run` uses (reloads included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import BRAZE_API_KEY, SECRETS, MakeConfig, write_config
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.reload import LiveRules
+from gateway.server import DISPATCHER, RULES, SPOOL, create_app, delivery
+from gateway.testing import FakeBraze
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "tests" / "events"
+NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
+OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+
+
+def fixture(name: str) -> bytes:
+    return (EVENTS / name).read_bytes()
+
+
+def choice(person: str, enabled: bool, at: str, *, event_id: str | None = None) -> bytes:
+    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
+    return msgspec.json.encode(
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": {
+                    "id": event_id or f"ev-{person}-{at}",
+                    "created_at": at,
+                    "updated_at": at,
+                    "status": "confirmed",
+                    "user": {"organization_user_id": person},
+                    "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
+                }
+            },
+        }
+    )
+
+
+class Gateway:
+    """A running gateway app (with delivery) and the test client that talks to it."""
+
+    def __init__(self, client: TestClient[Any, Any], config: Config, metrics: Metrics) -> None:
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+
+    @property
+    def app(self) -> Any:
+        return self.client.app
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> int:
+        response = await self.client.post("/webhooks/didomi", data=body, headers=headers)
+        return response.status
+
+    async def settle(self, timeout: float = 15.0) -> None:
+        """Wait until the spool is empty and the dispatcher has nothing in flight."""
+        deadline = time.monotonic() + timeout
+        spool, dispatcher = self.app[SPOOL], self.app[DISPATCHER]
+        while time.monotonic() < deadline:
+            if spool.db.count_pending() == 0 and dispatcher.idle:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not settled: {spool.db.count_pending()} pending")
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBraze]:
+    braze = FakeBraze(api_key=BRAZE_API_KEY)
+    await braze.start()
+    yield braze
+    await braze.stop()
+
+
+@pytest.fixture
+def start_gateway(
+    aiohttp_client: Any,
+    make_config: MakeConfig,
+    tmp_path: Path,
+    fake: FakeBraze,
+    monkeypatch: pytest.MonkeyPatch,
+) -> StartGateway:
+    """`await start_gateway(**sections)`: a gateway delivering to the fake Braze."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)  # reloads read the environment, as `gateway run` does
+
+    async def start(directory: Path | None = None, **sections: Any) -> Gateway:
+        braze = {"server": fake.url, "flush_interval_ms": 20, **sections.pop("braze", {})}
+        delivery_cfg = {"retry_initial_ms": 10, "retry_max_ms": 100, **sections.pop("delivery", {})}
+        config = make_config(directory or tmp_path, braze=braze, delivery=delivery_cfg, **sections)
+        metrics = Metrics()
+        live = LiveRules.load(config, metrics, (directory or tmp_path) / "gateway.toml")
+        app = create_app(config, metrics=metrics, contexts=[delivery(live)])
+        return Gateway(await aiohttp_client(app), config, metrics)
+
+    return start
+
+
+async def test_a_choice_flows_from_didomi_to_braze(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """A consent given in Didomi ends as opted_in plus the chosen groups in Braze."""
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    await gw.settle()
+    user = fake.users["user-123"]
+    assert user.email_subscribe == "opted_in"
+    assert user.subscription_groups == {NEWS: "subscribed", OFFERS: "subscribed"}
+    assert user.attributes == {"consent_marketing": True}
+
+
+async def test_double_opt_in_holds_until_confirmed(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """A pending_approval event is stored but not applied; the confirming event.updated is."""
+    gw = await start_gateway()
+    assert await gw.post(fixture("event_pending.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.requests == []
+    assert gw.sample("gateway_events_skipped_total", reason="not_confirmed") == 1
+    assert await gw.post(fixture("event_updated_confirmed.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.users["user-456"].email_subscribe == "opted_in"
+    assert fake.users["user-456"].subscription_groups[NEWS] == "subscribed"
+
+
+async def test_other_regulations_are_counted_and_ignored(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """With the default regulations (gdpr), a CPRA event changes nothing and is counted."""
+    gw = await start_gateway()
+    assert await gw.post(fixture("cpra_event.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.requests == []
+    assert gw.sample("gateway_events_skipped_total", reason="regulation") == 1
+
+
+async def test_listed_regulations_are_applied(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """Listing cpra in didomi.regulations applies CPRA events too."""
+    gw = await start_gateway(didomi={"regulations": ["gdpr", "cpra"]})
+    assert await gw.post(fixture("cpra_event.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.users["user-321"].email_subscribe == "opted_in"
+
+
+async def test_shuffled_deliveries_end_in_each_persons_latest_choice(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """Didomi's out-of-order retries, shuffled, leave every person at their latest choice."""
+    rng = random.Random(11)
+    bodies, expected = [], {}
+    for person in (f"p{i}" for i in range(15)):
+        times = [f"2025-03-14T10:{m:02d}:00Z" for m in range(8)]
+        picks = [rng.random() < 0.5 for _ in times]
+        expected[person] = "opted_in" if picks[-1] else "unsubscribed"
+        bodies += [choice(person, enabled, at) for at, enabled in zip(times, picks, strict=True)]
+    rng.shuffle(bodies)
+    gw = await start_gateway(braze={"batch_size": 5, "flush_interval_ms": 5})
+    for body in bodies:
+        assert await gw.post(body, auth_headers) == 202
+        await asyncio.sleep(0.002)  # spread arrivals over several batches
+    await gw.settle()
+    assert {p: u.email_subscribe for p, u in fake.users.items()} == expected
+
+
+async def test_applied_times_survive_a_restart(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """After a restart on the same spool, an older choice still loses to the one applied."""
+    gw = await start_gateway()
+    assert await gw.post(choice("rex", False, "2025-03-14T12:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    await gw.client.close()
+    again = await start_gateway()
+    assert await again.post(choice("rex", True, "2025-03-14T11:00:00Z"), auth_headers) == 202
+    await again.settle()
+    assert again.sample("gateway_events_skipped_total", reason="stale") == 1
+    assert fake.users["rex"].email_subscribe == "unsubscribed"
+    assert len(fake.objects_sent()) == 1
+
+
+async def test_upsert_mode_creates_people_braze_does_not_know(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """update_existing_only = false sends _update_existing_only: false and creates the user."""
+    fake.known_users = {"someone-else"}
+    gw = await start_gateway(braze={"update_existing_only": False})
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.objects_sent()[0]["_update_existing_only"] is False
+    assert fake.users["user-123"].email_subscribe == "opted_in"
+
+
+async def test_update_existing_only_leaves_unknown_people_alone(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """The default update_existing_only = true never creates a person Braze does not know."""
+    fake.known_users = {"someone-else"}
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    await gw.settle()
+    assert fake.objects_sent()[0]["_update_existing_only"] is True
+    assert "user-123" not in fake.users
+
+
+async def test_erasure_deletes_the_braze_user_once(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """on_user_deleted = "delete": a user.deleted (even delivered twice) deletes them once."""
+    gw = await start_gateway(didomi={"on_user_deleted": "delete"})
+    assert await gw.post(fixture("user_created.json"), auth_headers) == 202
+    await gw.settle()
+    assert await gw.post(fixture("user_deleted.json"), auth_headers) == 202
+    assert await gw.post(fixture("user_deleted.json"), auth_headers) == 200  # duplicate
+    await gw.settle()
+    assert fake.deleted == ["user-789"]
+    assert [r.body for r in fake.requests if r.path == "/users/delete"] == [
+        {"external_ids": ["user-789"]}
+    ]
+
+
+async def test_erasure_unsubscribe_mode(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """on_user_deleted = "unsubscribe": the person keeps a profile but gets no more email."""
+    gw = await start_gateway(didomi={"on_user_deleted": "unsubscribe"})
+    assert await gw.post(fixture("user_created.json"), auth_headers) == 202
+    assert await gw.post(fixture("user_deleted.json"), auth_headers) == 202
+    await gw.settle()
+    user = fake.users["user-789"]
+    assert user.email_subscribe == "unsubscribed"
+    assert set(user.subscription_groups.values()) == {"unsubscribed"}
+    assert fake.deleted == []
+
+
+ATTRIBUTE_RULE = '\n[[map]]\nto = "attribute:newsletter_ok"\npurpose = "marketing_email"\n'
+
+
+async def test_reload_swaps_rules_and_a_bad_edit_keeps_the_last_good(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """A good edit is applied on reload; a bad one is refused, counted, and the old rules run."""
+    gw = await start_gateway()
+    live: LiveRules = gw.app[RULES]
+    mapping = tmp_path / "mappings" / "email.toml"
+    mapping.write_text(mapping.read_text() + ATTRIBUTE_RULE)
+    assert await live.reload_async() is True
+    assert gw.sample("gateway_config_reloads_total", outcome="success") == 1
+    assert await gw.post(choice("sam", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    assert fake.users["sam"].attributes["newsletter_ok"] is True
+
+    good = live.current()
+    mapping.write_text(mapping.read_text() + '\n[[map]]\nto = "SOMETIMES"\npurpose = "x"\n')
+    assert await live.reload_async() is False
+    assert live.current() is good
+    assert gw.sample("gateway_config_reloads_total", outcome="error") == 1
+    assert await gw.post(choice("tia", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    assert fake.users["tia"].attributes["newsletter_ok"] is True
+
+
+async def test_watch_reloads_when_a_mapping_file_changes(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """With mappings.watch = true, saving a mapping file reloads the rules without a signal."""
+    gw = await start_gateway(mappings={"watch": True})
+    mapping = tmp_path / "mappings" / "email.toml"
+    mapping.write_text(mapping.read_text() + ATTRIBUTE_RULE)
+    deadline = time.monotonic() + 10
+    while gw.sample("gateway_config_reloads_total", outcome="success") < 1:
+        assert time.monotonic() < deadline, "the watcher did not reload"
+        await asyncio.sleep(0.1)
+    assert await gw.post(choice("uma", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    assert fake.users["uma"].attributes["newsletter_ok"] is True
+
+
+async def test_reload_fixes_a_wrong_braze_key_without_dead_letters(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """While Braze refuses the key, updates wait and readiness says why; a reload fixes it."""
+    gw = await start_gateway(braze={"api_key": "the-wrong-key"})
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    deadline = time.monotonic() + 10
+    while (await gw.client.get("/readyz")).status != 503:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    body = await (await gw.client.get("/readyz")).json()
+    assert "401" in body["detail"]
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(config_path.read_text().replace("the-wrong-key", "${BRAZE_API_KEY}"))
+    assert await gw.app[RULES].reload_async() is True
+    await gw.settle()
+    assert (await gw.client.get("/readyz")).status == 200
+    assert fake.users["user-123"].email_subscribe == "opted_in"
+    assert gw.app[SPOOL].db.count_dead() == 0
+
+
+@pytest.mark.slow
+def test_sighup_reloads_a_running_gateway(tmp_path: Path, secrets_env: dict[str, str]) -> None:
+    """`kill -HUP` makes `gateway run` reload its mappings, which /metrics then counts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_config(tmp_path, server={"host": "127.0.0.1", "port": port})
+    env = {**os.environ, **secrets_env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(path), "--log-format", "json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    async def metric() -> float:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                        text = await response.text()
+                    for line in text.splitlines():
+                        name = 'gateway_config_reloads_total{outcome="success"}'
+                        if line.startswith(name) and float(line.split()[-1]) >= 1:
+                            return 1.0
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        return 0.0
+
+    async def ready() -> None:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            raise AssertionError("the gateway never became ready")
+
+    try:
+        asyncio.run(ready())
+        proc.send_signal(signal.SIGHUP)
+        assert asyncio.run(metric()) == 1.0
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert b"reloaded" in stderr
