@@ -400,6 +400,11 @@ class Dispatcher:
                 self.metrics.delivery_latency.observe(max(0.0, now - row.received_at))
         await self.spool.run(self.spool.db.ack, done, applied, dead)
         self.metrics.updates_delivered.inc(delivered)
+        log.debug(
+            "Braze acknowledged %d object(s)",
+            delivered,
+            extra={"objects": delivered, "webhooks": len(done), "outcome": "delivered"},
+        )
         if dead:
             self.metrics.updates_failed.labels("rejected").inc(len({d.person for d in dead}))
             self.metrics.dead_letters.inc(len(dead))

@@ -441,8 +441,13 @@ async def receive_webhook(request: web.Request) -> web.Response:
         webhook = decode(body)
     except WebhookError as exc:
         return refuse(400, "bad_request", str(exc))
+    subject = webhook.subject
+    event_id = subject.id if subject is not None else None
     if not webhook.known:
         metrics.webhook(webhook.type, "ignored")
+        log.info(
+            "webhook ignored: unknown type", extra={"event_id": event_id, "outcome": "ignored"}
+        )
         return _json(200, {"status": "ignored"})
     kind = webhook.type
     if state.starting or SPOOL not in app:
@@ -458,10 +463,12 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
     finally:
         metrics.spool_pending.set(spool.pending)
+    outcome = "accepted" if stored else "duplicate"
+    metrics.webhook(kind, outcome)
+    # The audit trail of consent: which Didomi event, what became of it. Never the person.
+    log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
     if not stored:
-        metrics.webhook(kind, "duplicate")
         return _json(200, {"status": "duplicate"})
-    metrics.webhook(kind, "accepted")
     state.wake()
     return _json(202, {"status": "accepted"})
 

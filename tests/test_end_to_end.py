@@ -381,3 +381,30 @@ def test_sighup_reloads_a_running_gateway(tmp_path: Path, secrets_env: dict[str,
         _, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 0
     assert b"reloaded" in stderr
+
+
+async def test_the_running_gateway_exposes_every_metric_the_dashboard_and_alerts_use(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """After a short real run, /metrics (parsed by prometheus-client) has every queried metric."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_deploy import METRIC_NAME, alert_blocks, block_expr, dashboard_exprs, family_of
+
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    assert await gw.post(b"not json", auth_headers) == 400
+    await gw.settle()
+    response = await gw.client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    exposed = {family_of(f.name) for f in text_string_to_metric_families(text)}
+    queried = {
+        family_of(name)
+        for expr in [*dashboard_exprs(), *(block_expr(b) for b in alert_blocks().values())]
+        for name in METRIC_NAME.findall(expr)
+    }
+    assert queried, "no metric found in the dashboard or the alerts"
+    assert queried <= exposed, f"queried but not exposed: {sorted(queried - exposed)}"
+    assert 'gateway_webhooks_received_total{outcome="accepted",type="event.created"} 1.0' in text
+    assert "gateway_updates_delivered_total 1.0" in text
+    assert 'gateway_braze_requests_total{endpoint="/users/track",status="201"} 1.0' in text
