@@ -260,7 +260,7 @@ def load_rules(directory: str | Path, options: Options | None = None) -> RuleSet
         paths = sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
     except OSError as exc:
         raise ConfigError(
-            [Problem(str(directory), f"cannot read the mappings folder: {exc}")]
+            [Problem(str(directory), f"cannot read the mappings folder: {exc.strerror or exc}")]
         ) from None
     if not paths:
         raise ConfigError([Problem(str(directory), "no *.toml mapping files in this folder")])

@@ -1,0 +1,202 @@
+"""The `gateway` command: check, render, test and dead-letters, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SECRETS, write_config
+
+from gateway.cli import main
+from gateway.spool import Dead, SpoolDB
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "tests" / "events"
+NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A gateway.toml with mappings in tmp_path and its secrets in the environment."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    return write_config(tmp_path)
+
+
+def test_check_prints_a_summary_and_exits_0(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A good config gives a summary of rules per target and purposes referenced on stdout."""
+    assert main(["check", "--config", str(setup)]) == 0
+    out = capsys.readouterr().out
+    assert "5 rules in 1 file(s), 4 test(s)" in out
+    assert "email_subscribe" in out
+    assert f"group:{NEWS}" in out
+    assert "purposes referenced (1): marketing_email" in out
+
+
+def test_check_lists_every_problem_on_stderr_and_exits_1(
+    setup: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Problems in gateway.toml and in a mapping file come together, as file:line: message."""
+    monkeypatch.delenv("BRAZE_API_KEY")
+    mapping = setup.parent / "mappings" / "email.toml"
+    mapping.write_text(mapping.read_text() + '\n[[map]]\nto = "NOPE"\npurpose = "x"\n')
+    assert main(["check", "--config", str(setup)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert any(
+        line.startswith(f"{setup}:") and "BRAZE_API_KEY is not set" in line for line in lines
+    )
+    assert any(line.startswith(f"{mapping}:") and "unknown `to` 'NOPE'" in line for line in lines)
+    assert lines[-1] == "2 problem(s) found"
+    assert "Traceback" not in captured.err
+
+
+def test_check_never_shows_a_traceback_for_a_broken_file(tmp_path: Path) -> None:
+    """Invalid TOML is reported with its line by the real command, never as a traceback."""
+    path = tmp_path / "gateway.toml"
+    path.write_text("[braze\nserver = 1\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert f"{path}:1: invalid TOML" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_render_prints_the_track_bodies(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """render prints the exact /users/track bodies, batched as they would be sent."""
+    event = EVENTS / "consent_given.json"
+    assert main(["render", str(event), "--config", str(setup)]) == 0
+    bodies = json.loads(capsys.readouterr().out)
+    assert len(bodies) == 1
+    [obj] = bodies[0]["attributes"]
+    assert obj["external_id"] == "user-123"
+    assert obj["_update_existing_only"] is True
+    assert obj["email_subscribe"] == "opted_in"
+    assert {"subscription_group_id": NEWS, "subscription_state": "subscribed"} in obj[
+        "subscription_groups"
+    ]
+
+
+def test_render_needs_only_the_mappings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --mappings, render works without a gateway.toml or any secret."""
+    monkeypatch.chdir(tmp_path)
+    event = EVENTS / "consent_withdrawn.json"
+    assert main(["render", str(event), "--mappings", str(ROOT / "mappings")]) == 0
+    [body] = json.loads(capsys.readouterr().out)
+    assert body["attributes"][0]["email_subscribe"] == "unsubscribed"
+
+
+def test_render_of_an_event_that_changes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An event the rules skip renders as no request, and says why on stderr."""
+    args = ["render", str(EVENTS / "event_pending.json"), "--mappings", str(ROOT / "mappings")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == []
+    assert "not_confirmed" in captured.err
+
+
+def test_render_refuses_a_body_that_is_not_a_webhook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not a Didomi webhook is an error with the reason, exit 1."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": 3}')
+    assert main(["render", str(bad), "--mappings", str(ROOT / "mappings")]) == 1
+    assert "not a Didomi webhook" in capsys.readouterr().err
+
+
+def test_test_command_runs_the_shipped_tests(capsys: pytest.CaptureFixture[str]) -> None:
+    """`gateway test` runs the [[test]] tables of the shipped mappings and they all pass."""
+    assert main(["test", "--mappings", str(ROOT / "mappings")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 passed, 0 failed"
+
+
+def test_test_command_shows_a_readable_diff_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing [[test]] prints expected against produced per target, and exits 1."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.toml").write_text(
+        f"""
+[[map]]
+to = "OPTED_IN"
+purpose = "marketing_email"
+
+[[test]]
+name = "wrong on purpose"
+event = "{EVENTS / "consent_withdrawn.json"}"
+expect = {{ email_subscribe = "opted_in", subscription_groups = {{ "{NEWS}" = "subscribed" }} }}
+
+[[test]]
+name = "right"
+event = "{EVENTS / "consent_withdrawn.json"}"
+expect = {{ email_subscribe = "unsubscribed" }}
+"""
+    )
+    assert main(["test", "--mappings", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL wrong on purpose" in out
+    assert 'email_subscribe: expected "opted_in", produced "unsubscribed"' in out
+    assert f'subscription_groups[{NEWS}]: expected "subscribed", produced no change' in out
+    assert "ok   right" in out
+    assert out.splitlines()[-1] == "1 passed, 1 failed"
+
+
+def test_dead_letters_list_replay_purge(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """dead-letters lists with reasons, replays into the spool, purges, and refuses unknown ids."""
+    spool = setup.parent / "var" / "gateway.db"
+    db = SpoolDB(spool)
+    body = (EVENTS / "consent_given.json").read_bytes()
+    db.put_many([("a", "event.created", body), ("b", "event.created", body)])
+    rows = db.fetch(0, 10)
+    db.ack([], [], [Dead(rows[0].id, "Braze refused the object: invalid", "user-123")])
+    db.ack([], [], [Dead(rows[1].id, "gave_up: timeout", "user-123")])
+    db.close()
+
+    assert main(["dead-letters", "list", "--config", str(setup)]) == 0
+    out = capsys.readouterr().out
+    assert "Braze refused the object: invalid" in out
+    assert "gave_up: timeout" in out
+    assert out.splitlines()[-1] == "2 dead letter(s)"
+    first = int(out.splitlines()[0].split("\t")[0])
+
+    assert main(["dead-letters", "replay", "--id", str(first), "--config", str(setup)]) == 0
+    assert "1 dead letter(s) moved back" in capsys.readouterr().out
+    assert main(["dead-letters", "replay", "--id", "999", "--config", str(setup)]) == 1
+    capsys.readouterr()
+    assert main(["dead-letters", "purge", "--config", str(setup)]) == 0
+    assert "1 dead letter(s) deleted" in capsys.readouterr().out
+
+    db = SpoolDB(spool)
+    assert db.count_dead() == 0
+    assert db.count_pending() == 1
+    db.close()
+
+
+def test_python_dash_m_is_the_same_program() -> None:
+    """`python -m gateway --version` answers like the `gateway` command."""
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0
+    assert run.stdout.startswith("gateway ")
