@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
+from .braze import DELETE, TRACK
+from .webhooks import EVENT_TYPES as WEBHOOK_TYPES
 
 __all__ = [
     "EVENT_TYPES",
@@ -27,17 +29,9 @@ __all__ = [
     "metrics_handler",
 ]
 
-EVENT_TYPES = (
-    "event.created",
-    "event.updated",
-    "event.deleted",
-    "user.created",
-    "user.updated",
-    "user.deleted",
-    "other",
-)
+EVENT_TYPES = (*WEBHOOK_TYPES, "other")
 OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unauthorized", "unavailable")
-BRAZE_ENDPOINTS = ("/users/track", "/users/delete")
+BRAZE_ENDPOINTS = (TRACK, DELETE)
 FAILURE_REASONS = ("rejected", "bad_request", "gave_up", "too_large")
 RETRY_REASONS = ("server_error", "timeout", "connection", "rate_limited", "unauthorized")
 RELOAD_OUTCOMES = ("success", "error")

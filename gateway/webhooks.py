@@ -15,16 +15,16 @@ import msgspec
 
 from .errors import GatewayError
 
-EVENT_TYPES = frozenset(
-    {
-        "event.created",
-        "event.updated",
-        "event.deleted",
-        "user.created",
-        "user.updated",
-        "user.deleted",
-    }
+# The six types Didomi sends; one endpoint takes them all, routed on `type`.
+EVENT_TYPES = (
+    "event.created",
+    "event.updated",
+    "event.deleted",
+    "user.created",
+    "user.updated",
+    "user.deleted",
 )
+_KNOWN = frozenset(EVENT_TYPES)
 MAX_DEPTH = 64
 
 
@@ -97,7 +97,7 @@ class Webhook(Lenient, frozen=True):
     @property
     def known(self) -> bool:
         """Whether the gateway handles this event type at all."""
-        return self.type in EVENT_TYPES
+        return self.type in _KNOWN
 
     def dedupe_key(self) -> str | None:
         """Type, entity id and update time (or source event id); equal keys are duplicates."""
