@@ -408,3 +408,36 @@ async def test_the_running_gateway_exposes_every_metric_the_dashboard_and_alerts
     assert 'gateway_webhooks_received_total{outcome="accepted",type="event.created"} 1.0' in text
     assert "gateway_updates_delivered_total 1.0" in text
     assert 'gateway_braze_requests_total{endpoint="/users/track",status="201"} 1.0' in text
+
+
+async def test_dead_letters_replayed_from_the_cli_while_the_server_runs(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CLI lists and replays dead letters of a live spool; the running gateway sends them."""
+    from gateway.cli import main
+
+    refusing = True
+    fake.reject_objects(
+        lambda o: "invalid_user" if refusing and o.get("external_id") == "user-123" else None
+    )
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    assert await gw.post(fixture("user_created.json"), auth_headers) == 202
+    await gw.settle()
+    assert "user-123" not in fake.users
+    config = str(tmp_path / "gateway.toml")
+    assert await asyncio.to_thread(main, ["dead-letters", "list", "--config", config]) == 0
+    listing = capsys.readouterr().out
+    assert "user-123" in listing
+    assert "invalid_user" in listing
+    refusing = False
+    assert await asyncio.to_thread(main, ["dead-letters", "replay", "--config", config]) == 0
+    assert "1 dead letter(s) moved back" in capsys.readouterr().out
+    gw.app[DISPATCHER].wake()
+    await gw.settle()
+    assert fake.users["user-123"].email_subscribe == "opted_in"
+    assert gw.app[SPOOL].db.count_dead() == 0
