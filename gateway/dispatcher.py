@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .braze import MAX_DELETE_IDS, Answer, BrazeClient, Verdict, track_object
+from .errors import SpoolError
 from .mappings import Mapped, RuleSet, State
 from .spool import Dead, Pending, Spool
 from .webhooks import WebhookError, decode
@@ -145,29 +146,34 @@ class Dispatcher:
     # -- forming batches ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        try:
-            while not self._stopping:
-                await self._refill()
-                self._recount()
-                if not self._backlog:
-                    await self._sleep(RECOUNT_S)
-                    continue
-                batch = await self._form()
-                if batch is None:
-                    # Everything waiting belongs to people already in flight.
-                    await self._sleep(self.config.braze.flush_interval_ms / 1000)
-                    continue
-                await self._slots.acquire()
-                if self._stopping:
-                    self._slots.release()
-                    self._release(batch)
-                    break
-                task = asyncio.create_task(self._deliver(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        except Exception:
-            log.exception("the dispatcher loop failed; restart the gateway")
-            raise
+        while not self._stopping:
+            try:
+                await self._step()
+            except Exception:
+                # One bad moment (a spool error, a bug) must not stop delivery for good.
+                log.exception("the dispatcher loop failed; resuming in a second")
+                await self._sleep(1.0)
+
+    async def _step(self) -> None:
+        """Form one batch and start delivering it, or wait for work."""
+        await self._refill()
+        self._recount()
+        if not self._backlog:
+            await self._sleep(RECOUNT_S)
+            return
+        batch = await self._form()
+        if batch is None:
+            # Everything waiting belongs to people already in flight.
+            await self._sleep(self.config.braze.flush_interval_ms / 1000)
+            return
+        await self._slots.acquire()
+        if self._stopping:
+            self._slots.release()
+            self._release(batch)
+            return
+        task = asyncio.create_task(self._deliver(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
@@ -193,7 +199,7 @@ class Dispatcher:
                 self._backlog.append((row, mapped))
                 self._persons[f"{mapped.identity}:{mapped.person}"] += 1
         if skipped:
-            await self.spool.run(self.spool.db.ack, skipped)
+            await self._record(self.spool.db.ack, skipped)
 
     def _recount(self) -> None:
         now = time.monotonic()
@@ -398,7 +404,7 @@ class Dispatcher:
                 delivered += 1
             for row in item.rows:
                 self.metrics.delivery_latency.observe(max(0.0, now - row.received_at))
-        await self.spool.run(self.spool.db.ack, done, applied, dead)
+        await self._record(self.spool.db.ack, done, applied, dead)
         self.metrics.updates_delivered.inc(delivered)
         log.debug(
             "Braze acknowledged %d object(s)",
@@ -411,10 +417,30 @@ class Dispatcher:
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
         self.metrics.spool_pending.set(self.spool.pending)
 
+    async def _record(self, write: Callable[..., None], *args: object) -> None:
+        """Write an outcome to the spool, retrying while it cannot be written.
+
+        Braze already has these updates, and the cursor has moved past their rows: giving up
+        here would leave them in the spool unseen until a restart (then sent twice).
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.spool.run(write, *args)
+                return
+            except SpoolError as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.error("cannot record delivery outcomes in the spool, retrying: %s", exc)
+                if self._stopping and attempt >= 3:
+                    raise  # the rows stay pending and are sent again after the restart
+                # A local disk, not Braze: retry often, so delivery resumes as soon as it can.
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+
     async def _dead(self, items: Sequence[Item], reason: str, answer: Answer) -> None:
         detail = f"{reason}: {answer.reason}"
         dead = [Dead(row.id, detail, item.person) for item in items for row in item.rows]
-        await self.spool.run(self.spool.db.ack, [], [], dead)
+        await self._record(self.spool.db.ack, [], [], dead)
         self.metrics.updates_failed.labels(reason).inc(len(items))
         self.metrics.dead_letters.inc(len(dead))
         self.metrics.spool_pending.set(self.spool.pending)

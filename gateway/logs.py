@@ -50,7 +50,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(rf"""(?i)(\b[\w-]*(?:{_SENSITIVE})["']?\s*[:=]\s*["']?)[^\s"'&,;}}]+"""),
         rf"\g<1>{REDACTED}",
     ),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), EMAIL),
+    # Any address RFC 6531 allows, in any script: local part up to the nearest separator.
+    (
+        re.compile(
+            r"""[^\s@<>()\[\]{},;:"]+@[^\s@<>()\[\]{},;:"'/]+\.[^\s@<>()\[\]{},;:"'/.]{2,}"""
+        ),
+        EMAIL,
+    ),
 )
 
 
