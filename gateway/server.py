@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Literal
@@ -63,6 +64,7 @@ OAUTH_PATH = "/oauth/token"
 GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
 RETRY_AFTER_S = 30  # what a 503 asks the sender to wait; Didomi retries on its own schedule
 READ_CHUNK = 65_536
+WRITE_ERROR_WINDOW_S = 10.0  # how long a failed spool commit keeps /readyz at 503
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -186,6 +188,9 @@ def _spool_room(app: web.Application) -> str | None:
         return "the spool is not open"
     if spool.pending >= spool.db.max_pending:
         return f"the spool is full ({spool.pending} updates pending)"
+    # Time-bounded: while unready no webhook may come to prove the disk is back.
+    if spool.write_error and time.monotonic() - spool.write_error[0] < WRITE_ERROR_WINDOW_S:
+        return f"the spool could not be written: {spool.write_error[1]}"
     return None
 
 

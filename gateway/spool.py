@@ -307,6 +307,8 @@ class Spool:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._queue: list[tuple[tuple[str | None, str, bytes], asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # The last failed intake commit (monotonic time, reason), cleared by the next success.
+        self.write_error: tuple[float, str] | None = None
 
     @property
     def pending(self) -> int:
@@ -332,6 +334,7 @@ class Spool:
             try:
                 results = await self.run(self.db.put_many, [item for item, _ in batch])
             except SpoolError as exc:
+                self.write_error = (time.monotonic(), str(exc))
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -341,6 +344,7 @@ class Spool:
                     if not future.done():
                         future.set_exception(SpoolError(f"the spool failed: {exc!r}"))
                 raise
+            self.write_error = None
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # the request was cancelled; the row is stored all the same

@@ -552,7 +552,7 @@ async def test_disk_full_is_503_never_2xx(
     make_event: MakeEvent,
     metrics: Metrics,
 ) -> None:
-    """When SQLite finds no room, every webhook gets 503; after room returns, its retry is 202."""
+    """With no room every webhook gets 503 and /readyz says why; when room returns, 202 again."""
     client = await start(make_config(tmp_path))
     spool = client.app[SPOOL]
     padding = b"x" * 20_000
@@ -566,10 +566,14 @@ async def test_disk_full_is_503_never_2xx(
         assert (status, body["error"]) == (503, "unavailable")
     assert await stored(client) == []
     assert received(metrics, "event.created", "unavailable") == 5
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "could not be written" in (await ready.json())["detail"]
     await spool.run(spool.db.db.execute, "PRAGMA max_page_count = 1000000")
     for n in range(5):  # not mistaken for duplicates: a refused webhook was never stored
         assert (await post(client, big(n), auth_headers))[0] == 202
     assert len(await stored(client)) == 5
+    assert (await client.get("/readyz")).status == 200  # one good commit clears it
 
 
 async def test_thousands_of_concurrent_webhooks_are_each_stored_exactly_once(
