@@ -203,7 +203,9 @@ class Dispatcher:
 
     def _recount(self) -> None:
         now = time.monotonic()
-        if now - self._last_recount < RECOUNT_S:
+        # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
+        # it when caught up (a CLI replay is then the only way the count could be off).
+        if self._backlog or now - self._last_recount < RECOUNT_S:
             self.metrics.spool_pending.set(self.spool.pending)
             return
         self._last_recount = now
@@ -212,11 +214,9 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _recount_from_file(self) -> None:
-        db = self.spool.db
-        pending = await self.spool.run(db.count_pending)
-        db.pending = pending
+        pending, dead = await self.spool.run(self.spool.db.recount)
         self.metrics.spool_pending.set(pending)
-        self.metrics.dead_letters.set(await self.spool.run(db.count_dead))
+        self.metrics.dead_letters.set(dead)
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""

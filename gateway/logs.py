@@ -32,6 +32,7 @@ EMAIL = "[email]"
 MIN_SECRET_LENGTH = 4
 
 _SENSITIVE = r"api[_-]?key|apikey|secret|token|password|passwd|pwd|authorization|cookie"
+_TRIGGERS = ("authorization", "bearer", "key", "secret", "token", "passw", "pwd", "cookie")
 # An extra whose key has a secret word as one of its `_`/`-` parts: api_key, client_secret, token.
 _SECRET_KEY = re.compile(rf"(?i)(?:^|[_-])(?:{_SENSITIVE})(?:$|[_-])")
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -90,6 +91,11 @@ def redact(text: str) -> str:
     pattern = _secrets.pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
+    # Every match of the patterns below holds `@` or one of these words: skip them otherwise,
+    # since this runs on every log line and most lines (ids, counts) hold neither.
+    lowered = text.lower()
+    if "@" not in text and not any(word in lowered for word in _TRIGGERS):
+        return text
     for regex, replacement in _PATTERNS:
         text = regex.sub(replacement, text)
     return text

@@ -71,9 +71,11 @@ class Metrics:
             ["type", "outcome"],
             registry=r,
         )
-        for type_ in EVENT_TYPES:
-            for outcome in OUTCOMES:
-                self.webhooks_received.labels(type_, outcome)
+        self._webhook_children = {
+            (type_, outcome): self.webhooks_received.labels(type_, outcome)
+            for type_ in EVENT_TYPES
+            for outcome in OUTCOMES
+        }
 
         self.braze_requests = Counter(
             "gateway_braze_requests",
@@ -171,7 +173,11 @@ class Metrics:
 
     def webhook(self, type_: str, outcome: str) -> None:
         """Count one answered webhook; a type outside the known six is counted as `other`."""
-        self.webhooks_received.labels(type_ if type_ in EVENT_TYPES else "other", outcome).inc()
+        key = (type_ if type_ in EVENT_TYPES else "other", outcome)
+        child = self._webhook_children.get(key)
+        if child is None:  # .labels() costs a lock and a tuple hash; this runs per request
+            child = self._webhook_children[key] = self.webhooks_received.labels(*key)
+        child.inc()
 
     def middleware(self) -> Middleware:
         """An aiohttp middleware that counts and times every request, by canonical route."""

@@ -248,6 +248,14 @@ class SpoolDB:
         removed = self._tx(work)
         self.pending = max(0, self.pending - removed)
 
+    def recount(self) -> tuple[int, int]:
+        """Re-read (pending, dead) from the file, since another process may have replayed.
+
+        Runs on the spool thread, between writes, so no put or ack is lost to the reset.
+        """
+        self.pending = self.count_pending()
+        return self.pending, self.count_dead()
+
     def count_pending(self) -> int:
         """Rows waiting in the inbox (read from the file: another process may have replayed)."""
         return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -274,3 +275,19 @@ def test_the_spool_file_is_in_wal_mode_with_full_sync(db: SpoolDB) -> None:
     """A commit survives power loss: WAL journal and synchronous=FULL (2)."""
     assert db.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert db.db.execute("PRAGMA synchronous").fetchone() == (2,)
+
+
+async def test_a_recount_never_loses_a_concurrent_put(tmp_path: Path) -> None:
+    """Re-reading the counts from the file runs between writes, so a put racing it still counts."""
+    spool = Spool(SpoolDB(tmp_path / "spool.db"))
+    try:
+        recount = asyncio.ensure_future(spool.run(spool.db.recount))
+        put = asyncio.ensure_future(spool.put("k", "event.created", b"{}"))
+        for _ in range(3):
+            await asyncio.sleep(0)  # both reach the spool thread, the recount first
+        time.sleep(0.02)  # noqa: ASYNC251 - the loop stays busy while the thread runs both
+        await asyncio.gather(recount, put)
+        assert spool.pending == 1
+        assert spool.db.count_pending() == 1
+    finally:
+        await spool.close()
