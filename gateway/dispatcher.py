@@ -55,8 +55,7 @@ class Item:
     def merge(self, mapped: Mapped, row: Pending) -> None:
         """Fold in another event of this person: later choice wins, ties to the later arrival."""
         self.rows.append(row)
-        if mapped.delete:
-            self.delete = True
+        self.delete = mapped.delete
         for target, state in mapped.changes.items():
             current = self.changes.get(target)
             if current is None or mapped.at >= current.at:
@@ -231,6 +230,7 @@ class Dispatcher:
             await self._refill()
         items: dict[str, Item] = {}
         kept: deque[tuple[Pending, Mapped]] = deque()
+        waiting: set[str] = set()  # people with a row kept back: their later rows wait too
         delete: bool | None = None
         while self._backlog:
             row, mapped = self._backlog.popleft()
@@ -240,9 +240,16 @@ class Dispatcher:
                 limit = MAX_DELETE_IDS if delete else size
                 if key in self._busy or len(items) >= limit or delete not in (None, mapped.delete):
                     kept.append((row, mapped))
+                    waiting.add(key)
                     continue
                 item = items[key] = Item(mapped.identity, mapped.person)
                 delete = mapped.delete
+            elif key in waiting or item.delete != mapped.delete:
+                # A deletion and an update of one person never share a request: the later one
+                # waits for the next batch, and so does everything after it, to keep the order.
+                kept.append((row, mapped))
+                waiting.add(key)
+                continue
             item.merge(mapped, row)
             self._persons[key] -= 1
             if not self._persons[key]:

@@ -428,3 +428,22 @@ async def test_user_deleted_is_ignored_by_default(fake: FakeBraze, harness: Any)
         await h.settle()
         assert h.sample("gateway_events_skipped_total", reason="deleted") == 1
     assert fake.requests == []
+
+
+async def test_an_update_then_a_deletion_in_one_batch_are_sent_in_order(
+    fake: FakeBraze, harness: Any
+) -> None:
+    """An update and a deletion of one person never share a request; both go, in their order."""
+    async with harness(fake, Options(on_user_deleted="delete"), braze__flush_interval_ms=300) as h:
+        await h.put(
+            event("vic", True, at="2025-06-12T14:00:00Z"),
+            event("wil", True, at="2025-06-12T14:00:00Z"),
+            user_deleted("vic"),
+            event("wil", False, at="2025-06-12T14:05:00Z"),
+        )
+        await h.settle()
+    paths = [r.path for r in fake.requests]
+    assert paths == ["/users/track", "/users/delete"]
+    assert fake.deleted == ["vic"]
+    assert "vic" not in fake.users
+    assert fake.users["wil"].email_subscribe == "unsubscribed"
