@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,33 @@ def consent_event(n: int, *, kind: str = "event.created", user: str | None = Non
 def make_event() -> Callable[..., bytes]:
     """`make_event(n, kind="event.created", user=None)`: a valid webhook body, unique per n."""
     return consent_event
+
+
+def choice(
+    person: str,
+    enabled: bool,
+    at: str = "2025-03-14T09:26:53Z",
+    *,
+    topics: str = "",
+    event_id: str | None = None,
+) -> bytes:
+    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
+    purpose: dict[str, Any] = {"id": "marketing_email", "enabled": enabled}
+    if topics:
+        purpose["values"] = {"topics": {"value": topics}}
+    entity = {
+        "id": event_id or f"ev-{person}-{at}-{enabled}",
+        "created_at": at,
+        "updated_at": at,
+        "status": "confirmed",
+        "user": {"id": f"didomi-{person}", "organization_user_id": person},
+        "consents": {"purposes": [purpose]},
+    }
+    return json.dumps({"type": "event.created", "parameters": {"entity": entity}}).encode()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -179,8 +179,20 @@ def test_token_for_another_client_id_is_refused(issuer: TokenIssuer, clock: Cloc
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", ".", "..", "a.b", "a.b.c", "not a token", "é.é", "\udcff", "x" * 100_000,
-     "Bearer x", "eyJ9." + "A" * 43, "\x00." + "A" * 43],
+    [
+        "",
+        ".",
+        "..",
+        "a.b",
+        "a.b.c",
+        "not a token",
+        "é.é",
+        "\udcff",
+        "x" * 100_000,
+        "Bearer x",
+        "eyJ9." + "A" * 43,
+        "\x00." + "A" * 43,
+    ],
 )
 def test_garbage_is_refused_without_raising(issuer: TokenIssuer, garbage: str) -> None:
     """Malformed, empty, huge or non-ASCII input is refused quietly, never raised on."""
@@ -258,22 +270,45 @@ async def test_bad_or_missing_client_credentials_are_401(
     [
         ({"data": FORM_CREDS | {"grant_type": "password"}}, 400, "unsupported_grant_type"),
         ({"data": {"client_id": CLIENT_ID, "client_secret": SECRET}}, 400, "invalid_request"),
-        ({"data": FORM_CREDS, "headers": {"Authorization": basic(CLIENT_ID, SECRET)}},
-         400, "invalid_request"),
-        ({"data": GRANT | {"client_id": "other"},
-          "headers": {"Authorization": basic(CLIENT_ID, SECRET)}}, 400, "invalid_request"),
+        (
+            {"data": FORM_CREDS, "headers": {"Authorization": basic(CLIENT_ID, SECRET)}},
+            400,
+            "invalid_request",
+        ),
+        (
+            {
+                "data": GRANT | {"client_id": "other"},
+                "headers": {"Authorization": basic(CLIENT_ID, SECRET)},
+            },
+            400,
+            "invalid_request",
+        ),
         ({"json": FORM_CREDS}, 400, "invalid_request"),
-        ({"data": "grant_type=client_credentials&grant_type=client_credentials",
-          "headers": FORM_CT},
-         400, "invalid_request"),
-        ({"data": "grant_type=%ff", "headers": FORM_CT},
-         400, "invalid_request"),
-        ({"data": "grant_type=client_credentials&pad=" + "x" * 9000,
-          "headers": FORM_CT},
-         413, "invalid_request"),
+        (
+            {
+                "data": "grant_type=client_credentials&grant_type=client_credentials",
+                "headers": FORM_CT,
+            },
+            400,
+            "invalid_request",
+        ),
+        ({"data": "grant_type=%ff", "headers": FORM_CT}, 400, "invalid_request"),
+        (
+            {"data": "grant_type=client_credentials&pad=" + "x" * 9000, "headers": FORM_CT},
+            413,
+            "invalid_request",
+        ),
     ],
-    ids=["other-grant", "no-grant", "both-places", "id-mismatch", "json-body", "repeated",
-         "bad-utf8", "too-large"],
+    ids=[
+        "other-grant",
+        "no-grant",
+        "both-places",
+        "id-mismatch",
+        "json-body",
+        "repeated",
+        "bad-utf8",
+        "too-large",
+    ],
 )
 async def test_malformed_token_requests(
     client: Client, kw: dict[str, Any], status: int, error: str

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import choice as event
+from conftest import free_port
 
 from gateway.braze import open_client
 from gateway.config import BrazeConfig, Config, DeliveryConfig
@@ -25,35 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 KEY = "test-braze-key"
-
-
-def event(
-    person: str,
-    enabled: bool,
-    *,
-    at: str = "2025-03-14T09:26:53Z",
-    topics: str = "",
-    event_id: str | None = None,
-) -> bytes:
-    """A Didomi event.created body for `person` choosing `enabled` on marketing_email."""
-    purpose: dict[str, Any] = {"id": "marketing_email", "enabled": enabled}
-    if topics:
-        purpose["values"] = {"topics": {"value": topics}}
-    return msgspec.json.encode(
-        {
-            "type": "event.created",
-            "parameters": {
-                "entity": {
-                    "id": event_id or f"ev-{person}-{at}-{enabled}",
-                    "created_at": at,
-                    "updated_at": at,
-                    "status": "confirmed",
-                    "user": {"id": f"didomi-{person}", "organization_user_id": person},
-                    "consents": {"purposes": [purpose]},
-                }
-            },
-        }
-    )
 
 
 class Harness:
@@ -213,9 +185,7 @@ async def test_timeouts_retry_then_deliver(fake: FakeBraze, harness: Any) -> Non
 
 async def test_connection_refused_retries_until_braze_is_back(tmp_path: Path, harness: Any) -> None:
     """While nothing listens at the Braze address updates wait; when it comes up they land."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fake = FakeBraze(api_key=KEY)
     fake.url = f"http://127.0.0.1:{port}"
     async with harness(fake) as h:

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, SECRETS, MakeConfig, write_config
+from conftest import BRAZE_API_KEY, SECRETS, MakeConfig, choice, free_port, write_config
 
 from gateway.config import Config
 from gateway.metrics import Metrics
@@ -37,25 +36,6 @@ OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 
 def fixture(name: str) -> bytes:
     return (EVENTS / name).read_bytes()
-
-
-def choice(person: str, enabled: bool, at: str, *, event_id: str | None = None) -> bytes:
-    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
-    return msgspec.json.encode(
-        {
-            "type": "event.created",
-            "parameters": {
-                "entity": {
-                    "id": event_id or f"ev-{person}-{at}",
-                    "created_at": at,
-                    "updated_at": at,
-                    "status": "confirmed",
-                    "user": {"organization_user_id": person},
-                    "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
-                }
-            },
-        }
-    )
 
 
 class Gateway:
@@ -329,11 +309,7 @@ async def test_reload_fixes_a_wrong_braze_key_without_dead_letters(
 @pytest.mark.slow
 def test_sighup_reloads_a_running_gateway(tmp_path: Path, secrets_env: dict[str, str]) -> None:
     """`kill -HUP` makes `gateway run` reload its mappings, which /metrics then counts."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = write_config(tmp_path, server={"host": "127.0.0.1", "port": port})
     env = {**os.environ, **secrets_env}
     proc = subprocess.Popen(

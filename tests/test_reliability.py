@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, MakeConfig, write_config
+from conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Config
@@ -44,32 +43,6 @@ STATES = {True: "opted_in", False: "unsubscribed"}
 
 # ---------------------------------------------------------------------------
 # Helpers shared with test_security.py
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def choice(person: str, enabled: bool, at: str, *, event_id: str | None = None) -> bytes:
-    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
-    return msgspec.json.encode(
-        {
-            "type": "event.created",
-            "parameters": {
-                "entity": {
-                    "id": event_id or f"ev-{person}-{at}",
-                    "created_at": at,
-                    "updated_at": at,
-                    "status": "confirmed",
-                    "user": {"id": f"didomi-{person}", "organization_user_id": person},
-                    "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
-                }
-            },
-        }
-    )
 
 
 def at(minute: int) -> str:

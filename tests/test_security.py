@@ -25,15 +25,16 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, MakeConfig, write_config
-from test_reliability import (
-    GatewayProcess,
+from conftest import (
+    BRAZE_API_KEY,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    MakeConfig,
     choice,
-    eventually,
     free_port,
-    metric,
-    spool_counts,
+    write_config,
 )
+from test_reliability import GatewayProcess, eventually, metric, spool_counts
 
 from gateway import auth
 from gateway.auth import TokenIssuer

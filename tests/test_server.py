@@ -22,6 +22,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
+from conftest import free_port
 
 from gateway.config import Config
 from gateway.errors import SpoolError
@@ -788,12 +789,6 @@ async def test_refusals_are_logged_once_without_secrets_or_bodies(
 
 # ---------------------------------------------------------------------------
 # The real process
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
