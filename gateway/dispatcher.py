@@ -155,6 +155,9 @@ class Dispatcher:
 
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
+        # Cleared before looking, not before sleeping: a wake-up that comes while we look
+        # must cut the next sleep short, not be lost to it.
+        self._wake.clear()
         await self._refill()
         self._recount()
         if not self._backlog:
@@ -175,7 +178,6 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
