@@ -276,6 +276,12 @@ def load_rules(directory: str | Path, options: Options | None = None) -> RuleSet
         problems.extend(located.problems)
     if not ruleset.rules and not problems:
         problems.append(Problem(str(directory), "the mapping files hold no [[map]] rules"))
+    if ruleset.options.on_user_deleted == "delete" and ruleset.identity != "external_id":
+        # Braze's /users/delete names people by external id; an email cannot say who to erase.
+        where = identity_at or str(directory)
+        problems.append(
+            Problem(where, 'didomi.on_user_deleted = "delete" needs an external_id [identity]')
+        )
     if problems:
         raise ConfigError(problems)
     return ruleset

@@ -1270,3 +1270,17 @@ def test_both_invalid_overrides_are_reported(tmp_path: Path) -> None:
     write(folder, "a.toml", rule("OPTED_IN", on_chosen="maybe", on_refused="later"))
     error = load_error(folder)
     assert [p.message.split(" =")[0] for p in error.problems] == ["on_chosen", "on_refused"]
+
+
+def test_erasure_by_deletion_needs_an_external_id_identity(tmp_path: Path) -> None:
+    """on_user_deleted = "delete" with an email identity is refused: Braze deletes by id."""
+    folder = tmp_path / "m"
+    path = write(
+        folder, "a.toml", '[identity]\nemail = "organization_user_id"\n\n' + rule("OPTED_IN")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_rules(folder, Options(on_user_deleted="delete"))
+    assert [str(p) for p in info.value.problems] == [
+        f'{path}:1: didomi.on_user_deleted = "delete" needs an external_id [identity]'
+    ]
+    assert load_rules(folder, Options(on_user_deleted="unsubscribe")).identity == "email"
