@@ -68,7 +68,6 @@ class Batch:
 
     items: list[Item]
     delete: bool = False
-    first_received: float = 0.0
 
 
 class Dispatcher:
@@ -263,8 +262,7 @@ class Dispatcher:
         for key in items:
             self._busy.add(key)
         batch_items = await self._drop_stale(list(items.values()))
-        first = min(row.received_at for item in batch_items for row in item.rows)
-        return Batch(batch_items, delete=bool(delete), first_received=first)
+        return Batch(batch_items, delete=bool(delete))
 
     def _map(self, rules: RuleSet, row: Pending) -> Mapped | None:
         try:
