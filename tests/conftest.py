@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
+from gateway.testing import FakeBraze
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "gateway.toml"
@@ -136,6 +137,15 @@ def consent_event(n: int, *, kind: str = "event.created", user: str | None = Non
     else:
         parameters = {"entity": entity}
     return json.dumps({"type": kind, "parameters": parameters}).encode()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBraze]:
+    """A fake Braze on loopback that accepts the test API key."""
+    braze = FakeBraze(api_key=BRAZE_API_KEY)
+    await braze.start()
+    yield braze
+    await braze.stop()
 
 
 @pytest.fixture

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from conftest import BRAZE_API_KEY, free_port
 from conftest import choice as event
-from conftest import free_port
 
 from gateway.braze import open_client
 from gateway.config import BrazeConfig, Config, DeliveryConfig
@@ -25,7 +25,7 @@ from gateway.testing import FakeBraze
 ROOT = Path(__file__).resolve().parent.parent
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
-KEY = "test-braze-key"
+KEY = BRAZE_API_KEY
 
 
 class Harness:
@@ -68,14 +68,6 @@ class Harness:
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels or None)
         return value or 0.0
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeBraze]:
-    braze = FakeBraze(api_key=KEY)
-    await braze.start()
-    yield braze
-    await braze.stop()
 
 
 @pytest.fixture

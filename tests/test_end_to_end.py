@@ -13,14 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, SECRETS, MakeConfig, choice, free_port, write_config
+from conftest import SECRETS, MakeConfig, choice, free_port, write_config
 
 from gateway.config import Config
 from gateway.metrics import Metrics
@@ -69,14 +69,6 @@ class Gateway:
 
 
 StartGateway = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeBraze]:
-    braze = FakeBraze(api_key=BRAZE_API_KEY)
-    await braze.start()
-    yield braze
-    await braze.stop()
 
 
 @pytest.fixture

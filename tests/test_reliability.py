@@ -179,14 +179,6 @@ def processes() -> Iterator[list[GatewayProcess]]:
         process.cleanup()
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeBraze]:
-    braze = FakeBraze(api_key=BRAZE_API_KEY)
-    await braze.start()
-    yield braze
-    await braze.stop()
-
-
 class Gateway:
     """An in-process gateway (spool, dispatcher, reloads) behind a loopback test client."""
 
