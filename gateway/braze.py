@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 
 from .config import BrazeConfig, braze_base_url
-from .mappings import EMAIL, State
+from .mappings import State, Target
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -25,22 +25,30 @@ MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
 MAX_DELETE_IDS = 50
 
 
+# /users/delete names people by one identifier kind per request.
+_DELETE_FIELDS = {"external_id": "external_ids", "email": "email_addresses"}
+
+
 def track_object(
-    identity: str, person: str, changes: dict[str, State], *, update_existing_only: bool
+    identity: str, person: str, changes: Mapping[Target, State], *, update_existing_only: bool
 ) -> dict[str, Any]:
     """One `/users/track` attributes object for one person's changes."""
     obj: dict[str, Any] = {identity: person, "_update_existing_only": update_existing_only}
     groups = []
     for target, state in changes.items():
-        if target == EMAIL:
-            obj[EMAIL] = state
-        elif target.startswith("group:"):
-            groups.append({"subscription_group_id": target[6:], "subscription_state": state})
-        else:
-            obj[target[5:]] = state
+        kind = target.kind
+        if kind == "group":
+            groups.append({"subscription_group_id": target.name, "subscription_state": state})
+        else:  # email_subscribe, or a custom attribute by its own name
+            obj[target.name] = state
     if groups:
         obj["subscription_groups"] = groups
     return obj
+
+
+def delete_body(identity: str, persons: Sequence[str]) -> dict[str, Any]:
+    """The `/users/delete` body erasing `persons`, all named by the same identifier kind."""
+    return {_DELETE_FIELDS[identity]: list(persons)}
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -181,9 +189,9 @@ class BrazeClient:
         """POST one `/users/track` request carrying `objects`."""
         return await self.post(TRACK, {"attributes": list(objects)})
 
-    async def delete(self, external_ids: Sequence[str]) -> Answer:
-        """POST one `/users/delete` request for `external_ids`."""
-        return await self.post(DELETE, {"external_ids": list(external_ids)})
+    async def delete(self, identity: str, persons: Sequence[str]) -> Answer:
+        """POST one `/users/delete` request for `persons`, named by `identity`."""
+        return await self.post(DELETE, delete_body(identity, persons))
 
     async def post(self, path: str, body: dict[str, Any]) -> Answer:
         """Send one request after the rate limiter allows it, and classify the answer."""

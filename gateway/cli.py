@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import msgspec
 
 from . import __version__
-from .braze import track_bodies, track_object
+from .braze import delete_body, track_bodies, track_object
 from .config import Config, load_config
 from .errors import ConfigError, GatewayError, Problem
 from .mappings import (
@@ -21,6 +21,7 @@ from .mappings import (
     Options,
     RuleSet,
     State,
+    Target,
     event_from_test,
     load_rules,
     options_of,
@@ -160,9 +161,8 @@ def _render(args: argparse.Namespace) -> int:
     existing_only = config.braze.update_existing_only if config else True
     batch_size = config.braze.batch_size if config else 75
     if result.delete:
-        print(
-            _json([{"endpoint": "/users/delete", "body": {result.identity + "s": [result.person]}}])
-        )
+        body = delete_body(result.identity, [result.person])
+        print(_json([{"endpoint": "/users/delete", "body": body}]))
         return 0
     obj = track_object(
         result.identity, result.person, result.changes, update_existing_only=existing_only
@@ -205,15 +205,15 @@ def _run_test(rules: RuleSet, test: LoadedTest) -> list[str]:
     except WebhookError as exc:
         return [f"the event is not a Didomi webhook: {exc}"]
     result = rules.apply(webhook)
-    produced: dict[str, State] = result.changes if isinstance(result, Mapped) else {}
-    expected: dict[str, Any] = {}
+    produced: dict[Target, State] = result.changes if isinstance(result, Mapped) else {}
+    expected: dict[Target, Any] = {}
     expect = test.spec.expect
     if expect.email_subscribe is not None:
         expected[EMAIL] = expect.email_subscribe
     for group, state in (expect.subscription_groups or {}).items():
-        expected[f"group:{group.lower()}"] = state
+        expected[Target.group(group)] = state
     for name, value in (expect.attributes or {}).items():
-        expected[f"attr:{name}"] = value
+        expected[Target.attribute(name)] = value
     diff = []
     for target, want in expected.items():
         got = produced.get(target)
@@ -225,12 +225,12 @@ def _run_test(rules: RuleSet, test: LoadedTest) -> list[str]:
     return diff
 
 
-def _label(target: str) -> str:
-    if target.startswith("group:"):
-        return f"subscription_groups[{target[6:]}]"
-    if target.startswith("attr:"):
-        return f"attributes.{target[5:]}"
-    return target
+def _label(target: Target) -> str:
+    if target.kind == "group":
+        return f"subscription_groups[{target.name}]"
+    if target.kind == "attribute":
+        return f"attributes.{target.name}"
+    return str(target)
 
 
 def _show(value: Any) -> str:

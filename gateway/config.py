@@ -59,6 +59,7 @@ class DeliveryConfig(Strict, frozen=True):
 class DidomiConfig(Strict, frozen=True):
     regulations: list[str] = msgspec.field(default_factory=lambda: ["gdpr"])
     on_user_deleted: Literal["ignore", "unsubscribe", "delete"] = "ignore"
+    max_clock_skew_s: float = 300.0  # how far past its arrival a choice may be dated
 
 
 class MappingsConfig(Strict, frozen=True):
@@ -405,6 +406,8 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             located.add(("server", "allow_from", i), f"{network!r} is not an IP address or network")
+    if config.didomi.max_clock_skew_s < 0:
+        located.add(("didomi", "max_clock_skew_s"), "didomi.max_clock_skew_s must not be negative")
     if not config.didomi.regulations:
         located.add(("didomi", "regulations"), "didomi.regulations must name a regulation")
     if require_secrets:

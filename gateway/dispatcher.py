@@ -1,9 +1,14 @@
-"""The dispatcher: spooled webhooks -> mapped -> coalesced per person -> Braze batches -> ack.
+"""The dispatcher: spooled webhooks -> mapped -> batched per person -> Braze -> ack.
 
-One loop forms batches; each batch is delivered by its own task, at most `max_in_flight` at
-once. A person with an object in flight gets no second one until the first is settled, so
-updates of one person reach Braze in order. A row leaves the spool only once Braze has
-acknowledged it (or it is moved to the dead letters with the reason).
+It wires three parts that know nothing of each other: the `Batcher` (backlog, per-person order,
+who is in flight), the retry policy (`retry.decide`: Braze answer -> ack, split, retry, hold or
+dead-letter) and `DeliveryHealth` (what readiness and the metrics report). One loop fetches and
+forms batches; each batch is delivered by its own task, at most `max_in_flight` at once.
+
+A row leaves the spool only once Braze has acknowledged it or it is moved to the dead letters
+with the reason. Every failure between fetching and acknowledging gives the rows back: a page
+that cannot be mapped is fetched again, and a batch whose delivery fails returns its unsettled
+rows to the backlog and frees its people, so delivery never stalls until a restart.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .braze import MAX_DELETE_IDS, Answer, BrazeClient, Verdict, track_object
+from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
+from .braze import Answer, BrazeClient, Verdict, track_object
 from .errors import SpoolError
-from .mappings import Mapped, RuleSet, State
+from .health import DeliveryHealth
+from .mappings import ERASED, Mapped, RuleSet
+from .retry import Action, backoff, decide
 from .spool import Dead, Pending, Spool
 from .webhooks import WebhookError, decode
 
@@ -32,42 +38,8 @@ log = logging.getLogger("gateway.dispatcher")
 
 FETCH_LIMIT = 1000
 RECOUNT_S = 5.0  # how often gauges are re-read from the spool file (the CLI may replay)
-
-
-@dataclass(slots=True)
-class Change:
-    """The winning state of one target for one person, with the choice's time."""
-
-    state: State
-    at: float
-
-
-@dataclass(slots=True)
-class Item:
-    """One Braze object (or one deletion) under construction: a person and the rows behind it."""
-
-    identity: str
-    person: str
-    delete: bool = False
-    changes: dict[str, Change] = field(default_factory=dict)
-    rows: list[Pending] = field(default_factory=list)
-
-    def merge(self, mapped: Mapped, row: Pending) -> None:
-        """Fold in another event of this person: later choice wins, ties to the later arrival."""
-        self.rows.append(row)
-        self.delete = mapped.delete
-        for target, state in mapped.changes.items():
-            current = self.changes.get(target)
-            if current is None or mapped.at >= current.at:
-                self.changes[target] = Change(state, mapped.at)
-
-
-@dataclass(slots=True)
-class Batch:
-    """Objects sent together in one request."""
-
-    items: list[Item]
-    delete: bool = False
+LOOP_PAUSE_S = 1.0  # after an unexpected failure of the loop, before it tries again
+MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
 
 
 class Dispatcher:
@@ -83,23 +55,21 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self.config = config  # replaced on reload; read afresh for every batch
         self.spool = spool
         self.rules = rules
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self.batcher = Batcher()
+        self.health = DeliveryHealth(metrics)
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._backlog: deque[tuple[Pending, Mapped]] = deque()
-        self._persons: Counter[str] = Counter()  # persons in the backlog, to know a batch is full
         self._cursor = 0
-        self._busy: set[str] = set()
+        self._map_failures: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._auth_problem: str | None = None
-        self._failing: str | None = None
         self._last_recount = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -109,48 +79,52 @@ class Dispatcher:
         self._loop_task = asyncio.create_task(self._run(), name="gateway-dispatcher")
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop forming batches, let in-flight requests finish, then cancel what remains."""
-        self._stopping = True
+        """Stop forming batches, give in-flight requests `grace_s`, then cancel what remains.
+
+        Bounded whatever delivery waits on (a rate-limit reset, a backoff, a free slot): what
+        did not finish stays in the spool and is sent after the next start.
+        """
+        deadline = time.monotonic() + grace_s
+        self._stop.set()
         self._wake.set()
         if self._loop_task is not None:
-            await self._loop_task
+            self._loop_task.cancel()  # it may wait on a slot or a flush; it holds nothing
+            await asyncio.gather(self._loop_task, return_exceptions=True)
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
+            remaining = max(0.0, deadline - time.monotonic())
+            _, pending = await asyncio.wait(self._tasks, timeout=remaining)
             for task in pending:
-                task.cancel()  # its rows stay in the spool and are sent after restart
+                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() has begun."""
+        return self._stop.is_set()
 
     def wake(self) -> None:
         """New webhooks are in the spool."""
         self._wake.set()
 
-    def not_ready_reason(self) -> str | None:
-        """Why the gateway should not be called ready, as far as delivery is concerned."""
-        return self._auth_problem
-
     def degraded_reason(self) -> str | None:
-        """Why delivery is being retried right now, if it is; intake still works meanwhile.
-
-        A Braze outage does not make the gateway unready: Didomi stops retrying after minutes,
-        so refusing webhooks would turn a delay into a loss. Readiness reports it instead.
-        """
-        return self._failing
+        """Why delivery is blocked or being retried, if it is; intake works meanwhile."""
+        return self.health.degraded_reason()
 
     @property
     def idle(self) -> bool:
         """Nothing fetched is waiting and nothing is in flight."""
-        return not self._backlog and not self._tasks
+        return not self.batcher and not self._tasks
 
     # -- forming batches ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self.stopping:
             try:
                 await self._step()
             except Exception:
                 # One bad moment (a spool error, a bug) must not stop delivery for good.
                 log.exception("the dispatcher loop failed; resuming in a second")
-                await self._sleep(1.0)
+                await self._sleep(LOOP_PAUSE_S)
 
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
@@ -159,18 +133,19 @@ class Dispatcher:
         self._wake.clear()
         await self._refill()
         self._recount()
-        if not self._backlog:
+        if not self.batcher:
             await self._sleep(RECOUNT_S)
             return
-        batch = await self._form()
+        await self._slots.acquire()
+        try:
+            batch = await self._form()
+        except BaseException:
+            self._slots.release()
+            raise
         if batch is None:
+            self._slots.release()
             # Everything waiting belongs to people already in flight.
             await self._sleep(self.config.braze.flush_interval_ms / 1000)
-            return
-        await self._slots.acquire()
-        if self._stopping:
-            self._slots.release()
-            self._release(batch)
             return
         task = asyncio.create_task(self._deliver(batch))
         self._tasks.add(task)
@@ -181,31 +156,70 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
     async def _refill(self) -> None:
-        """Fetch more rows and map them; rows that change nothing are acknowledged at once."""
-        high_water = self.config.braze.batch_size * self.config.braze.max_in_flight * 4
-        if len(self._backlog) >= high_water:
+        """Fetch and map more rows; rows that change nothing are acknowledged at once.
+
+        The cursor moves past a page only once all of it is mapped and its no-op rows are
+        acknowledged: a failure anywhere before leaves the page to be fetched again.
+        """
+        braze = self.config.braze
+        if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
         rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
         if not rows:
             return
-        self._cursor = rows[-1].id
         rules = self.rules()  # each row is mapped by exactly one rule set, even across a reload
+        entries: list[Entry] = []
         skipped: list[int] = []
+        reasons: Counter[str] = Counter()
+        unmappable: list[Dead] = []
         for row in rows:
-            mapped = self._map(rules, row)
-            if mapped is None:
-                skipped.append(row.id)
+            try:
+                result = self._map(rules, row)
+            except Exception as exc:
+                self._map_failures[row.id] += 1
+                if self._map_failures[row.id] < MAP_ATTEMPTS:
+                    raise  # the whole page is fetched again after a pause
+                log.exception(
+                    "spooled row %d cannot be mapped; moving it to the dead letters", row.id
+                )
+                unmappable.append(Dead(row.id, f"unmappable: {type(exc).__name__}: {exc}"))
+                continue
+            if isinstance(result, Mapped):
+                entries.append(Entry(row, result))
             else:
-                self._backlog.append((row, mapped))
-                self._persons[f"{mapped.identity}:{mapped.person}"] += 1
-        if skipped:
-            await self._record(self.spool.db.ack, skipped)
+                skipped.append(row.id)
+                reasons[result] += 1
+        if skipped or unmappable:
+            await self._record(self.spool.db.ack, skipped, [], unmappable)
+        for row in rows:
+            self._map_failures.pop(row.id, None)
+        self._cursor = rows[-1].id
+        self.batcher.add(entries)
+        for reason, count in reasons.items():
+            self.metrics.events_skipped.labels(reason).inc(count)
+        if clamped := sum(1 for entry in entries if entry.mapped.clamped):
+            self.metrics.event_dates_clamped.inc(clamped)
+            log.warning("%d choice(s) dated in the future were dated at their arrival", clamped)
+        if unmappable:
+            self.metrics.updates_failed.labels("unmappable").inc(len(unmappable))
+            self.metrics.dead_letters.inc(len(unmappable))
+
+    def _map(self, rules: RuleSet, row: Pending) -> Mapped | str:
+        """What the row asks of Braze, or the reason it asks nothing."""
+        try:
+            webhook = decode(row.body)
+        except WebhookError:
+            # It passed the same decoder at intake; a failure now means a damaged row.
+            log.error("spooled row %d no longer decodes; dropping it", row.id)
+            return "ignored"
+        result = rules.apply(webhook, received_at=row.received_at)
+        return result if isinstance(result, Mapped) else result.reason
 
     def _recount(self) -> None:
         now = time.monotonic()
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
         # it when caught up (a CLI replay is then the only way the count could be off).
-        if self._backlog or now - self._last_recount < RECOUNT_S:
+        if self.batcher or now - self._last_recount < RECOUNT_S:
             self.metrics.spool_pending.set(self.spool.pending)
             return
         self._last_recount = now
@@ -220,176 +234,127 @@ class Dispatcher:
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""
-        size = self.config.braze.batch_size
-        deadline = time.monotonic() + self.config.braze.flush_interval_ms / 1000
-        while not self._stopping and len(self._persons) < size:
+        braze = self.config.braze
+        deadline = time.monotonic() + braze.flush_interval_ms / 1000
+        while not self.stopping and self.batcher.people_waiting < braze.batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             # Poll rather than wake per webhook: at high intake a wake per request costs more.
             await asyncio.sleep(min(0.01, remaining))
             await self._refill()
-        items: dict[str, Item] = {}
-        kept: deque[tuple[Pending, Mapped]] = deque()
-        waiting: set[str] = set()  # people with a row kept back: their later rows wait too
-        delete: bool | None = None
-        while self._backlog:
-            row, mapped = self._backlog.popleft()
-            key = f"{mapped.identity}:{mapped.person}"
-            item = items.get(key)
-            if item is None:
-                limit = MAX_DELETE_IDS if delete else size
-                if key in self._busy or len(items) >= limit or delete not in (None, mapped.delete):
-                    kept.append((row, mapped))
-                    waiting.add(key)
-                    continue
-                item = items[key] = Item(mapped.identity, mapped.person)
-                delete = mapped.delete
-            elif key in waiting or item.delete != mapped.delete:
-                # A deletion and an update of one person never share a request: the later one
-                # waits for the next batch, and so does everything after it, to keep the order.
-                kept.append((row, mapped))
-                waiting.add(key)
-                continue
-            item.merge(mapped, row)
-            self._persons[key] -= 1
-            if not self._persons[key]:
-                del self._persons[key]
-        kept.extend(self._backlog)
-        self._backlog = kept
-        if not items:
-            return None
-        for key in items:
-            self._busy.add(key)
-        batch_items = await self._drop_stale(list(items.values()))
-        return Batch(batch_items, delete=bool(delete))
-
-    def _map(self, rules: RuleSet, row: Pending) -> Mapped | None:
-        try:
-            result = rules.apply(decode(row.body))
-        except WebhookError:
-            # It passed the same decoder at intake; a failure now means a damaged row.
-            log.error("spooled row %d no longer decodes; dropping it", row.id)
-            return None
-        if isinstance(result, Mapped):
-            return result
-        self.metrics.events_skipped.labels(result.reason).inc()
-        return None
-
-    async def _drop_stale(self, items: list[Item]) -> list[Item]:
-        """Remove changes older than what was already applied to that person and target."""
-        applied = await self.spool.run(self.spool.db.applied_times, [item.person for item in items])
-        if not applied:
-            return items
-        for item in items:
-            stale = [
-                target
-                for target, change in item.changes.items()
-                if change.at < applied.get((item.person, target), change.at)
-            ]
-            for target in stale:
-                del item.changes[target]
-            if stale:
-                self.metrics.events_skipped.labels("stale").inc()  # once per person, not target
-        return items
+        return self.batcher.take(braze.batch_size, MAX_DELETE_IDS)
 
     # -- delivering ---------------------------------------------------------------------------
 
     async def _deliver(self, batch: Batch) -> None:
         try:
+            await self._drop_stale(batch.items)
             await self._send(batch.items, batch.delete, attempt=0)
+        except asyncio.CancelledError:
+            raise  # stopping: the rows stay in the spool for the next start
         except Exception:
-            log.exception("delivering a batch failed; its rows stay in the spool")
+            returned = self.batcher.give_back(batch)
+            log.exception("delivering a batch failed; %d row(s) go back to the backlog", returned)
+            # Held, with its slot, for a moment: a failure that repeats must not spin.
+            await self._pause(backoff(1, self.config.delivery))
         finally:
-            self._release(batch)
+            self.batcher.release(batch)
             self._slots.release()
             self._wake.set()
 
-    def _release(self, batch: Batch) -> None:
-        for item in batch.items:
-            self._busy.discard(f"{item.identity}:{item.person}")
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but not past the start of a shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _drop_stale(self, items: list[Item]) -> None:
+        """Drop changes older than what was applied to that person and target, or their erasure.
+
+        An erasure is never stale: it is lifted above the last choice applied, so it wins.
+        """
+        applied = await self.spool.run(self.spool.db.applied_times, [item.person for item in items])
+        if not applied:
+            return
+        by_person: dict[str, dict[str, float]] = {}
+        for (person, target), at in applied.items():
+            by_person.setdefault(person, {})[target] = at
+        for item in items:
+            times = by_person.get(item.person)
+            if not times:
+                continue
+            erased = times.get(ERASED, float("-inf"))
+            latest = max(times.values())
+            if item.erased_at is not None:
+                item.erased_at = max(item.erased_at, latest)
+            stale = []
+            for target, change in item.changes.items():
+                if change.erasure:
+                    change.at = max(change.at, latest)
+                elif change.at < max(times.get(target, change.at), erased):
+                    stale.append(target)
+            for target in stale:
+                del item.changes[target]
+            if stale:
+                self.metrics.events_skipped.labels("stale").inc()  # once per person, not target
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
-        braze = self.config.braze
-        delivery = self.config.delivery
         # A person whose every change was stale needs no request, only an ack.
-        live = [item for item in items if item.changes or item.delete]
-        if len(live) < len(items):
-            await self._ack([item for item in items if not (item.changes or item.delete)], {})
-        items = live
+        idle = [item for item in items if not (item.changes or item.delete)]
+        if idle:
+            await self._ack(idle, {})
+        items = [item for item in items if item.changes or item.delete]
         while items:
+            config = self.config  # a reload applies from the next request on
             if delete:
-                answer = await self.client.delete([item.person for item in items])
+                # One identifier kind per request: the batcher never mixes them.
+                answer = await self.client.delete(items[0].identity, [i.person for i in items])
             else:
-                objects = [
-                    track_object(
-                        item.identity,
-                        item.person,
-                        {t: c.state for t, c in item.changes.items()},
-                        update_existing_only=braze.update_existing_only,
-                    )
-                    for item in items
-                ]
-                answer = await self.client.track(objects)
-            verdict = answer.verdict
-            if verdict is Verdict.OK:
-                self._auth_ok()
-                self._failing = None
+                braze = config.braze
+                answer = await self.client.track(
+                    [
+                        track_object(
+                            item.identity,
+                            item.person,
+                            {t: c.state for t, c in item.changes.items()},
+                            update_existing_only=braze.update_existing_only,
+                        )
+                        for item in items
+                    ]
+                )
+            if answer.verdict is not Verdict.OK:
+                attempt += 1
+            oldest = min(row.received_at for item in items for row in item.rows)
+            decision = decide(
+                answer,
+                attempt=attempt,
+                oldest_age_s=self.clock() - oldest,
+                can_split=len(items) > 1,
+                delivery=config.delivery,
+            )
+            action = decision.action
+            if action is Action.ACK:
+                self.health.ok()
                 await self._ack(items, answer.errors)
                 return
-            if verdict is Verdict.SPLIT and len(items) > 1:
+            if action is Action.SPLIT:
                 half = len(items) // 2
                 await self._send(items[:half], delete, attempt)
                 await self._send(items[half:], delete, attempt)
                 return
-            if verdict in (Verdict.SPLIT, Verdict.REFUSED):
-                reason = "too_large" if answer.status == 413 else "bad_request"
-                await self._dead(items, reason, answer)
+            if action is Action.DEAD_LETTER:
+                await self._dead(items, decision.reason, answer)
                 return
-            # Transient: wait, then send the same objects again.
-            attempt += 1
-            retry_reason = self._retry_reason(answer)
-            self.metrics.retries.labels(retry_reason).inc()
-            self._failing = f"retrying Braze ({answer.reason})"
-            if verdict is Verdict.AUTH:
-                self._auth_failed(answer)
-            elif verdict is not Verdict.RATE_LIMITED:
-                oldest = min(row.received_at for item in items for row in item.rows)
-                if self.clock() - oldest > delivery.give_up_after_s:
-                    await self._dead(items, "gave_up", answer)
-                    return
-            if self._stopping:
+            self.metrics.retries.labels(decision.reason).inc()
+            if action is Action.HOLD:
+                self.health.block(answer)
+            else:
+                self.health.retrying(answer)
+            if self.stopping:
                 return  # rows stay in the spool for the next start
-            if verdict is not Verdict.RATE_LIMITED:
-                await asyncio.sleep(self._backoff(attempt))
-            # Rate limits: the limiter itself holds the next request until the window resets.
-
-    def _backoff(self, attempt: int) -> float:
-        delivery = self.config.delivery
-        ceiling = min(delivery.retry_max_ms, delivery.retry_initial_ms * 2 ** min(attempt, 30))
-        return random.uniform(ceiling / 2, ceiling) / 1000  # noqa: S311 - jitter, not secrecy
-
-    @staticmethod
-    def _retry_reason(answer: Answer) -> str:
-        if answer.verdict is Verdict.AUTH:
-            return "unauthorized"
-        if answer.verdict is Verdict.RATE_LIMITED:
-            return "rate_limited"
-        if answer.status is None:
-            return "timeout" if answer.reason == "timeout" else "connection"
-        return "server_error"
-
-    def _auth_failed(self, answer: Answer) -> None:
-        if self._auth_problem is None:
-            log.error("%s; updates are kept in the spool until this is fixed", answer.reason)
-        self._auth_problem = answer.reason
-        self.metrics.braze_auth_ok.set(0)
-
-    def _auth_ok(self) -> None:
-        if self._auth_problem is not None:
-            log.info("Braze accepts the API key again")
-        self._auth_problem = None
-        self.metrics.braze_auth_ok.set(1)
+            await self._pause(decision.delay_s)
+            if self.stopping:
+                return
 
     async def _ack(self, items: Sequence[Item], errors: dict[int, str]) -> None:
         now = self.clock()
@@ -407,11 +372,15 @@ class Dispatcher:
                 continue
             done.extend(row.id for row in item.rows)
             applied.extend((item.person, t, c.at) for t, c in item.changes.items())
+            if item.erased_at is not None:
+                applied.append((item.person, ERASED, item.erased_at))
             if item.changes or item.delete:
                 delivered += 1
             for row in item.rows:
                 self.metrics.delivery_latency.observe(max(0.0, now - row.received_at))
         await self._record(self.spool.db.ack, done, applied, dead)
+        for item in items:
+            item.settled = True
         self.metrics.updates_delivered.inc(delivered)
         log.debug(
             "Braze acknowledged %d object(s)",
@@ -427,8 +396,8 @@ class Dispatcher:
     async def _record(self, write: Callable[..., None], *args: object) -> None:
         """Write an outcome to the spool, retrying while it cannot be written.
 
-        Braze already has these updates, and the cursor has moved past their rows: giving up
-        here would leave them in the spool unseen until a restart (then sent twice).
+        Braze may already have these updates: giving up here would leave their rows pending
+        until a restart (then sent twice), and their people blocked.
         """
         attempt = 0
         while True:
@@ -439,7 +408,7 @@ class Dispatcher:
                 attempt += 1
                 if attempt == 1:
                     log.error("cannot record delivery outcomes in the spool, retrying: %s", exc)
-                if self._stopping and attempt >= 3:
+                if self.stopping and attempt >= 3:
                     raise  # the rows stay pending and are sent again after the restart
                 # A local disk, not Braze: retry often, so delivery resumes as soon as it can.
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
@@ -448,6 +417,8 @@ class Dispatcher:
         detail = f"{reason}: {answer.reason}"
         dead = [Dead(row.id, detail, item.person) for item in items for row in item.rows]
         await self._record(self.spool.db.ack, [], [], dead)
+        for item in items:
+            item.settled = True
         self.metrics.updates_failed.labels(reason).inc(len(items))
         self.metrics.dead_letters.inc(len(dead))
         self.metrics.spool_pending.set(self.spool.pending)

@@ -21,7 +21,48 @@ from .errors import ConfigError, Problem
 from .webhooks import Entity, Webhook
 
 State = str | bool
-EMAIL = "email_subscribe"
+TargetKind = Literal["email", "group", "attribute"]
+
+
+class Target(str):
+    """One Braze field a rule sets, spelled as the spool stores it.
+
+    `email_subscribe`, `group:<subscription group id>` or `attr:<attribute name>`: a `str`, so
+    it keys the spool's `applied` table and compares equal to its spelling, while `kind` and
+    `name` say what it is without anyone slicing prefixes.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def group(cls, group_id: str) -> Target:
+        """A subscription group's state; ids compare in lower case, as Braze prints them."""
+        return cls(f"group:{group_id.lower()}")
+
+    @classmethod
+    def attribute(cls, name: str) -> Target:
+        """A custom attribute set to true or false."""
+        return cls(f"attr:{name}")
+
+    @property
+    def kind(self) -> TargetKind:
+        """Which Braze field family this is."""
+        if self.startswith("group:"):
+            return "group"
+        if self.startswith("attr:"):
+            return "attribute"
+        return "email"
+
+    @property
+    def name(self) -> str:
+        """The group id or attribute name, or `email_subscribe`."""
+        return self.partition(":")[2] if self.kind != "email" else str(self)
+
+
+EMAIL = Target("email_subscribe")
+# A pseudo-target in the spool's applied times: when the person was erased. A choice older than
+# it is stale for every target, so a late retry never brings an erased person back.
+ERASED = "erased"
 
 _GROUP_ID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -46,6 +87,7 @@ _STATES: dict[str, frozenset[State]] = {
 # Higher rank wins a conflict inside one event: the less permissive choice.
 _RANK: dict[State, int] = {"opted_in": 0, "subscribed": 1, "unsubscribed": 2, True: 0, False: 2}
 IDENTITY_FIELDS = ("organization_user_id", "id")
+_LAST_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z, for dates past what a float holds
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +128,7 @@ class MappingTest(Strict, frozen=True):
 class Rule:
     """One compiled `[[map]]` entry: which target it sets to what, and where it was written."""
 
-    target: str  # "email_subscribe", "group:<id>" or "attr:<name>"
+    target: Target
     chosen: State | None
     refused: State | None
     value: str | None
@@ -108,9 +150,11 @@ class Mapped:
 
     identity: Literal["external_id", "email"]
     person: str
-    changes: dict[str, State]
-    at: float  # epoch seconds of the choice, for ordering
+    changes: dict[Target, State]
+    at: float  # epoch seconds of the choice, for ordering, never after arrival plus the skew
     delete: bool = False
+    erasure: bool = False  # a user.deleted: dated at arrival, never stale, recorded as such
+    clamped: bool = False  # the event's own date was later than it could be, and was moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +170,13 @@ class Options:
 
     regulations: frozenset[str] = frozenset({"gdpr"})
     on_user_deleted: Literal["ignore", "unsubscribe", "delete"] = "ignore"
+    max_clock_skew_s: float = 300.0
 
 
 def options_of(config: Config) -> Options:
     """The mapping options that gateway.toml sets."""
-    return Options(frozenset(config.didomi.regulations), config.didomi.on_user_deleted)
+    didomi = config.didomi
+    return Options(frozenset(didomi.regulations), didomi.on_user_deleted, didomi.max_clock_skew_s)
 
 
 @dataclass(slots=True)
@@ -149,10 +195,15 @@ class RuleSet:
     @property
     def groups(self) -> list[str]:
         """Every subscription group id some rule targets."""
-        return sorted({r.target[6:] for r in self.rules if r.target.startswith("group:")})
+        return sorted({r.target.name for r in self.rules if r.target.kind == "group"})
 
-    def apply(self, webhook: Webhook) -> Mapped | Skipped:
-        """Map one decoded webhook to the Braze changes it asks for, or the reason it asks none."""
+    def apply(self, webhook: Webhook, received_at: float | None = None) -> Mapped | Skipped:
+        """Map one decoded webhook to the Braze changes it asks for, or the reason it asks none.
+
+        `received_at` (epoch seconds) is when the gateway accepted it: a choice is dated no
+        later than that plus `max_clock_skew_s`, an undated one at that time, and an erasure at
+        that time, since a sender's clock must never decide whether a withdrawal counts.
+        """
         if not webhook.known:
             return Skipped("ignored")
         entity = webhook.subject
@@ -164,22 +215,37 @@ class RuleSet:
         regulation = entity.regulation or webhook.regulation or "gdpr"
         if regulation not in self.options.regulations:
             return Skipped("regulation")
-        stamp = entity.updated_at or entity.created_at
-        if stamp is not None and stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=UTC)  # Didomi writes UTC; never the host's time zone
-        at = stamp.timestamp() if stamp else 0.0
+        at, clamped = self._date(entity, received_at)
         if webhook.type == "user.deleted":
-            return self._deleted(person, at)
+            # Erasure is dated at its arrival (the entity's own date is the profile's, often
+            # older than the last choice applied); the dispatcher also lifts it above that.
+            erased_at = max(at, received_at) if received_at is not None else at
+            return self._deleted(person, erased_at)
         if webhook.type.startswith("event.") and (entity.status or "confirmed") != "confirmed":
             return Skipped("not_confirmed")
         changes = self.changes(entity)
         if not changes:
             return Skipped("no_rule")
-        return Mapped(self.identity, person, changes, at)
+        return Mapped(self.identity, person, changes, at, clamped=clamped)
 
-    def changes(self, entity: Entity) -> dict[str, State]:
+    def _date(self, entity: Entity, received_at: float | None) -> tuple[float, bool]:
+        """The choice's time, and whether it had to be clamped to the arrival plus the skew."""
+        stamp = entity.updated_at or entity.created_at
+        if stamp is None:
+            return (received_at if received_at is not None else 0.0), False
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)  # Didomi writes UTC; never the host's time zone
+        try:
+            at = stamp.timestamp()
+        except (OverflowError, OSError, ValueError):  # year 9999 with an offset, and the like
+            at = _LAST_SECOND
+        if received_at is not None and at > received_at + self.options.max_clock_skew_s:
+            return received_at + self.options.max_clock_skew_s, True
+        return at, False
+
+    def changes(self, entity: Entity) -> dict[Target, State]:
         """The target states one entity's consents ask for, conflicts resolved."""
-        changes: dict[str, State] = {}
+        changes: dict[Target, State] = {}
         purposes = entity.consents.purposes if entity.consents else None
         for purpose in purposes or ():
             for rule in self.by_purpose.get(purpose.id, ()):
@@ -217,11 +283,11 @@ class RuleSet:
     def _deleted(self, person: str, at: float) -> Mapped | Skipped:
         mode = self.options.on_user_deleted
         if mode == "delete":
-            return Mapped(self.identity, person, {}, at, delete=True)
+            return Mapped(self.identity, person, {}, at, delete=True, erasure=True)
         if mode == "unsubscribe":
-            changes: dict[str, State] = {EMAIL: "unsubscribed"}
-            changes.update({f"group:{g}": "unsubscribed" for g in self.groups})
-            return Mapped(self.identity, person, changes, at)
+            changes: dict[Target, State] = {EMAIL: "unsubscribed"}
+            changes.update({Target.group(g): "unsubscribed" for g in self.groups})
+            return Mapped(self.identity, person, changes, at, erasure=True)
         return Skipped("deleted")
 
     def summary(self) -> str:
@@ -240,7 +306,7 @@ class RuleSet:
         return "\n".join(lines)
 
 
-def _put(changes: dict[str, State], target: str, state: State | None) -> None:
+def _put(changes: dict[Target, State], target: Target, state: State | None) -> None:
     if state is None:
         return
     current = changes.get(target)
@@ -276,12 +342,6 @@ def load_rules(directory: str | Path, options: Options | None = None) -> RuleSet
         problems.extend(located.problems)
     if not ruleset.rules and not problems:
         problems.append(Problem(str(directory), "the mapping files hold no [[map]] rules"))
-    if ruleset.options.on_user_deleted == "delete" and ruleset.identity != "external_id":
-        # Braze's /users/delete names people by external id; an email cannot say who to erase.
-        where = identity_at or str(directory)
-        problems.append(
-            Problem(where, 'didomi.on_user_deleted = "delete" needs an external_id [identity]')
-        )
     if problems:
         raise ConfigError(problems)
     return ruleset
@@ -396,14 +456,14 @@ def _add_rule(
 
 def _target(
     rule: MapRule, where: tuple[str, int], located: Located
-) -> tuple[str, str, State | None, State | None] | None:
+) -> tuple[Target, str, State | None, State | None] | None:
     to = rule.to
     if to == "OPTED_IN":
         return EMAIL, "email", "opted_in", "unsubscribed"
     if to == "UNSUBSCRIBED":
         return EMAIL, "email", "unsubscribed", None
     if _GROUP_ID.match(to):
-        return f"group:{to.lower()}", "group", "subscribed", "unsubscribed"
+        return Target.group(to), "group", "subscribed", "unsubscribed"
     if to.startswith("attribute:"):
         name = to[10:]
         if not _ATTRIBUTE.match(name):
@@ -412,7 +472,7 @@ def _target(
         if name in BRAZE_PROFILE_FIELDS:
             located.add((*where, "to"), f"{to!r} would overwrite Braze's profile field {name!r}")
             return None
-        return f"attr:{name}", "attribute", True, False
+        return Target.attribute(name), "attribute", True, False
     located.add(
         (*where, "to"),
         f"unknown `to` {to!r}: use OPTED_IN, UNSUBSCRIBED, a subscription group id (UUID) "

@@ -20,6 +20,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
 from .braze import DELETE, TRACK
+from .health import BLOCKED_REASONS
 from .webhooks import EVENT_TYPES as WEBHOOK_TYPES
 
 __all__ = [
@@ -32,8 +33,15 @@ __all__ = [
 EVENT_TYPES = (*WEBHOOK_TYPES, "other")
 OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unauthorized", "unavailable")
 BRAZE_ENDPOINTS = (TRACK, DELETE)
-FAILURE_REASONS = ("rejected", "bad_request", "gave_up", "too_large")
-RETRY_REASONS = ("server_error", "timeout", "connection", "rate_limited", "unauthorized")
+FAILURE_REASONS = ("rejected", "bad_request", "gave_up", "too_large", "unmappable")
+RETRY_REASONS = (
+    "server_error",
+    "timeout",
+    "connection",
+    "rate_limited",
+    "unauthorized",
+    "misconfigured",
+)
 RELOAD_OUTCOMES = ("success", "error")
 # The reasons `RuleSet.apply` and the dispatcher give for a webhook that changes nothing.
 SKIP_REASONS = (
@@ -143,6 +151,20 @@ class Metrics:
             registry=r,
         )
         _touch(self.events_skipped, SKIP_REASONS)
+
+        self.event_dates_clamped = Counter(
+            "gateway_event_dates_clamped",
+            "Choices dated later than their arrival plus didomi.max_clock_skew_s, moved back.",
+            registry=r,
+        )
+        self.delivery_blocked = Gauge(
+            "gateway_delivery_blocked",
+            "1 while Braze refuses the key or the URL (by status); updates wait in the spool.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in BLOCKED_REASONS:
+            self.delivery_blocked.labels(reason).set(0)
 
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(

@@ -80,6 +80,7 @@ class State:
     def __init__(self) -> None:
         self.starting = True
         self.draining = False
+        self.drain_started: float | None = None  # time.monotonic() when shutdown began
         # Each returns None when all is well, or the reason the gateway is not ready.
         self.ready_checks: list[Callable[[], str | None]] = []
         # Each returns None, or why delivery is slow right now; readiness stays 200 and says so.
@@ -178,6 +179,7 @@ async def _drain(app: web.Application) -> None:
     state = app[STATE]
     if not state.draining:
         state.draining = True
+        state.drain_started = time.monotonic()
         app[METRICS].ready.set(0)
         log.info("draining: finishing in-flight requests")
 
@@ -207,7 +209,7 @@ def delivery(live: LiveRules) -> Context:
                 client.api_key = new.braze.api_key  # a fixed key is used from the next request
 
             live.listeners.append(follow)
-            state.ready_checks.append(dispatcher.not_ready_reason)
+            # Delivery trouble is reported, never a reason to refuse webhooks (readiness).
             state.degraded_checks.append(dispatcher.degraded_reason)
             state.on_wake = dispatcher.wake
             app[DISPATCHER] = dispatcher
@@ -234,7 +236,11 @@ def delivery(live: LiveRules) -> Context:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
                 state.on_wake = _nothing
-                await dispatcher.stop(grace_s=config.server.shutdown_timeout_s)
+                # One budget for the whole shutdown: what waiting for requests used is gone.
+                grace = config.server.shutdown_timeout_s
+                if state.drain_started is not None:
+                    grace -= time.monotonic() - state.drain_started
+                await dispatcher.stop(grace_s=max(0.0, grace))
                 live.listeners.remove(follow)
 
     return context

@@ -40,6 +40,9 @@ SEVERAL_IDS = "only one of 'external_id', 'braze_id' or 'user_alias' may be give
 NOT_AN_OBJECT = "each object must be a JSON object"  # undocumented wording, ours
 BAD_UPDATE_EXISTING_ONLY = "'_update_existing_only' must be a boolean"  # ours, likewise
 TOO_MANY_IDS = "The max number of external_ids and aliases per request was exceeded"
+ONE_DELETE_KIND = "name the users by exactly one of 'external_ids' or 'email_addresses'"  # ours
+# /users/delete's identifier arrays, and the prefix the fake's `users` keys carry for each.
+DELETE_KINDS = {"external_ids": "", "email_addresses": "email:"}
 
 PRIMARY_IDS = ("external_id", "user_alias", "braze_id")
 EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
@@ -315,17 +318,22 @@ class FakeBraze:
                 user.attributes[name] = value
 
     def _apply_delete(self, body: Json) -> tuple[int, Json, int]:
-        ids = body.get("external_ids")
+        kinds = [name for name in DELETE_KINDS if name in body]
+        if len(kinds) != 1:
+            return 400, {"message": ONE_DELETE_KIND}, 0
+        ids = body[kinds[0]]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return 400, {"message": "'external_ids' must be an array of strings"}, 0
+            return 400, {"message": f"'{kinds[0]}' must be an array of strings"}, 0
         if len(ids) > MAX_DELETE_IDS:
             return 400, {"message": TOO_MANY_IDS}, len(ids)
-        for external_id in ids:
-            self.users.pop(external_id, None)
+        prefix = DELETE_KINDS[kinds[0]]
+        for identifier in ids:
+            key = prefix + identifier
+            self.users.pop(key, None)
             if self.known_users is not None:
-                self.known_users.discard(external_id)
+                self.known_users.discard(key)
             if self.record:
-                self.deleted.append(external_id)
+                self.deleted.append(key)
         self.stats["deleted"] += len(ids)
         # Braze counts the ids queued for deletion, known or not.
         return 201, {"deleted": len(ids), "message": "success"}, len(ids)

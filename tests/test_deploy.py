@@ -30,7 +30,7 @@ REQUIRED_ALERTS = {
     "GatewayDown",
     "GatewayNotReady",
     "BrazeErrorsSustained",
-    "BrazeAuthFailing",
+    "DeliveryBlocked",
     "SpoolGrowing",
     "DeadLettersAppearing",
     "ConfigReloadFailed",

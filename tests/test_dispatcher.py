@@ -226,22 +226,25 @@ async def test_remaining_zero_waits_for_reset_so_no_429(harness: Any) -> None:
 async def test_unauthorized_keeps_everything_until_the_key_works(
     fake: FakeBraze, harness: Any
 ) -> None:
-    """A 401 never dead-letters: updates wait, readiness says why, and they flow once fixed."""
+    """A 401 never dead-letters: updates wait, delivery health says why, and they flow once
+    fixed."""
     fake.api_key = "rotated-key"
     async with harness(fake) as h:
         await h.put(event("hal", True), event("ivy", False))
         while h.sample("gateway_retries_total", reason="unauthorized") < 2:
             await asyncio.sleep(0.05)
         assert h.dispatcher is not None
-        reason = h.dispatcher.not_ready_reason()
+        reason = h.dispatcher.degraded_reason()
         assert reason is not None
         assert "401" in reason
         assert h.sample("gateway_braze_auth_ok") == 0
+        assert h.sample("gateway_delivery_blocked", reason="401") == 1
         assert h.spool.db.count_pending() == 2
         fake.api_key = KEY
         await h.settle()
-        assert h.dispatcher.not_ready_reason() is None
+        assert h.dispatcher.degraded_reason() is None
         assert h.sample("gateway_braze_auth_ok") == 1
+        assert h.sample("gateway_delivery_blocked", reason="401") == 0
         assert h.spool.db.count_dead() == 0
     assert fake.users["ivy"].email_subscribe == "unsubscribed"
 

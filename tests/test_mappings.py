@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.errors import ConfigError
@@ -702,6 +703,7 @@ def test_user_deleted_unsubscribe(tmp_path: Path) -> None:
         "user-789",
         {EMAIL: "unsubscribed", f"group:{NEWS}": "unsubscribed", f"group:{OFFERS}": "unsubscribed"},
         datetime(2025, 6, 12, 14, 3, 55, 731_000, tzinfo=UTC).timestamp(),
+        erasure=True,
     )
 
 
@@ -1272,15 +1274,15 @@ def test_both_invalid_overrides_are_reported(tmp_path: Path) -> None:
     assert [p.message.split(" =")[0] for p in error.problems] == ["on_chosen", "on_refused"]
 
 
-def test_erasure_by_deletion_needs_an_external_id_identity(tmp_path: Path) -> None:
-    """on_user_deleted = "delete" with an email identity is refused: Braze deletes by id."""
+def test_erasure_by_deletion_works_with_an_email_identity(tmp_path: Path) -> None:
+    """on_user_deleted = "delete" with an email identity maps to a deletion by email address."""
     folder = tmp_path / "m"
-    path = write(
-        folder, "a.toml", '[identity]\nemail = "organization_user_id"\n\n' + rule("OPTED_IN")
-    )
-    with pytest.raises(ConfigError) as info:
-        load_rules(folder, Options(on_user_deleted="delete"))
-    assert [str(p) for p in info.value.problems] == [
-        f'{path}:1: didomi.on_user_deleted = "delete" needs an external_id [identity]'
-    ]
-    assert load_rules(folder, Options(on_user_deleted="unsubscribe")).identity == "email"
+    write(folder, "a.toml", '[identity]\nemail = "organization_user_id"\n\n' + rule("OPTED_IN"))
+    rs = load_rules(folder, Options(on_user_deleted="delete"))
+    body = {
+        "type": "user.deleted",
+        "parameters": {"entity": {"id": "u1", "organization_user_id": "ann@example.com"}},
+    }
+    result = rs.apply(decode(msgspec.json.encode(body)), received_at=1_000.0)
+    assert isinstance(result, Mapped)
+    assert (result.identity, result.person, result.delete) == ("email", "ann@example.com", True)

@@ -472,8 +472,9 @@ async def test_wrong_braze_key_waits_for_a_sighup_reload_and_loses_nothing(
     auth_headers: dict[str, str],
     processes: list[GatewayProcess],
 ) -> None:
-    """With a key Braze answers 401 to, updates stay in the spool (none dead-lettered) and
-    /readyz is 503 with the reason; rewriting gateway.toml and `kill -HUP` delivers them all."""
+    """With a key Braze answers 401 to, updates stay in the spool (none dead-lettered), webhooks
+    are still taken and /readyz is 200 with the reason in "degraded"; rewriting gateway.toml and
+    `kill -HUP` delivers them all."""
     port = free_port()
     path = write_config(
         tmp_path,
@@ -498,18 +499,20 @@ async def test_wrong_braze_key_waits_for_a_sighup_reload_and_loses_nothing(
 
         assert [await post(b) for b in bodies[:10]] == [202] * 10
 
-        async def unready() -> bool:
-            return (await gw.readyz())[0] == 503
+        async def degraded() -> bool:
+            return "degraded" in (await gw.readyz())[1]
 
-        await eventually(unready, 10, "/readyz to report the refused key")
-        _, body = await gw.readyz()
-        assert body["error"] == "not_ready"
-        assert "401" in body["detail"]
-        assert "braze.server" in body["detail"]  # a 401 often means the wrong instance
-        assert [await post(b) for b in bodies[10:]] == [202] * 5  # unready, still storing
+        await eventually(degraded, 10, "/readyz to report the refused key")
+        status, body = await gw.readyz()
+        assert status == 200  # a load balancer keeps sending webhooks
+        assert "401" in body["degraded"]
+        assert "braze.server" in body["degraded"]  # a 401 often means the wrong instance
+        assert [await post(b) for b in bodies[10:]] == [202] * 5  # blocked, still storing
         samples = await gw.metrics()
         assert metric(samples, "gateway_retries_total", reason="unauthorized") >= 1
         assert metric(samples, "gateway_braze_auth_ok") == 0
+        assert metric(samples, "gateway_delivery_blocked", reason="401") == 1
+        assert metric(samples, "gateway_ready") == 1
         assert metric(samples, "gateway_dead_letters") == 0
         assert spool_counts(tmp_path / "var" / "gateway.db") == (15, 0)
         assert fake.users == {}
@@ -525,6 +528,7 @@ async def test_wrong_braze_key_waits_for_a_sighup_reload_and_loses_nothing(
     samples = await gw.metrics()
     assert metric(samples, "gateway_config_reloads_total", outcome="success") == 1
     assert metric(samples, "gateway_braze_auth_ok") == 1
+    assert metric(samples, "gateway_delivery_blocked", reason="401") == 0
     assert metric(samples, "gateway_updates_failed_total", reason="rejected") == 0
     assert await gw.stop() == 0
     assert {p: fake.users[p].email_subscribe for p in expected} == {

@@ -1,0 +1,170 @@
+"""The batcher: mapped spool rows -> per-person items -> batches, in each person's spool order.
+
+Pure and synchronous, so a property test can drive it directly. It holds the backlog (rows
+fetched and mapped, in spool order), coalesces one person's consecutive rows of one kind into one
+item, and knows who is in flight: a person with an item in flight gets no second one until that
+item is settled or given back, so requests for one person leave in spool order whatever their
+endpoint. Nothing here talks to Braze or to the spool.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .mappings import Mapped, State, Target
+from .spool import Pending
+
+MAX_DELETE_IDS = 50  # Braze's /users/delete takes at most this many identifiers a request
+
+
+@dataclass(slots=True)
+class Change:
+    """The winning state of one target for one person, with the choice's time."""
+
+    state: State
+    at: float
+    erasure: bool = False  # from a user.deleted: dated at arrival, never dropped as stale
+
+
+@dataclass(slots=True)
+class Entry:
+    """One fetched spool row and what it maps to."""
+
+    row: Pending
+    mapped: Mapped
+
+    @property
+    def key(self) -> str:
+        """Who the row is about: the identifier kind and the person."""
+        return f"{self.mapped.identity}:{self.mapped.person}"
+
+
+@dataclass(slots=True)
+class Item:
+    """One Braze object (or one deletion) under construction: a person and the rows behind it."""
+
+    identity: str
+    person: str
+    delete: bool = False
+    changes: dict[Target, Change] = field(default_factory=dict)
+    entries: list[Entry] = field(default_factory=list)
+    erased_at: float | None = None  # the time an erasure in this item takes effect
+    settled: bool = False  # acknowledged or dead-lettered: its rows have left the inbox
+
+    @property
+    def key(self) -> str:
+        """Who this item is about, as `Entry.key` spells it."""
+        return f"{self.identity}:{self.person}"
+
+    @property
+    def rows(self) -> list[Pending]:
+        """The spool rows this item settles."""
+        return [entry.row for entry in self.entries]
+
+    def merge(self, entry: Entry) -> None:
+        """Fold in another row of this person: the later choice wins, ties to the later arrival."""
+        self.entries.append(entry)
+        mapped = entry.mapped
+        if mapped.erasure:
+            self.erased_at = max(self.erased_at or mapped.at, mapped.at)
+        for target, state in mapped.changes.items():
+            current = self.changes.get(target)
+            if current is None or mapped.at >= current.at:
+                self.changes[target] = Change(state, mapped.at, mapped.erasure)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Items sent together in one request: all updates, or all deletions of one identifier kind."""
+
+    items: list[Item]
+    delete: bool = False
+
+    @property
+    def keys(self) -> Iterator[str]:
+        """The people in this batch."""
+        return (item.key for item in self.items)
+
+
+class Batcher:
+    """The backlog of mapped rows and who is in flight; batches keep each person's order."""
+
+    def __init__(self) -> None:
+        self._backlog: deque[Entry] = deque()
+        self._people: Counter[str] = Counter()  # rows per person in the backlog
+        self.in_flight: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def people_waiting(self) -> int:
+        """How many people have rows in the backlog (a batch of that many is full)."""
+        return len(self._people)
+
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Append rows fetched from the spool, in spool order."""
+        for entry in entries:
+            self._backlog.append(entry)
+            self._people[entry.key] += 1
+
+    def take(self, size: int, delete_size: int = MAX_DELETE_IDS) -> Batch | None:
+        """The next batch, or None when every waiting row belongs to someone in flight.
+
+        The first row not held back decides the kind (update, or deletion by one identifier
+        kind); a person whose row is held back keeps all their later rows back too, so that
+        nothing of theirs overtakes it.
+        """
+        items: dict[str, Item] = {}
+        kept: deque[Entry] = deque()
+        held: set[str] = set()
+        kind: tuple[bool, str] | None = None
+        for entry in self._backlog:
+            key = entry.key
+            mapped = entry.mapped
+            item = items.get(key)
+            if key in held:
+                item = None  # an earlier row of theirs waits: so does this one
+            elif item is None:
+                limit = delete_size if kind is not None and kind[0] else size
+                wanted = (mapped.delete, mapped.identity if mapped.delete else "")
+                if key not in self.in_flight and len(items) < limit and kind in (None, wanted):
+                    kind = wanted
+                    item = items[key] = Item(mapped.identity, mapped.person, mapped.delete)
+            elif item.delete != mapped.delete:
+                item = None  # an update and a deletion of one person never share a request
+            if item is None:
+                held.add(key)
+                kept.append(entry)
+                continue
+            item.merge(entry)
+            self._people[key] -= 1
+            if not self._people[key]:
+                del self._people[key]
+        self._backlog = kept
+        if not items:
+            return None
+        self.in_flight.update(items)
+        return Batch(list(items.values()), delete=bool(kind and kind[0]))
+
+    def release(self, batch: Batch) -> None:
+        """The batch is done with, one way or another: its people may have another request."""
+        self.in_flight.difference_update(batch.keys)
+
+    def give_back(self, batch: Batch) -> int:
+        """Put the rows of the batch's unsettled items back in the backlog, in spool order.
+
+        For a failure between fetching and acknowledging: the rows stay deliverable without a
+        restart. Returns how many rows came back. The caller still releases the batch.
+        """
+        entries = [entry for item in batch.items if not item.settled for entry in item.entries]
+        if not entries:
+            return 0
+        for entry in entries:
+            self._people[entry.key] += 1
+        # The backlog is in spool order (row id) and so are each person's rows: merging by id
+        # puts the returned rows exactly where they were.
+        self._backlog = deque(sorted((*self._backlog, *entries), key=lambda e: e.row.id))
+        return len(entries)
