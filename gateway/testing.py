@@ -143,6 +143,10 @@ class FakeBraze:
         fault = (status, body or {"message": responses.get(status, "Error")}, headers or {})
         self._faults.extend([fault] * count)
 
+    def clear_faults(self) -> None:
+        """Forget the answers `fail_next` queued: the next request is served normally."""
+        self._faults.clear()
+
     def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:
         """Refuse each otherwise valid attributes object whose predicate returns an error type."""
         self._rejecters.append(predicate)

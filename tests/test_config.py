@@ -776,3 +776,12 @@ def test_config_structs_forbid_unknown_fields() -> None:
     """The Structs themselves refuse unknown keys, so no path around the loader accepts typos."""
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"prot": 1}, ServerConfig)
+
+
+def test_clock_skew_defaults_to_five_minutes_and_may_not_be_negative(tmp_path: Path) -> None:
+    """didomi.max_clock_skew_s is 300 by default; a negative tolerance is refused on its line."""
+    assert load_config(write(tmp_path, MINIMAL), {}).didomi.max_clock_skew_s == 300
+    path = write(tmp_path, MINIMAL + "[didomi]\nmax_clock_skew_s = -1\n")
+    assert lines(problems_of(path)) == [
+        f"{path}:{line_of(path, 'max_clock_skew_s')}: didomi.max_clock_skew_s must not be negative"
+    ]

@@ -412,3 +412,25 @@ async def test_an_update_then_a_deletion_in_one_batch_are_sent_in_order(
     assert fake.deleted == ["vic"]
     assert "vic" not in fake.users
     assert fake.users["wil"].email_subscribe == "unsubscribed"
+
+
+async def test_erasure_by_email_sends_email_addresses(
+    fake: FakeBraze, harness: Any, tmp_path: Path
+) -> None:
+    """With an email identity, on_user_deleted = "delete" erases by email_addresses."""
+    folder = tmp_path / "email-mappings"
+    folder.mkdir()
+    (folder / "a.toml").write_text(
+        '[identity]\nemail = "organization_user_id"\n\n[[map]]\nto = "OPTED_IN"\n'
+        'purpose = "marketing_email"\n'
+    )
+    async with harness(fake, Options(on_user_deleted="delete")) as h:
+        h.rules = load_rules(folder, Options(on_user_deleted="delete"))
+        await h.put(event("ann@example.com", True))
+        await h.settle()
+        assert fake.users["email:ann@example.com"].email_subscribe == "opted_in"
+        await h.put(user_deleted("ann@example.com"), user_deleted("bob@example.com"))
+        await h.settle()
+    deletes = [r.body for r in fake.requests if r.path == "/users/delete"]
+    assert deletes == [{"email_addresses": ["ann@example.com", "bob@example.com"]}]
+    assert "email:ann@example.com" not in fake.users

@@ -195,7 +195,8 @@ def test_configuring_twice_does_not_duplicate_lines(out: io.StringIO) -> None:
     configure_logging("json", stream=out)
     log.info("once")
     assert len(json_lines(out)) == 1
-    assert sum(type(h).__name__ == "_GatewayHandler" for h in logging.getLogger("gateway").handlers)
+    handlers = logging.getLogger("gateway").handlers
+    assert sum(type(h).__name__ == "_GatewayHandler" for h in handlers) == 1
 
 
 def test_level_filters_and_unknown_levels_are_refused(out: io.StringIO) -> None:

@@ -1286,3 +1286,45 @@ def test_erasure_by_deletion_works_with_an_email_identity(tmp_path: Path) -> Non
     result = rs.apply(decode(msgspec.json.encode(body)), received_at=1_000.0)
     assert isinstance(result, Mapped)
     assert (result.identity, result.person, result.delete) == ("email", "ann@example.com", True)
+
+
+def test_a_choice_dated_past_arrival_plus_the_skew_is_clamped(tmp_path: Path) -> None:
+    """A date later than arrival + max_clock_skew_s becomes that bound, and says it was moved."""
+    rs = rules(tmp_path, EMAIL_RULES, Options(max_clock_skew_s=300))
+    arrival = datetime(2025, 3, 14, 9, 0, tzinfo=UTC).timestamp()
+    future = webhook(
+        purposes=[purpose("marketing_email", True)],
+        updated_at="2096-01-01T00:00:00Z",
+        created_at="2096-01-01T00:00:00Z",
+    )
+    result = rs.apply(future, received_at=arrival)
+    assert isinstance(result, Mapped)
+    assert (result.at, result.clamped) == (arrival + 300, True)
+    near = webhook(
+        purposes=[purpose("marketing_email", True)],
+        updated_at="2025-03-14T09:04:00Z",
+        created_at="2025-03-14T09:04:00Z",
+    )
+    kept = rs.apply(near, received_at=arrival)
+    assert isinstance(kept, Mapped)
+    assert (kept.at, kept.clamped) == (arrival + 240, False)
+
+
+def test_an_undated_choice_is_dated_at_its_arrival(tmp_path: Path) -> None:
+    """Without updated_at or created_at, a choice takes its arrival time, not 1970."""
+    rs = rules(tmp_path, EMAIL_RULES)
+    undated = webhook(
+        purposes=[purpose("marketing_email", False)], updated_at=None, created_at=None
+    )
+    result = rs.apply(undated, received_at=1_700_000_000.0)
+    assert isinstance(result, Mapped)
+    assert result.at == 1_700_000_000.0
+
+
+def test_erasure_is_dated_at_its_arrival_not_the_profiles_date(tmp_path: Path) -> None:
+    """A user.deleted carries the profile's old dates; the erasure counts from its arrival."""
+    rs = rules(tmp_path, EMAIL_RULES, Options(on_user_deleted="unsubscribe"))
+    arrival = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    result = rs.apply(fixture("user_deleted.json"), received_at=arrival)
+    assert isinstance(result, Mapped)
+    assert (result.at, result.erasure) == (arrival, True)
