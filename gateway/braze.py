@@ -66,7 +66,7 @@ class Verdict(enum.Enum):
     OK = "ok"  # acknowledged; `errors` names the objects Braze refused anyway
     RETRY = "retry"  # transient (5xx, timeout, connection): back off and send again
     RATE_LIMITED = "rate_limited"  # 429: wait for the window, then send again
-    AUTH = "auth"  # 401/403: keep everything, mark not ready, retry slowly
+    AUTH = "auth"  # 401/403, or 404/405/3xx from a wrong server: keep everything, retry slowly
     SPLIT = "split"  # 400/413: some object is bad or the body too big; halve and resend
     REFUSED = "refused"  # another 4xx: Braze will never take this request
 
@@ -196,15 +196,27 @@ class BrazeClient:
         started = time.perf_counter()
         status_label = "error"
         try:
+            # Never follow a redirect: aiohttp would re-send a 301/302 as a GET and drop the
+            # Authorization header on another host; a redirect means braze.server is wrong.
             async with self.session.post(
-                self.base_url + path, data=data, headers=headers, timeout=self.timeout
+                self.base_url + path,
+                data=data,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
             ) as response:
                 status_label = str(response.status)
                 payload = await response.read()
                 wait = self.limiter.observe(response.status, response.headers)
                 if self.limiter.remaining is not None:
                     self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
-                return _classify(response.status, payload, wait)
+                return _classify(
+                    response.status,
+                    payload,
+                    wait,
+                    url=self.base_url,
+                    location=response.headers.get("Location"),
+                )
         except TimeoutError:
             return Answer(Verdict.RETRY, None, "timeout")
         except aiohttp.ClientError as exc:
@@ -214,7 +226,9 @@ class BrazeClient:
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
 
-def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
+def _classify(
+    status: int, payload: bytes, wait: float | None, *, url: str = "", location: str | None = None
+) -> Answer:
     text = payload[:300].decode("utf-8", "replace")
     if 200 <= status < 300:
         try:
@@ -236,6 +250,18 @@ def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
             else "the API key lacks the users.track or users.delete permission"
         )
         return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint}")
+    if 300 <= status < 400 or status in (404, 405):
+        # Braze's REST endpoints take a POST where they are: these answers come from a server
+        # that is not one, so every update is held until braze.server is fixed, as for a 401.
+        at = f" at {url}" if url else ""
+        if status == 404:
+            hint = f"no such endpoint{at}"
+        elif status == 405:
+            hint = f"POST is not allowed{at}"
+        else:
+            target = f" to {location[:200]}" if location else ""
+            hint = f"a redirect{' from ' + url if url else ''}{target}, not followed"
+        return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint} (check braze.server)")
     if status in (400, 413):
         return Answer(Verdict.SPLIT, status, f"Braze answered {status}: {text}")
     if status in (408,) or status >= 500:

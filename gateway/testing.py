@@ -140,6 +140,10 @@ class FakeBraze:
         fault = (status, body or {"message": responses.get(status, "Error")}, headers or {})
         self._faults.extend([fault] * count)
 
+    def heal(self) -> None:
+        """Drop the faults `fail_next` still holds: answer normally from the next request."""
+        self._faults.clear()
+
     def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:
         """Refuse each otherwise valid attributes object whose predicate returns an error type."""
         self._rejecters.append(predicate)
