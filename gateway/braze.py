@@ -93,6 +93,10 @@ class RateLimiter:
         self._blocked_until = 0.0
         self.remaining: int | None = None
 
+    def set_rate(self, requests_per_second: float) -> None:
+        """Pace later requests to a new rate; a wait Braze asked for still holds."""
+        self.interval = 1.0 / requests_per_second
+
     async def acquire(self) -> None:
         """Wait for this request's turn."""
         while True:
@@ -157,25 +161,72 @@ _track_response = msgspec.json.Decoder(_TrackResponse)
 _encoder = msgspec.json.Encoder()
 
 
-class BrazeClient:
-    """Sends requests to one Braze REST endpoint over one shared connection pool."""
+@dataclass(slots=True, eq=False)
+class _Endpoint:
+    """One Braze server and the session that talks to it, with its requests in flight."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout_s: float,
-        limiter: RateLimiter,
-        metrics: Metrics,
-    ) -> None:
-        self.session = session
-        self.base_url = base_url
-        self.api_key = api_key  # replaced in place when the config is reloaded
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.limiter = limiter
+    base_url: str
+    session: aiohttp.ClientSession
+    in_flight: int = 0
+
+
+class BrazeClient:
+    """Sends requests to one Braze REST endpoint over one shared connection pool.
+
+    `reconfigure` applies a reloaded `[braze]` table. A new `braze.server` gets a new session:
+    requests already sent finish on the old one, which is closed once the last of them is done.
+    """
+
+    def __init__(self, config: BrazeConfig, metrics: Metrics) -> None:
+        # Fixed at start, like the dispatcher's slots: braze.max_in_flight needs a restart.
+        self.max_in_flight = config.max_in_flight
         self.metrics = metrics
+        self.limiter = RateLimiter(config.requests_per_second)
+        self.api_key = config.api_key
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self._endpoint = self._open(braze_base_url(config.server))
+        self._retired: list[_Endpoint] = []  # old servers with requests still in flight
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def base_url(self) -> str:
+        """The Braze server new requests go to."""
+        return self._endpoint.base_url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session new requests go through."""
+        return self._endpoint.session
+
+    def _open(self, base_url: str) -> _Endpoint:
+        connector = aiohttp.TCPConnector(limit=self.max_in_flight * 2, keepalive_timeout=60)
+        return _Endpoint(base_url, aiohttp.ClientSession(connector=connector))
+
+    def reconfigure(self, config: BrazeConfig) -> None:
+        """Apply a reloaded `[braze]`: key, server, timeout and rate from the next request on."""
+        self.api_key = config.api_key
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.limiter.set_rate(config.requests_per_second)
+        base_url = braze_base_url(config.server)
+        if base_url == self._endpoint.base_url:
+            return
+        old, self._endpoint = self._endpoint, self._open(base_url)
+        if old.in_flight:
+            self._retired.append(old)
+        else:
+            self._close_later(old)
+
+    def _close_later(self, endpoint: _Endpoint) -> None:
+        task = asyncio.create_task(endpoint.session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every session, the current one and any a reload left behind."""
+        for endpoint in (self._endpoint, *self._retired):
+            await endpoint.session.close()
+        self._retired.clear()
+        await asyncio.gather(*self._closing)
 
     async def track(self, objects: Sequence[dict[str, Any]]) -> Answer:
         """POST one `/users/track` request carrying `objects`."""
@@ -189,20 +240,24 @@ class BrazeClient:
         """Send one request after the rate limiter allows it, and classify the answer."""
         await self.limiter.acquire()
         data = _encoder.encode(body)
+        # Server, key and timeout are read together, with no await between: a reload never
+        # sends one server the key meant for another.
+        endpoint, timeout = self._endpoint, self.timeout
         headers = {
             "Authorization": f"Bearer {self.api_key}",
             "Content-Type": "application/json",
         }
         started = time.perf_counter()
         status_label = "error"
+        endpoint.in_flight += 1
         try:
             # Never follow a redirect: aiohttp would re-send a 301/302 as a GET and drop the
             # Authorization header on another host; a redirect means braze.server is wrong.
-            async with self.session.post(
-                self.base_url + path,
+            async with endpoint.session.post(
+                endpoint.base_url + path,
                 data=data,
                 headers=headers,
-                timeout=self.timeout,
+                timeout=timeout,
                 allow_redirects=False,
             ) as response:
                 status_label = str(response.status)
@@ -214,7 +269,7 @@ class BrazeClient:
                     response.status,
                     payload,
                     wait,
-                    url=self.base_url,
+                    url=endpoint.base_url,
                     location=response.headers.get("Location"),
                 )
         except TimeoutError:
@@ -222,6 +277,10 @@ class BrazeClient:
         except aiohttp.ClientError as exc:
             return Answer(Verdict.RETRY, None, f"connection: {type(exc).__name__}")
         finally:
+            endpoint.in_flight -= 1
+            if endpoint in self._retired and not endpoint.in_flight:
+                self._retired.remove(endpoint)
+                self._close_later(endpoint)
             self.metrics.braze_requests.labels(path, status_label).inc()
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
@@ -271,14 +330,9 @@ def _classify(
 
 @contextlib.asynccontextmanager
 async def open_client(config: BrazeConfig, metrics: Metrics) -> AsyncIterator[BrazeClient]:
-    """The one ClientSession to Braze, with keep-alive connections for `max_in_flight` requests."""
-    connector = aiohttp.TCPConnector(limit=config.max_in_flight * 2, keepalive_timeout=60)
-    async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
-        yield BrazeClient(
-            session,
-            braze_base_url(config.server),
-            config.api_key,
-            timeout_s=config.timeout_s,
-            limiter=RateLimiter(config.requests_per_second),
-            metrics=metrics,
-        )
+    """The client to Braze, with keep-alive connections for `max_in_flight` requests."""
+    client = BrazeClient(config, metrics)
+    try:
+        yield client
+    finally:
+        await client.close()
