@@ -1,8 +1,12 @@
-"""Live rules: the mapping rule set (and the Braze key) swapped atomically on SIGHUP or file change.
+"""Live rules: gateway.toml and the mapping rule set, swapped atomically on SIGHUP or file change.
 
-A reload compiles and checks everything off the hot path; only a fully good result replaces the
+A reload reads and checks everything off the hot path; only a fully good result replaces the
 running one, in a single assignment, so an event is always mapped by one rule set, never a mix.
 A bad edit is logged as `file:line: message`, counted, and the last good rules keep running.
+
+Reloads run one at a time. SIGHUP and the file watcher only ask for one: a request made while a
+reload runs is served by exactly one more reload after it, which reads the files afresh, so the
+newest files always win whatever the order in which two readers would have finished.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ log = logging.getLogger("gateway.reload")
 
 WATCH_INTERVAL_S = 1.0
 
+Stamp = tuple[tuple[str, int, int], ...]
+
 
 class LiveRules:
-    """Holds the current config and rule set; `reload()` replaces both or neither."""
+    """Holds the running config and rule set; a reload replaces both or neither."""
 
     def __init__(
         self, config: Config, rules: RuleSet, metrics: Metrics, config_path: str | Path | None
@@ -37,8 +43,11 @@ class LiveRules:
         self.rules = rules
         self.metrics = metrics
         self.config_path = Path(config_path) if config_path is not None else None
+        # Called on the event loop with the new config, after each successful reload.
         self.listeners: list[Callable[[Config], None]] = []
         self._stamp = self._fingerprint()
+        self._next: asyncio.Future[bool] | None = None  # the reload not yet started, if asked
+        self._runner: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, config: Config, metrics: Metrics, config_path: str | Path | None) -> LiveRules:
@@ -51,18 +60,69 @@ class LiveRules:
         """The rule set to map with now."""
         return self.rules
 
-    def reload(self) -> bool:
-        """Re-read gateway.toml (when known) and the mappings; swap them in only if all is good."""
+    def request_reload(self) -> asyncio.Future[bool]:
+        """Ask for a reload that reads the files from now on; its future says if it took."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="gateway-reload")
+        return self._next
+
+    async def reload_async(self) -> bool:
+        """Reload (after the one running, if any) and say whether the files read were good."""
+        # Shielded: a caller that stops waiting must not cancel a reload others wait for too.
+        return await asyncio.shield(self.request_reload())
+
+    async def close(self) -> None:
+        """Stop reloading: a reload under way is abandoned and the running config stays."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    async def _run(self) -> None:
+        while self._next is not None:
+            waiting, self._next = self._next, None
+            try:
+                outcome = await self._reload_once()
+            except BaseException:
+                # Cancelled (shutdown): nobody may wait forever for this reload or the next.
+                waiting.cancel()
+                if self._next is not None:
+                    self._next.cancel()
+                    self._next = None
+                raise
+            if not waiting.done():
+                waiting.set_result(outcome)
+
+    async def _reload_once(self) -> bool:
+        # The stamp is taken before reading, so an edit made while we read triggers another.
+        stamp = await asyncio.to_thread(self._fingerprint)
         try:
-            config = load_config(self.config_path) if self.config_path else self.config
-            rules = load_rules(config.mappings.dir, options_of(config))
+            read, rules = await asyncio.to_thread(self._read)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem, extra={"outcome": "error"})
             log.error("the last good rules keep running (%d rules)", len(self.rules.rules))
             self.metrics.config_reloads.labels("error").inc()
-            self._stamp = self._fingerprint()  # do not retry the same bad files every second
+            self._stamp = stamp  # do not retry the same bad files every second
             return False
+        except Exception:
+            log.exception("reload failed; the running config and rules stay")
+            self.metrics.config_reloads.labels("error").inc()
+            self._stamp = stamp
+            return False
+        self._apply(read, rules)
+        self._stamp = stamp
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("reloaded %d rules from %d file(s)", len(rules.rules), len(rules.files))
+        return True
+
+    def _read(self) -> tuple[Config, RuleSet]:
+        config = load_config(self.config_path) if self.config_path else self.config
+        return config, load_rules(config.mappings.dir, options_of(config))
+
+    def _apply(self, config: Config, rules: RuleSet) -> None:
         restart_needed = [
             name
             for name in ("server", "auth", "delivery")
@@ -75,16 +135,8 @@ class LiveRules:
         self.config = config
         for listener in self.listeners:
             listener(config)
-        self._stamp = self._fingerprint()
-        self.metrics.config_reloads.labels("success").inc()
-        log.info("reloaded %d rules from %d file(s)", len(rules.rules), len(rules.files))
-        return True
 
-    async def reload_async(self) -> bool:
-        """Reload on a worker thread, so parsing never stalls the event loop."""
-        return await asyncio.to_thread(self.reload)
-
-    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+    def _fingerprint(self) -> Stamp:
         paths: list[Path] = []
         directory = Path(self.config.mappings.dir)
         with contextlib.suppress(OSError):  # a missing folder shows up at reload, as a problem

@@ -214,13 +214,10 @@ def delivery(live: LiveRules) -> Context:
             app[RULES] = live
             await dispatcher.start()
             loop = asyncio.get_running_loop()
-            reloads: set[asyncio.Task[bool]] = set()
 
             def on_sighup() -> None:
-                log.info("SIGHUP: reloading the mappings")
-                task = asyncio.create_task(live.reload_async())
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
+                log.info("SIGHUP: reloading gateway.toml and the mappings")
+                live.request_reload()  # after the reload under way, if any: the newest wins
 
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(signal.SIGHUP, on_sighup)
@@ -233,6 +230,7 @@ def delivery(live: LiveRules) -> Context:
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
+                await live.close()
                 state.on_wake = _nothing
                 await dispatcher.stop(grace_s=config.server.shutdown_timeout_s)
                 live.listeners.remove(follow)
