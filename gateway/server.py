@@ -33,7 +33,7 @@ from aiohttp.typedefs import Handler
 
 from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from .braze import open_client
-from .config import Config
+from .config import Config, secrets_of
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SpoolError, SpoolFull
 from .logs import configure_logging, register_secret
@@ -203,8 +203,10 @@ def delivery(live: LiveRules) -> Context:
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
 
             def follow(new: Config) -> None:
-                register_secret(new.braze.api_key)
-                client.api_key = new.braze.api_key  # a fixed key is used from the next request
+                client.reconfigure(new.braze)  # key, server, timeout, rate: next request on
+                # The dispatcher reads its config for each batch; max_in_flight keeps its start
+                # value here, since LiveRules passes on live keys only.
+                dispatcher.config = new
 
             live.listeners.append(follow)
             state.ready_checks.append(dispatcher.not_ready_reason)
@@ -290,12 +292,7 @@ def serve(
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
-    for secret in (
-        config.braze.api_key,
-        config.auth.client_secret,
-        *config.auth.tokens,
-        config.didomi_api.secret,
-    ):
+    for secret in secrets_of(config):
         register_secret(secret)
     metrics = Metrics()
     try:
