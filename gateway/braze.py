@@ -74,7 +74,7 @@ class Verdict(enum.Enum):
     OK = "ok"  # acknowledged; `errors` names the objects Braze refused anyway
     RETRY = "retry"  # transient (5xx, timeout, connection): back off and send again
     RATE_LIMITED = "rate_limited"  # 429: wait for the window, then send again
-    AUTH = "auth"  # 401/403: keep everything, mark not ready, retry slowly
+    AUTH = "auth"  # 401/403, or 404/405/3xx from a wrong server: keep everything, retry slowly
     SPLIT = "split"  # 400/413: some object is bad or the body too big; halve and resend
     REFUSED = "refused"  # another 4xx: Braze will never take this request
 
@@ -100,6 +100,10 @@ class RateLimiter:
         self._next = 0.0
         self._blocked_until = 0.0
         self.remaining: int | None = None
+
+    def set_rate(self, requests_per_second: float) -> None:
+        """Pace later requests to a new rate; a wait Braze asked for still holds."""
+        self.interval = 1.0 / requests_per_second
 
     async def acquire(self) -> None:
         """Wait for this request's turn."""
@@ -165,25 +169,72 @@ _track_response = msgspec.json.Decoder(_TrackResponse)
 _encoder = msgspec.json.Encoder()
 
 
-class BrazeClient:
-    """Sends requests to one Braze REST endpoint over one shared connection pool."""
+@dataclass(slots=True, eq=False)
+class _Endpoint:
+    """One Braze server and the session that talks to it, with its requests in flight."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout_s: float,
-        limiter: RateLimiter,
-        metrics: Metrics,
-    ) -> None:
-        self.session = session
-        self.base_url = base_url
-        self.api_key = api_key  # replaced in place when the config is reloaded
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.limiter = limiter
+    base_url: str
+    session: aiohttp.ClientSession
+    in_flight: int = 0
+
+
+class BrazeClient:
+    """Sends requests to one Braze REST endpoint over one shared connection pool.
+
+    `reconfigure` applies a reloaded `[braze]` table. A new `braze.server` gets a new session:
+    requests already sent finish on the old one, which is closed once the last of them is done.
+    """
+
+    def __init__(self, config: BrazeConfig, metrics: Metrics) -> None:
+        # Fixed at start, like the dispatcher's slots: braze.max_in_flight needs a restart.
+        self.max_in_flight = config.max_in_flight
         self.metrics = metrics
+        self.limiter = RateLimiter(config.requests_per_second)
+        self.api_key = config.api_key
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self._endpoint = self._open(braze_base_url(config.server))
+        self._retired: list[_Endpoint] = []  # old servers with requests still in flight
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def base_url(self) -> str:
+        """The Braze server new requests go to."""
+        return self._endpoint.base_url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session new requests go through."""
+        return self._endpoint.session
+
+    def _open(self, base_url: str) -> _Endpoint:
+        connector = aiohttp.TCPConnector(limit=self.max_in_flight * 2, keepalive_timeout=60)
+        return _Endpoint(base_url, aiohttp.ClientSession(connector=connector))
+
+    def reconfigure(self, config: BrazeConfig) -> None:
+        """Apply a reloaded `[braze]`: key, server, timeout and rate from the next request on."""
+        self.api_key = config.api_key
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.limiter.set_rate(config.requests_per_second)
+        base_url = braze_base_url(config.server)
+        if base_url == self._endpoint.base_url:
+            return
+        old, self._endpoint = self._endpoint, self._open(base_url)
+        if old.in_flight:
+            self._retired.append(old)
+        else:
+            self._close_later(old)
+
+    def _close_later(self, endpoint: _Endpoint) -> None:
+        task = asyncio.create_task(endpoint.session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every session, the current one and any a reload left behind."""
+        for endpoint in (self._endpoint, *self._retired):
+            await endpoint.session.close()
+        self._retired.clear()
+        await asyncio.gather(*self._closing)
 
     async def track(self, objects: Sequence[dict[str, Any]]) -> Answer:
         """POST one `/users/track` request carrying `objects`."""
@@ -197,32 +248,54 @@ class BrazeClient:
         """Send one request after the rate limiter allows it, and classify the answer."""
         await self.limiter.acquire()
         data = _encoder.encode(body)
+        # Server, key and timeout are read together, with no await between: a reload never
+        # sends one server the key meant for another.
+        endpoint, timeout = self._endpoint, self.timeout
         headers = {
             "Authorization": f"Bearer {self.api_key}",
             "Content-Type": "application/json",
         }
         started = time.perf_counter()
         status_label = "error"
+        endpoint.in_flight += 1
         try:
-            async with self.session.post(
-                self.base_url + path, data=data, headers=headers, timeout=self.timeout
+            # Never follow a redirect: aiohttp would re-send a 301/302 as a GET and drop the
+            # Authorization header on another host; a redirect means braze.server is wrong.
+            async with endpoint.session.post(
+                endpoint.base_url + path,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
             ) as response:
                 status_label = str(response.status)
                 payload = await response.read()
                 wait = self.limiter.observe(response.status, response.headers)
                 if self.limiter.remaining is not None:
                     self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
-                return _classify(response.status, payload, wait)
+                return _classify(
+                    response.status,
+                    payload,
+                    wait,
+                    url=endpoint.base_url,
+                    location=response.headers.get("Location"),
+                )
         except TimeoutError:
             return Answer(Verdict.RETRY, None, "timeout")
         except aiohttp.ClientError as exc:
             return Answer(Verdict.RETRY, None, f"connection: {type(exc).__name__}")
         finally:
+            endpoint.in_flight -= 1
+            if endpoint in self._retired and not endpoint.in_flight:
+                self._retired.remove(endpoint)
+                self._close_later(endpoint)
             self.metrics.braze_requests.labels(path, status_label).inc()
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
 
-def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
+def _classify(
+    status: int, payload: bytes, wait: float | None, *, url: str = "", location: str | None = None
+) -> Answer:
     text = payload[:300].decode("utf-8", "replace")
     if 200 <= status < 300:
         try:
@@ -244,6 +317,18 @@ def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
             else "the API key lacks the users.track or users.delete permission"
         )
         return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint}")
+    if 300 <= status < 400 or status in (404, 405):
+        # Braze's REST endpoints take a POST where they are: these answers come from a server
+        # that is not one, so every update is held until braze.server is fixed, as for a 401.
+        at = f" at {url}" if url else ""
+        if status == 404:
+            hint = f"no such endpoint{at}"
+        elif status == 405:
+            hint = f"POST is not allowed{at}"
+        else:
+            target = f" to {location[:200]}" if location else ""
+            hint = f"a redirect{' from ' + url if url else ''}{target}, not followed"
+        return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint} (check braze.server)")
     if status in (400, 413):
         return Answer(Verdict.SPLIT, status, f"Braze answered {status}: {text}")
     if status in (408,) or status >= 500:
@@ -253,14 +338,9 @@ def _classify(status: int, payload: bytes, wait: float | None) -> Answer:
 
 @contextlib.asynccontextmanager
 async def open_client(config: BrazeConfig, metrics: Metrics) -> AsyncIterator[BrazeClient]:
-    """The one ClientSession to Braze, with keep-alive connections for `max_in_flight` requests."""
-    connector = aiohttp.TCPConnector(limit=config.max_in_flight * 2, keepalive_timeout=60)
-    async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
-        yield BrazeClient(
-            session,
-            braze_base_url(config.server),
-            config.api_key,
-            timeout_s=config.timeout_s,
-            limiter=RateLimiter(config.requests_per_second),
-            metrics=metrics,
-        )
+    """The client to Braze, with keep-alive connections for `max_in_flight` requests."""
+    client = BrazeClient(config, metrics)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -4,7 +4,8 @@
     ├── ConfigError        a config or mapping file is wrong; carries every Problem found
     ├── BrazeError         Braze refused a request; carries the status and the response body
     └── SpoolError         the durable spool could not do what was asked
-        └── SpoolFull      the spool is over `delivery.max_pending` or out of disk
+        ├── SpoolFull      the spool is over `delivery.max_pending` or out of disk
+        └── SpoolLocked    another `gateway run` owns the spool file
 
 Messages say what to fix, and never hold a secret.
 """
@@ -12,6 +13,7 @@ Messages say what to fix, and never hold a secret.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class GatewayError(Exception):
@@ -58,3 +60,16 @@ class SpoolError(GatewayError):
 
 class SpoolFull(SpoolError):
     """The spool will not accept more until pending updates drain or disk space returns."""
+
+
+class SpoolLocked(SpoolError):
+    """Another `gateway run` holds the spool's lock; only one process may deliver from it."""
+
+    def __init__(self, spool: str | Path, pid: int | None = None) -> None:
+        self.spool = str(spool)
+        self.pid = pid
+        holder = f" (pid {pid})" if pid else ""
+        super().__init__(
+            f"another gateway{holder} is running on the spool {spool}: only one `gateway run`"
+            " may own a spool file; stop that one first, or give this one its own delivery.spool"
+        )

@@ -1,10 +1,10 @@
 """The HTTP surface: webhook intake into the spool, the token endpoint, health, readiness, metrics.
 
 `create_app` builds the aiohttp application; every resource lives in `cleanup_ctx`, in this
-order: the spool, then the `contexts` a caller adds (the dispatcher, the mapping reloader), then
-a last one that marks the gateway ready. Shutdown runs them backwards: readiness goes to 503
-first, in-flight requests finish, the added contexts stop, and the spool closes last, so every
-`202` ever answered names a committed row.
+order: the spool (and its lock: one gateway per spool file), then the `contexts` a caller adds
+(the dispatcher, the mapping reloader), then a last one that marks the gateway ready. Shutdown
+runs them backwards: readiness goes to 503 first, in-flight requests finish, the added contexts
+stop, and the spool closes last, so every `202` ever answered names a committed row.
 
 A webhook passes these checks in order (DESIGN.md section 8), and each answer is counted in
 `gateway_webhooks_received_total{type,outcome}`: 403 (`server.allow_from`), 401, 415, 413 (before
@@ -33,13 +33,13 @@ from aiohttp.typedefs import Handler
 
 from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from .braze import open_client
-from .config import Config
+from .config import Config, DeliveryConfig, secrets_of
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SpoolError, SpoolFull
 from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
-from .spool import Spool, SpoolDB
+from .spool import Spool, SpoolDB, SpoolLock
 from .webhooks import WebhookError, decode
 
 __all__ = [
@@ -150,19 +150,34 @@ def _publish_ready(app: web.Application) -> None:
 # Life cycle
 
 
+def _open_spool(delivery: DeliveryConfig) -> tuple[SpoolLock, SpoolDB]:
+    lock = SpoolLock(delivery.spool)
+    lock.acquire()  # before the file is even opened: it belongs to another gateway otherwise
+    try:
+        db = SpoolDB(
+            delivery.spool,
+            max_pending=delivery.max_pending,
+            dedupe_window_s=delivery.dedupe_window_s,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    return lock, db
+
+
 async def _spool_context(app: web.Application) -> AsyncIterator[None]:
-    delivery = app[CONFIG].delivery
-    db = await asyncio.to_thread(
-        SpoolDB,
-        delivery.spool,
-        max_pending=delivery.max_pending,
-        dedupe_window_s=delivery.dedupe_window_s,
-    )
+    # The lock is taken here, with the spool it guards, rather than in serve(): every way of
+    # running the app holds it for exactly as long as the spool is open, and aiohttp runs
+    # this before it binds the port, so a refused second gateway never listens.
+    lock, db = await asyncio.to_thread(_open_spool, app[CONFIG].delivery)
     spool = Spool(db)
     app[SPOOL] = spool
     app[METRICS].spool_pending.set(spool.pending)
     yield
-    await spool.close()  # queued writes commit first
+    try:
+        await spool.close()  # queued writes commit first
+    finally:
+        lock.release()  # once the file is closed, so no second gateway writes beside this one
     log.info("spool closed", extra={"pending": spool.pending})
 
 
@@ -205,8 +220,10 @@ def delivery(live: LiveRules) -> Context:
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
 
             def follow(new: Config) -> None:
-                register_secret(new.braze.api_key)
-                client.api_key = new.braze.api_key  # a fixed key is used from the next request
+                client.reconfigure(new.braze)  # key, server, timeout, rate: next request on
+                # The dispatcher reads its config for each batch; max_in_flight keeps its start
+                # value here, since LiveRules passes on live keys only.
+                dispatcher.config = new
 
             live.listeners.append(follow)
             # Delivery trouble is reported, never a reason to refuse webhooks (readiness).
@@ -216,13 +233,10 @@ def delivery(live: LiveRules) -> Context:
             app[RULES] = live
             await dispatcher.start()
             loop = asyncio.get_running_loop()
-            reloads: set[asyncio.Task[bool]] = set()
 
             def on_sighup() -> None:
-                log.info("SIGHUP: reloading the mappings")
-                task = asyncio.create_task(live.reload_async())
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
+                log.info("SIGHUP: reloading gateway.toml and the mappings")
+                live.request_reload()  # after the reload under way, if any: the newest wins
 
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(signal.SIGHUP, on_sighup)
@@ -235,6 +249,7 @@ def delivery(live: LiveRules) -> Context:
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
+                await live.close()
                 state.on_wake = _nothing
                 # One budget for the whole shutdown: what waiting for requests used is gone.
                 grace = config.server.shutdown_timeout_s
@@ -298,12 +313,7 @@ def serve(
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
-    for secret in (
-        config.braze.api_key,
-        config.auth.client_secret,
-        *config.auth.tokens,
-        config.didomi_api.secret,
-    ):
+    for secret in secrets_of(config):
         register_secret(secret)
     metrics = Metrics()
     try:
@@ -332,6 +342,9 @@ def serve(
             print=None,
             access_log=None,
         )
+    except SpoolError as exc:  # most often: another gateway owns the spool file
+        log.error("cannot start: %s", exc)
+        return 1
     except OSError as exc:  # most often: the port is taken, or the host is not ours
         log.error("cannot serve on %s:%d: %s", server.host, server.port, exc.strerror or exc)
         return 1

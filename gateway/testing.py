@@ -143,8 +143,8 @@ class FakeBraze:
         fault = (status, body or {"message": responses.get(status, "Error")}, headers or {})
         self._faults.extend([fault] * count)
 
-    def clear_faults(self) -> None:
-        """Forget the answers `fail_next` queued: the next request is served normally."""
+    def heal(self) -> None:
+        """Drop the faults `fail_next` still holds: answer normally from the next request."""
         self._faults.clear()
 
     def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:

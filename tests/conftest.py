@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
@@ -182,3 +184,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Elsewhere:
+    """A loopback server that answers anything with a Braze success, and counts what it gets."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, str, str | None]] = []
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        self.hits.append((request.method, request.path, request.headers.get("Authorization")))
+        return web.json_response({"message": "success"}, status=201)
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[Elsewhere]:
+    """Where a redirect points: any request reaching it means the redirect was followed."""
+    target = Elsewhere()
+    await target.server.start_server()
+    yield target
+    await target.server.close()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
-from conftest import SECRETS, write_config
+from conftest import SECRETS, choice, free_port, write_config
+from test_reliability import GatewayProcess, spool_counts
 
 from gateway.cli import main
 from gateway.spool import Dead, SpoolDB
@@ -200,3 +205,77 @@ def test_python_dash_m_is_the_same_program() -> None:
     )
     assert run.returncode == 0
     assert run.stdout.startswith("gateway ")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[GatewayProcess]]:
+    """Gateway processes a test starts; any still running at the end is killed."""
+    started: list[GatewayProcess] = []
+    yield started
+    for process in started:
+        process.cleanup()
+
+
+def gateway(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `python -m gateway ARGS` to completion, as an operator would from a shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,  # a gateway that should have refused to start serves until killed here
+        check=False,
+    )
+
+
+@pytest.mark.slow
+async def test_one_gateway_per_spool_while_dead_letters_works_beside_it(
+    tmp_path: Path,
+    secrets_env: dict[str, str],
+    auth_headers: dict[str, str],
+    processes: list[GatewayProcess],
+) -> None:
+    """A second `gateway run` on the spool of a running one exits 1 saying so, before it binds
+    its port; the first keeps serving, `dead-letters list` works beside it, and the spool is
+    free for another gateway once the first has stopped."""
+    port, other_port = free_port(), free_port()
+    config = write_config(tmp_path, server={"port": port})
+    spool = tmp_path / "var" / "gateway.db"
+    first = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(first)
+    await first.start()
+    other = tmp_path / "other"
+    other.mkdir()
+    other_config = write_config(other, server={"port": other_port}, delivery={"spool": str(spool)})
+
+    # Also the same gateway.toml started twice: it reports the spool, not the port in use,
+    # since the lock is taken before the port is bound.
+    for path in (other_config, config):
+        args = ("run", "--config", str(path), "--log-format", "json")
+        second = await asyncio.to_thread(gateway, *args, env=secrets_env)
+        assert second.returncode == 1, second.stderr
+        said = [json.loads(line)["msg"] for line in second.stderr.splitlines()]
+        assert said[-1].startswith("cannot start: another gateway (pid ")
+        assert f"is running on the spool {spool}" in said[-1]
+        assert "ready" not in said
+
+    assert (await first.readyz())[0] == 200
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(
+            f"{first.base}/webhooks/didomi", data=choice("ona", True), headers=auth_headers
+        ) as resp,
+    ):
+        assert resp.status == 202  # the first gateway still stores webhooks
+    listing = await asyncio.to_thread(
+        gateway, "dead-letters", "list", "--config", str(other_config), env=secrets_env
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[-1] == "0 dead letter(s)"
+
+    assert await first.stop() == 0
+    after = GatewayProcess(other, other_port, secrets_env)
+    processes.append(after)
+    await after.start()  # the lock went with the first gateway
+    assert await after.stop() == 0
+    assert spool_counts(spool) == (1, 0)  # the webhook the first gateway stored is still there

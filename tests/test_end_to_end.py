@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRETS, MakeConfig, choice, free_port, write_config
+from conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, write_config
 
 from gateway.config import Config
 from gateway.metrics import Metrics
@@ -297,6 +297,42 @@ async def test_reload_fixes_a_wrong_braze_key_without_dead_letters(
     assert await (await gw.client.get("/readyz")).json() == {"status": "ready"}
     assert fake.users["user-123"].email_subscribe == "unsubscribed"  # the later withdrawal
     assert gw.app[SPOOL].db.count_dead() == 0
+
+
+@pytest.mark.parametrize("status", [404, 405, 301, 307, 308])
+async def test_a_wrong_braze_server_holds_every_update_and_follows_no_redirect(
+    status: int,
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    elsewhere: Elsewhere,
+    auth_headers: dict[str, str],
+) -> None:
+    """A 404, 405 or redirect from Braze keeps every update in the spool, dead-letters none and
+    calls no redirect target; once Braze answers normally again, everything is delivered."""
+    fake.fail_next(status, count=10_000, headers={"Location": elsewhere.url("/users/track")})
+    gw = await start_gateway()
+    people = {"wes": True, "xia": False, "yul": True}
+    for person, enabled in people.items():
+        assert await gw.post(choice(person, enabled, "2025-03-14T09:00:00Z"), auth_headers) == 202
+
+    spool = gw.app[SPOOL].db
+    deadline = time.monotonic() + 10
+    while sum(r.status == status for r in fake.requests) < 3:  # retried, not given up on
+        assert spool.count_dead() == 0, f"a {status} dead-lettered updates"
+        assert elsewhere.hits == [], f"the {status} was followed"
+        assert time.monotonic() < deadline, f"Braze was not asked again after a {status}"
+        await asyncio.sleep(0.02)
+    assert (spool.count_pending(), spool.count_dead()) == (3, 0)
+    assert elsewhere.hits == []
+    assert fake.users == {}
+
+    fake.heal()
+    await gw.settle()
+    assert spool.count_dead() == 0
+    assert {p: fake.users[p].email_subscribe for p in people} == {
+        p: "opted_in" if enabled else "unsubscribed" for p, enabled in people.items()
+    }
+    assert elsewhere.hits == []
 
 
 @pytest.mark.slow

@@ -257,6 +257,22 @@ async def test_fail_next_answers_instead_then_recovers(
     assert fake.objects_sent() == body["attributes"]
 
 
+async def test_fail_next_answers_a_redirect_and_heal_drops_the_faults_left(
+    http: aiohttp.ClientSession, fake: FakeBraze
+) -> None:
+    """fail_next can answer a redirect with its Location, and heal() answers normally at once."""
+    fake.fail_next(307, count=5, headers={"Location": "http://127.0.0.1:1/users/track"})
+    body = attrs({"external_id": "u1", "email_subscribe": "opted_in"})
+    async with http.post(
+        f"{fake.url}/users/track", json=body, headers=AUTH, allow_redirects=False
+    ) as resp:
+        assert resp.status == 307
+        assert resp.headers["Location"] == "http://127.0.0.1:1/users/track"
+    fake.heal()
+    assert (await track(http, fake, body))[0] == 201
+    assert [r.status for r in fake.requests] == [307, 201]
+
+
 async def test_latency_lets_the_client_timeout_fire(
     http: aiohttp.ClientSession, make_fake: Callable[..., Any]
 ) -> None:

@@ -289,7 +289,8 @@ async def test_a_full_run_logs_no_key_secret_token_or_email(
     fake = FakeBraze(api_key=BRAZE_API_KEY)
     await fake.start()
     fake.fail_next(401, count=2)
-    fake.fail_next(404, body={"message": f"no such users: {EMAILS[0]}, {EMAILS[1]}"})
+    # 422: a 4xx that dead-letters with Braze's words (a 404 now means a wrong braze.server).
+    fake.fail_next(422, body={"message": f"no such users: {EMAILS[0]}, {EMAILS[1]}"})
     fake.reject_objects(lambda o: "invalid_user" if o.get("external_id") == EMAILS[3] else None)
     wrong_secret = "not-the-client-secret-5e7b"
     try:
@@ -328,7 +329,7 @@ async def test_a_full_run_logs_no_key_secret_token_or_email(
             async def drained() -> bool:
                 return spool_counts(tmp_path / "var" / "gateway.db")[0] == 0
 
-            # Wave 1 meets two 401s, then a 404 whose body echoes the addresses: dead letters.
+            # Wave 1 meets two 401s, then a 422 whose body echoes the addresses: dead letters.
             for n, email in enumerate(EMAILS[:2]):
                 body = choice(email, True, "2025-03-14T09:00:00Z", event_id=f"ev-{email}")
                 assert await post(body, tokens[n]) == 202
@@ -367,7 +368,7 @@ async def test_a_full_run_logs_no_key_secret_token_or_email(
     # The run did what the test claims, and its logs say so: it is not vacuously clean.
     assert {"DEBUG", "INFO", "WARNING", "ERROR"} <= {r["level"] for r in records}
     assert "Braze answered 401" in messages
-    assert "Braze answered 404" in messages  # the echo was logged, masked
+    assert "Braze answered 422" in messages  # the echo was logged, masked
     assert "Braze refused 1 object(s)" in messages
     assert "reloaded" in messages
     assert sum(r.get("outcome") == "accepted" for r in records) == len(EMAILS) + 1
@@ -431,7 +432,8 @@ async def test_unusual_addresses_echoed_by_braze_are_masked_in_the_logs(
     configure_logging("json", "DEBUG", stream=out)
     fake = FakeBraze(api_key=BRAZE_API_KEY)
     await fake.start()
-    fake.fail_next(404, body={"message": "no such users: " + ", ".join(UNUSUAL_EMAILS)})
+    # 422: a 4xx that dead-letters with Braze's words (a 404 now means a wrong braze.server).
+    fake.fail_next(422, body={"message": "no such users: " + ", ".join(UNUSUAL_EMAILS)})
     try:
         config = make_config(tmp_path, braze={"server": fake.url, "flush_interval_ms": 10})
         metrics = Metrics()
@@ -448,11 +450,11 @@ async def test_unusual_addresses_echoed_by_braze_are_masked_in_the_logs(
         async def dead_lettered() -> bool:
             return app[SPOOL].db.count_dead() == 1 and app[DISPATCHER].idle
 
-        await eventually(dead_lettered, 10, "the 404 to dead-letter the update")
+        await eventually(dead_lettered, 10, "the 422 to dead-letter the update")
     finally:
         await fake.stop()
     output = out.getvalue()
-    assert "Braze answered 404" in output
+    assert "Braze answered 422" in output
     leaks = [email for email in UNUSUAL_EMAILS if email.lower() in output.lower()]
     assert not leaks, f"logged unmasked: {leaks}"
     assert "o'" not in output, "part of an address was logged"

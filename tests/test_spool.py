@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from gateway.errors import SpoolError, SpoolFull
-from gateway.spool import Dead, Spool, SpoolDB
+from gateway.errors import SpoolError, SpoolFull, SpoolLocked
+from gateway.spool import Dead, Spool, SpoolDB, SpoolLock
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0
@@ -291,3 +292,25 @@ async def test_a_recount_never_loses_a_concurrent_put(tmp_path: Path) -> None:
         assert spool.db.count_pending() == 1
     finally:
         await spool.close()
+
+
+def test_a_second_lock_on_a_spool_is_refused_until_the_first_is_released(path: Path) -> None:
+    """Only one SpoolLock holds a spool at a time; the refusal names the spool and the holder's
+    pid, never waits, and the spool can be locked again once released."""
+    first, second = SpoolLock(path), SpoolLock(path)
+    first.acquire()
+    try:
+        assert first.path == path.with_name("spool.db.lock")
+        with pytest.raises(SpoolLocked) as refused:
+            second.acquire()
+        assert isinstance(refused.value, SpoolError)
+        message = str(refused.value)
+        assert f"another gateway (pid {os.getpid()}) is running on the spool {path}" in message
+        assert "delivery.spool" in message
+        db = SpoolDB(path)  # what the dead-letters command opens: no lock needed beside it
+        assert db.count_dead() == 0
+        db.close()
+    finally:
+        first.release()
+    second.acquire()
+    second.release()
