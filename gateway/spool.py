@@ -9,10 +9,11 @@ grouped into one transaction so that N requests cost one fsync, not N.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,13 @@ class SpoolDB:
             raise SpoolError(f"the spool {self.path} failed: {exc}") from exc
         return result
 
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read {what} from the spool {self.path}: {exc}") from exc
+
     # -- intake -------------------------------------------------------------------------------
 
     def put_many(self, items: Sequence[tuple[str | None, str, bytes]]) -> list[bool | SpoolError]:
@@ -193,24 +201,26 @@ class SpoolDB:
 
     def fetch(self, after_id: int, limit: int) -> list[Pending]:
         """The oldest pending webhooks with an id above `after_id`."""
-        rows = self.db.execute(
-            "SELECT id, received_at, type, body FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
+        with self._reading("pending webhooks"):
+            rows = self.db.execute(
+                "SELECT id, received_at, type, body FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
         return [Pending(*row) for row in rows]
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
         """The last applied choice time per (person, target), for the given persons."""
         persons = list(set(persons))
         out: dict[tuple[str, str], float] = {}
-        for start in range(0, len(persons), 500):  # SQLite caps bound parameters
-            chunk = persons[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for person, target, at in self.db.execute(
-                f"SELECT person, target, at FROM applied WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
-                chunk,
-            ):
-                out[(person, target)] = at
+        with self._reading("applied times"):
+            for start in range(0, len(persons), 500):  # SQLite caps bound parameters
+                chunk = persons[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for person, target, at in self.db.execute(
+                    f"SELECT person, target, at FROM applied WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+                    chunk,
+                ):
+                    out[(person, target)] = at
         return out
 
     def ack(
@@ -258,20 +268,23 @@ class SpoolDB:
 
     def count_pending(self) -> int:
         """Rows waiting in the inbox (read from the file: another process may have replayed)."""
-        return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+        with self._reading("the pending count"):
+            return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])
 
     def count_dead(self) -> int:
         """Rows in the dead letters."""
-        return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+        with self._reading("the dead-letter count"):
+            return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
 
     # -- dead letters -------------------------------------------------------------------------
 
     def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """Every dead letter, or the ones named, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
-            " ORDER BY id"
-        ).fetchall()
+        with self._reading("the dead letters"):
+            rows = self.db.execute(
+                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
+                " ORDER BY id"
+            ).fetchall()
         wanted = set(ids) if ids is not None else None
         return [DeadLetter(*row) for row in rows if wanted is None or row[0] in wanted]
 

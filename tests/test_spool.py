@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,30 @@ def test_disk_full_is_spool_full_and_stores_nothing(db: SpoolDB) -> None:
     assert db.db.execute("SELECT count(*) FROM seen WHERE key = 'big'").fetchone() == (0,)
     db.db.execute("PRAGMA max_page_count = 1000000")
     assert db.put_many([("big", "event.created", b"x" * 200_000)]) == [True]
+
+
+READS: dict[str, Callable[[SpoolDB], object]] = {
+    "fetch": lambda db: db.fetch(0, 10),
+    "applied_times": lambda db: db.applied_times(["user-1"]),
+    "recount": lambda db: db.recount(),
+    "count_pending": lambda db: db.count_pending(),
+    "count_dead": lambda db: db.count_dead(),
+    "dead_letters": lambda db: db.dead_letters(),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_reads_raise_a_spool_error_naming_the_file(path: Path, tmp_path: Path, read: str) -> None:
+    """A read the file cannot answer (a file without the spool's tables) is a SpoolError that
+    names the spool, never a raw sqlite3 error."""
+    db = SpoolDB(path)
+    db.db.close()
+    db.db = sqlite3.connect(tmp_path / "no-tables.db", isolation_level=None)
+    try:
+        with pytest.raises(SpoolError, match=re.escape(str(path))):
+            READS[read](db)
+    finally:
+        db.close()
 
 
 def test_a_spool_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) -> None:
