@@ -215,8 +215,11 @@ class Dispatcher:
 
     async def _recount_from_file(self) -> None:
         pending, dead = await self.spool.run(self.spool.db.recount)
+        oldest = await self.spool.run(self.spool.db.oldest_pending_at)
         self.metrics.spool_pending.set(pending)
         self.metrics.dead_letters.set(dead)
+        age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
+        self.metrics.spool_oldest_pending_age.set(age)
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""

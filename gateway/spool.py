@@ -406,6 +406,12 @@ class SpoolDB:
         with self._reading("the dead-letter count"):
             return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
 
+    def oldest_pending_at(self) -> float | None:
+        """When the oldest webhook still waiting was received, or None when none waits."""
+        with self._reading("the oldest pending webhook"):
+            row = self.db.execute("SELECT received_at FROM inbox ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
     # -- dead letters -------------------------------------------------------------------------
 
     def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:

@@ -462,6 +462,38 @@ async def test_braze_outage_then_503s_drains_with_nothing_lost(
         await fake.stop()
 
 
+@pytest.mark.slow
+async def test_the_oldest_pending_age_shows_a_stall_and_falls_back_to_zero(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """While Braze refuses connections, gateway_spool_oldest_pending_age_seconds shows how long the
+    oldest stored update has waited; once Braze drains the spool it is 0 again."""
+    received = time.time() - 3600
+    db = SpoolDB(tmp_path / "var" / "gateway.db", clock=lambda: received)
+    db.put_many([(None, "event.created", choice("waiting-1", True, at(1)))])
+    db.close()
+    port = free_port()
+    fake = FakeBraze(api_key=BRAZE_API_KEY)  # not started: connections are refused
+    gw = await start_gateway(f"http://127.0.0.1:{port}")
+    age = "gateway_spool_oldest_pending_age_seconds"
+    try:
+
+        async def an_hour_old() -> bool:
+            return gw.sample(age) >= 3600
+
+        await eventually(an_hour_old, 10, "the age of the waiting update")
+        await fake.start(port=port)
+        await gw.settle()
+
+        async def zero() -> bool:
+            return gw.sample(age) == 0
+
+        await eventually(zero, 10, "the age to fall back to 0 once the spool is empty")
+    finally:
+        await fake.stop()
+    assert fake.users["waiting-1"].email_subscribe == "opted_in"
+
+
 # ---------------------------------------------------------------------------
 # Wrong Braze key, fixed by SIGHUP
 

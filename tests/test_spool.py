@@ -210,6 +210,7 @@ READS: dict[str, Callable[[SpoolDB], object]] = {
     "count_pending": lambda db: db.count_pending(),
     "count_dead": lambda db: db.count_dead(),
     "dead_letters": lambda db: db.dead_letters(),
+    "oldest_pending_at": lambda db: db.oldest_pending_at(),
 }
 
 
@@ -225,6 +226,22 @@ def test_reads_raise_a_spool_error_naming_the_file(path: Path, tmp_path: Path, r
             READS[read](db)
     finally:
         db.close()
+
+
+def test_oldest_pending_at_is_when_the_oldest_waiting_row_arrived(
+    db: SpoolDB, clock: Clock
+) -> None:
+    """oldest_pending_at is the arrival time of the oldest row still waiting, None when none is."""
+    assert db.oldest_pending_at() is None
+    db.put_many([item(1)])
+    clock.now = T0 + 5
+    db.put_many([item(2)])
+    assert db.oldest_pending_at() == T0
+    first, second = db.fetch(0, 10)
+    db.ack([first.id])
+    assert db.oldest_pending_at() == T0 + 5
+    db.ack([second.id])
+    assert db.oldest_pending_at() is None
 
 
 def test_a_spool_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) -> None:
