@@ -54,6 +54,7 @@ class DeliveryConfig(Strict, frozen=True):
     give_up_after_s: float = 86_400.0
     dedupe_window_s: float = 7 * 86_400.0
     max_pending: int = 1_000_000
+    min_free_bytes: int = 64 * 1024 * 1024
 
 
 class DidomiConfig(Strict, frozen=True):
@@ -117,6 +118,7 @@ _HOST = re.compile(
 )
 
 KeyPath = tuple[str | int, ...]
+MIN_FREE_FLOOR = 1024 * 1024
 
 
 def braze_base_url(server: str) -> str:
@@ -405,6 +407,12 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
+    if delivery.min_free_bytes < MIN_FREE_FLOOR:
+        located.add(
+            ("delivery", "min_free_bytes"),
+            f"delivery.min_free_bytes must be at least {MIN_FREE_FLOOR} (1 MiB): acknowledging"
+            " deliveries needs that room on the spool's disk once intake has filled it",
+        )
     if delivery.retry_max_ms < delivery.retry_initial_ms:
         located.add(
             ("delivery", "retry_max_ms"), "delivery.retry_max_ms must not be below retry_initial_ms"

@@ -16,7 +16,10 @@ def command(
 ) -> int:
     """Run one dead-letters action on the configured spool; returns the exit status."""
     out = out or sys.stdout
-    db = SpoolDB(config.delivery.spool, max_pending=config.delivery.max_pending)
+    delivery = config.delivery
+    db = SpoolDB(
+        delivery.spool, max_pending=delivery.max_pending, min_free_bytes=delivery.min_free_bytes
+    )
     try:
         if action == "list":
             letters = db.dead_letters(ids)

@@ -70,6 +70,7 @@ class Dispatcher:
         self._map_failures: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._age_task: asyncio.Task[None] | None = None
         self._last_recount = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -77,6 +78,7 @@ class Dispatcher:
     async def start(self) -> None:
         """Begin delivering in the background."""
         self._loop_task = asyncio.create_task(self._run(), name="gateway-dispatcher")
+        self._age_task = asyncio.create_task(self._watch_age(), name="gateway-spool-age")
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop forming batches, give in-flight requests `grace_s`, then cancel what remains.
@@ -87,9 +89,10 @@ class Dispatcher:
         deadline = time.monotonic() + grace_s
         self._stop.set()
         self._wake.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()  # it may wait on a slot or a flush; it holds nothing
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._age_task):
+            if task is not None:
+                task.cancel()  # the loop may wait on a slot or a flush; it holds nothing
+                await asyncio.gather(task, return_exceptions=True)
         if self._tasks:
             remaining = max(0.0, deadline - time.monotonic())
             _, pending = await asyncio.wait(self._tasks, timeout=remaining)
@@ -228,9 +231,29 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _recount_from_file(self) -> None:
-        pending, dead = await self.spool.run(self.spool.db.recount)
+        try:
+            pending, dead = await self.spool.run(self.spool.db.recount)
+        except SpoolError as exc:
+            log.warning("could not recount the spool (will retry): %s", exc)
+            return
         self.metrics.spool_pending.set(pending)
         self.metrics.dead_letters.set(dead)
+
+    async def _watch_age(self) -> None:
+        """Refresh the oldest pending age every few seconds, whatever the loop is waiting on.
+
+        A stall is exactly when the loop is stuck (a full backlog, no free slot), so this
+        runs beside it; one indexed row per read, so it costs intake nothing.
+        """
+        while not self.stopping:
+            try:
+                oldest = await self.spool.run(self.spool.db.oldest_pending_at)
+            except SpoolError as exc:
+                log.warning("could not read the oldest pending update (will retry): %s", exc)
+            else:
+                age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
+                self.metrics.spool_oldest_pending_age.set(age)
+            await self._pause(RECOUNT_S)
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""

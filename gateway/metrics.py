@@ -125,6 +125,13 @@ class Metrics:
         self.spool_pending = Gauge(
             "gateway_spool_pending", "Updates stored and not yet acknowledged by Braze.", registry=r
         )
+        # Delivery can stall with no error to count (a wedged batch, say): age shows it.
+        self.spool_oldest_pending_age = Gauge(
+            "gateway_spool_oldest_pending_age_seconds",
+            "Age of the oldest update waiting in the spool; 0 when empty.",
+            registry=r,
+        )
+        self.spool_oldest_pending_age.set(0)
         self.dead_letters = Gauge(
             "gateway_dead_letters",
             "Updates Braze refused, waiting for replay or purge.",

@@ -158,6 +158,7 @@ def _open_spool(delivery: DeliveryConfig) -> tuple[SpoolLock, SpoolDB]:
             delivery.spool,
             max_pending=delivery.max_pending,
             dedupe_window_s=delivery.dedupe_window_s,
+            min_free_bytes=delivery.min_free_bytes,
         )
     except BaseException:
         lock.release()
@@ -205,10 +206,17 @@ def _spool_room(app: web.Application) -> str | None:
         return "the spool is not open"
     if spool.pending >= spool.db.max_pending:
         return f"the spool is full ({spool.pending} updates pending)"
-    # Time-bounded: while unready no webhook may come to prove the disk is back.
-    if spool.write_error and time.monotonic() - spool.write_error[0] < WRITE_ERROR_WINDOW_S:
-        return f"the spool could not be written: {spool.write_error[1]}"
-    return None
+    # Time-bounded: while unready no webhook may come to prove the disk is back. A later commit
+    # of anything (an acknowledgement, once space is freed) proves it as well.
+    failed = spool.write_error
+    if (
+        failed
+        and failed[0] > spool.db.committed_at
+        and time.monotonic() - failed[0] < WRITE_ERROR_WINDOW_S
+    ):
+        return f"the spool could not be written: {failed[1]}"
+    # Not time-bounded: the spool itself clears it once acknowledgements or a put find room.
+    return spool.db.low_on_disk
 
 
 def delivery(live: LiveRules) -> Context:

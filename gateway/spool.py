@@ -5,17 +5,26 @@ SQLite in WAL mode lets several processes share the file). `Spool` is the asynci
 server and dispatcher use: every call runs on one dedicated thread, and concurrent `put`s are
 grouped into one transaction so that N requests cost one fsync, not N. `SpoolLock` keeps a
 second server off a spool file that one already delivers from.
+
+A full disk must never wedge the spool: acknowledging a delivery deletes rows, which still
+writes WAL frames, and the checkpoint that folds intake's frames into the file needs room of its
+own. So intake stops (`SpoolFull`, a 503) while taking a webhook would leave less than
+`min_free_bytes` free on the spool's filesystem, counting the file growth the next checkpoint
+owes and crediting the free pages inserts reuse. Acknowledgements ignore that reserve. While
+intake is short of room, writes also run a truncating checkpoint, which hands the WAL's space
+back to the disk, and `low_on_disk` keeps readiness at 503 until there is room again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +65,20 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.spool")
+
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
+BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's (the CLI's) lock
+# Primary result codes (sqlite3 exceptions carry the extended code in `sqlite_errorcode`).
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+# What a stored row costs beyond its bytes: its cell, its key in `seen` and the index on it.
+ROW_OVERHEAD_BYTES = 512
+
+
+def _row_cost(key: str | None, body: bytes) -> int:
+    """Bytes one stored webhook takes, with page and WAL frame headers (about 1/32) on top."""
+    size = len(body) + len(key or "")
+    return size + size // 32 + ROW_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,22 +173,32 @@ class SpoolDB:
         *,
         max_pending: int = 1_000_000,
         dedupe_window_s: float = 7 * 86_400.0,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
         self.dedupe_window_s = dedupe_window_s
+        self.min_free_bytes = min_free_bytes
         self.clock = clock
+        # Why intake is refused for lack of disk space, while it is; None when there is room.
+        self.low_on_disk: str | None = None
+        self.committed_at = 0.0  # time.monotonic() of the last commit, to prove the file writable
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.
             self.db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
             )
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives power loss, which is what a 202 promises.
             self.db.execute("PRAGMA synchronous=FULL")
+            # Some builds (Debian's) zero every freed page by default, so an acknowledgement
+            # would write as many bytes as it deletes: on a full disk it could never commit.
+            # FAST zeroes only what the delete rewrites anyway.
+            self.db.execute("PRAGMA secure_delete=FAST")
             self.db.executescript(_SCHEMA)
+            self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
             self.pending = self.count_pending()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
@@ -181,17 +214,100 @@ class SpoolDB:
             try:
                 result = work(self.db)
                 self.db.execute("COMMIT")
+                self.committed_at = time.monotonic()
             except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc).lower():
-                raise SpoolFull(f"the spool's disk is full ({self.path})") from exc
-            raise SpoolError(f"the spool {self.path} cannot be written: {exc}") from exc
         except sqlite3.Error as exc:
-            raise SpoolError(f"the spool {self.path} failed: {exc}") from exc
+            raise self._write_error(exc) from exc
         return result
+
+    def _rollback(self) -> None:
+        if not self.db.in_transaction:
+            return
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            # After a full disk or an I/O error SQLite may have rolled back already; the error
+            # that caused it is the one to report, and nothing of the transaction is committed.
+            log.debug("rollback failed after an error: %s", exc)
+
+    def _write_error(self, exc: sqlite3.Error) -> SpoolError:
+        """The gateway's error for a failed write: SpoolFull when the disk has no room left."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == SQLITE_FULL or "disk is full" in str(exc):
+            self.low_on_disk = f"the disk of the spool {self.path} is full; free space on it"
+            self._give_back()
+            return SpoolFull(
+                f"the disk of the spool {self.path} is full ({exc}); free space on it,"
+                " the spool resumes by itself"
+            )
+        if code == SQLITE_IOERR:
+            # ENOSPC may surface as an I/O error (growing the WAL index, say): look at the disk.
+            with contextlib.suppress(SpoolError, sqlite3.Error):
+                if self._room()[0] <= 0:
+                    self.low_on_disk = self._short_of_room()
+                    self._give_back()
+                    return SpoolFull(f"{self.low_on_disk} ({exc})")
+            return SpoolError(
+                f"disk I/O error on the spool {self.path} ({exc}); check the disk and its log"
+            )
+        if isinstance(exc, sqlite3.OperationalError):
+            return SpoolError(f"the spool {self.path} cannot be written: {exc}")
+        return SpoolError(f"the spool {self.path} failed: {exc}")
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read {what} from the spool {self.path}: {exc}") from exc
+
+    # -- disk room ----------------------------------------------------------------------------
+
+    def _room(self) -> tuple[int, int]:
+        """(bytes writes may still add above the reserve, bytes of free pages inserts reuse)."""
+        try:
+            disk = os.statvfs(self.path.parent)
+            size = self.path.stat().st_size
+        except OSError as exc:
+            raise SpoolError(f"cannot see the free space of the spool {self.path}: {exc}") from exc
+        pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
+        free_pages = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+        # Pages so far only in the WAL: the next checkpoint grows the file by this much.
+        owed = max(0, pages * self._page_size - size)
+        free = disk.f_bavail * disk.f_frsize
+        return free - owed - self.min_free_bytes, free_pages * self._page_size
+
+    def _short_of_room(self) -> str:
+        return (
+            f"the disk of the spool {self.path} is nearly full: delivery.min_free_bytes"
+            f" ({self.min_free_bytes}) is kept free for deliveries; free disk space"
+        )
+
+    def _give_back(self) -> None:
+        """Fold the WAL into the file and truncate it, so the WAL's space returns to the disk."""
+        try:
+            # A reader in another process would make TRUNCATE wait for it, holding up intake
+            # and acks on the spool thread; giving up at once is fine, the next write retries.
+            self.db.execute("PRAGMA busy_timeout = 0")
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        except sqlite3.Error as exc:  # no room to grow the file, say
+            log.debug("could not checkpoint the spool: %s", exc)
+
+    def _refresh_room(self) -> None:
+        """While intake is short of room: give the WAL back, and see whether room returned."""
+        self._give_back()
+        try:
+            room, _ = self._room()
+        except (SpoolError, sqlite3.Error) as exc:
+            log.debug("could not measure the spool's free space: %s", exc)
+            return
+        if room > 0:
+            self.low_on_disk = None
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -199,10 +315,15 @@ class SpoolDB:
         """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
         now = self.clock()
         room = self.max_pending - self.pending
+        if self.low_on_disk is not None:
+            self._give_back()
+        short = False
 
         def work(db: sqlite3.Connection) -> tuple[list[bool | SpoolError], int]:
+            nonlocal short
             results: list[bool | SpoolError] = []
             stored = 0
+            disk, reusable = self._room()
             for key, kind, body in items:
                 if key is not None:
                     # Seen before, but longer ago than the window: a new delivery, not a duplicate.
@@ -214,19 +335,31 @@ class SpoolDB:
                     if cur.rowcount == 0:
                         results.append(False)
                         continue
-                if stored >= room:
+                cost = _row_cost(key, body)
+                # Its WAL frames, then the pages the checkpoint adds where no free page is left.
+                needed = cost + max(0, cost - reusable)
+                if stored >= room or needed > disk:
                     if key is not None:
                         db.execute("DELETE FROM seen WHERE key = ?", (key,))
-                    results.append(SpoolFull(f"the spool holds {self.max_pending} updates"))
+                    if stored >= room:
+                        results.append(SpoolFull(f"the spool holds {self.max_pending} updates"))
+                    else:
+                        short = True
+                        results.append(SpoolFull(self._short_of_room()))
                     continue
                 db.execute(
                     "INSERT INTO inbox(received_at, type, body) VALUES (?, ?, ?)", (now, kind, body)
                 )
+                disk -= needed
+                reusable = max(0, reusable - cost)
                 stored += 1
                 results.append(True)
+            if disk <= 0:
+                short = True
             return results, stored
 
         results, stored = self._tx(work)
+        self.low_on_disk = self._short_of_room() if short else None
         self.pending += stored
         self._puts_since_prune += len(items)
         if self._puts_since_prune >= 10_000:
@@ -247,24 +380,26 @@ class SpoolDB:
 
     def fetch(self, after_id: int, limit: int) -> list[Pending]:
         """The oldest pending webhooks with an id above `after_id`."""
-        rows = self.db.execute(
-            "SELECT id, received_at, type, body FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
+        with self._reading("pending webhooks"):
+            rows = self.db.execute(
+                "SELECT id, received_at, type, body FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
         return [Pending(*row) for row in rows]
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
         """The last applied choice time per (person, target), for the given persons."""
         persons = list(set(persons))
         out: dict[tuple[str, str], float] = {}
-        for start in range(0, len(persons), 500):  # SQLite caps bound parameters
-            chunk = persons[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for person, target, at in self.db.execute(
-                f"SELECT person, target, at FROM applied WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
-                chunk,
-            ):
-                out[(person, target)] = at
+        with self._reading("applied times"):
+            for start in range(0, len(persons), 500):  # SQLite caps bound parameters
+                chunk = persons[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for person, target, at in self.db.execute(
+                    f"SELECT person, target, at FROM applied WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+                    chunk,
+                ):
+                    out[(person, target)] = at
         return out
 
     def ack(
@@ -301,6 +436,8 @@ class SpoolDB:
 
         removed = self._tx(work)
         self.pending = max(0, self.pending - removed)
+        if self.low_on_disk is not None:
+            self._refresh_room()
 
     def recount(self) -> tuple[int, int]:
         """Re-read (pending, dead) from the file, since another process may have replayed.
@@ -308,24 +445,35 @@ class SpoolDB:
         Runs on the spool thread, between writes, so no put or ack is lost to the reset.
         """
         self.pending = self.count_pending()
+        if self.low_on_disk is not None:
+            self._refresh_room()  # room may come back from outside: an operator freeing space
         return self.pending, self.count_dead()
 
     def count_pending(self) -> int:
         """Rows waiting in the inbox (read from the file: another process may have replayed)."""
-        return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+        with self._reading("the pending count"):
+            return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])
 
     def count_dead(self) -> int:
         """Rows in the dead letters."""
-        return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+        with self._reading("the dead-letter count"):
+            return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def oldest_pending_at(self) -> float | None:
+        """When the oldest webhook still waiting was received, or None when none waits."""
+        with self._reading("the oldest pending webhook"):
+            row = self.db.execute("SELECT received_at FROM inbox ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
 
     # -- dead letters -------------------------------------------------------------------------
 
     def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """Every dead letter, or the ones named, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
-            " ORDER BY id"
-        ).fetchall()
+        with self._reading("the dead letters"):
+            rows = self.db.execute(
+                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
+                " ORDER BY id"
+            ).fetchall()
         wanted = set(ids) if ids is not None else None
         return [DeadLetter(*row) for row in rows if wanted is None or row[0] in wanted]
 
@@ -335,6 +483,15 @@ class SpoolDB:
 
         def work(db: sqlite3.Connection) -> int:
             where, params = _which(ids)
+            size, count = db.execute(
+                f"SELECT coalesce(sum(length(body)), 0), count(*) FROM dead_letters {where}",  # noqa: S608 - only placeholders are interpolated
+                params,
+            ).fetchone()
+            # Replayed rows are intake too: they must not eat the room acknowledgements need.
+            disk, reusable = self._room()
+            cost = size + size // 32 + count * ROW_OVERHEAD_BYTES
+            if cost + max(0, cost - reusable) > disk:
+                raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
                 f"INSERT INTO inbox(received_at, type, body) SELECT ?, type, body"  # noqa: S608 - only placeholders are interpolated
                 f" FROM dead_letters {where} ORDER BY id",

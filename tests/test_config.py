@@ -643,6 +643,15 @@ def test_non_positive_numbers_are_refused(tmp_path: Path) -> None:
     assert f"{path}:{line_of(path, 'port =')}: server.port must be between 1 and 65535" in text
 
 
+def test_the_disk_reserve_defaults_to_64_mib_and_refuses_less_than_1_mib(tmp_path: Path) -> None:
+    """delivery.min_free_bytes is 64 MiB unless set, and below 1 MiB it is an error on its line."""
+    assert load_config(write(tmp_path, MINIMAL), {}).delivery.min_free_bytes == 64 * 1024 * 1024
+    path = write(tmp_path, MINIMAL + "\n[delivery]\nmin_free_bytes = 4096\n")
+    text = str(problems_of(path))
+    line = line_of(path, "min_free_bytes")
+    assert f"{path}:{line}: delivery.min_free_bytes must be at least 1048576 (1 MiB)" in text
+
+
 def test_an_unknown_instance_name_in_the_config_is_an_error(tmp_path: Path) -> None:
     """braze.server = "US-09" is reported on its line, listing the known instances."""
     path = write(tmp_path, MINIMAL.replace('"US-01"', '"US-09"'))

@@ -87,7 +87,11 @@ def test_every_known_series_exists_at_zero(metrics: Metrics) -> None:
     for endpoint in ("/users/track", "/users/delete"):
         count = "gateway_braze_request_duration_seconds_count"
         assert sample(metrics, count, endpoint=endpoint) == 0
-    for name in ("gateway_updates_delivered_total", "gateway_spool_pending"):
+    for name in (
+        "gateway_updates_delivered_total",
+        "gateway_spool_pending",
+        "gateway_spool_oldest_pending_age_seconds",
+    ):
         assert sample(metrics, name) == 0, name
     assert sample(metrics, "gateway_dead_letters") == 0
     assert sample(metrics, "gateway_delivery_latency_seconds_count") == 0

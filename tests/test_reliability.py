@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -460,6 +462,38 @@ async def test_braze_outage_then_503s_drains_with_nothing_lost(
         await fake.stop()
 
 
+@pytest.mark.slow
+async def test_the_oldest_pending_age_shows_a_stall_and_falls_back_to_zero(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """While Braze refuses connections, gateway_spool_oldest_pending_age_seconds shows how long the
+    oldest stored update has waited; once Braze drains the spool it is 0 again."""
+    received = time.time() - 3600
+    db = SpoolDB(tmp_path / "var" / "gateway.db", clock=lambda: received)
+    db.put_many([(None, "event.created", choice("waiting-1", True, at(1)))])
+    db.close()
+    port = free_port()
+    fake = FakeBraze(api_key=BRAZE_API_KEY)  # not started: connections are refused
+    gw = await start_gateway(f"http://127.0.0.1:{port}")
+    age = "gateway_spool_oldest_pending_age_seconds"
+    try:
+
+        async def an_hour_old() -> bool:
+            return gw.sample(age) >= 3600
+
+        await eventually(an_hour_old, 10, "the age of the waiting update")
+        await fake.start(port=port)
+        await gw.settle()
+
+        async def zero() -> bool:
+            return gw.sample(age) == 0
+
+        await eventually(zero, 10, "the age to fall back to 0 once the spool is empty")
+    finally:
+        await fake.stop()
+    assert fake.users["waiting-1"].email_subscribe == "opted_in"
+
+
 # ---------------------------------------------------------------------------
 # Wrong Braze key, fixed by SIGHUP
 
@@ -661,6 +695,161 @@ async def test_unwritable_spool_never_answers_2xx_for_what_it_did_not_store(
     stored = {person_of(row.body) for row in await spool.run(spool.db.fetch, 0, 1000)}
     assert stored == {person_of(b) for b in bodies + first}
     assert gw.sample("gateway_spool_pending") == len(stored)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MB tmpfs to put a spool on, unmounted at teardown (skips where mounting is refused)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs for the full-disk tests needs root and mount(8)")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],  # noqa: S607 - the system's mount
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip() or run.returncode}")
+    try:
+        yield mount
+    finally:
+        # Lazy when busy: a spool still open by a failed test must not leave the mount behind.
+        umount = ["umount", str(mount)]  # the system's umount, from PATH as mount is
+        if subprocess.run(umount, capture_output=True, check=False).returncode:
+            subprocess.run([*umount, "-l"], check=True)
+
+
+def padded(person: str, n: int, size: int = 16_000) -> bytes:
+    """A webhook opting `person` in, padded to about `size` bytes with a field Didomi may add."""
+    data = json.loads(choice(person, True, at(n % 1440), event_id=f"pad-{person}"))
+    data["parameters"]["entity"]["padding"] = "x" * size  # unknown fields are ignored
+    return json.dumps(data).encode()
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in `directory` until its filesystem has no byte left, as another program may."""
+    ballast = directory / "ballast"
+    with ballast.open("wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 65_536)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return ballast
+
+
+@pytest.mark.slow
+async def test_a_full_disk_delivers_every_accepted_webhook_and_accepts_again(
+    small_disk: Path,  # first: unmounted only after the gateway has closed the spool
+    start_gateway: StartGateway,
+    auth_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the spool on a 6 MB disk and Braze down, intake fills it until it answers 503; once
+    Braze is back every 202 is delivered without one acknowledgement failing for lack of room,
+    /readyz returns to 200 and the refused webhooks are accepted."""
+    port = free_port()
+    fake = FakeBraze(api_key=BRAZE_API_KEY)  # not started: connections are refused
+    gw = await start_gateway(
+        f"http://127.0.0.1:{port}",
+        delivery={"spool": str(small_disk / "gateway.db"), "min_free_bytes": 1_500_000},
+    )
+    bodies = {f"disk-{n}": padded(f"disk-{n}", n) for n in range(600)}  # 9.6 MB: more than fits
+    statuses: dict[str, int] = {}
+    try:
+        people = list(bodies)
+        for start in range(0, len(people), 40):
+            wave = people[start : start + 40]
+            statuses.update(
+                zip(wave, await post_all(gw, [bodies[p] for p in wave], auth_headers), strict=True)
+            )
+            if 202 not in (statuses[p] for p in wave):
+                break  # the disk refuses whole waves now
+        assert set(statuses.values()) <= {202, 503}
+        accepted = {p for p, s in statuses.items() if s == 202}
+        refused = [p for p, s in statuses.items() if s == 503]
+        assert accepted, "nothing was accepted: the test proves less"
+        assert refused, "the disk never filled: the test proves less"
+        spool = gw.app[SPOOL]
+        stored = {person_of(row.body) for row in await spool.run(spool.db.fetch, 0, 10_000)}
+        assert stored == accepted  # every 202 is on disk, and no 503 is
+        status, body = await gw.readyz()
+        assert status == 503
+        assert "min_free_bytes" in body["detail"]
+
+        await fake.start(port=port)
+        await gw.settle()
+        assert accepted <= set(fake.users)
+
+        async def ready() -> bool:
+            return (await gw.readyz())[0] == 200
+
+        await eventually(ready, 10, "/readyz to say ready once the spool drained")
+        retried: set[str] = set()
+
+        async def all_accepted() -> bool:
+            waiting = [p for p in refused if p not in retried]
+            answers = await post_all(gw, [bodies[p] for p in waiting], auth_headers)
+            assert set(answers) <= {202, 503}  # never 200: a refused webhook was never kept
+            retried.update(p for p, s in zip(waiting, answers, strict=True) if s == 202)
+            return len(retried) == len(refused)
+
+        await eventually(all_accepted, 15, "the refused webhooks to be accepted")
+        await gw.settle()
+    finally:
+        await fake.stop()
+    assert {p: fake.users[p].email_subscribe for p in statuses} == dict.fromkeys(
+        statuses, "opted_in"
+    )
+    assert gw.dead() == 0
+    failed_acks = [r for r in caplog.records if "cannot record delivery outcomes" in r.message]
+    assert failed_acks == []  # the reserve left room for every acknowledgement
+
+
+async def test_an_acknowledgement_waits_out_a_disk_another_program_filled(
+    small_disk: Path, start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """When another program fills the spool's disk while a batch is at Braze, /readyz and intake
+    answer 503, the acknowledgement is retried, and freeing the space drains the spool."""
+    fake.latency_s = 0.5  # the request is in flight while the disk fills
+    gw = await start_gateway(
+        fake.url, delivery={"spool": str(small_disk / "gateway.db"), "min_free_bytes": 1_048_576}
+    )
+    assert await gw.post(choice("fill-1", True, at(1)), auth_headers) == 202
+
+    async def sent() -> bool:
+        return len(fake.requests) >= 1
+
+    await eventually(sent, 5, "the request to Braze")
+    ballast = fill(small_disk)
+    try:
+
+        async def unready() -> bool:
+            return (await gw.readyz())[0] == 503
+
+        await eventually(unready, 5, "/readyz to report the full disk")
+        assert "full" in (await gw.readyz())[1]["detail"]
+        assert gw.sample("gateway_braze_requests_total", endpoint="/users/track", status="201") == 1
+        assert await gw.post(choice("fill-2", True, at(2)), auth_headers) == 503
+        assert gw.pending() == 1  # fill-1 waits for its acknowledgement
+    finally:
+        ballast.unlink()
+    fake.latency_s = 0.0
+
+    async def ready() -> bool:
+        return (await gw.readyz())[0] == 200
+
+    await eventually(ready, 10, "/readyz to say ready once the space is back")
+    assert await gw.post(choice("fill-2", True, at(2)), auth_headers) == 202
+    await gw.settle()
+    assert {p: fake.users[p].email_subscribe for p in ("fill-1", "fill-2")} == {
+        "fill-1": "opted_in",
+        "fill-2": "opted_in",
+    }
+    assert gw.dead() == 0
 
 
 def read_only_until(release: asyncio.Event) -> Context:

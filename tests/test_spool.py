@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,9 @@ from gateway.spool import Dead, Spool, SpoolDB, SpoolLock
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0
+NO_DISK_HAS_THIS_MUCH = 10**18  # as min_free_bytes: any write would eat into the reserve
+MIB = 1024 * 1024
+SQLITE_IOERR_WRITE = 778
 
 
 class Clock:
@@ -119,6 +125,124 @@ def test_disk_full_is_spool_full_and_stores_nothing(db: SpoolDB) -> None:
     assert db.db.execute("SELECT count(*) FROM seen WHERE key = 'big'").fetchone() == (0,)
     db.db.execute("PRAGMA max_page_count = 1000000")
     assert db.put_many([("big", "event.created", b"x" * 200_000)]) == [True]
+
+
+def test_intake_leaves_min_free_bytes_to_acknowledgements(path: Path) -> None:
+    """While a webhook would leave less than min_free_bytes free on the disk, put is SpoolFull and
+    forgets its key, an acknowledgement still commits, and intake resumes once there is room."""
+    db = SpoolDB(path)
+    try:
+        assert db.put_many([item(1)]) == [True]
+        db.min_free_bytes = NO_DISK_HAS_THIS_MUCH
+        (refused,) = db.put_many([item(2)])
+        assert isinstance(refused, SpoolFull)
+        assert "delivery.min_free_bytes" in str(refused)
+        assert db.low_on_disk is not None
+        assert db.count_pending() == 1
+        db.ack([db.fetch(0, 1)[0].id])  # what the reserve is kept for
+        assert db.count_pending() == 0
+        assert db.low_on_disk is not None
+        db.min_free_bytes = MIB
+        db.recount()
+        assert db.low_on_disk is None
+        assert db.put_many([item(2)]) == [True]  # a retry, not a duplicate
+    finally:
+        db.close()
+
+
+def test_replay_does_not_spend_the_reserve(db: SpoolDB) -> None:
+    """Replaying dead letters is intake too: without room above min_free_bytes it is SpoolFull and
+    the letters stay where they are."""
+    db.put_many([item(1)])
+    db.ack([], dead=[Dead(db.fetch(0, 1)[0].id, "refused")])
+    db.min_free_bytes = NO_DISK_HAS_THIS_MUCH
+    with pytest.raises(SpoolFull, match="min_free_bytes"):
+        db.replay()
+    assert (db.count_pending(), db.count_dead()) == (0, 1)
+    db.min_free_bytes = MIB
+    assert db.replay() == 1
+
+
+def test_deleting_rows_does_not_rewrite_their_pages(db: SpoolDB) -> None:
+    """secure_delete is FAST (2): an acknowledgement on a full disk writes little, not its rows."""
+    assert db.db.execute("PRAGMA secure_delete").fetchone() == (2,)
+
+
+class FailingCommits(sqlite3.Connection):
+    """A real connection whose COMMIT fails with the SQLite error code `fail_with`, while set."""
+
+    fail_with: int | None = None
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.fail_with is not None and sql == "COMMIT":
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = self.fail_with
+            raise error
+        return super().execute(sql, *args)
+
+
+def test_an_io_error_is_a_spool_error_and_spool_full_on_a_disk_short_of_room(path: Path) -> None:
+    """A disk I/O error on commit is a SpoolError naming the file, SpoolFull when the disk has no
+    room above min_free_bytes (ENOSPC can surface so), and nothing is stored either way."""
+    db = SpoolDB(path)
+    db.db.close()
+    db.db = connection = sqlite3.connect(path, isolation_level=None, factory=FailingCommits)
+    try:
+        connection.fail_with = SQLITE_IOERR_WRITE
+        with pytest.raises(SpoolError, match="disk I/O error") as caught:
+            db.put_many([item(1)])
+        assert not isinstance(caught.value, SpoolFull)
+        assert str(path) in str(caught.value)
+        db.min_free_bytes = NO_DISK_HAS_THIS_MUCH
+        with pytest.raises(SpoolFull):
+            db.put_many([item(1)])
+        assert db.count_pending() == 0
+        connection.fail_with = None
+        db.min_free_bytes = MIB
+        assert db.put_many([item(1)]) == [True]
+    finally:
+        db.close()
+
+
+READS: dict[str, Callable[[SpoolDB], object]] = {
+    "fetch": lambda db: db.fetch(0, 10),
+    "applied_times": lambda db: db.applied_times(["user-1"]),
+    "recount": lambda db: db.recount(),
+    "count_pending": lambda db: db.count_pending(),
+    "count_dead": lambda db: db.count_dead(),
+    "dead_letters": lambda db: db.dead_letters(),
+    "oldest_pending_at": lambda db: db.oldest_pending_at(),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_reads_raise_a_spool_error_naming_the_file(path: Path, tmp_path: Path, read: str) -> None:
+    """A read the file cannot answer (a file without the spool's tables) is a SpoolError that
+    names the spool, never a raw sqlite3 error."""
+    db = SpoolDB(path)
+    db.db.close()
+    db.db = sqlite3.connect(tmp_path / "no-tables.db", isolation_level=None)
+    try:
+        with pytest.raises(SpoolError, match=re.escape(str(path))):
+            READS[read](db)
+    finally:
+        db.close()
+
+
+def test_oldest_pending_at_is_when_the_oldest_waiting_row_arrived(
+    db: SpoolDB, clock: Clock
+) -> None:
+    """oldest_pending_at is the arrival time of the oldest row still waiting, None when none is."""
+    assert db.oldest_pending_at() is None
+    db.put_many([item(1)])
+    clock.now = T0 + 5
+    db.put_many([item(2)])
+    assert db.oldest_pending_at() == T0
+    first, second = db.fetch(0, 10)
+    db.ack([first.id])
+    assert db.oldest_pending_at() == T0 + 5
+    db.ack([second.id])
+    assert db.oldest_pending_at() is None
 
 
 def test_a_spool_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) -> None:
