@@ -62,7 +62,8 @@ class Dispatcher:
         self.metrics = metrics
         self.clock = clock
         self.batcher = Batcher()
-        self.health = DeliveryHealth(metrics)
+        self.flow = metrics.flow("to_braze")
+        self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
@@ -199,13 +200,13 @@ class Dispatcher:
         self._cursor = rows[-1].id
         self.batcher.add(entries)
         for reason, count in reasons.items():
-            self.metrics.events_skipped.labels(reason).inc(count)
+            self.flow.skipped(reason, count)
         if clamped := sum(1 for entry in entries if entry.mapped.clamped):
             self.metrics.event_dates_clamped.inc(clamped)
             log.warning("%d choice(s) dated in the future were dated at their arrival", clamped)
         if unmappable:
-            self.metrics.updates_failed.labels("unmappable").inc(len(unmappable))
-            self.metrics.dead_letters.inc(len(unmappable))
+            self.flow.failed("unmappable", len(unmappable))
+            self.flow.dead_letters.inc(len(unmappable))
 
     def _map(self, rules: RuleSet, row: Pending) -> Mapped | str:
         """What the row asks of Braze, or the reason it asks nothing."""
@@ -223,7 +224,7 @@ class Dispatcher:
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
         # it when caught up (a CLI replay is then the only way the count could be off).
         if self.batcher or now - self._last_recount < RECOUNT_S:
-            self.metrics.spool_pending.set(self.spool.pending)
+            self.flow.pending.set(self.spool.pending)
             return
         self._last_recount = now
         task = asyncio.create_task(self._recount_from_file())
@@ -236,8 +237,8 @@ class Dispatcher:
         except SpoolError as exc:
             log.warning("could not recount the spool (will retry): %s", exc)
             return
-        self.metrics.spool_pending.set(pending)
-        self.metrics.dead_letters.set(dead)
+        self.flow.pending.set(pending)
+        self.flow.dead_letters.set(dead)
 
     async def _watch_age(self) -> None:
         """Refresh the oldest pending age every few seconds, whatever the loop is waiting on.
@@ -252,7 +253,7 @@ class Dispatcher:
                 log.warning("could not read the oldest pending update (will retry): %s", exc)
             else:
                 age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
-                self.metrics.spool_oldest_pending_age.set(age)
+                self.flow.oldest_age.set(age)
             await self._pause(RECOUNT_S)
 
     async def _form(self) -> Batch | None:
@@ -319,7 +320,7 @@ class Dispatcher:
             for target in stale:
                 del item.changes[target]
             if stale:
-                self.metrics.events_skipped.labels("stale").inc()  # once per person, not target
+                self.flow.skipped("stale")  # once per person, not target
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         # A person whose every change was stale needs no request, only an ack.
@@ -368,7 +369,7 @@ class Dispatcher:
             if action is Action.DEAD_LETTER:
                 await self._dead(items, decision.reason, answer)
                 return
-            self.metrics.retries.labels(decision.reason).inc()
+            self.flow.retried(decision.reason)
             if action is Action.HOLD:
                 self.health.block(answer)
             else:
@@ -400,21 +401,21 @@ class Dispatcher:
             if item.changes or item.delete:
                 delivered += 1
             for row in item.rows:
-                self.metrics.delivery_latency.observe(max(0.0, now - row.received_at))
+                self.flow.latency.observe(max(0.0, now - row.received_at))
         await self._record(self.spool.db.ack, done, applied, dead)
         for item in items:
             item.settled = True
-        self.metrics.updates_delivered.inc(delivered)
+        self.flow.delivered.inc(delivered)
         log.debug(
             "Braze acknowledged %d object(s)",
             delivered,
             extra={"objects": delivered, "webhooks": len(done), "outcome": "delivered"},
         )
         if dead:
-            self.metrics.updates_failed.labels("rejected").inc(len({d.person for d in dead}))
-            self.metrics.dead_letters.inc(len(dead))
+            self.flow.failed("rejected", len({d.person for d in dead}))
+            self.flow.dead_letters.inc(len(dead))
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
-        self.metrics.spool_pending.set(self.spool.pending)
+        self.flow.pending.set(self.spool.pending)
 
     async def _record(self, write: Callable[..., None], *args: object) -> None:
         """Write an outcome to the spool, retrying while it cannot be written.
@@ -442,7 +443,7 @@ class Dispatcher:
         await self._record(self.spool.db.ack, [], [], dead)
         for item in items:
             item.settled = True
-        self.metrics.updates_failed.labels(reason).inc(len(items))
-        self.metrics.dead_letters.inc(len(dead))
-        self.metrics.spool_pending.set(self.spool.pending)
+        self.flow.failed(reason, len(items))
+        self.flow.dead_letters.inc(len(dead))
+        self.flow.pending.set(self.spool.pending)
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -30,7 +31,11 @@ __all__ = [
     "metrics_handler",
 ]
 
+Direction = Literal["to_braze", "to_didomi"]
 EVENT_TYPES = (*WEBHOOK_TYPES, "other")
+# What Braze sends to the reverse routes: a webhook step's body, or one Currents event.
+BRAZE_TYPES = ("braze.step", "braze.currents")
+DIRECTIONS: tuple[Direction, ...] = ("to_braze", "to_didomi")
 OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unauthorized", "unavailable")
 BRAZE_ENDPOINTS = (TRACK, DELETE)
 FAILURE_REASONS = ("rejected", "bad_request", "gave_up", "too_large", "unmappable")
@@ -52,6 +57,7 @@ SKIP_REASONS = (
     "deleted",
     "no_rule",
     "ignored",
+    "echo",
 )
 # HTTP methods are labels only when standard; anything else a client invents becomes "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -75,13 +81,13 @@ class Metrics:
 
         self.webhooks_received = Counter(
             "gateway_webhooks_received",
-            "Didomi webhooks answered, by event type and outcome.",
-            ["type", "outcome"],
+            "Webhooks answered (Didomi's, to_braze; Braze's, to_didomi), by type and outcome.",
+            ["direction", "type", "outcome"],
             registry=r,
         )
         self._webhook_children = {
-            (type_, outcome): self.webhooks_received.labels(type_, outcome)
-            for type_ in EVENT_TYPES
+            (type_, outcome): self.webhooks_received.labels(_direction_of(type_), type_, outcome)
+            for type_ in (*EVENT_TYPES, *BRAZE_TYPES)
             for outcome in OUTCOMES
         }
 
@@ -101,40 +107,47 @@ class Metrics:
         for endpoint in BRAZE_ENDPOINTS:
             self.braze_request_duration.labels(endpoint)
 
+        # Every delivery family is split by direction: to_braze (Didomi's choices sent to
+        # Braze) and to_didomi (Braze's subscription changes written back to Didomi).
         self.updates_delivered = Counter(
-            "gateway_updates_delivered", "Braze user objects acknowledged by Braze.", registry=r
+            "gateway_updates_delivered",
+            "Updates acknowledged by the other side (Braze objects, Didomi consent events).",
+            ["direction"],
+            registry=r,
         )
         self.updates_failed = Counter(
             "gateway_updates_failed",
             "Updates moved to the dead letters, by reason.",
-            ["reason"],
+            ["direction", "reason"],
             registry=r,
         )
-        _touch(self.updates_failed, FAILURE_REASONS)
         self.retries = Counter(
-            "gateway_retries", "Braze requests retried, by reason.", ["reason"], registry=r
+            "gateway_retries", "Requests retried, by reason.", ["direction", "reason"], registry=r
         )
-        _touch(self.retries, RETRY_REASONS)
         self.delivery_latency = Histogram(
             "gateway_delivery_latency_seconds",
-            "Time from a webhook being accepted to Braze acknowledging its update.",
+            "Time from a webhook being accepted to the other side acknowledging its update.",
+            ["direction"],
             buckets=DELIVERY_BUCKETS,
             registry=r,
         )
-
         self.spool_pending = Gauge(
-            "gateway_spool_pending", "Updates stored and not yet acknowledged by Braze.", registry=r
+            "gateway_spool_pending",
+            "Updates stored and not yet acknowledged by the other side.",
+            ["direction"],
+            registry=r,
         )
         # Delivery can stall with no error to count (a wedged batch, say): age shows it.
         self.spool_oldest_pending_age = Gauge(
             "gateway_spool_oldest_pending_age_seconds",
             "Age of the oldest update waiting in the spool; 0 when empty.",
+            ["direction"],
             registry=r,
         )
-        self.spool_oldest_pending_age.set(0)
         self.dead_letters = Gauge(
             "gateway_dead_letters",
-            "Updates Braze refused, waiting for replay or purge.",
+            "Updates refused for good, waiting for replay or purge.",
+            ["direction"],
             registry=r,
         )
         self.braze_rate_limit_remaining = Gauge(
@@ -154,10 +167,9 @@ class Metrics:
         self.events_skipped = Counter(
             "gateway_events_skipped",
             "Stored webhooks or targets that changed nothing, by reason.",
-            ["reason"],
+            ["direction", "reason"],
             registry=r,
         )
-        _touch(self.events_skipped, SKIP_REASONS)
 
         self.event_dates_clamped = Counter(
             "gateway_event_dates_clamped",
@@ -166,12 +178,11 @@ class Metrics:
         )
         self.delivery_blocked = Gauge(
             "gateway_delivery_blocked",
-            "1 while Braze refuses the key or the URL (by status); updates wait in the spool.",
-            ["reason"],
+            "1 while the other side refuses the key or the URL (by status); updates wait.",
+            ["direction", "reason"],
             registry=r,
         )
-        for reason in BLOCKED_REASONS:
-            self.delivery_blocked.labels(reason).set(0)
+        self.flows = {direction: Flow(self, direction) for direction in DIRECTIONS}
 
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(
@@ -200,12 +211,18 @@ class Metrics:
             registry=r,
         )
 
+    def flow(self, direction: Direction) -> Flow:
+        """The delivery metrics of one direction, their children bound once."""
+        return self.flows[direction]
+
     def webhook(self, type_: str, outcome: str) -> None:
-        """Count one answered webhook; a type outside the known six is counted as `other`."""
-        key = (type_ if type_ in EVENT_TYPES else "other", outcome)
+        """Count one answered webhook; a type outside the known ones is counted as `other`."""
+        known = type_ in EVENT_TYPES or type_ in BRAZE_TYPES
+        key = (type_ if known else "other", outcome)
         child = self._webhook_children.get(key)
         if child is None:  # .labels() costs a lock and a tuple hash; this runs per request
-            child = self._webhook_children[key] = self.webhooks_received.labels(*key)
+            child = self.webhooks_received.labels(_direction_of(key[0]), *key)
+            self._webhook_children[key] = child
         child.inc()
 
     def middleware(self) -> Middleware:
@@ -250,6 +267,53 @@ def method_label(method: str) -> str:
 def metrics_handler(metrics: Metrics) -> Handler:
     """The `GET /metrics` handler: prometheus-client's own, so content negotiation is theirs."""
     return make_aiohttp_handler(metrics.registry)
+
+
+class Flow:
+    """The metric children of one delivery direction, bound once: `.labels()` costs a lock and
+    a hash per call, and these are touched per batch or per row."""
+
+    def __init__(self, metrics: Metrics, direction: Direction) -> None:
+        self.direction = direction
+        self.delivered = metrics.updates_delivered.labels(direction)
+        self.latency = metrics.delivery_latency.labels(direction)
+        self.pending = metrics.spool_pending.labels(direction)
+        self.oldest_age = metrics.spool_oldest_pending_age.labels(direction)
+        self.dead_letters = metrics.dead_letters.labels(direction)
+        self.oldest_age.set(0)
+        self._failed = {r: metrics.updates_failed.labels(direction, r) for r in FAILURE_REASONS}
+        self._retries = {r: metrics.retries.labels(direction, r) for r in RETRY_REASONS}
+        self._skipped = {r: metrics.events_skipped.labels(direction, r) for r in SKIP_REASONS}
+        self._blocked = {r: metrics.delivery_blocked.labels(direction, r) for r in BLOCKED_REASONS}
+        for gauge in self._blocked.values():
+            gauge.set(0)
+        self._metrics = metrics
+
+    def failed(self, reason: str, count: int = 1) -> None:
+        """Count updates moved to the dead letters."""
+        self._child(self._failed, self._metrics.updates_failed, reason).inc(count)
+
+    def retried(self, reason: str) -> None:
+        """Count one request sent again."""
+        self._child(self._retries, self._metrics.retries, reason).inc()
+
+    def skipped(self, reason: str, count: int = 1) -> None:
+        """Count stored webhooks (or people, for `stale`) that changed nothing."""
+        self._child(self._skipped, self._metrics.events_skipped, reason).inc(count)
+
+    def blocked(self, reason: str, on: bool) -> None:
+        """Say whether the other side refuses the config, by status."""
+        self._child(self._blocked, self._metrics.delivery_blocked, reason).set(1 if on else 0)
+
+    def _child(self, cache: dict[str, Any], family: Any, reason: str) -> Any:
+        child = cache.get(reason)
+        if child is None:
+            child = cache[reason] = family.labels(self.direction, reason)
+        return child
+
+
+def _direction_of(type_: str) -> Direction:
+    return "to_didomi" if type_ in BRAZE_TYPES else "to_braze"
 
 
 def _touch(counter: Counter, values: tuple[str, ...]) -> None:

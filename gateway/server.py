@@ -173,7 +173,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     lock, db = await asyncio.to_thread(_open_spool, app[CONFIG].delivery)
     spool = Spool(db)
     app[SPOOL] = spool
-    app[METRICS].spool_pending.set(spool.pending)
+    app[METRICS].flow("to_braze").pending.set(spool.pending)
     yield
     try:
         await spool.close()  # queued writes commit first
@@ -494,7 +494,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         detail = "the spool cannot store webhooks now; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
     finally:
-        metrics.spool_pending.set(spool.pending)
+        metrics.flow("to_braze").pending.set(spool.pending)
     outcome = "accepted" if stored else "duplicate"
     metrics.webhook(kind, outcome)
     # The audit trail of consent: which Didomi event, what became of it. Never the person.

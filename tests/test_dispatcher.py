@@ -108,8 +108,8 @@ async def test_delivers_and_removes_from_spool(fake: FakeBraze, harness: Any) ->
     assert fake.users["alice"].subscription_groups == {NEWS: "subscribed", OFFERS: "unsubscribed"}
     assert fake.users["bob"].email_subscribe == "unsubscribed"
     assert all(o["_update_existing_only"] is True for o in fake.objects_sent())
-    assert h.sample("gateway_updates_delivered_total") == 2
-    assert h.sample("gateway_delivery_latency_seconds_count") == 2
+    assert h.sample("gateway_updates_delivered_total", direction="to_braze") == 2
+    assert h.sample("gateway_delivery_latency_seconds_count", direction="to_braze") == 2
 
 
 async def test_coalesces_one_person_into_one_object(fake: FakeBraze, harness: Any) -> None:
@@ -158,7 +158,7 @@ async def test_server_errors_retry_then_deliver(fake: FakeBraze, harness: Any) -
     async with harness(fake) as h:
         await h.put(event("dan", True))
         await h.settle()
-        assert h.sample("gateway_retries_total", reason="server_error") == 3
+        assert h.sample("gateway_retries_total", direction="to_braze", reason="server_error") == 3
         assert h.spool.db.count_dead() == 0
     assert fake.users["dan"].email_subscribe == "opted_in"
 
@@ -168,7 +168,7 @@ async def test_timeouts_retry_then_deliver(fake: FakeBraze, harness: Any) -> Non
     fake.latency_s = 1.0
     async with harness(fake, braze__timeout_s=0.2) as h:
         await h.put(event("erin", True))
-        while h.sample("gateway_retries_total", reason="timeout") < 2:
+        while h.sample("gateway_retries_total", direction="to_braze", reason="timeout") < 2:
             await asyncio.sleep(0.05)
         fake.latency_s = 0.0
         await h.settle()
@@ -182,7 +182,7 @@ async def test_connection_refused_retries_until_braze_is_back(tmp_path: Path, ha
     fake.url = f"http://127.0.0.1:{port}"
     async with harness(fake) as h:
         await h.put(event("fay", True))
-        while h.sample("gateway_retries_total", reason="connection") < 2:
+        while h.sample("gateway_retries_total", direction="to_braze", reason="connection") < 2:
             await asyncio.sleep(0.05)
         assert h.spool.db.count_pending() == 1
         await fake.start(port=port)
@@ -201,7 +201,7 @@ async def test_429_waits_for_retry_after(fake: FakeBraze, harness: Any) -> None:
         await h.put(event("gus", True))
         await h.settle()
         elapsed = time.monotonic() - started
-        assert h.sample("gateway_retries_total", reason="rate_limited") == 1
+        assert h.sample("gateway_retries_total", direction="to_braze", reason="rate_limited") == 1
     assert fake.users["gus"].email_subscribe == "opted_in"
     assert elapsed >= 0.45
 
@@ -231,20 +231,20 @@ async def test_unauthorized_keeps_everything_until_the_key_works(
     fake.api_key = "rotated-key"
     async with harness(fake) as h:
         await h.put(event("hal", True), event("ivy", False))
-        while h.sample("gateway_retries_total", reason="unauthorized") < 2:
+        while h.sample("gateway_retries_total", direction="to_braze", reason="unauthorized") < 2:
             await asyncio.sleep(0.05)
         assert h.dispatcher is not None
         reason = h.dispatcher.degraded_reason()
         assert reason is not None
         assert "401" in reason
         assert h.sample("gateway_braze_auth_ok") == 0
-        assert h.sample("gateway_delivery_blocked", reason="401") == 1
+        assert h.sample("gateway_delivery_blocked", direction="to_braze", reason="401") == 1
         assert h.spool.db.count_pending() == 2
         fake.api_key = KEY
         await h.settle()
         assert h.dispatcher.degraded_reason() is None
         assert h.sample("gateway_braze_auth_ok") == 1
-        assert h.sample("gateway_delivery_blocked", reason="401") == 0
+        assert h.sample("gateway_delivery_blocked", direction="to_braze", reason="401") == 0
         assert h.spool.db.count_dead() == 0
     assert fake.users["ivy"].email_subscribe == "unsubscribed"
 
@@ -258,7 +258,10 @@ async def test_400_splits_the_batch_and_dead_letters_only_the_bad_object(
         await h.put(*(event(f"ok-{i}", True) for i in range(7)), event("bad-jim", True))
         await h.settle()
         letters = h.spool.db.dead_letters()
-        assert h.sample("gateway_updates_failed_total", reason="bad_request") == 1
+        assert (
+            h.sample("gateway_updates_failed_total", direction="to_braze", reason="bad_request")
+            == 1
+        )
     assert [letter.person for letter in letters] == ["bad-jim"]
     assert "400" in letters[0].reason
     assert len(fake.users) == 7
@@ -271,8 +274,10 @@ async def test_per_object_errors_dead_letter_just_those(fake: FakeBraze, harness
         await h.put(event("kim", True), event("leo", True), event("max", False))
         await h.settle()
         letters = h.spool.db.dead_letters()
-        assert h.sample("gateway_updates_failed_total", reason="rejected") == 1
-        assert h.sample("gateway_updates_delivered_total") == 2
+        assert (
+            h.sample("gateway_updates_failed_total", direction="to_braze", reason="rejected") == 1
+        )
+        assert h.sample("gateway_updates_delivered_total", direction="to_braze") == 2
     assert [(letter.person, letter.type) for letter in letters] == [("kim", "event.created")]
     assert "invalid_user" in letters[0].reason
     assert set(fake.users) == {"leo", "max"}
@@ -311,7 +316,7 @@ async def test_stale_choice_is_dropped(fake: FakeBraze, harness: Any) -> None:
         await h.settle()
         await h.put(event("ola", True, at="2025-03-14T09:00:00Z"))
         await h.settle()
-        assert h.sample("gateway_events_skipped_total", reason="stale") >= 1
+        assert h.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") >= 1
     assert fake.users["ola"].email_subscribe == "unsubscribed"
     assert len(fake.objects_sent()) == 1
 
@@ -370,7 +375,7 @@ async def test_user_deleted_delete_mode_retries_like_track(fake: FakeBraze, harn
     async with harness(fake, Options(on_user_deleted="delete")) as h:
         await h.put(user_deleted("yan"))
         await h.settle()
-        assert h.sample("gateway_retries_total", reason="server_error") == 2
+        assert h.sample("gateway_retries_total", direction="to_braze", reason="server_error") == 2
     assert fake.deleted == ["yan"]
 
 
@@ -391,7 +396,7 @@ async def test_user_deleted_is_ignored_by_default(fake: FakeBraze, harness: Any)
     async with harness(fake) as h:
         await h.put(user_deleted("wes"))
         await h.settle()
-        assert h.sample("gateway_events_skipped_total", reason="deleted") == 1
+        assert h.sample("gateway_events_skipped_total", direction="to_braze", reason="deleted") == 1
     assert fake.requests == []
 
 

@@ -116,7 +116,9 @@ async def test_double_opt_in_holds_until_confirmed(
     assert await gw.post(fixture("event_pending.json"), auth_headers) == 202
     await gw.settle()
     assert fake.requests == []
-    assert gw.sample("gateway_events_skipped_total", reason="not_confirmed") == 1
+    assert (
+        gw.sample("gateway_events_skipped_total", direction="to_braze", reason="not_confirmed") == 1
+    )
     assert await gw.post(fixture("event_updated_confirmed.json"), auth_headers) == 202
     await gw.settle()
     assert fake.users["user-456"].email_subscribe == "opted_in"
@@ -131,7 +133,7 @@ async def test_other_regulations_are_counted_and_ignored(
     assert await gw.post(fixture("cpra_event.json"), auth_headers) == 202
     await gw.settle()
     assert fake.requests == []
-    assert gw.sample("gateway_events_skipped_total", reason="regulation") == 1
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="regulation") == 1
 
 
 async def test_listed_regulations_are_applied(
@@ -175,7 +177,7 @@ async def test_applied_times_survive_a_restart(
     again = await start_gateway()
     assert await again.post(choice("rex", True, "2025-03-14T11:00:00Z"), auth_headers) == 202
     await again.settle()
-    assert again.sample("gateway_events_skipped_total", reason="stale") == 1
+    assert again.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 1
     assert fake.users["rex"].email_subscribe == "unsubscribed"
     assert len(fake.objects_sent()) == 1
 
@@ -410,8 +412,9 @@ async def test_the_running_gateway_exposes_every_metric_the_dashboard_and_alerts
     }
     assert queried, "no metric found in the dashboard or the alerts"
     assert queried <= exposed, f"queried but not exposed: {sorted(queried - exposed)}"
-    assert 'gateway_webhooks_received_total{outcome="accepted",type="event.created"} 1.0' in text
-    assert "gateway_updates_delivered_total 1.0" in text
+    accepted = 'direction="to_braze",outcome="accepted",type="event.created"'
+    assert f"gateway_webhooks_received_total{{{accepted}}} 1.0" in text
+    assert 'gateway_updates_delivered_total{direction="to_braze"} 1.0' in text
     assert 'gateway_braze_requests_total{endpoint="/users/track",status="201"} 1.0' in text
 
 

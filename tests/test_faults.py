@@ -122,7 +122,7 @@ async def test_an_exception_while_mapping_a_page_is_retried_and_a_poisoned_row_d
     letters = gw.app[SPOOL].db.dead_letters()
     assert len(letters) == 1
     assert letters[0].reason.startswith("unmappable: RuntimeError")
-    assert gw.sample("gateway_updates_failed_total", reason="unmappable") == 1
+    assert gw.sample("gateway_updates_failed_total", direction="to_braze", reason="unmappable") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +144,7 @@ async def test_a_choice_dated_in_the_future_does_not_freeze_a_person(
     assert await gw.post(choice("fut", False, now_iso()), auth_headers) == 202
     await gw.settle()
     assert fake.users["fut"].email_subscribe == "unsubscribed"
-    assert gw.sample("gateway_events_skipped_total", reason="stale") == 0
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 0
 
 
 async def test_a_withdrawal_within_the_clock_skew_is_not_clamped(
@@ -208,7 +208,7 @@ async def test_erasure_in_unsubscribe_mode_wins_over_a_choice_dated_after_the_pr
     user = fake.users["una"]
     assert user.email_subscribe == "unsubscribed"
     assert set(user.subscription_groups.values()) == {"unsubscribed"}
-    assert gw.sample("gateway_events_skipped_total", reason="stale") == 0
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 0
 
 
 async def test_an_undated_erasure_still_unsubscribes(
@@ -241,7 +241,7 @@ async def test_a_late_retry_of_an_older_choice_never_recreates_an_erased_person(
     await gw.settle()
     assert "eve" not in fake.users
     assert [r.path for r in fake.requests] == ["/users/track", "/users/delete"]
-    assert gw.sample("gateway_events_skipped_total", reason="stale") == 1
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +259,7 @@ async def test_a_refused_key_keeps_every_update_and_readiness_stays_200(
     assert await gw.post(choice("held-1", True), auth_headers) == 202
 
     async def blocked() -> bool:
-        return gw.sample("gateway_delivery_blocked", reason=str(status)) == 1
+        return gw.sample("gateway_delivery_blocked", direction="to_braze", reason=str(status)) == 1
 
     await eventually(blocked, 10, f"delivery to be reported blocked by {status}")
     response = await gw.client.get("/readyz")
@@ -272,7 +272,7 @@ async def test_a_refused_key_keeps_every_update_and_readiness_stays_200(
     assert gw.sample("gateway_ready") == 1
     fake.heal()  # Braze takes the key again
     await gw.settle()
-    assert gw.sample("gateway_delivery_blocked", reason=str(status)) == 0
+    assert gw.sample("gateway_delivery_blocked", direction="to_braze", reason=str(status)) == 0
     assert await (await gw.client.get("/readyz")).json() == {"status": "ready"}
     assert fake.users["held-2"].email_subscribe == "unsubscribed"
     assert gw.app[SPOOL].db.count_dead() == 0

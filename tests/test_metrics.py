@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
 from gateway.metrics import (
+    BRAZE_TYPES,
     EVENT_TYPES,
     OUTCOMES,
     Metrics,
@@ -57,10 +58,11 @@ async def client(aiohttp_client: MakeClient, metrics: Metrics) -> Client:
 
 def test_every_known_series_exists_at_zero(metrics: Metrics) -> None:
     """A fresh Metrics exports every known label set at zero, so rate() sees the first event."""
-    for type_ in EVENT_TYPES:
-        for outcome in OUTCOMES:
-            labels = {"type": type_, "outcome": outcome}
-            assert sample(metrics, "gateway_webhooks_received_total", **labels) == 0
+    for types, direction in ((EVENT_TYPES, "to_braze"), (BRAZE_TYPES, "to_didomi")):
+        for type_ in types:
+            for outcome in OUTCOMES:
+                labels = {"direction": direction, "type": type_, "outcome": outcome}
+                assert sample(metrics, "gateway_webhooks_received_total", **labels) == 0
     expected = {
         "gateway_updates_failed_total": ("rejected", "bad_request", "gave_up", "too_large"),
         "gateway_retries_total": (
@@ -69,6 +71,7 @@ def test_every_known_series_exists_at_zero(metrics: Metrics) -> None:
             "connection",
             "rate_limited",
             "unauthorized",
+            "misconfigured",
         ),
         "gateway_events_skipped_total": (
             "no_identity",
@@ -77,24 +80,29 @@ def test_every_known_series_exists_at_zero(metrics: Metrics) -> None:
             "not_confirmed",
             "deleted",
             "no_rule",
+            "echo",
         ),
+        "gateway_delivery_blocked": ("401", "403", "404", "405", "3xx"),
     }
-    for name, reasons in expected.items():
-        for reason in reasons:
-            assert sample(metrics, name, reason=reason) == 0, (name, reason)
+    for direction in ("to_braze", "to_didomi"):
+        for name, reasons in expected.items():
+            for reason in reasons:
+                value = sample(metrics, name, direction=direction, reason=reason)
+                assert value == 0, (name, direction, reason)
     for outcome in ("success", "error"):
         assert sample(metrics, "gateway_config_reloads_total", outcome=outcome) == 0
     for endpoint in ("/users/track", "/users/delete"):
         count = "gateway_braze_request_duration_seconds_count"
         assert sample(metrics, count, endpoint=endpoint) == 0
-    for name in (
-        "gateway_updates_delivered_total",
-        "gateway_spool_pending",
-        "gateway_spool_oldest_pending_age_seconds",
-    ):
-        assert sample(metrics, name) == 0, name
-    assert sample(metrics, "gateway_dead_letters") == 0
-    assert sample(metrics, "gateway_delivery_latency_seconds_count") == 0
+    for direction in ("to_braze", "to_didomi"):
+        for name in (
+            "gateway_updates_delivered_total",
+            "gateway_spool_pending",
+            "gateway_spool_oldest_pending_age_seconds",
+            "gateway_dead_letters",
+            "gateway_delivery_latency_seconds_count",
+        ):
+            assert sample(metrics, name, direction=direction) == 0, (name, direction)
     assert sample(metrics, "gateway_ready") == 0
     assert sample(metrics, "gateway_braze_auth_ok") == 1
 
@@ -108,7 +116,7 @@ def test_histogram_buckets_span_the_documented_ranges(metrics: Metrics) -> None:
     """Braze calls are bucketed from 5 ms to 30 s, delivery latency from 10 ms to one day."""
     for name, low, high, labels in (
         ("gateway_braze_request_duration_seconds", "0.005", "30.0", {"endpoint": "/users/track"}),
-        ("gateway_delivery_latency_seconds", "0.01", "86400.0", {}),
+        ("gateway_delivery_latency_seconds", "0.01", "86400.0", {"direction": "to_braze"}),
     ):
         for le in (low, high, "+Inf"):
             assert sample(metrics, f"{name}_bucket", le=le, **labels) == 0, (name, le)
@@ -117,25 +125,30 @@ def test_histogram_buckets_span_the_documented_ranges(metrics: Metrics) -> None:
 def test_two_instances_do_not_collide() -> None:
     """Each Metrics has its own registry, so two never clash and count independently."""
     first, second = Metrics(), Metrics()
-    first.updates_delivered.inc(3)
-    assert sample(first, "gateway_updates_delivered_total") == 3
-    assert sample(second, "gateway_updates_delivered_total") == 0
+    first.flow("to_braze").delivered.inc(3)
+    assert sample(first, "gateway_updates_delivered_total", direction="to_braze") == 3
+    assert sample(second, "gateway_updates_delivered_total", direction="to_braze") == 0
 
 
 def test_an_injected_registry_is_used() -> None:
     """Metrics registers on the registry it is given."""
     registry = CollectorRegistry()
-    Metrics(registry).spool_pending.set(7)
-    assert registry.get_sample_value("gateway_spool_pending") == 7
+    Metrics(registry).flow("to_braze").pending.set(7)
+    assert registry.get_sample_value("gateway_spool_pending", {"direction": "to_braze"}) == 7
 
 
 def test_unknown_webhook_types_are_counted_as_other(metrics: Metrics) -> None:
-    """A type sent by a client never becomes a label value unless it is one of the known six."""
+    """A type sent by a client never becomes a label value unless it is one of the known ones."""
     metrics.webhook("user.updated", "accepted")
     metrics.webhook("alice@example.com", "ignored")
+    metrics.webhook("braze.currents", "accepted")
     name = "gateway_webhooks_received_total"
-    assert sample(metrics, name, type="user.updated", outcome="accepted") == 1
-    assert sample(metrics, name, type="other", outcome="ignored") == 1
+    to_braze = {"direction": "to_braze"}
+    assert sample(metrics, name, type="user.updated", outcome="accepted", **to_braze) == 1
+    assert sample(metrics, name, type="other", outcome="ignored", **to_braze) == 1
+    assert (
+        sample(metrics, name, direction="to_didomi", type="braze.currents", outcome="accepted") == 1
+    )
     assert b"alice" not in generate_latest(metrics.registry)
 
 
@@ -185,12 +198,13 @@ async def test_handler_crashes_are_counted_as_500(client: Client, metrics: Metri
 
 async def test_metrics_endpoint_serves_parseable_text(client: Client, metrics: Metrics) -> None:
     """GET /metrics answers the Prometheus text format, which prometheus_client's parser reads."""
-    metrics.spool_pending.set(5)
+    metrics.flow("to_braze").pending.set(5)
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.content_type == "text/plain"
     families = {f.name: f for f in text_string_to_metric_families(await response.text())}
-    assert families["gateway_spool_pending"].samples[0].value == 5
+    pending = {s.labels["direction"]: s.value for s in families["gateway_spool_pending"].samples}
+    assert pending == {"to_braze": 5, "to_didomi": 0}
     build = families["gateway_build_info"].samples[0]
     assert build.labels == {"version": gateway.__version__}
     assert build.value == 1

@@ -421,17 +421,21 @@ async def test_braze_outage_then_503s_drains_with_nothing_lost(
         assert await post_all(gw, bodies[:20], auth_headers) == [202] * 20
 
         async def refused_twice() -> bool:
-            return gw.sample("gateway_retries_total", reason="connection") >= 2
+            return (
+                gw.sample("gateway_retries_total", direction="to_braze", reason="connection") >= 2
+            )
 
         await eventually(refused_twice, 10, "connection retries")
         status, ready = await gw.readyz()
         assert status == 200
         assert "connection" in ready["degraded"]
         samples = await gw.scrape()
-        assert metric(samples, "gateway_spool_pending") == 20
-        assert metric(samples, "gateway_retries_total", reason="connection") >= 2
+        assert metric(samples, "gateway_spool_pending", direction="to_braze") == 20
+        assert (
+            metric(samples, "gateway_retries_total", direction="to_braze", reason="connection") >= 2
+        )
         assert await post_all(gw, bodies[20:], auth_headers) == [202] * 10  # intake goes on
-        assert metric(await gw.scrape(), "gateway_spool_pending") == 30
+        assert metric(await gw.scrape(), "gateway_spool_pending", direction="to_braze") == 30
 
         fake.fail_next(503, count=25)
         await fake.start(port=port)
@@ -442,18 +446,24 @@ async def test_braze_outage_then_503s_drains_with_nothing_lost(
             status, ready = await gw.readyz()
             assert status == 200, ready  # an outage never makes the gateway refuse intake
             seen_503 |= "503" in ready.get("degraded", "")
-            return gw.sample("gateway_retries_total", reason="server_error") >= 25
+            return (
+                gw.sample("gateway_retries_total", direction="to_braze", reason="server_error")
+                >= 25
+            )
 
         await eventually(answered_503s, 15, "503 retries", every=0.01)
         assert seen_503, "readiness never said Braze answers 503"
         samples = await gw.scrape()
-        assert metric(samples, "gateway_retries_total", reason="server_error") >= 25
+        assert (
+            metric(samples, "gateway_retries_total", direction="to_braze", reason="server_error")
+            >= 25
+        )
         await gw.settle()
         assert await gw.readyz() == (200, {"status": "ready"})
         samples = await gw.scrape()
-        assert metric(samples, "gateway_spool_pending") == 0
-        assert metric(samples, "gateway_dead_letters") == 0
-        assert metric(samples, "gateway_updates_delivered_total") >= 30
+        assert metric(samples, "gateway_spool_pending", direction="to_braze") == 0
+        assert metric(samples, "gateway_dead_letters", direction="to_braze") == 0
+        assert metric(samples, "gateway_updates_delivered_total", direction="to_braze") >= 30
         assert gw.dead() == 0
         assert {p: fake.users[p].email_subscribe for p in expected} == {
             p: STATES[e] for p, e in expected.items()
@@ -479,14 +489,14 @@ async def test_the_oldest_pending_age_shows_a_stall_and_falls_back_to_zero(
     try:
 
         async def an_hour_old() -> bool:
-            return gw.sample(age) >= 3600
+            return gw.sample(age, direction="to_braze") >= 3600
 
         await eventually(an_hour_old, 10, "the age of the waiting update")
         await fake.start(port=port)
         await gw.settle()
 
         async def zero() -> bool:
-            return gw.sample(age) == 0
+            return gw.sample(age, direction="to_braze") == 0
 
         await eventually(zero, 10, "the age to fall back to 0 once the spool is empty")
     finally:
@@ -543,11 +553,14 @@ async def test_wrong_braze_key_waits_for_a_sighup_reload_and_loses_nothing(
         assert "braze.server" in body["degraded"]  # a 401 often means the wrong instance
         assert [await post(b) for b in bodies[10:]] == [202] * 5  # blocked, still storing
         samples = await gw.metrics()
-        assert metric(samples, "gateway_retries_total", reason="unauthorized") >= 1
+        assert (
+            metric(samples, "gateway_retries_total", direction="to_braze", reason="unauthorized")
+            >= 1
+        )
         assert metric(samples, "gateway_braze_auth_ok") == 0
-        assert metric(samples, "gateway_delivery_blocked", reason="401") == 1
+        assert metric(samples, "gateway_delivery_blocked", direction="to_braze", reason="401") == 1
         assert metric(samples, "gateway_ready") == 1
-        assert metric(samples, "gateway_dead_letters") == 0
+        assert metric(samples, "gateway_dead_letters", direction="to_braze") == 0
         assert spool_counts(tmp_path / "var" / "gateway.db") == (15, 0)
         assert fake.users == {}
 
@@ -562,8 +575,11 @@ async def test_wrong_braze_key_waits_for_a_sighup_reload_and_loses_nothing(
     samples = await gw.metrics()
     assert metric(samples, "gateway_config_reloads_total", outcome="success") == 1
     assert metric(samples, "gateway_braze_auth_ok") == 1
-    assert metric(samples, "gateway_delivery_blocked", reason="401") == 0
-    assert metric(samples, "gateway_updates_failed_total", reason="rejected") == 0
+    assert metric(samples, "gateway_delivery_blocked", direction="to_braze", reason="401") == 0
+    assert (
+        metric(samples, "gateway_updates_failed_total", direction="to_braze", reason="rejected")
+        == 0
+    )
     assert await gw.stop() == 0
     assert {p: fake.users[p].email_subscribe for p in expected} == {
         p: STATES[e] for p, e in expected.items()
@@ -596,7 +612,7 @@ async def test_slow_braze_times_out_retries_and_ends_right(
         assert await gw.post(body, auth_headers) == 202
 
     async def timed_out() -> bool:
-        return gw.sample("gateway_retries_total", reason="timeout") >= 3
+        return gw.sample("gateway_retries_total", direction="to_braze", reason="timeout") >= 3
 
     await eventually(timed_out, 15, "timeouts")
     status, ready = await gw.readyz()
@@ -694,7 +710,7 @@ async def test_unwritable_spool_never_answers_2xx_for_what_it_did_not_store(
     assert await post_all(gw, refused, auth_headers) == [202] * len(refused)
     stored = {person_of(row.body) for row in await spool.run(spool.db.fetch, 0, 1000)}
     assert stored == {person_of(b) for b in bodies + first}
-    assert gw.sample("gateway_spool_pending") == len(stored)
+    assert gw.sample("gateway_spool_pending", direction="to_braze") == len(stored)
 
 
 @pytest.fixture
@@ -898,7 +914,7 @@ async def test_a_failed_acknowledgement_is_retried_once_the_spool_is_writable(
     assert await gw.post(choice("ack-2", True, at(1)), auth_headers) == 202
     await gw.settle(timeout=3)
     assert fake.users["ack-1"].email_subscribe == "opted_in"
-    assert gw.sample("gateway_spool_pending") == 0
+    assert gw.sample("gateway_spool_pending", direction="to_braze") == 0
 
 
 async def test_delivery_survives_a_spool_error_while_skipping_rows(

@@ -87,7 +87,8 @@ def server_log() -> Iterator[list[logging.LogRecord]]:
 
 def received(metrics: Metrics, type_: str, outcome: str) -> float:
     value = metrics.registry.get_sample_value(
-        "gateway_webhooks_received_total", {"type": type_, "outcome": outcome}
+        "gateway_webhooks_received_total",
+        {"direction": "to_braze", "type": type_, "outcome": outcome},
     )
     assert value is not None
     return value
@@ -497,7 +498,9 @@ async def test_accepted_webhook_is_stored_with_its_type(
     (row,) = await stored(client)
     assert (row.type, row.body) == ("event.created", body)
     assert received(metrics, "event.created", "accepted") == 1
-    assert metrics.registry.get_sample_value("gateway_spool_pending") == 1
+    assert (
+        metrics.registry.get_sample_value("gateway_spool_pending", {"direction": "to_braze"}) == 1
+    )
 
 
 async def test_duplicate_is_200_and_stored_once(
@@ -594,7 +597,10 @@ async def test_thousands_of_concurrent_webhooks_are_each_stored_exactly_once(
     assert len(ids) == count
     assert set(ids) == {entity_id(b) for b in bodies}
     assert received(metrics, "event.created", "accepted") == count
-    assert metrics.registry.get_sample_value("gateway_spool_pending") == count
+    assert (
+        metrics.registry.get_sample_value("gateway_spool_pending", {"direction": "to_braze"})
+        == count
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -757,13 +763,14 @@ async def test_metrics_show_the_intake_counters(
     resp = await client.get("/metrics")
     assert resp.status == 200
     text = await resp.text()
+    received = 'gateway_webhooks_received_total{direction="to_braze"'
     for line in (
-        'gateway_webhooks_received_total{outcome="accepted",type="event.created"} 1.0',
-        'gateway_webhooks_received_total{outcome="duplicate",type="event.created"} 1.0',
-        'gateway_webhooks_received_total{outcome="rejected",type="other"} 1.0',
-        'gateway_webhooks_received_total{outcome="unauthorized",type="other"} 1.0',
-        'gateway_webhooks_received_total{outcome="ignored",type="user.deleted"} 0.0',
-        "gateway_spool_pending 1.0",
+        f'{received},outcome="accepted",type="event.created"}} 1.0',
+        f'{received},outcome="duplicate",type="event.created"}} 1.0',
+        f'{received},outcome="rejected",type="other"}} 1.0',
+        f'{received},outcome="unauthorized",type="other"}} 1.0',
+        f'{received},outcome="ignored",type="user.deleted"}} 0.0',
+        'gateway_spool_pending{direction="to_braze"} 1.0',
         "gateway_ready 1.0",
     ):
         assert line in text
