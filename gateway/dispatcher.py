@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from .braze import Answer, BrazeClient, Verdict, track_object
 from .errors import SpoolError
 from .health import DeliveryHealth
-from .mappings import ERASED, Mapped, RuleSet
+from .mappings import ERASED, Mapped, RuleSet, braze_side
 from .retry import Action, backoff, decide
 from .spool import Dead, Pending, Spool
 from .webhooks import WebhookError, decode
@@ -224,7 +225,7 @@ class Dispatcher:
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
         # it when caught up (a CLI replay is then the only way the count could be off).
         if self.batcher or now - self._last_recount < RECOUNT_S:
-            self.flow.pending.set(self.spool.pending)
+            self.flow.pending.set(self.spool.db.pending_of("to_braze"))
             return
         self._last_recount = now
         task = asyncio.create_task(self._recount_from_file())
@@ -307,7 +308,7 @@ class Dispatcher:
             times = by_person.get(item.person)
             if not times:
                 continue
-            erased = times.get(ERASED, float("-inf"))
+            erased = times.get(ERASED, -math.inf)
             latest = max(times.values())
             if item.erased_at is not None:
                 item.erased_at = max(item.erased_at, latest)
@@ -315,8 +316,12 @@ class Dispatcher:
             for target, change in item.changes.items():
                 if change.erasure:
                     change.at = max(change.at, latest)
-                elif change.at < max(times.get(target, change.at), erased):
-                    stale.append(target)
+                else:
+                    # Older than the last choice applied either way (a Braze-side change
+                    # written back to Didomi counts too), or than the person's erasure.
+                    floor = max(times.get(target, -math.inf), erased)
+                    if change.at < max(floor, times.get(braze_side(target), -math.inf)):
+                        stale.append(target)
             for target in stale:
                 del item.changes[target]
             if stale:
@@ -415,7 +420,7 @@ class Dispatcher:
             self.flow.failed("rejected", len({d.person for d in dead}))
             self.flow.dead_letters.inc(len(dead))
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
-        self.flow.pending.set(self.spool.pending)
+        self.flow.pending.set(self.spool.db.pending_of("to_braze"))
 
     async def _record(self, write: Callable[..., None], *args: object) -> None:
         """Write an outcome to the spool, retrying while it cannot be written.
@@ -445,5 +450,5 @@ class Dispatcher:
             item.settled = True
         self.flow.failed(reason, len(items))
         self.flow.dead_letters.inc(len(dead))
-        self.flow.pending.set(self.spool.pending)
+        self.flow.pending.set(self.spool.db.pending_of("to_braze"))
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)

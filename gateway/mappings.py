@@ -60,6 +60,13 @@ class Target(str):
 
 
 EMAIL = Target("email_subscribe")
+
+
+def braze_side(target: str) -> str:
+    """The applied-times key of a change Braze reported for `target` (the reverse path)."""
+    return f"braze:{target}"
+
+
 # A pseudo-target in the spool's applied times: when the person was erased. A choice older than
 # it is stale for every target, so a late retry never brings an erased person back.
 ERASED = "erased"
@@ -206,6 +213,8 @@ class RuleSet:
         """
         if not webhook.known:
             return Skipped("ignored")
+        if webhook.from_gateway:
+            return Skipped("echo")  # Braze told us first; sending it back would loop
         entity = webhook.subject
         if entity is None or webhook.type == "event.deleted":
             return Skipped("deleted")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -22,6 +22,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import __version__
 from .braze import DELETE, TRACK
 from .health import BLOCKED_REASONS
+from .webhooks import BRAZE_TYPES, Direction, direction_of
 from .webhooks import EVENT_TYPES as WEBHOOK_TYPES
 
 __all__ = [
@@ -31,10 +32,7 @@ __all__ = [
     "metrics_handler",
 ]
 
-Direction = Literal["to_braze", "to_didomi"]
 EVENT_TYPES = (*WEBHOOK_TYPES, "other")
-# What Braze sends to the reverse routes: a webhook step's body, or one Currents event.
-BRAZE_TYPES = ("braze.step", "braze.currents")
 DIRECTIONS: tuple[Direction, ...] = ("to_braze", "to_didomi")
 OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unauthorized", "unavailable")
 BRAZE_ENDPOINTS = (TRACK, DELETE)
@@ -313,7 +311,7 @@ class Flow:
 
 
 def _direction_of(type_: str) -> Direction:
-    return "to_didomi" if type_ in BRAZE_TYPES else "to_braze"
+    return direction_of(type_) if type_ != "other" else "to_braze"
 
 
 def _touch(counter: Counter, values: tuple[str, ...]) -> None:

@@ -40,7 +40,7 @@ from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
 from .spool import Spool, SpoolDB, SpoolLock
-from .webhooks import WebhookError, decode
+from .webhooks import WebhookError, decode, direction_of
 
 __all__ = [
     "CONFIG",
@@ -173,7 +173,8 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     lock, db = await asyncio.to_thread(_open_spool, app[CONFIG].delivery)
     spool = Spool(db)
     app[SPOOL] = spool
-    app[METRICS].flow("to_braze").pending.set(spool.pending)
+    for direction in ("to_braze", "to_didomi"):
+        app[METRICS].flow(direction).pending.set(spool.db.pending_of(direction))
     yield
     try:
         await spool.close()  # queued writes commit first
@@ -494,7 +495,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         detail = "the spool cannot store webhooks now; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
     finally:
-        metrics.flow("to_braze").pending.set(spool.pending)
+        metrics.flow(direction_of(kind)).pending.set(spool.db.pending_of(direction_of(kind)))
     outcome = "accepted" if stored else "duplicate"
     metrics.webhook(kind, outcome)
     # The audit trail of consent: which Didomi event, what became of it. Never the person.

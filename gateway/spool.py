@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import SpoolError, SpoolFull, SpoolLocked
+from .webhooks import Direction, direction_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -52,6 +53,13 @@ CREATE TABLE IF NOT EXISTS applied (  -- time of the last choice applied, per pe
     at REAL NOT NULL,
     PRIMARY KEY (person, target)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent (     -- the state last sent to Braze, to know Braze's echo of it
+    person TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,                 -- when Braze acknowledged it
+    PRIMARY KEY (person, target)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- an id the CLI printed never names another letter
     created_at REAL NOT NULL,
@@ -64,6 +72,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 T = TypeVar("T")
+# Rows Braze sent (the reverse path) are told apart by their type; both ways share the tables.
+_TO_DIDOMI = "type LIKE 'braze.%'"
 log = logging.getLogger("gateway.spool")
 
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
@@ -200,6 +210,7 @@ class SpoolDB:
             self.db.executescript(_SCHEMA)
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
             self.pending = self.count_pending()
+            self.pending_to_didomi = self.count_pending("to_didomi")
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
         self._puts_since_prune = 0
@@ -318,9 +329,11 @@ class SpoolDB:
         if self.low_on_disk is not None:
             self._give_back()
         short = False
+        reverse = 0
 
         def work(db: sqlite3.Connection) -> tuple[list[bool | SpoolError], int]:
             nonlocal short
+            nonlocal reverse
             results: list[bool | SpoolError] = []
             stored = 0
             disk, reusable = self._room()
@@ -350,6 +363,8 @@ class SpoolDB:
                 db.execute(
                     "INSERT INTO inbox(received_at, type, body) VALUES (?, ?, ?)", (now, kind, body)
                 )
+                if direction_of(kind) == "to_didomi":
+                    reverse += 1
                 disk -= needed
                 reusable = max(0, reusable - cost)
                 stored += 1
@@ -361,6 +376,7 @@ class SpoolDB:
         results, stored = self._tx(work)
         self.low_on_disk = self._short_of_room() if short else None
         self.pending += stored
+        self.pending_to_didomi += reverse
         self._puts_since_prune += len(items)
         if self._puts_since_prune >= 10_000:
             self._puts_since_prune = 0
@@ -378,12 +394,13 @@ class SpoolDB:
 
     # -- delivery -----------------------------------------------------------------------------
 
-    def fetch(self, after_id: int, limit: int) -> list[Pending]:
-        """The oldest pending webhooks with an id above `after_id`."""
+    def fetch(self, after_id: int, limit: int, direction: Direction = "to_braze") -> list[Pending]:
+        """The oldest pending webhooks going `direction` with an id above `after_id`."""
         with self._reading("pending webhooks"):
             rows = self.db.execute(
-                "SELECT id, received_at, type, body FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                "SELECT id, received_at, type, body FROM inbox"
+                " WHERE id > ? AND (type LIKE 'braze.%') = ? ORDER BY id LIMIT ?",  # _TO_DIDOMI
+                (after_id, direction == "to_didomi", limit),
             ).fetchall()
         return [Pending(*row) for row in rows]
 
@@ -402,13 +419,32 @@ class SpoolDB:
                     out[(person, target)] = at
         return out
 
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
+        """The state last sent to Braze, and when, per (person, target), for the given persons."""
+        persons = list(set(persons))
+        out: dict[tuple[str, str], tuple[str, float]] = {}
+        with self._reading("the states sent to Braze"):
+            for start in range(0, len(persons), 500):
+                chunk = persons[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for person, target, state, at in self.db.execute(
+                    f"SELECT person, target, state, at FROM sent WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+                    chunk,
+                ):
+                    out[(person, target)] = (state, at)
+        return out
+
     def ack(
         self,
         done: Sequence[int],
         applied: Sequence[tuple[str, str, float]] = (),
         dead: Sequence[Dead] = (),
+        *,
+        sent: Sequence[tuple[str, str, str, float]] = (),
+        direction: Direction = "to_braze",
     ) -> None:
-        """In one transaction: drop delivered rows, record applied times, move refused rows."""
+        """In one transaction: drop delivered rows, record applied times (and the states sent
+        to Braze, when the reverse path needs them), move refused rows."""
         now = self.clock()
 
         def work(db: sqlite3.Connection) -> int:
@@ -432,37 +468,61 @@ class SpoolDB:
                 " SET at = max(at, excluded.at)",
                 applied,
             )
+            db.executemany(
+                "INSERT INTO sent(person, target, state, at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET state = excluded.state, at = excluded.at",
+                sent,
+            )
             return removed
 
         removed = self._tx(work)
         self.pending = max(0, self.pending - removed)
+        if direction == "to_didomi":
+            self.pending_to_didomi = max(0, self.pending_to_didomi - removed)
         if self.low_on_disk is not None:
             self._refresh_room()
 
-    def recount(self) -> tuple[int, int]:
-        """Re-read (pending, dead) from the file, since another process may have replayed.
+    def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
+        """Re-read (pending, dead) of `direction` from the file: another process may replay.
 
         Runs on the spool thread, between writes, so no put or ack is lost to the reset.
         """
         self.pending = self.count_pending()
+        self.pending_to_didomi = self.count_pending("to_didomi")
         if self.low_on_disk is not None:
             self._refresh_room()  # room may come back from outside: an operator freeing space
-        return self.pending, self.count_dead()
+        return self.pending_of(direction), self.count_dead(direction)
 
-    def count_pending(self) -> int:
+    def pending_of(self, direction: Direction) -> int:
+        """Rows waiting to go `direction`, as this process counts them."""
+        if direction == "to_didomi":
+            return self.pending_to_didomi
+        return max(0, self.pending - self.pending_to_didomi)
+
+    def count_pending(self, direction: Direction | None = None) -> int:
         """Rows waiting in the inbox (read from the file: another process may have replayed)."""
         with self._reading("the pending count"):
-            return int(self.db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+            return int(
+                self.db.execute(
+                    f"SELECT count(*) FROM inbox{_where(direction)}"  # noqa: S608 - a constant
+                ).fetchone()[0]
+            )
 
-    def count_dead(self) -> int:
+    def count_dead(self, direction: Direction | None = None) -> int:
         """Rows in the dead letters."""
         with self._reading("the dead-letter count"):
-            return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+            return int(
+                self.db.execute(
+                    f"SELECT count(*) FROM dead_letters{_where(direction)}"  # noqa: S608 - a constant
+                ).fetchone()[0]
+            )
 
-    def oldest_pending_at(self) -> float | None:
-        """When the oldest webhook still waiting was received, or None when none waits."""
+    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
+        """When the oldest webhook still waiting to go `direction` was received, or None."""
         with self._reading("the oldest pending webhook"):
-            row = self.db.execute("SELECT received_at FROM inbox ORDER BY id LIMIT 1").fetchone()
+            row = self.db.execute(
+                f"SELECT received_at FROM inbox{_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
+            ).fetchone()
         return None if row is None else float(row[0])
 
     # -- dead letters -------------------------------------------------------------------------
@@ -502,6 +562,7 @@ class SpoolDB:
 
         moved = self._tx(work)
         self.pending += moved
+        self.pending_to_didomi = self.count_pending("to_didomi")
         return moved
 
     def purge(self, ids: Sequence[int] | None = None) -> int:
@@ -510,6 +571,13 @@ class SpoolDB:
         return self._tx(
             lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount  # noqa: S608 - only placeholders are interpolated
         )
+
+
+def _where(direction: Direction | None) -> str:
+    """The WHERE clause that keeps one direction's rows, or none for both."""
+    if direction is None:
+        return ""
+    return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{_TO_DIDOMI}"
 
 
 def _which(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:

@@ -8,8 +8,9 @@ the gateway reads. A body that breaks the minimal shape of DESIGN.md section 8 r
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -25,6 +26,33 @@ EVENT_TYPES = (
     "user.deleted",
 )
 _KNOWN = frozenset(EVENT_TYPES)
+# How the consent events the gateway writes to Didomi (the reverse path) are recognised when
+# Didomi's webhook reports them back: their metadata tag, or their id's first group.
+GATEWAY_SOURCE = "didomi-braze-gateway"
+GATEWAY_ID_MARK = "db9a7e00-"
+_ID_NAMESPACE = uuid.UUID("6f1c3e1a-8d1e-4f4e-9a51-0d3b7c2e9f10")
+
+
+def gateway_event_id(seed: str) -> str:
+    """A UUID-shaped id for a consent event the gateway writes, the same for the same seed.
+
+    Deterministic, so a retried write carries the same id and Didomi records it once;
+    marked, so the webhook Didomi sends back for it is known as the gateway's own.
+    """
+    tail = str(uuid.uuid5(_ID_NAMESPACE, seed))[len(GATEWAY_ID_MARK) :]
+    return GATEWAY_ID_MARK + tail
+
+
+# What the reverse routes store: a Braze webhook step's body, or one Braze Currents event.
+BRAZE_TYPES = ("braze.step", "braze.currents")
+Direction = Literal["to_braze", "to_didomi"]
+
+
+def direction_of(kind: str) -> Direction:
+    """Which way a stored webhook of this type goes: Didomi's to Braze, Braze's to Didomi."""
+    return "to_didomi" if kind.startswith("braze.") else "to_braze"
+
+
 MAX_DEPTH = 64
 
 
@@ -93,6 +121,18 @@ class Webhook(Lenient, frozen=True):
         if self.type.endswith(".updated"):
             return p.new_entity if p.new_entity is not None else p.entity
         return p.entity
+
+    @property
+    def from_gateway(self) -> bool:
+        """Whether this reports a choice the gateway itself wrote to Didomi (an echo)."""
+        entity = self.subject
+        if entity is not None:
+            if (entity.metadata or {}).get("source") == GATEWAY_SOURCE:
+                return True
+            if entity.id is not None and entity.id.startswith(GATEWAY_ID_MARK):
+                return True
+        source = self.parameters.source  # a user.updated names the event that changed the user
+        return bool(source and source.id and source.id.startswith(GATEWAY_ID_MARK))
 
     @property
     def known(self) -> bool:
