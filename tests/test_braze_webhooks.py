@@ -22,9 +22,10 @@ from gateway.braze_webhooks import (
     split_currents,
     step_dedupe_key,
 )
-from gateway.mappings import EMAIL, Target
+from gateway.mappings import EMAIL, Target, load_rules
 
-BRAZE = Path(__file__).resolve().parent / "events" / "braze"
+ROOT = Path(__file__).resolve().parent.parent
+BRAZE = ROOT / "tests" / "events" / "braze"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 T = 1746531618
@@ -247,6 +248,25 @@ def test_step_dedupe_key_holds_no_email_address() -> None:
     assert key.startswith("braze-step|")
     assert "example.com" not in key
     assert "user-123" not in key
+
+
+def test_the_readme_template_names_every_mapped_group_and_decodes_once_rendered() -> None:
+    """The README's webhook-step template, rendered as Braze would, decodes for every group."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    template = readme.split("```liquid\n", 1)[1].split("```", 1)[0]
+    groups = load_rules(ROOT / "mappings").groups
+    rendered = (
+        template.replace("{{${user_id}}}", "user-1")
+        .replace("{{${email_address}}}", "a@example.com")
+        .replace("{{subscribed_state.${email_global}}}", "unsubscribed")
+        .replace("{{'now' | date: '%s'}}", str(T))
+    )
+    for group in groups:
+        rendered = rendered.replace(f"{{{{subscribed_state.${{{group}}}}}}}", "subscribed")
+    assert "{{" not in rendered
+    changes = decode_step(rendered.encode())
+    assert {c.target for c in changes} == {EMAIL, *(Target.group(g) for g in groups)}
+    assert {c.at for c in changes} == {T}
 
 
 # ---------------------------------------------------------------------------
