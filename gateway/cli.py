@@ -6,12 +6,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import msgspec
 
 from . import __version__
 from .braze import delete_body, track_bodies, track_object
+from .braze_webhooks import (
+    BrazeChange,
+    BrazeWebhookError,
+    decode_currents_event,
+    decode_step,
+    split_currents,
+)
 from .config import Config, load_config
 from .errors import ConfigError, GatewayError, Problem
 from .mappings import (
@@ -26,6 +33,7 @@ from .mappings import (
     load_rules,
     options_of,
 )
+from .reverse import ConsentEdit, ReverseRules
 from .webhooks import WebhookError, decode
 
 DEFAULT_CONFIG = "gateway.toml"
@@ -67,8 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check", "validate the config and every mapping file")
     check.set_defaults(func=_check)
 
-    render = command("render", "print the Braze request bodies one Didomi webhook produces")
-    render.add_argument("event", type=Path, help="a Didomi webhook body (JSON file)")
+    render = command(
+        "render",
+        "print the Braze requests one Didomi webhook produces, or the Didomi requests one "
+        "Braze webhook step or Currents batch produces",
+    )
+    render.add_argument(
+        "event", type=Path, help="a Didomi webhook, Braze webhook step or Currents body (JSON)"
+    )
     render.add_argument("--mappings", type=Path, help="mapping folder; no gateway.toml needed")
     render.set_defaults(func=_render)
 
@@ -114,6 +128,10 @@ def _check(args: argparse.Namespace) -> int:
     assert rules is not None
     print(f"{args.config}: ok (Braze {config.braze.server}, auth {config.auth.mode})")
     print(rules.summary())
+    # Information, not a problem: a forward-only rule is legitimate, and the reverse path is
+    # optional, so these never change the exit status.
+    for origin, reason in ReverseRules.from_ruleset(rules).unreversible:
+        print(f"{origin}: not reversible (Braze -> Didomi): {reason}")
     return 0
 
 
@@ -146,10 +164,15 @@ def _offline(args: argparse.Namespace) -> tuple[RuleSet, Config | None]:
 def _render(args: argparse.Namespace) -> int:
     rules, config = _offline(args)
     try:
-        webhook = decode(args.event.read_bytes())
+        body = args.event.read_bytes()
     except OSError as exc:
         print(f"gateway: cannot read {args.event}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    kind = _braze_kind(body)
+    if kind is not None:
+        return _render_reverse(rules, body, kind, args.event)
+    try:
+        webhook = decode(body)
     except WebhookError as exc:
         print(f"gateway: {args.event}: {exc}", file=sys.stderr)
         return 1
@@ -169,6 +192,72 @@ def _render(args: argparse.Namespace) -> int:
     )
     print(_json(track_bodies([obj], batch_size)))
     return 0
+
+
+def _braze_kind(body: bytes) -> Literal["currents", "step"] | None:
+    """Which Braze shape a body is, or None for anything else (a Didomi webhook)."""
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None  # Didomi's decoder says what is wrong with it
+    if not isinstance(value, dict):
+        return None
+    if "type" in value:  # every Didomi webhook has one; neither Braze shape does
+        return None
+    if "events" in value:
+        return "currents"
+    if "time" in value and ("external_id" in value or "email" in value):
+        return "step"
+    return None
+
+
+def _render_reverse(
+    rules: RuleSet, body: bytes, kind: Literal["currents", "step"], path: Path
+) -> int:
+    """Print the Didomi requests a Braze body produces, for a person with no current choices."""
+    reverse = ReverseRules.from_ruleset(rules)
+    reports: list[list[BrazeChange]]
+    try:
+        if kind == "currents":
+            batch = split_currents(body)
+            reports = [decode_currents_event(raw) for _, raw in batch.events]
+            if batch.ignored or batch.invalid:
+                print(
+                    f"# {batch.ignored} event(s) of other types ignored, "
+                    f"{batch.invalid} invalid event(s) skipped",
+                    file=sys.stderr,
+                )
+        else:
+            reports = [decode_step(body)]
+    except BrazeWebhookError as exc:
+        print(f"gateway: {path}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        "# assumes no other Didomi choices; the gateway reads the person's current ones first",
+        file=sys.stderr,
+    )
+    requests: list[dict[str, Any]] = []
+    for changes in reports:
+        edit = reverse.edit(changes)
+        request = edit.body(None) if edit is not None else None
+        if request is None or not request["consents"]["purposes"]:
+            print(f"# nothing to send: {_reverse_skip(reverse, changes, edit)}", file=sys.stderr)
+            continue
+        requests.append({"endpoint": "/consents/events", "body": request})
+    if not reports:
+        print("# nothing to send: no events", file=sys.stderr)
+    print(_json(requests))
+    return 0
+
+
+def _reverse_skip(
+    reverse: ReverseRules, changes: list[BrazeChange], edit: ConsentEdit | None
+) -> str:
+    if not changes:
+        return "no_state"
+    if reverse.person(changes) is None:
+        return "no_identity"
+    return "no_rule" if edit is None else "no_change"
 
 
 def _json(value: Any) -> str:

@@ -194,6 +194,136 @@ def test_dead_letters_list_replay_purge(setup: Path, capsys: pytest.CaptureFixtu
     db.close()
 
 
+# ---------------------------------------------------------------------------
+# The reverse path: Braze bodies rendered into Didomi requests.
+
+BRAZE = EVENTS / "braze"
+ASSUMES = "# assumes no other Didomi choices; the gateway reads the person's current ones first"
+
+
+def test_check_lists_the_rules_that_cannot_be_reversed_and_exits_0(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the summary, check names each rule Braze changes cannot reach, as information."""
+    assert main(["check", "--config", str(setup)]) == 0
+    captured = capsys.readouterr()
+    mapping = setup.parent / "mappings" / "email.toml"
+    lines = [line for line in captured.out.splitlines() if "not reversible" in line]
+    assert lines == [
+        f"{mapping}:11: not reversible (Braze -> Didomi): an UNSUBSCRIBED rule: Braze's "
+        "unsubscribe cannot tell which Didomi value (or purpose) was meant",
+        f"{mapping}:29: not reversible (Braze -> Didomi): an attribute rule: neither a webhook "
+        "step nor Currents reports custom attributes",
+    ]
+    assert captured.out.index("purposes referenced") < captured.out.index("not reversible")
+    assert captured.err == ""
+
+
+def test_render_a_webhook_step_prints_the_didomi_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A webhook-step body renders as the /consents/events request, with the assumption noted."""
+    args = [
+        "render",
+        str(BRAZE / "webhook_step_unsubscribed.json"),
+        "--mappings",
+        str(ROOT / "mappings"),
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [
+        {
+            "endpoint": "/consents/events",
+            "body": {
+                "user": {"organization_user_id": "user-123"},
+                "consents": {"purposes": [{"id": "marketing_email", "enabled": False}]},
+                "metadata": {"source": "didomi-braze-gateway"},
+            },
+        }
+    ]
+    assert ASSUMES in captured.err.splitlines()
+
+
+def test_render_a_currents_batch_prints_one_request_per_event(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each subscription event of a batch is its own request; the others are counted on stderr."""
+    args = ["render", str(BRAZE / "currents_batch.json"), "--mappings", str(ROOT / "mappings")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    requests = json.loads(captured.out)
+    assert [r["body"]["user"]["organization_user_id"] for r in requests] == ["user-123", "user-456"]
+    assert requests[1]["body"]["consents"]["purposes"] == [
+        {"id": "marketing_email", "enabled": True, "values": {"topics": {"value": "offers"}}}
+    ]
+    assert {r["endpoint"] for r in requests} == {"/consents/events"}
+    assert "# 1 event(s) of other types ignored, 1 invalid event(s) skipped" in captured.err
+    assert ASSUMES in captured.err
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"external_id": "u", "email_subscribe": "subscribed", "time": "1"}, "no_rule"),
+        ({"external_id": "u", "email_subscribe": "", "time": "1"}, "no_state"),
+        (
+            {"external_id": "", "email": "a@example.com", "email_subscribe": "opted_in", "time": 1},
+            "no_identity",
+        ),
+        ({"external_id": "u", "groups": {NEWS: "unsubscribed"}, "time": "1"}, "no_change"),
+        ({"events": []}, "no events"),
+    ],
+    ids=["neutral-state", "no-state", "email-only", "nothing-to-remove", "empty-batch"],
+)
+def test_render_of_a_braze_body_that_sends_nothing_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: dict[str, object], reason: str
+) -> None:
+    """A Braze body that asks nothing of Didomi renders as no request, with the reason."""
+    path = tmp_path / "braze.json"
+    path.write_text(json.dumps(body))
+    assert main(["render", str(path), "--mappings", str(ROOT / "mappings")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == []
+    assert f"# nothing to send: {reason}" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (
+            {"external_id": "u", "email_subscribe": "gone", "time": "1"},
+            "`email_subscribe` is 'gone'",
+        ),
+        ({"external_id": "u", "email_subscribe": "opted_in", "time": "now"}, "`time` is 'now'"),
+        ({"events": {"id": "e-1"}}, "not a Currents batch"),
+    ],
+    ids=["bad-state", "bad-time", "events-not-a-list"],
+)
+def test_render_refuses_a_bad_braze_body(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: dict[str, object], reason: str
+) -> None:
+    """A bad Braze body is an error with the reason, exit 1, never a traceback."""
+    path = tmp_path / "braze.json"
+    path.write_text(json.dumps(body))
+    assert main(["render", str(path), "--mappings", str(ROOT / "mappings")]) == 1
+    captured = capsys.readouterr()
+    assert reason in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_render_still_takes_a_didomi_webhook_with_a_time_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A body with a `type` is Didomi's even if it also has `time` and `email`."""
+    event = json.loads((EVENTS / "consent_given.json").read_text())
+    event.update(time=1, email="x@example.com")
+    path = tmp_path / "didomi.json"
+    path.write_text(json.dumps(event))
+    assert main(["render", str(path), "--mappings", str(ROOT / "mappings")]) == 0
+    [body] = json.loads(capsys.readouterr().out)
+    assert body["attributes"][0]["email_subscribe"] == "opted_in"
+
+
 def test_python_dash_m_is_the_same_program() -> None:
     """`python -m gateway --version` answers like the `gateway` command."""
     run = subprocess.run(
