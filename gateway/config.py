@@ -9,7 +9,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -18,6 +19,17 @@ from .errors import ConfigError, Problem
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of every config shape: typos are errors, values never change after load."""
+
+    # Fields whose values a repr masks: a config printed in a traceback must not leak them.
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            shown = "[redacted]" if name in self.secret_fields and value else repr(value)
+            parts.append(f"{name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 class ServerConfig(Strict, frozen=True):
@@ -29,6 +41,8 @@ class ServerConfig(Strict, frozen=True):
 
 
 class AuthConfig(Strict, frozen=True):
+    secret_fields = frozenset({"client_secret", "tokens"})
+
     mode: Literal["oauth2", "bearer", "none"] = "oauth2"
     client_id: str = "didomi"
     client_secret: str = ""
@@ -37,6 +51,8 @@ class AuthConfig(Strict, frozen=True):
 
 
 class BrazeConfig(Strict, frozen=True):
+    secret_fields = frozenset({"api_key"})
+
     server: str = ""
     api_key: str = ""
     update_existing_only: bool = True
@@ -69,12 +85,29 @@ class MappingsConfig(Strict, frozen=True):
 
 
 class DidomiApiConfig(Strict, frozen=True):
+    """Didomi's Consents API, where the reverse path writes the choices people make in Braze."""
+
+    secret_fields = frozenset({"key", "secret"})
+
     enabled: bool = False
     base_url: str = "https://api.didomi.io/v1"
     organization_id: str = ""
     key: str = ""
     secret: str = ""
     regulation: str = "gdpr"
+    disable_integrations: bool = False  # sends $disable_integrations=true with every event
+    timeout_s: float = 10.0
+    requests_per_second: float = 10.0
+
+
+class BrazeWebhooksConfig(Strict, frozen=True):
+    """What Braze must present to the reverse routes; without this table they answer 404."""
+
+    secret_fields = frozenset({"tokens"})
+
+    tokens: list[str] = []
+    # How long a choice the gateway wrote to one side is recognised when it comes back.
+    echo_window_s: float = 3600.0
 
 
 class Config(Strict, frozen=True):
@@ -85,6 +118,21 @@ class Config(Strict, frozen=True):
     didomi: DidomiConfig = DidomiConfig()
     mappings: MappingsConfig = MappingsConfig()
     didomi_api: DidomiApiConfig = DidomiApiConfig()
+    braze_webhooks: BrazeWebhooksConfig | None = None
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret `config` holds, non-empty, for the log redaction to mask."""
+    values = [
+        config.braze.api_key,
+        config.auth.client_secret,
+        *config.auth.tokens,
+        # The key only names the Didomi credential, but with the secret it is the login.
+        config.didomi_api.key,
+        config.didomi_api.secret,
+        *(config.braze_webhooks.tokens if config.braze_webhooks is not None else ()),
+    ]
+    return [value for value in values if value]
 
 
 def secrets_of(config: Config) -> tuple[str, ...]:
@@ -344,7 +392,7 @@ def load_config(
     raw = interpolate(raw, env, located, strict=require_secrets)
     sections: dict[str, Any] = {}
     failed: set[str | int] = set()
-    known = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    known = {f.name: _table_type(f.type) for f in msgspec.structs.fields(Config)}
     for key, value in raw.items():
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
@@ -368,6 +416,12 @@ def load_config(
     if located.problems:
         raise ConfigError(sorted(located.problems, key=lambda p: p.line or 0))
     return _resolve_paths(config, path.parent.resolve())
+
+
+def _table_type(annotation: Any) -> Any:
+    """The Struct a Config field holds: an optional table (`X | None`) converts as X."""
+    members = [member for member in get_args(annotation) if member is not type(None)]
+    return members[0] if members else annotation
 
 
 def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
@@ -424,6 +478,7 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             located.add(("server", "allow_from", i), f"{network!r} is not an IP address or network")
+    _check_reverse_path(config, located, require_secrets=require_secrets)
     if config.didomi.max_clock_skew_s < 0:
         located.add(("didomi", "max_clock_skew_s"), "didomi.max_clock_skew_s must not be negative")
     if not config.didomi.regulations:
@@ -440,6 +495,37 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             for name in ("organization_id", "key", "secret"):
                 if not getattr(api, name):
                     located.add(("didomi_api", name), f"didomi_api.{name} is required when enabled")
+
+
+def _check_reverse_path(config: Config, located: Located, *, require_secrets: bool) -> None:
+    """[didomi_api] and [braze_webhooks]: the Braze-to-Didomi direction."""
+    api = config.didomi_api
+    url = urlsplit(api.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        located.add(
+            ("didomi_api", "base_url"),
+            f"didomi_api.base_url must be an http(s) URL, e.g. https://api.didomi.io/v1,"
+            f" not {api.base_url!r}",
+        )
+    for key, value in (
+        (("didomi_api", "timeout_s"), api.timeout_s),
+        (("didomi_api", "requests_per_second"), api.requests_per_second),
+    ):
+        if value <= 0:
+            located.add(key, f"{format_path(key)} must be positive")
+    hooks = config.braze_webhooks
+    if hooks is None:
+        return
+    if hooks.echo_window_s < 0:
+        located.add(
+            ("braze_webhooks", "echo_window_s"), "braze_webhooks.echo_window_s must not be negative"
+        )
+    if require_secrets and not any(hooks.tokens):
+        located.add(
+            ("braze_webhooks", "tokens"),
+            "braze_webhooks.tokens must list a token (use ${BRAZE_WEBHOOK_TOKEN}),"
+            " or leave the table out to turn the Braze routes off",
+        )
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

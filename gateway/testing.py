@@ -25,6 +25,8 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from .testing_didomi import FakeDidomi as FakeDidomi  # the Consents API's fake, for one import
+
 MAX_TRACK_OBJECTS = 75  # attributes + events + purchases together, current contracts
 MAX_DELETE_IDS = 50
 UNLIMITED = 250_000  # what the headers say when no rate limit is configured

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
-from gateway.testing import FakeBraze
+from gateway.testing import FakeBraze, FakeDidomi
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "gateway.toml"
@@ -29,6 +29,10 @@ CLIENT_ID = "didomi"
 CLIENT_SECRET = "test-client-secret-4f9a"
 BRAZE_API_KEY = "test-braze-key-7c21"
 SECRETS = {"DIDOMI_CLIENT_SECRET": CLIENT_SECRET, "BRAZE_API_KEY": BRAZE_API_KEY}
+# The reverse path's Didomi API credentials, as FakeDidomi accepts them.
+DIDOMI_API_KEY = "test-didomi-key-5e0b"
+DIDOMI_API_SECRET = "test-didomi-secret-91d3"
+DIDOMI_ORG = "acme"
 
 # Braze at a loopback port nothing listens on: nothing is ever delivered, so what a test
 # stores stays in the spool. Tests that need Braze pass braze={"server": fake.url}.
@@ -148,6 +152,15 @@ async def fake() -> AsyncIterator[FakeBraze]:
     await braze.start()
     yield braze
     await braze.stop()
+
+
+@pytest.fixture
+async def fake_didomi() -> AsyncIterator[FakeDidomi]:
+    """A fake Didomi Consents API on loopback for DIDOMI_ORG and the test key and secret."""
+    didomi = FakeDidomi(key=DIDOMI_API_KEY, secret=DIDOMI_API_SECRET, organization_id=DIDOMI_ORG)
+    await didomi.start()
+    yield didomi
+    await didomi.stop()
 
 
 @pytest.fixture

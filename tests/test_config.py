@@ -12,6 +12,7 @@ import pytest
 from gateway.config import (
     AuthConfig,
     BrazeConfig,
+    BrazeWebhooksConfig,
     Config,
     DeliveryConfig,
     DidomiApiConfig,
@@ -21,6 +22,7 @@ from gateway.config import (
     ServerConfig,
     braze_base_url,
     load_config,
+    secrets_of,
 )
 from gateway.errors import ConfigError, GatewayError, Problem
 
@@ -794,3 +796,128 @@ def test_clock_skew_defaults_to_five_minutes_and_may_not_be_negative(tmp_path: P
     assert lines(problems_of(path)) == [
         f"{path}:{line_of(path, 'max_clock_skew_s')}: didomi.max_clock_skew_s must not be negative"
     ]
+
+
+# ---------------------------------------------------------------------------
+# The reverse path (DESIGN sections 7 and 9): [didomi_api] and [braze_webhooks].
+
+
+def test_reverse_path_defaults(tmp_path: Path) -> None:
+    """Without the tables the Braze routes are off and the Didomi client has its defaults."""
+    config = load_config(write(tmp_path, MINIMAL), {})
+    assert config.braze_webhooks is None
+    api = config.didomi_api
+    assert (api.disable_integrations, api.timeout_s, api.requests_per_second) == (
+        False,
+        10.0,
+        10.0,
+    )
+    assert BrazeWebhooksConfig() == BrazeWebhooksConfig(tokens=[], echo_window_s=3600.0)
+
+
+def test_the_reverse_path_tables_of_section_9_load(tmp_path: Path) -> None:
+    """The [braze_webhooks] and [didomi_api] tables of DESIGN section 9 load as written."""
+    path = write(
+        tmp_path,
+        MINIMAL
+        + textwrap.dedent(
+            """            [braze_webhooks]
+            tokens = ["${BRAZE_WEBHOOK_TOKEN}"]
+
+            [didomi_api]
+            enabled = true
+            base_url = "https://api.didomi.io/v1"
+            organization_id = "acme"
+            key = "${DIDOMI_API_KEY}"
+            secret = "${DIDOMI_API_SECRET}"
+            regulation = "gdpr"
+            disable_integrations = true
+            """
+        ),
+    )
+    env = {"BRAZE_WEBHOOK_TOKEN": "hook-token", "DIDOMI_API_KEY": "k", "DIDOMI_API_SECRET": "s"}
+    config = load_config(path, env)
+    assert config.braze_webhooks == BrazeWebhooksConfig(tokens=["hook-token"])
+    assert config.didomi_api.disable_integrations is True
+    assert (config.didomi_api.key, config.didomi_api.secret) == ("k", "s")
+
+
+def test_reverse_path_problems_each_on_its_line(tmp_path: Path) -> None:
+    """A bad base_url, non-positive pace and timeout, an empty token and a negative window."""
+    path = write(
+        tmp_path,
+        MINIMAL
+        + textwrap.dedent(
+            """            [didomi_api]
+            base_url = "api.didomi.io/v1"
+            timeout_s = 0
+            requests_per_second = -1
+
+            [braze_webhooks]
+            tokens = [""]
+            echo_window_s = -1
+            """
+        ),
+    )
+    at = {needle: line_of(path, needle) for needle in ("base_url", "timeout_s", "requests_")}
+    assert lines(problems_of(path)) == [
+        f"{path}:{at['base_url']}: didomi_api.base_url must be an http(s) URL, e.g. "
+        "https://api.didomi.io/v1, not 'api.didomi.io/v1'",
+        f"{path}:{at['timeout_s']}: didomi_api.timeout_s must be positive",
+        f"{path}:{at['requests_']}: didomi_api.requests_per_second must be positive",
+        f"{path}:{line_of(path, 'tokens')}: braze_webhooks.tokens must list a token (use "
+        "${BRAZE_WEBHOOK_TOKEN}), or leave the table out to turn the Braze routes off",
+        f"{path}:{line_of(path, 'echo_window_s')}: braze_webhooks.echo_window_s must not be "
+        "negative",
+    ]
+
+
+def test_an_empty_braze_webhooks_table_needs_a_token_unless_secrets_are_relaxed(
+    tmp_path: Path,
+) -> None:
+    """An empty [braze_webhooks] lacks its tokens; render and test (no secrets) still load it."""
+    path = write(tmp_path, MINIMAL + "[braze_webhooks]\n")
+    assert lines(problems_of(path)) == [
+        f"{path}:{line_of(path, 'braze_webhooks')}: braze_webhooks.tokens must list a token "
+        "(use ${BRAZE_WEBHOOK_TOKEN}), or leave the table out to turn the Braze routes off"
+    ]
+    relaxed = load_config(path, {}, require_secrets=False)
+    assert relaxed.braze_webhooks == BrazeWebhooksConfig()
+
+
+def test_braze_webhooks_unknown_keys_and_wrong_types_are_located(tmp_path: Path) -> None:
+    """A typo and a wrong type inside [braze_webhooks] are each reported on their line."""
+    path = write(tmp_path, MINIMAL + '[braze_webhooks]\ntoken = ["t"]\necho_window_s = "1h"\n')
+    text = lines(problems_of(path))
+    assert text[0].startswith(f"{path}:{line_of(path, 'token =')}: unknown key 'token'")
+    assert "(did you mean 'tokens'?)" in text[0]
+    assert text[1].startswith(f"{path}:{line_of(path, 'echo_window_s')}: braze_webhooks.")
+
+
+def test_secrets_of_lists_every_secret_a_config_holds(tmp_path: Path) -> None:
+    """secrets_of names the Braze key, the client secret, both token lists and the Didomi login."""
+    config = Config(
+        auth=AuthConfig(client_secret="cs", tokens=["t1", ""]),
+        braze=BrazeConfig(server="US-01", api_key="bk"),
+        didomi_api=DidomiApiConfig(key="dk", secret="ds"),
+        braze_webhooks=BrazeWebhooksConfig(tokens=["w1"]),
+    )
+    assert secrets_of(config) == ["bk", "cs", "t1", "dk", "ds", "w1"]
+    assert secrets_of(Config()) == []
+
+
+def test_a_config_repr_masks_its_secrets() -> None:
+    """A printed config (a traceback, a debugger) shows which secrets are set, never their value."""
+    config = Config(
+        auth=AuthConfig(client_secret="client-secret-1", tokens=["bearer-token-1"]),
+        braze=BrazeConfig(server="US-01", api_key="braze-key-1"),
+        didomi_api=DidomiApiConfig(key="didomi-key-1", secret="didomi-secret-1"),
+        braze_webhooks=BrazeWebhooksConfig(tokens=["hook-token-1"]),
+    )
+    text = repr(config)
+    for secret in secrets_of(config):
+        assert secret not in text
+    assert "api_key=[redacted]" in text
+    assert "server='US-01'" in text
+    assert repr(DidomiApiConfig()).startswith("DidomiApiConfig(enabled=False, base_url=")
+    assert "key=''" in repr(DidomiApiConfig())
