@@ -135,16 +135,6 @@ def secrets_of(config: Config) -> list[str]:
     return [value for value in values if value]
 
 
-def secrets_of(config: Config) -> tuple[str, ...]:
-    """Every secret value a config holds, to be masked in the logs."""
-    return (
-        config.braze.api_key,
-        config.auth.client_secret,
-        *config.auth.tokens,
-        config.didomi_api.secret,
-    )
-
-
 # ---------------------------------------------------------------------------
 # Loading: TOML text -> environment interpolation -> located validation.
 

@@ -56,6 +56,7 @@ LIVE_KEYS = frozenset(
         # These shape the rule set, which is rebuilt on every reload.
         "didomi.regulations",
         "didomi.on_user_deleted",
+        "didomi.max_clock_skew_s",
         "mappings.dir",
     }
 )
@@ -68,6 +69,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     keys = []
     for section in msgspec.structs.fields(Config):
         before, after = getattr(old, section.name), getattr(new, section.name)
+        if before is None or after is None:  # an optional table added or removed
+            if before != after:
+                keys.append(f"[{section.name}]")
+            continue
         for field in msgspec.structs.fields(before):
             if getattr(before, field.name) != getattr(after, field.name):
                 keys.append(f"{section.name}.{field.name}")
@@ -79,6 +84,9 @@ def effective(running: Config, read: Config) -> Config:
     sections: dict[str, Any] = {}
     for section in msgspec.structs.fields(Config):
         before, after = getattr(running, section.name), getattr(read, section.name)
+        if before is None or after is None:  # adding or removing a table needs a restart
+            sections[section.name] = before
+            continue
         live = {
             field.name: getattr(after, field.name)
             for field in msgspec.structs.fields(before)
