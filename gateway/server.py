@@ -22,11 +22,10 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Literal
 
-import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
@@ -36,6 +35,18 @@ from .braze import open_client
 from .config import Config, DeliveryConfig, secrets_of
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SpoolError, SpoolFull
+from .intake import (
+    CONFIG,
+    METRICS,
+    RETRY_AFTER_S,
+    SPOOL,
+    STATE,
+    State,
+    error_answer,
+    json_answer,
+    nothing,
+    read_capped,
+)
 from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
@@ -62,84 +73,16 @@ WEBHOOK_PATH = "/webhooks/didomi"
 OAUTH_PATH = "/oauth/token"
 # Paths only Didomi calls; `server.allow_from` guards these, not the probes or /metrics.
 GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
-RETRY_AFTER_S = 30  # what a 503 asks the sender to wait; Didomi retries on its own schedule
-READ_CHUNK = 65_536
 WRITE_ERROR_WINDOW_S = 10.0  # how long a failed spool commit keeps /readyz at 503
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _nothing() -> None:
-    return None
-
-
-class State:
-    """Mutable runtime state: starting, ready, draining, and what else readiness depends on."""
-
-    def __init__(self) -> None:
-        self.starting = True
-        self.draining = False
-        self.drain_started: float | None = None  # time.monotonic() when shutdown began
-        # Each returns None when all is well, or the reason the gateway is not ready.
-        self.ready_checks: list[Callable[[], str | None]] = []
-        # Each returns None, or why delivery is slow right now; readiness stays 200 and says so.
-        self.degraded_checks: list[Callable[[], str | None]] = []
-        # Called after each stored webhook; the dispatcher sets its own wake-up here.
-        self.on_wake: Callable[[], None] = _nothing
-
-    def wake(self) -> None:
-        """New webhooks are in the spool."""
-        self.on_wake()
-
-    def not_ready_reason(self) -> str | None:
-        """Why /readyz should answer 503, or None when the gateway is ready."""
-        if self.draining:
-            return "draining: the gateway is shutting down"
-        if self.starting:
-            return "starting"
-        for check in self.ready_checks:
-            try:
-                reason = check()
-            except Exception as exc:  # a broken check must not turn /readyz into a 500
-                log.exception("a readiness check failed")
-                return f"a readiness check failed: {exc!r}"
-            if reason:
-                return reason
-        return None
-
-    def degraded_reason(self) -> str | None:
-        """Why delivery lags right now (a Braze outage, say), while intake still works."""
-        for check in self.degraded_checks:
-            if reason := check():
-                return reason
-        return None
-
-
-SPOOL = web.AppKey("gateway.spool", Spool)
-CONFIG = web.AppKey("gateway.config", Config)
-METRICS = web.AppKey("gateway.metrics", Metrics)
-STATE = web.AppKey("gateway.state", State)
 DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
 RULES = web.AppKey("gateway.rules", LiveRules)
 _AUTH = web.AppKey("gateway.authenticator", Authenticator)
 _ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
-
-_encode = msgspec.json.Encoder().encode
-
-
-def _json(
-    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status, body=_encode(body), content_type="application/json", headers=headers
-    )
-
-
-def _error(
-    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return _json(status, {"error": error, "detail": detail}, headers)
 
 
 def _publish_ready(app: web.Application) -> None:
@@ -259,7 +202,7 @@ def delivery(live: LiveRules) -> Context:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
                 await live.close()
-                state.on_wake = _nothing
+                state.on_wake = nothing
                 # One budget for the whole shutdown: what waiting for requests used is gone.
                 grace = config.server.shutdown_timeout_s
                 if state.drain_started is not None:
@@ -381,10 +324,12 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             detail = exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_").replace("-", "_")
-        return _error(exc.status, code, detail, headers)
+        return error_answer(exc.status, code, detail, headers)
     except Exception:
         log.exception("error handling %s %s", request.method, request.path)
-        return _error(500, "internal_error", "the gateway failed on this request; see its log")
+        return error_answer(
+            500, "internal_error", "the gateway failed on this request; see its log"
+        )
 
 
 @web.middleware
@@ -396,7 +341,9 @@ async def _allow_from(request: web.Request, handler: Handler) -> web.StreamRespo
     if request.path == WEBHOOK_PATH:
         request.app[METRICS].webhook("other", "unauthorized")
     log.info("request refused: %s is not in server.allow_from", request.remote)
-    return _error(403, "forbidden", "this address may not call the gateway (server.allow_from)")
+    return error_answer(
+        403, "forbidden", "this address may not call the gateway (server.allow_from)"
+    )
 
 
 def _allowed(remote: str | None, networks: tuple[Network, ...]) -> bool:
@@ -417,7 +364,7 @@ def _allowed(remote: str | None, networks: tuple[Network, ...]) -> bool:
 
 async def healthz(request: web.Request) -> web.Response:
     """`GET /healthz`: 200 while the process is alive."""
-    return _json(200, {"status": "ok"})
+    return json_answer(200, {"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -425,11 +372,11 @@ async def readyz(request: web.Request) -> web.Response:
     reason = request.app[STATE].not_ready_reason()
     request.app[METRICS].ready.set(0 if reason else 1)
     if reason is not None:
-        return _error(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_S)})
+        return error_answer(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_S)})
     degraded = request.app[STATE].degraded_reason()
     if degraded is not None:
-        return _json(200, {"status": "ready", "degraded": degraded})
-    return _json(200, {"status": "ready"})
+        return json_answer(200, {"status": "ready", "degraded": degraded})
+    return json_answer(200, {"status": "ready"})
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -453,7 +400,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
-        return _error(status, error, detail, headers)
+        return error_answer(status, error, detail, headers)
 
     if not app[_AUTH].authenticate(request.headers.get("Authorization")):
         return refuse(401, "unauthorized", "a valid Bearer token is required", "unauthorized")
@@ -465,7 +412,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         )
     limit = config.server.max_body_bytes
     try:
-        body = await _read_capped(request, limit)
+        body = await read_capped(request, limit)
     except (ConnectionError, HttpProcessingError) as exc:
         return refuse(400, "bad_request", f"the body could not be read: {exc}")
     if body is None:
@@ -481,7 +428,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         log.info(
             "webhook ignored: unknown type", extra={"event_id": event_id, "outcome": "ignored"}
         )
-        return _json(200, {"status": "ignored"})
+        return json_answer(200, {"status": "ignored"})
     kind = webhook.type
     if state.starting or SPOOL not in app:
         return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
@@ -501,18 +448,6 @@ async def receive_webhook(request: web.Request) -> web.Response:
     # The audit trail of consent: which Didomi event, what became of it. Never the person.
     log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
     if not stored:
-        return _json(200, {"status": "duplicate"})
+        return json_answer(200, {"status": "duplicate"})
     state.wake()
-    return _json(202, {"status": "accepted"})
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None once it is known to exceed `limit`: by its header, or while reading."""
-    if (request.content_length or 0) > limit:
-        return None
-    body = bytearray()
-    while chunk := await request.content.read(min(READ_CHUNK, limit + 1 - len(body))):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
+    return json_answer(202, {"status": "accepted"})
