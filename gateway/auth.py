@@ -167,6 +167,11 @@ class _Open:
         return True
 
 
+def bearer_tokens(tokens: Sequence[str]) -> Authenticator:
+    """An authenticator taking exactly these bearer tokens (Braze's, for its routes)."""
+    return _Bearer(StaticTokens(tokens))
+
+
 def authenticator_for(cfg: AuthConfig, *, issuer: TokenIssuer | None = None) -> Authenticator:
     """The webhook authenticator for ``auth.mode``; pass ``issuer`` to share the endpoint's."""
     if cfg.mode == "oauth2":

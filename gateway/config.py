@@ -490,6 +490,12 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
 def _check_reverse_path(config: Config, located: Located, *, require_secrets: bool) -> None:
     """[didomi_api] and [braze_webhooks]: the Braze-to-Didomi direction."""
     api = config.didomi_api
+    if config.braze_webhooks is not None and not api.enabled:
+        located.add(
+            ("braze_webhooks",),
+            "[braze_webhooks] takes Braze's changes for Didomi: set [didomi_api] enabled ="
+            " true, or they would wait in the spool for ever",
+        )
     url = urlsplit(api.base_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         located.add(

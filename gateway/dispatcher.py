@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -407,7 +408,19 @@ class Dispatcher:
                 delivered += 1
             for row in item.rows:
                 self.flow.latency.observe(max(0.0, now - row.received_at))
-        await self._record(self.spool.db.ack, done, applied, dead)
+        # The states sent, only when Braze's changes come back (to tell our echoes apart).
+        sent = (
+            [
+                (item.person, t, str(c.state), now)
+                for index, item in enumerate(items)
+                if index not in errors
+                for t, c in item.changes.items()
+                if t.kind != "attribute"
+            ]
+            if self.config.braze_webhooks is not None
+            else []
+        )
+        await self._record(functools.partial(self.spool.db.ack, sent=sent), done, applied, dead)
         for item in items:
             item.settled = True
         self.flow.delivered.inc(delivered)
@@ -423,24 +436,8 @@ class Dispatcher:
         self.flow.pending.set(self.spool.db.pending_of("to_braze"))
 
     async def _record(self, write: Callable[..., None], *args: object) -> None:
-        """Write an outcome to the spool, retrying while it cannot be written.
-
-        Braze may already have these updates: giving up here would leave their rows pending
-        until a restart (then sent twice), and their people blocked.
-        """
-        attempt = 0
-        while True:
-            try:
-                await self.spool.run(write, *args)
-                return
-            except SpoolError as exc:
-                attempt += 1
-                if attempt == 1:
-                    log.error("cannot record delivery outcomes in the spool, retrying: %s", exc)
-                if self.stopping and attempt >= 3:
-                    raise  # the rows stay pending and are sent again after the restart
-                # A local disk, not Braze: retry often, so delivery resumes as soon as it can.
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        """Write an outcome to the spool, retrying while it cannot be written."""
+        await self.spool.record(write, *args, stopping=lambda: self.stopping)
 
     async def _dead(self, items: Sequence[Item], reason: str, answer: Answer) -> None:
         detail = f"{reason}: {answer.reason}"

@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import Config
 from .metrics import Metrics
 from .spool import Spool
+from .webhooks import Direction
 
 log = logging.getLogger("gateway.server")
 
@@ -41,12 +42,17 @@ class State:
         self.ready_checks: list[Callable[[], str | None]] = []
         # Each returns None, or why delivery is slow right now; readiness stays 200 and says so.
         self.degraded_checks: list[Callable[[], str | None]] = []
-        # Called after each stored webhook; the dispatcher sets its own wake-up here.
+        # Called after each stored webhook; the dispatcher sets its own wake-up here, and the
+        # writeback (Braze -> Didomi) its own in `on_wake_to_didomi`.
         self.on_wake: Callable[[], None] = nothing
+        self.on_wake_to_didomi: Callable[[], None] = nothing
 
-    def wake(self) -> None:
-        """New webhooks are in the spool."""
-        self.on_wake()
+    def wake(self, direction: Direction = "to_braze") -> None:
+        """New webhooks going `direction` are in the spool."""
+        if direction == "to_didomi":
+            self.on_wake_to_didomi()
+        else:
+            self.on_wake()
 
     def not_ready_reason(self) -> str | None:
         """Why /readyz should answer 503, or None when the gateway is ready."""

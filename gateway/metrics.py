@@ -21,6 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
 from .braze import DELETE, TRACK
+from .didomi import EVENTS, SESSIONS, USERS
 from .health import BLOCKED_REASONS
 from .webhooks import BRAZE_TYPES, Direction, direction_of
 from .webhooks import EVENT_TYPES as WEBHOOK_TYPES
@@ -36,6 +37,7 @@ EVENT_TYPES = (*WEBHOOK_TYPES, "other")
 DIRECTIONS: tuple[Direction, ...] = ("to_braze", "to_didomi")
 OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unauthorized", "unavailable")
 BRAZE_ENDPOINTS = (TRACK, DELETE)
+DIDOMI_ENDPOINTS = (SESSIONS, USERS, EVENTS)
 FAILURE_REASONS = ("rejected", "bad_request", "gave_up", "too_large", "unmappable")
 RETRY_REASONS = (
     "server_error",
@@ -56,6 +58,7 @@ SKIP_REASONS = (
     "no_rule",
     "ignored",
     "echo",
+    "unchanged",
 )
 # HTTP methods are labels only when standard; anything else a client invents becomes "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -107,6 +110,22 @@ class Metrics:
 
         # Every delivery family is split by direction: to_braze (Didomi's choices sent to
         # Braze) and to_didomi (Braze's subscription changes written back to Didomi).
+        self.didomi_requests = Counter(
+            "gateway_didomi_requests",
+            "Requests sent to Didomi's API, by endpoint and HTTP status ('error': no answer).",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.didomi_request_duration = Histogram(
+            "gateway_didomi_request_duration_seconds",
+            "Time for one Didomi API request to be answered.",
+            ["endpoint"],
+            buckets=BRAZE_BUCKETS,
+            registry=r,
+        )
+        for endpoint in DIDOMI_ENDPOINTS:
+            self.didomi_request_duration.labels(endpoint)
+
         self.updates_delivered = Counter(
             "gateway_updates_delivered",
             "Updates acknowledged by the other side (Braze objects, Didomi consent events).",
@@ -208,6 +227,11 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+
+    def didomi_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """Count and time one request to Didomi's API (the client's `on_request`)."""
+        self.didomi_requests.labels(endpoint, status).inc()
+        self.didomi_request_duration.labels(endpoint).observe(seconds)
 
     def flow(self, direction: Direction) -> Flow:
         """The delivery metrics of one direction, their children bound once."""

@@ -30,9 +30,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from . import braze_intake
 from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from .braze import open_client
 from .config import Config, DeliveryConfig, secrets_of
+from .didomi import open_didomi_client
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SpoolError, SpoolFull
 from .intake import (
@@ -52,6 +54,7 @@ from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
 from .spool import Spool, SpoolDB, SpoolLock
 from .webhooks import WebhookError, decode, direction_of
+from .writeback import Writeback
 
 __all__ = [
     "CONFIG",
@@ -60,6 +63,7 @@ __all__ = [
     "RULES",
     "SPOOL",
     "STATE",
+    "WRITEBACK",
     "Context",
     "State",
     "create_app",
@@ -80,6 +84,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
+WRITEBACK = web.AppKey("gateway.writeback", Writeback)
 RULES = web.AppKey("gateway.rules", LiveRules)
 _AUTH = web.AppKey("gateway.authenticator", Authenticator)
 _ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
@@ -164,18 +169,29 @@ def _spool_room(app: web.Application) -> str | None:
 
 
 def delivery(live: LiveRules) -> Context:
-    """The context that runs delivery: the Braze client, the dispatcher, and rule reloads."""
+    """The context that runs delivery both ways: the Braze client and the dispatcher, Didomi's
+    client and the writeback (with `[didomi_api] enabled`), and rule reloads."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         config, metrics, state, spool = app[CONFIG], app[METRICS], app[STATE], app[SPOOL]
-        async with open_client(config.braze, metrics) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(open_client(config.braze, metrics))
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
+            back: Writeback | None = None
+            if config.didomi_api.enabled:
+                didomi = await stack.enter_async_context(
+                    open_didomi_client(config.didomi_api, on_request=metrics.didomi_request)
+                )
+                back = Writeback(config, spool, live.current, didomi, metrics)
+                app[WRITEBACK] = back
 
             def follow(new: Config) -> None:
                 client.reconfigure(new.braze)  # key, server, timeout, rate: next request on
                 # The dispatcher reads its config for each batch; max_in_flight keeps its start
                 # value here, since LiveRules passes on live keys only.
                 dispatcher.config = new
+                if back is not None:
+                    back.config = new
 
             live.listeners.append(follow)
             # Delivery trouble is reported, never a reason to refuse webhooks (readiness).
@@ -184,6 +200,10 @@ def delivery(live: LiveRules) -> Context:
             app[DISPATCHER] = dispatcher
             app[RULES] = live
             await dispatcher.start()
+            if back is not None:
+                state.degraded_checks.append(back.degraded_reason)
+                state.on_wake_to_didomi = back.wake
+                await back.start()
             loop = asyncio.get_running_loop()
 
             def on_sighup() -> None:
@@ -202,12 +222,15 @@ def delivery(live: LiveRules) -> Context:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
                 await live.close()
-                state.on_wake = nothing
+                state.on_wake = state.on_wake_to_didomi = nothing
                 # One budget for the whole shutdown: what waiting for requests used is gone.
                 grace = config.server.shutdown_timeout_s
                 if state.drain_started is not None:
                     grace -= time.monotonic() - state.drain_started
-                await dispatcher.stop(grace_s=max(0.0, grace))
+                stops = [dispatcher.stop(grace_s=max(0.0, grace))]
+                if back is not None:
+                    stops.append(back.stop(grace_s=max(0.0, grace)))
+                await asyncio.gather(*stops)
                 live.listeners.remove(follow)
 
     return context
@@ -238,6 +261,7 @@ def create_app(
     app[_AUTH] = authenticator_for(config.auth, issuer=issuer)
 
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    braze_intake.add_routes(app, config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(metrics))

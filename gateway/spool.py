@@ -606,6 +606,29 @@ class Spool:
         """Run one SpoolDB call on the spool thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def record(
+        self, write: Callable[..., object], *args: object, stopping: Callable[[], bool]
+    ) -> None:
+        """Write a delivery outcome, retrying while the spool cannot be written.
+
+        The other side may already have these updates: giving up here would leave their rows
+        pending until a restart (then sent twice) and their people blocked. Only a shutdown
+        stops the retries (after three tries): the rows then stay pending for the next start.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.run(write, *args)
+                return
+            except SpoolError as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.error("cannot record delivery outcomes in the spool, retrying: %s", exc)
+                if stopping() and attempt >= 3:
+                    raise
+                # A local disk, not a remote API: retry often, so delivery resumes at once.
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+
     async def put(self, key: str | None, kind: str, body: bytes) -> bool:
         """Store one webhook durably: True once committed, False if it is a duplicate."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -849,6 +849,10 @@ def test_reverse_path_problems_each_on_its_line(tmp_path: Path) -> None:
         MINIMAL
         + textwrap.dedent(
             """            [didomi_api]
+            enabled = true
+            organization_id = "acme"
+            key = "k"
+            secret = "s"
             base_url = "api.didomi.io/v1"
             timeout_s = 0
             requests_per_second = -1
@@ -876,7 +880,8 @@ def test_an_empty_braze_webhooks_table_needs_a_token_unless_secrets_are_relaxed(
     tmp_path: Path,
 ) -> None:
     """An empty [braze_webhooks] lacks its tokens; render and test (no secrets) still load it."""
-    path = write(tmp_path, MINIMAL + "[braze_webhooks]\n")
+    api = '[didomi_api]\nenabled = true\norganization_id = "acme"\nkey = "k"\nsecret = "s"\n'
+    path = write(tmp_path, MINIMAL + api + "[braze_webhooks]\n")
     assert lines(problems_of(path)) == [
         f"{path}:{line_of(path, 'braze_webhooks')}: braze_webhooks.tokens must list a token "
         "(use ${BRAZE_WEBHOOK_TOKEN}), or leave the table out to turn the Braze routes off"
@@ -921,3 +926,12 @@ def test_a_config_repr_masks_its_secrets() -> None:
     assert "server='US-01'" in text
     assert repr(DidomiApiConfig()).startswith("DidomiApiConfig(enabled=False, base_url=")
     assert "key=''" in repr(DidomiApiConfig())
+
+
+def test_braze_webhooks_need_the_didomi_api_enabled(tmp_path: Path) -> None:
+    """Braze's routes without [didomi_api] enabled would store changes nothing ever sends."""
+    path = write(tmp_path, MINIMAL + '[braze_webhooks]\ntokens = ["t"]\n')
+    assert lines(problems_of(path)) == [
+        f"{path}:{line_of(path, '[braze_webhooks]')}: [braze_webhooks] takes Braze's changes for"
+        " Didomi: set [didomi_api] enabled = true, or they would wait in the spool for ever"
+    ]

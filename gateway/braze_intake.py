@@ -1,0 +1,184 @@
+"""Braze's routes: a webhook step's body and Braze Currents' batches, stored for Didomi.
+
+Both answer as `/webhooks/didomi` does (DESIGN.md section 9): `202` once stored, `200` for a
+duplicate or for nothing to change, `4xx` for the sender's mistakes, `503` to be retried (Braze
+retries `408`, `429` and `5xx` up to five times within 30 minutes, never another `4xx`). Both
+need `[braze_webhooks]`; without it they are not routed at all, so they answer `404`.
+
+A Currents batch is stored event by event, each under its own id: a `400` makes Braze resend
+the batch one event at a time and drop what it refuses again, so a bad event is skipped and
+counted, never allowed to fail its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from .auth import Authenticator, bearer_tokens
+from .braze_webhooks import (
+    CURRENTS_VERSION,
+    CURRENTS_VERSION_HEADER,
+    BrazeWebhookError,
+    decode_step,
+    split_currents,
+    step_dedupe_key,
+)
+from .config import Config
+from .errors import SpoolError, SpoolFull
+from .intake import (
+    CONFIG,
+    METRICS,
+    RETRY_AFTER_S,
+    SPOOL,
+    STATE,
+    error_answer,
+    json_answer,
+    read_capped,
+)
+
+log = logging.getLogger("gateway.server")
+
+STEP_PATH = "/webhooks/braze"
+CURRENTS_PATH = "/webhooks/braze/currents"
+STEP = "braze.step"
+CURRENTS = "braze.currents"
+_AUTH = web.AppKey("gateway.braze_authenticator", Authenticator)
+
+
+def add_routes(app: web.Application, config: Config) -> None:
+    """Route Braze's two shapes, when `[braze_webhooks]` says which tokens Braze sends."""
+    if config.braze_webhooks is None:
+        return
+    app[_AUTH] = bearer_tokens(config.braze_webhooks.tokens)
+    app.router.add_post(STEP_PATH, receive_step)
+    app.router.add_post(CURRENTS_PATH, receive_currents)
+
+
+def _refuse(
+    request: web.Request, kind: str, status: int, error: str, detail: str, outcome: str
+) -> web.Response:
+    request.app[METRICS].webhook(kind, outcome)
+    level = logging.WARNING if status >= 500 else logging.INFO
+    extra = {"status": status, "remote": request.remote, "type": kind}
+    log.log(level, "Braze webhook refused (%d %s): %s", status, error, detail, extra=extra)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    return error_answer(status, error, detail, headers)
+
+
+async def _body(request: web.Request, kind: str) -> bytes | web.Response:
+    """The body of an authenticated JSON request, or the refusal to answer instead."""
+    app = request.app
+    if not app[_AUTH].authenticate(request.headers.get("Authorization")):
+        detail = "a Bearer token of [braze_webhooks].tokens is required"
+        return _refuse(request, kind, 401, "unauthorized", detail, "unauthorized")
+    if request.content_type.lower() != "application/json":
+        detail = f"Content-Type must be application/json, not {request.content_type}"
+        return _refuse(request, kind, 415, "unsupported_media_type", detail, "rejected")
+    limit = app[CONFIG].server.max_body_bytes
+    body = await read_capped(request, limit)
+    if body is None:
+        detail = f"the body is over server.max_body_bytes ({limit} bytes)"
+        return _refuse(request, kind, 413, "too_large", detail, "rejected")
+    if app[STATE].starting or SPOOL not in app:
+        return _refuse(request, kind, 503, "not_ready", "the gateway is starting", "unavailable")
+    return body
+
+
+async def receive_step(request: web.Request) -> web.Response:
+    """`POST /webhooks/braze`: one webhook step's body, the person's states at send time."""
+    body = await _body(request, STEP)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        changes = decode_step(body)
+    except BrazeWebhookError as exc:
+        return _refuse(request, STEP, 400, "bad_request", str(exc), "rejected")
+    if not changes:  # every state empty: Liquid knew none of them
+        request.app[METRICS].webhook(STEP, "ignored")
+        return json_answer(200, {"status": "ignored"})
+    try:
+        stored = await request.app[SPOOL].put(step_dedupe_key(changes), STEP, body)
+    except SpoolError as exc:
+        return _unavailable(request, STEP, exc)
+    return _stored(request, STEP, stored)
+
+
+async def receive_currents(request: web.Request) -> web.Response:
+    """`POST /webhooks/braze/currents`: a Currents batch, each subscription event stored."""
+    body = await _body(request, CURRENTS)
+    if isinstance(body, web.Response):
+        return body
+    version = request.headers.get(CURRENTS_VERSION_HEADER)
+    if version is not None and version.strip() != CURRENTS_VERSION:
+        detail = f"{CURRENTS_VERSION_HEADER} {version!r} is not one this gateway reads (1)"
+        return _refuse(request, CURRENTS, 400, "bad_request", detail, "rejected")
+    try:
+        batch = split_currents(body)
+    except BrazeWebhookError as exc:
+        return _refuse(request, CURRENTS, 400, "bad_request", str(exc), "rejected")
+    metrics = request.app[METRICS]
+    if batch.invalid:
+        log.warning("skipped %d Currents event(s) that do not decode", batch.invalid)
+    spool = request.app[SPOOL]
+    # Concurrent puts share one commit; the event id is Braze's, and dedupes its retries.
+    results = await asyncio.gather(
+        *(spool.put(f"braze-currents|{event_id}", CURRENTS, raw) for event_id, raw in batch.events),
+        return_exceptions=True,
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        # Braze resends the whole batch; what was stored now is a duplicate then.
+        error = failed[0]
+        if not isinstance(error, SpoolError):
+            raise error
+        return _unavailable(request, CURRENTS, error)
+    stored = sum(1 for r in results if r is True)
+    duplicates = len(results) - stored
+    for _ in range(stored):
+        metrics.webhook(CURRENTS, "accepted")
+    for _ in range(duplicates):
+        metrics.webhook(CURRENTS, "duplicate")
+    for _ in range(batch.ignored + batch.invalid):
+        metrics.webhook(CURRENTS, "ignored")
+    _publish_pending(request)
+    if stored:
+        request.app[STATE].wake("to_didomi")
+    counts = {
+        "stored": stored,
+        "duplicates": duplicates,
+        "ignored": batch.ignored,
+        "invalid": batch.invalid,
+    }
+    log.info("Currents batch stored", extra={"outcome": "accepted", **counts})
+    return json_answer(202 if stored else 200, {"status": "accepted" if stored else "ok", **counts})
+
+
+def _stored(request: web.Request, kind: str, stored: bool) -> web.Response:
+    outcome = "accepted" if stored else "duplicate"
+    request.app[METRICS].webhook(kind, outcome)
+    log.info("Braze webhook %s", outcome, extra={"type": kind, "outcome": outcome})
+    _publish_pending(request)
+    if not stored:
+        return json_answer(200, {"status": "duplicate"})
+    request.app[STATE].wake("to_didomi")
+    return json_answer(202, {"status": "accepted"})
+
+
+def _publish_pending(request: web.Request) -> None:
+    pending = request.app[SPOOL].db.pending_of("to_didomi")
+    request.app[METRICS].flow("to_didomi").pending.set(pending)
+
+
+def _unavailable(request: web.Request, kind: str, exc: SpoolError) -> web.Response:
+    detail = (
+        "the spool is full; retry later"
+        if isinstance(exc, SpoolFull)
+        else "the spool cannot store webhooks now; retry later"
+    )
+    log.warning("cannot store a Braze webhook: %s", exc)
+    return _refuse(request, kind, 503, "unavailable", detail, "unavailable")
