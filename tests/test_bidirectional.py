@@ -1,0 +1,336 @@
+"""Both directions through the real server: a Braze unsubscribe reaches Didomi once, and
+neither side's echo of the other's change is ever sent back.
+
+The gateway runs in-process with its delivery context, against the fake Braze and the fake
+Didomi Consents API on 127.0.0.1. Each test unsubscribes (or changes a group) through one of
+Braze's two shapes, checks the consent event the fake Didomi recorded, then feeds the webhook
+Didomi would send for it back in and checks that Braze hears nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.reload import LiveRules
+from gateway.server import DISPATCHER, SPOOL, WRITEBACK, create_app, delivery
+from gateway.testing import FakeBraze, FakeDidomi
+
+NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
+OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+BRAZE_TOKEN = "test-braze-webhook-token-77aa"
+BRAZE = {"Authorization": f"Bearer {BRAZE_TOKEN}", "Content-Type": "application/json"}
+CURRENTS = {**BRAZE, "Braze-Currents-Version": "1"}
+
+
+class Gateway:
+    """The app under test, its client, and the two fakes it talks to."""
+
+    def __init__(self, client: TestClient[Any, Any], metrics: Metrics) -> None:
+        self.client = client
+        self.metrics = metrics
+
+    @property
+    def app(self) -> Any:
+        return self.client.app
+
+    async def post(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = await self.client.post(path, data=data, headers=headers)
+        return response.status, await response.json()
+
+    async def settle(self, timeout: float = 15.0) -> None:
+        """Wait until both directions have nothing pending and nothing in flight."""
+        deadline = time.monotonic() + timeout
+        db = self.app[SPOOL].db
+        while time.monotonic() < deadline:
+            idle = self.app[DISPATCHER].idle and self.app[WRITEBACK].idle
+            if db.count_pending() == 0 and idle:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not settled: {db.count_pending()} pending")
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def start_gateway(
+    aiohttp_client: Any,
+    make_config: MakeConfig,
+    tmp_path: Path,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+) -> StartGateway:
+    """`await start_gateway(**sections)`: a gateway on the fake Braze and the fake Didomi."""
+
+    async def start(**sections: Any) -> Gateway:
+        config: Config = make_config(
+            tmp_path,
+            braze={"server": fake.url, "flush_interval_ms": 10, **sections.pop("braze", {})},
+            delivery={"retry_initial_ms": 10, "retry_max_ms": 50},
+            braze_webhooks={"tokens": [BRAZE_TOKEN], **sections.pop("braze_webhooks", {})},
+            didomi_api={
+                "enabled": True,
+                "base_url": fake_didomi.url + "/v1",
+                "organization_id": DIDOMI_ORG,
+                "key": DIDOMI_API_KEY,
+                "secret": DIDOMI_API_SECRET,
+                **sections.pop("didomi_api", {}),
+            },
+            **sections,
+        )
+        metrics = Metrics()
+        live = LiveRules.load(config, metrics, tmp_path / "gateway.toml")
+        app = create_app(config, metrics=metrics, contexts=[delivery(live)])
+        return Gateway(await aiohttp_client(app), metrics)
+
+    return start
+
+
+def step(person: str, at: float, email: str = "", **groups: str) -> dict[str, Any]:
+    """A webhook step's body as Braze's Liquid renders it."""
+    return {
+        "external_id": person,
+        "email": f"{person}@example.com",
+        "email_subscribe": email,
+        "groups": {NEWS: groups.get("news", ""), OFFERS: groups.get("offers", "")},
+        "time": str(int(at)),
+    }
+
+
+def currents(*events: dict[str, Any]) -> dict[str, Any]:
+    return {"events": list(events)}
+
+
+def group_change(event_id: str, person: str, group: str, status: str, at: float) -> dict[str, Any]:
+    """A Currents subscription group StateChange event."""
+    return {
+        "event_type": "users.behaviors.subscriptiongroup.StateChange",
+        "id": event_id,
+        "time": int(at),
+        "user": {"user_id": f"braze-{person}", "external_user_id": person},
+        "properties": {
+            "channel": "email",
+            "subscription_group_id": group,
+            "subscription_status": status,
+            "state_change_source": "Preference Center",
+        },
+    }
+
+
+def global_change(
+    event_id: str, person: str, status: str, at: float, source: str = "Subscription Page"
+) -> dict[str, Any]:
+    """A Currents global email GlobalStateChange event."""
+    return {
+        "event_type": "users.behaviors.subscription.GlobalStateChange",
+        "id": event_id,
+        "time": int(at),
+        "user": {"user_id": f"braze-{person}", "external_user_id": person},
+        "properties": {
+            "channel": "email",
+            "subscription_status": status,
+            "state_change_source": source,
+        },
+    }
+
+
+def echo_of(event: dict[str, Any], kind: str = "event.created") -> dict[str, Any]:
+    """The webhook Didomi sends its integrations for a consent event the gateway wrote."""
+    entity = {
+        "id": event["id"],
+        "created_at": "2026-12-04T10:00:00Z",
+        "updated_at": "2026-12-04T10:00:00Z",
+        "status": "confirmed",
+        "user": {"id": "didomi-1", "organization_user_id": event["user"]["organization_user_id"]},
+        "consents": event["consents"],
+        "metadata": event.get("metadata", {}),
+    }
+    if kind == "user.updated":
+        user = {**entity, "organization_user_id": entity["user"]["organization_user_id"]}
+        user.pop("metadata")
+        params = {"source": {"id": event["id"], "type": "event"}, "new_entity": user}
+        return {"type": kind, "parameters": {"old_entity": user, **params}}
+    return {"type": kind, "parameters": {"entity": entity}}
+
+
+async def test_a_webhook_step_unsubscribe_reaches_didomi_once_and_its_echo_stays_put(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A global unsubscribe from a webhook step, sent twice by Braze and met by a Didomi 503,
+    is one consent event refusing marketing_email; Didomi's webhook for it reaches no Braze."""
+    fake_didomi.seed_user(
+        "ann",
+        [{"id": "marketing_email", "enabled": True, "values": {"topics": {"value": "offers"}}}],
+    )
+    fake_didomi.fail_next(503, path="/consents/events")
+    gw = await start_gateway()
+    body = step("ann", time.time(), email="unsubscribed", offers="subscribed")
+    assert await gw.post("/webhooks/braze", body, BRAZE) == (202, {"status": "accepted"})
+    assert await gw.post("/webhooks/braze", body, BRAZE) == (200, {"status": "duplicate"})
+    await gw.settle()
+    assert len(fake_didomi.events) == 1
+    event = fake_didomi.events[0].body
+    assert event["user"] == {"organization_user_id": "ann"}
+    assert event["consents"]["purposes"] == [{"id": "marketing_email", "enabled": False}]
+    assert event["metadata"] == {"source": "didomi-braze-gateway"}
+    assert gw.sample("gateway_retries_total", direction="to_didomi", reason="server_error") == 1
+    assert gw.sample("gateway_updates_delivered_total", direction="to_didomi") == 1
+    assert fake_didomi.user("ann")["consents"]["purposes"][0]["enabled"] is False  # type: ignore[index]
+
+    status, _ = await gw.post("/webhooks/didomi", echo_of(event), auth_headers)
+    assert status == 202
+    await gw.settle()
+    assert fake.requests == []
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="echo") == 1
+
+
+async def test_a_currents_group_unsubscribe_keeps_the_other_values_and_its_echo_stays_put(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A group unsubscribe from Currents, in a batch with an event of another type and a broken
+    one, retried by Braze and met by a Didomi 429, removes that one value and keeps the person's
+    others; Didomi's user.updated for it reaches no Braze."""
+    fake_didomi.seed_user(
+        "bea",
+        [
+            {
+                "id": "marketing_email",
+                "enabled": True,
+                "values": {"topics": {"value": "product_news,offers"}},
+            }
+        ],
+    )
+    fake_didomi.fail_next(429, path="/consents/events", headers={"Retry-After": "0.2"})
+    gw = await start_gateway()
+    batch = currents(
+        group_change("cur-1", "bea", OFFERS, "Unsubscribed", time.time()),
+        {"event_type": "users.messages.email.Open", "id": "open-1", "time": 1},
+        {"event_type": "users.behaviors.subscriptiongroup.StateChange", "id": "broken"},
+    )
+    status, answer = await gw.post("/webhooks/braze/currents", batch, CURRENTS)
+    assert (status, answer["stored"], answer["ignored"], answer["invalid"]) == (202, 1, 1, 1)
+    status, answer = await gw.post("/webhooks/braze/currents", batch, CURRENTS)  # Braze retries
+    assert (status, answer["stored"], answer["duplicates"]) == (200, 0, 1)
+    await gw.settle()
+    assert len(fake_didomi.events) == 1
+    event = fake_didomi.events[0].body
+    assert event["consents"]["purposes"] == [
+        {"id": "marketing_email", "values": {"topics": {"value": "product_news"}}}
+    ]
+    assert gw.sample("gateway_retries_total", direction="to_didomi", reason="rate_limited") == 1
+
+    status, _ = await gw.post("/webhooks/didomi", echo_of(event, "user.updated"), auth_headers)
+    assert status == 202
+    await gw.settle()
+    assert fake.requests == []
+
+
+async def test_braze_echoing_the_gateways_own_write_is_not_sent_to_didomi(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A Didomi opt-in sent to Braze comes back from Currents as a REST API change of the same
+    state: it is dropped as an echo; a later unsubscribe by the person is written back."""
+    gw = await start_gateway()
+    assert await gw.post("/webhooks/didomi", json.loads(choice("cal", True)), auth_headers) == (
+        202,
+        {"status": "accepted"},
+    )
+    await gw.settle()
+    assert fake.users["cal"].email_subscribe == "opted_in"
+    echo = global_change("cur-echo", "cal", "Opted In", time.time(), source="REST API")
+    status, _ = await gw.post("/webhooks/braze/currents", currents(echo), CURRENTS)
+    assert status == 202
+    await gw.settle()
+    assert fake_didomi.events == []
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="echo") == 1
+
+    real = global_change("cur-real", "cal", "Unsubscribed", time.time() + 1)
+    assert (await gw.post("/webhooks/braze/currents", currents(real), CURRENTS))[0] == 202
+    await gw.settle()
+    assert [e.body["consents"]["purposes"] for e in fake_didomi.events] == [
+        [{"id": "marketing_email", "enabled": False}]
+    ]
+
+
+async def test_a_braze_change_older_than_the_last_didomi_choice_is_stale(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
+) -> None:
+    """A Braze unsubscribe dated before the Didomi opt-in already applied is not written back:
+    it would undo a newer choice."""
+    gw = await start_gateway()
+    opted_in = choice("dee", True, "2026-12-04T10:00:00Z")
+    assert (await gw.post("/webhooks/didomi", json.loads(opted_in), auth_headers))[0] == 202
+    await gw.settle()
+    older = step("dee", 1_700_000_000, email="unsubscribed")  # November 2023
+    assert (await gw.post("/webhooks/braze", older, BRAZE))[0] == 202
+    await gw.settle()
+    assert fake_didomi.events == []
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 1
+
+
+async def test_a_refused_didomi_key_holds_braze_changes_and_readiness_stays_200(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi
+) -> None:
+    """A 403 from Didomi dead-letters nothing: the change waits, /readyz names the problem
+    while taking webhooks, and it is written once Didomi accepts again."""
+    fake_didomi.fail_next(403, count=1000, path="/consents/users")
+    gw = await start_gateway()
+    assert (await gw.post("/webhooks/braze", step("eli", time.time(), "unsubscribed"), BRAZE))[
+        0
+    ] == 202
+    deadline = time.monotonic() + 10
+    while gw.sample("gateway_delivery_blocked", direction="to_didomi", reason="403") != 1:
+        assert time.monotonic() < deadline, "the 403 was never reported"
+        await asyncio.sleep(0.02)
+    response = await gw.client.get("/readyz")
+    assert response.status == 200
+    assert "Didomi" in (await response.json())["degraded"]
+    assert gw.app[SPOOL].db.count_dead() == 0
+    fake_didomi.clear_faults()
+    await gw.settle()
+    assert len(fake_didomi.events) == 1
+    assert gw.sample("gateway_delivery_blocked", direction="to_didomi", reason="403") == 0
+
+
+async def test_braze_routes_refuse_bad_tokens_and_bodies_and_are_absent_unless_configured(
+    start_gateway: StartGateway, aiohttp_client: Any, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """No token is 401, a wrong Currents version or a broken body 400; without
+    [braze_webhooks] the routes are not there at all (404)."""
+    gw = await start_gateway()
+    assert (await gw.post("/webhooks/braze", step("fay", 1), {}))[0] == 401
+    wrong = {**BRAZE, "Authorization": "Bearer nope"}
+    assert (await gw.post("/webhooks/braze/currents", currents(), wrong))[0] == 401
+    assert (await gw.post("/webhooks/braze", b"{not json", BRAZE))[0] == 400
+    assert (await gw.post("/webhooks/braze", {"time": "1"}, BRAZE))[0] == 400
+    v2 = {**CURRENTS, "Braze-Currents-Version": "2"}
+    assert (await gw.post("/webhooks/braze/currents", currents(), v2))[0] == 400
+    assert (await gw.post("/webhooks/braze/currents", {"nope": 1}, CURRENTS))[0] == 400
+    (tmp_path / "plain").mkdir()
+    plain = await aiohttp_client(create_app(make_config(tmp_path / "plain")))
+    assert (await plain.post("/webhooks/braze", json=step("fay", 1))).status == 404
+    assert (await plain.post("/webhooks/braze/currents", json=currents())).status == 404
