@@ -90,7 +90,13 @@ class Answer:
 
 
 class RateLimiter:
-    """Paces requests to `requests_per_second` and stops all of them while Braze says to wait."""
+    """Paces requests to `requests_per_second` and stops all of them while Braze says to wait.
+
+    Braze's `X-RateLimit-Remaining` counts what is left after the request it answers; requests
+    sent since then spend it too. So the limiter keeps a budget, that header less the requests
+    sent after the one it answers, and holds new requests once it is spent until the window's
+    `X-RateLimit-Reset`: with several requests in flight, none is sent into a certain 429.
+    """
 
     def __init__(
         self, requests_per_second: float, *, clock: Callable[[], float] = time.monotonic
@@ -100,32 +106,48 @@ class RateLimiter:
         self._next = 0.0
         self._blocked_until = 0.0
         self.remaining: int | None = None
+        self._sent = 0  # requests let through so far; `acquire` returns each one's number
+        self._budget: int | None = None  # requests left in this window, as far as we know
+        self._window_ends = 0.0
 
     def set_rate(self, requests_per_second: float) -> None:
         """Pace later requests to a new rate; a wait Braze asked for still holds."""
         self.interval = 1.0 / requests_per_second
 
-    async def acquire(self) -> None:
-        """Wait for this request's turn."""
+    async def acquire(self) -> int:
+        """Wait for this request's turn; returns its number, for `observe`."""
         while True:
             now = self.clock()
-            start = max(now, self._next, self._blocked_until)
+            if self._budget is not None and now >= self._window_ends:
+                self._budget = None  # a new window: Braze's next answer tells its budget
+            spent = self._budget is not None and self._budget <= 0
+            start = max(now, self._next, self._blocked_until, self._window_ends if spent else 0)
             if start <= now:
                 self._next = now + self.interval
-                return
+                if self._budget is not None:
+                    self._budget -= 1
+                self._sent += 1
+                return self._sent
             await asyncio.sleep(start - now)
 
-    def observe(self, status: int, headers: Mapping[str, str]) -> float | None:
-        """Learn from a response's rate-limit headers; returns seconds to wait, if any."""
+    def observe(
+        self, status: int, headers: Mapping[str, str], number: int | None = None
+    ) -> float | None:
+        """Learn from the headers of the answer to request `number`; returns seconds to wait."""
         remaining = _header_int(headers, "X-RateLimit-Remaining")
+        reset = _header_float(headers, "X-RateLimit-Reset")
         if remaining is not None:
             self.remaining = remaining
+            if reset is not None and number is not None:
+                # Above 10^9 it is an epoch time; below, seconds from now (plans differ).
+                left = reset - time.time() if reset > 1e9 else reset
+                self._window_ends = self.clock() + min(max(left, 0.0), 3600.0)
+                self._budget = remaining - (self._sent - number)
         wait: float | None = None
         retry_after = _header_float(headers, "X-Ratelimit-Retry-After") or _header_float(
             headers, "Retry-After"
         )
         if status == 429 or remaining == 0:
-            reset = _header_float(headers, "X-RateLimit-Reset")
             if retry_after is not None:
                 wait = retry_after
             elif reset is not None:
@@ -246,7 +268,7 @@ class BrazeClient:
 
     async def post(self, path: str, body: dict[str, Any]) -> Answer:
         """Send one request after the rate limiter allows it, and classify the answer."""
-        await self.limiter.acquire()
+        number = await self.limiter.acquire()
         data = _encoder.encode(body)
         # Server, key and timeout are read together, with no await between: a reload never
         # sends one server the key meant for another.
@@ -270,7 +292,7 @@ class BrazeClient:
             ) as response:
                 status_label = str(response.status)
                 payload = await response.read()
-                wait = self.limiter.observe(response.status, response.headers)
+                wait = self.limiter.observe(response.status, response.headers, number)
                 if self.limiter.remaining is not None:
                     self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
                 return _classify(

@@ -251,7 +251,7 @@ class DidomiClient:
         headers: dict[str, str],
     ) -> tuple[int, bytes] | Answer:
         """One HTTP exchange after the rate limiter allows it: the status and body, or RETRY."""
-        await self.limiter.acquire()
+        number = await self.limiter.acquire()
         if body is not None:
             headers = {**headers, "Content-Type": "application/json"}
         started = time.perf_counter()
@@ -269,7 +269,7 @@ class DidomiClient:
             ) as response:
                 status_label = str(response.status)
                 payload = await response.read()
-                self.limiter.observe(response.status, response.headers)
+                self.limiter.observe(response.status, response.headers, number)
                 return response.status, payload
         except TimeoutError:
             return Answer(Verdict.RETRY, None, "timeout")

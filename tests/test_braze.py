@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from conftest import BRAZE_API_KEY, Elsewhere
 
-from gateway.braze import Verdict, _classify, open_client
+from gateway.braze import RateLimiter, Verdict, _classify, open_client
 from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
 from gateway.testing import FakeBraze
@@ -129,3 +129,32 @@ async def test_reconfigure_applies_the_key_timeout_and_rate_on_the_same_session(
         assert c.session is session
         assert (await c.track([OBJECT])).verdict is Verdict.OK
     assert "u1" in fake.users
+
+
+async def test_the_limiter_spends_the_budget_of_requests_sent_since_the_answer() -> None:
+    """Remaining 2 after request 1, with requests 2 and 3 already sent, leaves nothing: the
+    fourth waits for the window's reset instead of meeting a certain 429, then goes."""
+    now = [100.0]
+    limiter = RateLimiter(1000.0, clock=lambda: now[0])
+    first = await limiter.acquire()
+    for _ in range(2):
+        now[0] += 0.01
+        await limiter.acquire()
+    limiter.observe(201, {"X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "5"}, first)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(limiter.acquire(), timeout=0.1)
+    now[0] += 5.0  # the window resets
+    assert await asyncio.wait_for(limiter.acquire(), timeout=1.0) == 4
+
+
+async def test_the_limiter_lets_requests_through_while_the_budget_lasts() -> None:
+    """With budget left after the requests in flight, nothing waits."""
+    now = [100.0]
+    limiter = RateLimiter(1000.0, clock=lambda: now[0])
+    first = await limiter.acquire()
+    limiter.observe(201, {"X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "5"}, first)
+    for _ in range(2):
+        now[0] += 0.01
+        await asyncio.wait_for(limiter.acquire(), timeout=0.5)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(limiter.acquire(), timeout=0.1)

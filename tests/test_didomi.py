@@ -92,8 +92,10 @@ class RecordingLimiter(RateLimiter):
         super().__init__(1000.0)
         self.waits: list[float | None] = []
 
-    def observe(self, status: int, headers: Mapping[str, str]) -> float | None:
-        wait = super().observe(status, headers)
+    def observe(
+        self, status: int, headers: Mapping[str, str], number: int | None = None
+    ) -> float | None:
+        wait = super().observe(status, headers, number)
         self.waits.append(wait)
         return wait
 

@@ -85,6 +85,7 @@ REVERSE: dict[str, Any] = {
     },
 }
 
+
 def mostly(
     strategy: st.SearchStrategy[Any], otherwise: st.SearchStrategy[Any] | None = None
 ) -> st.SearchStrategy[Any]:
