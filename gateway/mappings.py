@@ -161,7 +161,7 @@ class Mapped:
     at: float  # epoch seconds of the choice, for ordering, never after arrival plus the skew
     delete: bool = False
     erasure: bool = False  # a user.deleted: dated at arrival, never stale, recorded as such
-    clamped: bool = False  # the event's own date was later than it could be, and was moved
+    clamped: bool = False  # its own date was past arrival plus the skew: dated at arrival
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +207,9 @@ class RuleSet:
     def apply(self, webhook: Webhook, received_at: float | None = None) -> Mapped | Skipped:
         """Map one decoded webhook to the Braze changes it asks for, or the reason it asks none.
 
-        `received_at` (epoch seconds) is when the gateway accepted it: a choice is dated no
-        later than that plus `max_clock_skew_s`, an undated one at that time, and an erasure at
-        that time, since a sender's clock must never decide whether a withdrawal counts.
+        `received_at` (epoch seconds) is when the gateway accepted it: a choice dated later than
+        that plus `max_clock_skew_s` is dated at that time, and so are an undated one and an
+        erasure, since a sender's clock must never decide whether a withdrawal counts.
         """
         if not webhook.known:
             return Skipped("ignored")
@@ -249,7 +249,9 @@ class RuleSet:
         except (OverflowError, OSError, ValueError):  # year 9999 with an offset, and the like
             at = _LAST_SECOND
         if received_at is not None and at > received_at + self.options.max_clock_skew_s:
-            return received_at + self.options.max_clock_skew_s, True
+            # At the arrival itself, not at the bound: dated at the bound, it would still make
+            # every withdrawal of the next `max_clock_skew_s` seconds stale.
+            return received_at, True
         return at, False
 
     def changes(self, entity: Entity) -> dict[Target, State]:
