@@ -40,7 +40,10 @@ CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at REAL NOT NULL,
     type TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    -- 0: Didomi's webhooks, to Braze; 1: Braze's reports, to Didomi. Indexed with the id, so
+    -- either direction reads its own rows only, however many of the other's wait.
+    direction INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS seen (     -- duplicate deliveries, within the dedupe window
     key TEXT PRIMARY KEY,
@@ -72,8 +75,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 T = TypeVar("T")
-# Rows Braze sent (the reverse path) are told apart by their type; both ways share the tables.
+# Dead letters of Braze's reports (the reverse path) are told apart by their type.
 _TO_DIDOMI = "type LIKE 'braze.%'"
+_DIRECTION_INDEX = "CREATE INDEX IF NOT EXISTS inbox_direction ON inbox(direction, id)"
 log = logging.getLogger("gateway.spool")
 
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
@@ -208,12 +212,24 @@ class SpoolDB:
             # FAST zeroes only what the delete rewrites anyway.
             self.db.execute("PRAGMA secure_delete=FAST")
             self.db.executescript(_SCHEMA)
+            self._migrate()
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
             self.pending = self.count_pending()
             self.pending_to_didomi = self.count_pending("to_didomi")
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
         self._puts_since_prune = 0
+
+    def _migrate(self) -> None:
+        """Bring a spool file written by an older gateway up to this schema."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(inbox)")}
+        if "direction" not in columns:
+            self._tx(
+                lambda db: db.execute(
+                    "ALTER TABLE inbox ADD COLUMN direction INTEGER NOT NULL DEFAULT 0"
+                )
+            )
+        self.db.execute(_DIRECTION_INDEX)
 
     def close(self) -> None:
         """Close the file; a WAL checkpoint folds the log back in."""
@@ -361,7 +377,8 @@ class SpoolDB:
                         results.append(SpoolFull(self._short_of_room()))
                     continue
                 db.execute(
-                    "INSERT INTO inbox(received_at, type, body) VALUES (?, ?, ?)", (now, kind, body)
+                    "INSERT INTO inbox(received_at, type, body, direction) VALUES (?, ?, ?, ?)",
+                    (now, kind, body, _code(kind)),
                 )
                 if direction_of(kind) == "to_didomi":
                     reverse += 1
@@ -399,8 +416,8 @@ class SpoolDB:
         with self._reading("pending webhooks"):
             rows = self.db.execute(
                 "SELECT id, received_at, type, body FROM inbox"
-                " WHERE id > ? AND (type LIKE 'braze.%') = ? ORDER BY id LIMIT ?",  # _TO_DIDOMI
-                (after_id, direction == "to_didomi", limit),
+                " WHERE direction = ? AND id > ? ORDER BY id LIMIT ?",
+                (_CODES[direction], after_id, limit),
             ).fetchall()
         return [Pending(*row) for row in rows]
 
@@ -504,7 +521,7 @@ class SpoolDB:
         with self._reading("the pending count"):
             return int(
                 self.db.execute(
-                    f"SELECT count(*) FROM inbox{_where(direction)}"  # noqa: S608 - a constant
+                    f"SELECT count(*) FROM inbox{_inbox_where(direction)}"  # noqa: S608 - a constant
                 ).fetchone()[0]
             )
 
@@ -521,7 +538,7 @@ class SpoolDB:
         """When the oldest webhook still waiting to go `direction` was received, or None."""
         with self._reading("the oldest pending webhook"):
             row = self.db.execute(
-                f"SELECT received_at FROM inbox{_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
+                f"SELECT received_at FROM inbox{_inbox_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
             ).fetchone()
         return None if row is None else float(row[0])
 
@@ -553,7 +570,8 @@ class SpoolDB:
             if cost + max(0, cost - reusable) > disk:
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
-                f"INSERT INTO inbox(received_at, type, body) SELECT ?, type, body"  # noqa: S608 - only placeholders are interpolated
+                f"INSERT INTO inbox(received_at, type, body, direction) SELECT ?, type, body,"  # noqa: S608 - only placeholders are interpolated
+                f" CASE WHEN {_TO_DIDOMI} THEN 1 ELSE 0 END"
                 f" FROM dead_letters {where} ORDER BY id",
                 (now, *params),
             ).rowcount
@@ -571,6 +589,20 @@ class SpoolDB:
         return self._tx(
             lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount  # noqa: S608 - only placeholders are interpolated
         )
+
+
+_CODES: dict[Direction, int] = {"to_braze": 0, "to_didomi": 1}
+
+
+def _code(kind: str) -> int:
+    return _CODES[direction_of(kind)]
+
+
+def _inbox_where(direction: Direction | None) -> str:
+    """The WHERE clause that keeps one direction's inbox rows (by the indexed column)."""
+    if direction is None:
+        return ""
+    return f" WHERE direction = {_CODES[direction]}"
 
 
 def _where(direction: Direction | None) -> str:

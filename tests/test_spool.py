@@ -438,3 +438,25 @@ def test_a_second_lock_on_a_spool_is_refused_until_the_first_is_released(path: P
         first.release()
     second.acquire()
     second.release()
+
+
+def test_a_spool_written_before_the_reverse_path_opens_and_keeps_its_rows(tmp_path: Path) -> None:
+    """A spool file from before the direction column gains it: its rows stay Braze-bound."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL,"
+        " type TEXT NOT NULL, body BLOB NOT NULL);"
+        "INSERT INTO inbox(received_at, type, body) VALUES (1.0, 'event.created', x'7b7d');"
+    )
+    old.commit()
+    old.close()
+    db = SpoolDB(path)
+    try:
+        assert [row.type for row in db.fetch(0, 10)] == ["event.created"]
+        assert db.fetch(0, 10, "to_didomi") == []
+        assert db.put_many([("k", "braze.step", b"{}")]) == [True]
+        assert [row.type for row in db.fetch(0, 10, "to_didomi")] == ["braze.step"]
+        assert (db.pending_of("to_braze"), db.pending_of("to_didomi")) == (1, 1)
+    finally:
+        db.close()
