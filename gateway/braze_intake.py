@@ -16,6 +16,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .auth import Authenticator, bearer_tokens
 from .braze_webhooks import (
@@ -80,12 +81,22 @@ async def _body(request: web.Request, kind: str) -> bytes | web.Response:
         detail = f"Content-Type must be application/json, not {request.content_type}"
         return _refuse(request, kind, 415, "unsupported_media_type", detail, "rejected")
     limit = app[CONFIG].server.max_body_bytes
-    body = await read_capped(request, limit)
+    try:
+        body = await read_capped(request, limit)
+    except (ConnectionError, HttpProcessingError) as exc:
+        detail = f"the body could not be read: {exc}"
+        return _refuse(request, kind, 400, "bad_request", detail, "rejected")
     if body is None:
         detail = f"the body is over server.max_body_bytes ({limit} bytes)"
         return _refuse(request, kind, 413, "too_large", detail, "rejected")
     if app[STATE].starting or SPOOL not in app:
         return _refuse(request, kind, 503, "not_ready", "the gateway is starting", "unavailable")
+    hooks = app[CONFIG].braze_webhooks
+    assert hooks is not None  # the routes exist only with the table
+    if app[SPOOL].db.pending_of("to_didomi") >= hooks.max_pending:
+        # Braze retries a 503; Didomi's webhooks keep the rest of the spool.
+        detail = f"{hooks.max_pending} Braze reports wait for Didomi (braze_webhooks.max_pending)"
+        return _refuse(request, kind, 503, "unavailable", detail, "unavailable")
     return body
 
 

@@ -108,6 +108,9 @@ class BrazeWebhooksConfig(Strict, frozen=True):
     tokens: list[str] = []
     # How long a choice the gateway wrote to one side is recognised when it comes back.
     echo_window_s: float = 3600.0
+    # Braze's reports waiting for Didomi, at most: held while Didomi refuses the key, they
+    # must never fill the spool that Didomi's own webhooks need (those would then get 503s).
+    max_pending: int = 100_000
 
 
 class Config(Strict, frozen=True):
@@ -512,6 +515,10 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
     hooks = config.braze_webhooks
     if hooks is None:
         return
+    if hooks.max_pending <= 0:
+        located.add(
+            ("braze_webhooks", "max_pending"), "braze_webhooks.max_pending must be positive"
+        )
     if hooks.echo_window_s < 0:
         located.add(
             ("braze_webhooks", "echo_window_s"), "braze_webhooks.echo_window_s must not be negative"

@@ -30,12 +30,12 @@ import msgspec
 from .braze import Answer, RateLimiter, Verdict
 from .config import DidomiApiConfig
 from .logs import REDACTED, redact
-from .webhooks import Consents, Lenient, Purpose
+from .webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
 
 SESSIONS = "/sessions"
 EVENTS = "/consents/events"
 USERS = "/consents/users"
-SOURCE = "didomi-braze-gateway"  # metadata.source of every event we write: how echoes are known
+SOURCE = GATEWAY_SOURCE  # metadata.source of every event we write: how echoes are known
 
 DEFAULT_TOKEN_TTL_S = 3600.0  # Didomi's tokens last about an hour when the JWT does not say
 RENEW_MARGIN_S = 60.0

@@ -329,12 +329,20 @@ class Dispatcher:
                 self.flow.skipped("stale")  # once per person, not target
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
-        # A person whose every change was stale needs no request, only an ack.
-        idle = [item for item in items if not (item.changes or item.delete)]
-        if idle:
-            await self._ack(idle, {})
-        items = [item for item in items if item.changes or item.delete]
-        while items:
+        retried = False
+        while True:
+            if retried:
+                # While this batch waited, a Braze change may have been written back to Didomi
+                # (or a newer choice applied): check again, rather than overwrite it with older.
+                await self._drop_stale(items)
+            # A person whose every change was stale needs no request, only an ack.
+            idle = [item for item in items if not (item.changes or item.delete)]
+            if idle:
+                await self._ack(idle, {})
+            items = [item for item in items if item.changes or item.delete]
+            if not items:
+                return
+            retried = True
             config = self.config  # a reload applies from the next request on
             if delete:
                 # One identifier kind per request: the batcher never mixes them.

@@ -3,6 +3,7 @@
     GatewayError
     ├── ConfigError        a config or mapping file is wrong; carries every Problem found
     ├── BrazeError         Braze refused a request; carries the status and the response body
+    ├── BrazeWebhookError  a body Braze sent us is not of a shape the gateway reads (a 400)
     └── SpoolError         the durable spool could not do what was asked
         ├── SpoolFull      the spool is over `delivery.max_pending` or out of disk
         └── SpoolLocked    another `gateway run` owns the spool file

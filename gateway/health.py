@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from .metrics import Flow
 
-log = logging.getLogger("gateway.dispatcher")
+log = logging.getLogger("gateway.delivery")
 
 # `gateway_delivery_blocked{reason}`: the status that blocks delivery, 3xx as one.
 BLOCKED_REASONS = ("401", "403", "404", "405", "3xx")

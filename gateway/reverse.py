@@ -37,11 +37,12 @@ from typing import Any, Literal
 
 from .braze_webhooks import BrazeChange
 from .mappings import EMAIL, Rule, RuleSet, State, Target
-from .webhooks import Purpose
+from .webhooks import GATEWAY_SOURCE, Purpose
 
 # The tag every reverse write carries in its `metadata`, so the forward path can tell its own
-# echoes from a person's choices (DESIGN.md section 7).
-SOURCE = "didomi-braze-gateway"
+# echoes from a person's choices (DESIGN.md section 7): one constant, where the forward path
+# looks for it.
+SOURCE = GATEWAY_SOURCE
 # Forward defaults per target kind; any other pair was written with on_chosen/on_refused.
 _OPTED_IN: tuple[State | None, State | None] = ("opted_in", "unsubscribed")
 _UNSUBSCRIBED: tuple[State | None, State | None] = ("unsubscribed", None)

@@ -2,15 +2,17 @@
 
 The reverse of the dispatcher, one stored Braze report at a time: Didomi's Consents API takes
 one consent event per request, so there is nothing to batch. Per person, reports leave in spool
-order (one in flight per person); each is filtered, then written with an id derived from the
-row, so a retry is recorded once however often it is sent:
+order (one in flight per person); before every try each is filtered, then written with an id
+derived from the row and what is written, so a retry is recorded once however often it is sent:
 
-1. echoes dropped: a Braze state equal to the one the gateway last sent for that target, within
-   `[braze_webhooks] echo_window_s`, reported as made by the REST API (or by a webhook step,
-   which cannot say) and not older than a Braze-side change already written back;
-2. stale changes dropped: older than the last choice applied to that target either way, or
+1. a date past arrival plus `didomi.max_clock_skew_s` is replaced by the arrival (counted);
+2. a state equal to the one Braze holds as far as the gateway knows (sent there forward, or
+   written back from Braze) is dropped: a webhook step renders every target, changed or not,
+   and Braze reports the gateway's own writes back (`echo` within `echo_window_s`, from the
+   REST API or a step; else `unchanged`);
+3. stale changes dropped: older than the last choice applied to that target either way, or
    than the person's erasure;
-3. the rest read backwards (`reverse.ReverseRules`) against the person's current Didomi
+4. the rest read backwards (`reverse.ReverseRules`) against the person's current Didomi
    choices, read first, so the values a person chose for other groups are kept.
 
 The same retry policy as the Braze direction applies (`retry.decide`): `5xx`, timeouts and
@@ -21,15 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from .braze import Answer, Verdict
 from .braze_webhooks import BrazeChange, BrazeWebhookError, decode_currents_event, decode_step
@@ -42,6 +47,8 @@ from .reverse import ConsentEdit, ReverseRules
 from .spool import Dead, Pending, Spool
 from .webhooks import gateway_event_id
 
+_encode = msgspec.json.Encoder().encode
+
 if TYPE_CHECKING:
     from .config import Config
     from .metrics import Metrics
@@ -52,6 +59,7 @@ FETCH_LIMIT = 500
 MAX_IN_FLIGHT = 4  # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting
 RECOUNT_S = 5.0
 LOOP_PAUSE_S = 1.0
+WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
 REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
 
 
@@ -84,7 +92,9 @@ class Writeback:
         self.clock = clock
         self.flow = metrics.flow("to_didomi")
         self.health = DeliveryHealth(self.flow, peer="Didomi")
+        self.metrics = metrics
         self._backlog: deque[Report] = deque()
+        self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
         self._cursor = 0
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
@@ -235,7 +245,14 @@ class Writeback:
             await self._write(report)
         except asyncio.CancelledError:
             raise  # stopping: the row stays in the spool for the next start
-        except Exception:
+        except Exception as exc:
+            self._failures[report.row.id] += 1
+            if self._failures[report.row.id] >= WRITE_ATTEMPTS:
+                # A report that always raises (a bug) must not hold its person for ever.
+                log.exception("a Braze report keeps failing; moving it to the dead letters")
+                with contextlib.suppress(Exception):
+                    await self._dead(report, "unmappable", f"{type(exc).__name__}: {exc}")
+                    return
             log.exception("writing a Braze report back failed; it goes back to the backlog")
             # Back where it was, in spool order, so the person's later reports still wait.
             self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
@@ -245,21 +262,19 @@ class Writeback:
             self._wake.set()
 
     async def _write(self, report: Report) -> None:
-        person = report.person
-        db = self.spool.db
-        applied = await self.spool.run(db.applied_times, [person])
-        sent = await self.spool.run(db.sent_states, [person])
-        live, dropped = self._filter(report, applied, sent)
-        edit = self._reverse_rules().edit(live) if live else None
-        if edit is None:
-            await self._settle(report, [], skipped=dropped or "no_rule")
-            return
         attempt = 0
         while True:
+            # Filtered afresh before every try: a Didomi choice applied while this one waited
+            # may have made it stale.
+            edit, live, dropped = await self._prepare(report)
+            if edit is None:
+                await self._settle(report, None, [], skipped=dropped or "no_rule")
+                return
+            written = [c for c in live if c.target in edit.targets]
             answer = await self._send(report, edit)
             if answer is None:  # Didomi already holds these choices: nothing to write
                 self.health.ok()
-                await self._settle(report, live, skipped="unchanged")
+                await self._settle(report, edit, written, skipped="unchanged")
                 return
             if answer.verdict is not Verdict.OK:
                 attempt += 1
@@ -272,10 +287,11 @@ class Writeback:
             )
             if decision.action is Action.ACK:
                 self.health.ok()
-                await self._settle(report, live)
+                await self._settle(report, edit, written)
                 return
             if decision.action is Action.DEAD_LETTER:
-                await self._dead(report, decision.reason, answer)
+                self.health.failing = None  # nothing is retrying any more
+                await self._dead(report, decision.reason, answer.reason)
                 return
             self.flow.retried(decision.reason)
             if decision.action is Action.HOLD:
@@ -285,6 +301,17 @@ class Writeback:
             await self._pause(decision.delay_s)
             if self.stopping:
                 return  # the row stays in the spool for the next start
+
+    async def _prepare(
+        self, report: Report
+    ) -> tuple[ConsentEdit | None, list[BrazeChange], str | None]:
+        """The edit to write now, the changes it holds, and why the others were dropped."""
+        db = self.spool.db
+        applied = await self.spool.run(db.applied_times, [report.person])
+        known = await self.spool.run(db.sent_states, [report.person])
+        live, dropped = self._filter(report, applied, known)
+        edit = self._reverse_rules().edit(live) if live else None
+        return edit, live, dropped
 
     async def _send(self, report: Report, edit: ConsentEdit) -> Answer | None:
         """Read the person's current choices, then write the edit against them (None: no
@@ -297,38 +324,49 @@ class Writeback:
         purposes = edit.apply(current)
         if not purposes:
             return None
-        # From the row itself: a retry, even after a restart, writes the same event id.
-        seed = f"{report.row.type}|{hashlib.sha256(report.row.body).hexdigest()}"
-        event_id = gateway_event_id(seed)
+        # From the row and what is written: a retry of the same write, even after a restart,
+        # carries the same id (recorded once), while a write whose content changed meanwhile
+        # (the person chose again in Didomi) is a new event, not taken for a duplicate.
+        digest = hashlib.sha256(report.row.body)
+        digest.update(_encode(purposes))
+        event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         return await self.client.write_event(event_id, report.person, purposes, api.regulation)
 
     def _filter(
         self,
         report: Report,
         applied: dict[tuple[str, str], float],
-        sent: dict[tuple[str, str], tuple[str, float]],
+        known: dict[tuple[str, str], tuple[str, float]],
     ) -> tuple[list[BrazeChange], str | None]:
-        """The changes to write back, and why the others were dropped (`echo` or `stale`)."""
+        """The changes to write back, and why the others were dropped.
+
+        `known` is Braze's state as the gateway last knew it with Didomi agreeing (sent there
+        by the forward path, or written back from Braze). A report of that same state tells
+        Didomi nothing: a webhook step renders every target, changed or not, and Braze echoes
+        the gateway's own writes. It is `echo` when it may be the gateway's own write coming
+        back (the REST API, or a step, within `echo_window_s`), else `unchanged`.
+        """
         person = report.person
         hooks = self.config.braze_webhooks
         window = hooks.echo_window_s if hooks is not None else 0.0
+        bound = report.row.received_at + self.config.didomi.max_clock_skew_s
         now = self.clock()
         erased = applied.get((person, ERASED), -math.inf)
         live: list[BrazeChange] = []
         reason: str | None = None
         for change in report.changes:
+            if change.at > bound:
+                # Braze's clock (or a `time` rendered in milliseconds) must not freeze the
+                # person's later Didomi choices: dated at arrival, as forward.
+                change = dataclasses.replace(change, at=report.row.received_at)
+                self.metrics.event_dates_clamped.inc()
             target = change.target
-            written_back = applied.get((person, braze_side(target)), -math.inf)
-            last = sent.get((person, target))
-            if (
-                last is not None
-                and last[0] == change.state
-                and now - last[1] <= window
-                and change.source in (None, REST_API)
-                and last[1] >= written_back
-            ):
-                reason = reason or "echo"
+            last = known.get((person, target))
+            if last is not None and last[0] == change.state:
+                own = change.source in (None, REST_API) and now - last[1] <= window
+                reason = reason or ("echo" if own else "unchanged")
                 continue
+            written_back = applied.get((person, braze_side(target)), -math.inf)
             floor = max(applied.get((person, target), -math.inf), written_back, erased)
             if change.at < floor:
                 reason = "stale"
@@ -339,11 +377,21 @@ class Writeback:
     # -- outcomes -----------------------------------------------------------------------------
 
     async def _settle(
-        self, report: Report, written: list[BrazeChange], *, skipped: str | None = None
+        self,
+        report: Report,
+        edit: ConsentEdit | None,
+        written: list[BrazeChange],
+        *,
+        skipped: str | None = None,
     ) -> None:
-        """Remove the row, recording when each written change happened (for stale checks)."""
+        """Remove the row; for what Didomi now holds, record when it changed (for stale checks)
+        and that Braze and Didomi agree on it (so Braze's echo of it is known)."""
         applied = [(report.person, braze_side(c.target), c.at) for c in written]
-        await self._record(self.spool.db.ack, [report.row.id], applied, [])
+        now = self.clock()
+        known = [(report.person, str(c.target), c.state, now) for c in written]
+        write = functools.partial(self.spool.db.ack, sent=known)
+        await self._record(write, [report.row.id], applied, [])
+        self._failures.pop(report.row.id, None)
         if skipped is not None:
             self.flow.skipped(skipped)
             return
@@ -354,9 +402,10 @@ class Writeback:
             extra={"outcome": "delivered", "direction": "to_didomi", "targets": len(written)},
         )
 
-    async def _dead(self, report: Report, reason: str, answer: Answer) -> None:
-        detail = f"{reason}: {answer.reason}"
+    async def _dead(self, report: Report, reason: str, why: str) -> None:
+        detail = f"{reason}: {why}"
         await self._record(self.spool.db.ack, [], [], [Dead(report.row.id, detail, report.person)])
+        self._failures.pop(report.row.id, None)
         self.flow.failed(reason)
         self.flow.dead_letters.inc()
         log.warning("a Braze report moved to the dead letters: %s", detail)

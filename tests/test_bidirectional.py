@@ -334,3 +334,146 @@ async def test_braze_routes_refuse_bad_tokens_and_bodies_and_are_absent_unless_c
     plain = await aiohttp_client(create_app(make_config(tmp_path / "plain")))
     assert (await plain.post("/webhooks/braze", json=step("fay", 1))).status == 404
     assert (await plain.post("/webhooks/braze/currents", json=currents())).status == 404
+
+
+def didomi_topics(person: str, topics: str, at: str, event_id: str) -> dict[str, Any]:
+    """A Didomi event.created: `person` consents to marketing_email with these topics."""
+    entity = {
+        "id": event_id,
+        "created_at": at,
+        "updated_at": at,
+        "status": "confirmed",
+        "user": {"id": f"didomi-{person}", "organization_user_id": person},
+        "consents": {
+            "purposes": [
+                {"id": "marketing_email", "enabled": True, "values": {"topics": {"value": topics}}}
+            ]
+        },
+    }
+    return {"type": "event.created", "parameters": {"entity": entity}}
+
+
+def iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+async def test_a_webhook_steps_unchanged_targets_never_undo_a_pending_didomi_withdrawal(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A step fired for a new Offers subscription also renders the old Product news state;
+    that unchanged state must not re-subscribe a person whose Didomi withdrawal of it is still
+    waiting for Braze, in either system."""
+    gw = await start_gateway(braze_webhooks={"echo_window_s": 0})  # no echo window to hide it
+    now = time.time()
+    opted = didomi_topics("ann", "product_news", iso(now - 60), "ev-1")
+    assert (await gw.post("/webhooks/didomi", opted, auth_headers))[0] == 202
+    await gw.settle()
+    assert fake.users["ann"].subscription_groups[NEWS] == "subscribed"
+    fake.fail_next(503, count=1000)  # Braze is down while Ann withdraws product news
+    fake_didomi.seed_user(
+        "ann", [{"id": "marketing_email", "enabled": True, "values": {"topics": {"value": ""}}}]
+    )
+    withdrawn = didomi_topics("ann", "", iso(now - 5), "ev-2")
+    assert (await gw.post("/webhooks/didomi", withdrawn, auth_headers))[0] == 202
+    await asyncio.sleep(0.3)
+    body = step("ann", now, email="opted_in", news="subscribed", offers="subscribed")
+    assert (await gw.post("/webhooks/braze", body, BRAZE))[0] == 202
+    deadline = time.monotonic() + 10
+    while not gw.app[WRITEBACK].idle or gw.app[SPOOL].db.count_pending("to_didomi"):
+        assert time.monotonic() < deadline, "the step was never written back"
+        await asyncio.sleep(0.05)
+    fake.heal()
+    await gw.settle()
+    user = fake_didomi.user("ann")
+    assert user is not None
+    topics = user["consents"]["purposes"][0]["values"]["topics"]["value"]
+    assert topics.split(",") == ["offers"]  # the new subscription, not the withdrawn one
+    assert fake.users["ann"].subscription_groups[NEWS] == "unsubscribed"
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="echo") == 0
+
+
+async def test_a_braze_time_in_milliseconds_does_not_freeze_later_didomi_choices(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A step whose `time` is rendered in milliseconds is dated at its arrival (counted), so a
+    later Didomi withdrawal still reaches Braze."""
+    gw = await start_gateway()
+    assert (await gw.post("/webhooks/braze", step("zed", time.time() * 1000, "opted_in"), BRAZE))[
+        0
+    ] == 202
+    await gw.settle()
+    assert len(fake_didomi.events) == 1
+    assert gw.sample("gateway_event_dates_clamped_total") == 1
+    await asyncio.sleep(0.05)
+    withdrawn = json.loads(choice("zed", False, iso(time.time() + 1)))
+    assert (await gw.post("/webhooks/didomi", withdrawn, auth_headers))[0] == 202
+    await gw.settle()
+    assert fake.users["zed"].email_subscribe == "unsubscribed"
+
+
+async def test_a_late_didomi_retry_never_undoes_a_newer_braze_change_written_back(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A Braze unsubscribe written back to Didomi at T2 beats a Didomi opt-in dated T1 < T2
+    that arrives later (a retry): Braze's email is not re-subscribed (the attribute, which
+    Braze never reported, still follows Didomi)."""
+    gw = await start_gateway()
+    now = time.time()
+    assert (await gw.post("/webhooks/braze", step("gil", now, "unsubscribed"), BRAZE))[0] == 202
+    await gw.settle()
+    assert len(fake_didomi.events) == 1
+    late = json.loads(choice("gil", True, iso(now - 30)))
+    assert (await gw.post("/webhooks/didomi", late, auth_headers))[0] == 202
+    await gw.settle()
+    assert [o.get("email_subscribe") for o in fake.objects_sent()] == [None]
+    assert fake.users["gil"].attributes == {"consent_marketing": True}
+    assert gw.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 1
+
+
+async def test_an_echo_is_only_an_echo_within_the_window_and_from_the_api(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """A state Braze already holds is never written back; within the window and from the REST
+    API it counts as an echo, from a person's own action as unchanged."""
+    gw = await start_gateway()
+    assert (await gw.post("/webhooks/didomi", json.loads(choice("hal", True)), auth_headers))[
+        0
+    ] == 202
+    await gw.settle()
+    own = global_change("c-own", "hal", "Opted In", time.time(), source="Subscription Page")
+    api = global_change("c-api", "hal", "Opted In", time.time(), source="REST API")
+    assert (await gw.post("/webhooks/braze/currents", currents(own, api), CURRENTS))[0] == 202
+    await gw.settle()
+    assert fake_didomi.events == []
+    skipped = "gateway_events_skipped_total"
+    assert gw.sample(skipped, direction="to_didomi", reason="unchanged") == 1
+    assert gw.sample(skipped, direction="to_didomi", reason="echo") == 1
+
+
+async def test_braze_reports_beyond_their_cap_get_503_and_leave_didomis_room(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
+) -> None:
+    """With Didomi refusing the key, Braze's reports stop at braze_webhooks.max_pending (503,
+    Braze retries) while Didomi's webhooks are still stored."""
+    fake_didomi.fail_next(403, count=1000)
+    gw = await start_gateway(braze_webhooks={"max_pending": 2})
+    statuses = [
+        (await gw.post("/webhooks/braze", step(f"cap-{n}", time.time(), "unsubscribed"), BRAZE))[0]
+        for n in range(3)
+    ]
+    assert statuses == [202, 202, 503]
+    assert (await gw.post("/webhooks/didomi", json.loads(choice("room", True)), auth_headers))[
+        0
+    ] == 202
