@@ -20,14 +20,23 @@ import aiohttp
 import msgspec
 import pytest
 import test_end_to_end
-from conftest import BRAZE_API_KEY, choice, free_port, write_config
+from conftest import (
+    BRAZE_API_KEY,
+    DIDOMI_API_KEY,
+    DIDOMI_API_SECRET,
+    DIDOMI_ORG,
+    choice,
+    free_port,
+    write_config,
+)
 from test_reliability import GatewayProcess, eventually, spool_counts
 
 from gateway.mappings import RuleSet
 from gateway.server import DISPATCHER, SPOOL
 from gateway.spool import SpoolDB
-from gateway.testing import FakeBraze
+from gateway.testing import FakeBraze, FakeDidomi
 
+BRAZE_WEBHOOK_TOKEN = "faults-braze-webhook-token-3b7d"
 start_gateway = test_end_to_end.start_gateway  # the same fixture: a gateway on the fake Braze
 StartGateway = test_end_to_end.StartGateway
 
@@ -339,3 +348,100 @@ async def test_sigterm_returns_within_the_shutdown_timeout_whatever_delivery_wai
         assert spool_counts(tmp_path / "var" / "gateway.db") == (3, 0)
     finally:
         await fake.stop()
+
+
+def reverse_config(tmp_path: Path, port: int, braze_url: str, didomi_url: str) -> None:
+    """gateway.toml with both directions on: Braze's routes and the writeback to Didomi."""
+    write_config(
+        tmp_path,
+        server={"port": port, "shutdown_timeout_s": 2},
+        braze={"server": braze_url, "flush_interval_ms": 10},
+        delivery={"retry_initial_ms": 20, "retry_max_ms": 200},
+        braze_webhooks={"tokens": [BRAZE_WEBHOOK_TOKEN]},
+        didomi_api={
+            "enabled": True,
+            "base_url": didomi_url + "/v1",
+            "organization_id": DIDOMI_ORG,
+            "key": DIDOMI_API_KEY,
+            "secret": DIDOMI_API_SECRET,
+            "timeout_s": 120,
+        },
+    )
+
+
+async def post_steps(base: str, people: list[str]) -> None:
+    """A Braze webhook step unsubscribing each person, each answered 202."""
+    headers = {"Authorization": f"Bearer {BRAZE_WEBHOOK_TOKEN}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for person in people:
+            body = {"external_id": person, "email_subscribe": "unsubscribed", "time": "1800000000"}
+            async with session.post(f"{base}/webhooks/braze", json=body, headers=headers) as resp:
+                assert resp.status == 202
+
+
+@pytest.mark.slow
+async def test_sigterm_is_bounded_while_didomi_takes_a_minute_and_the_reports_stay(
+    tmp_path: Path, secrets_env: dict[str, str], fake: FakeBraze, fake_didomi: FakeDidomi
+) -> None:
+    """With Didomi's API taking 60 s to answer, SIGTERM still ends the process within
+    server.shutdown_timeout_s plus a second, and Braze's reports stay in the spool."""
+    fake_didomi.latency_s = 60.0
+    port = free_port()
+    reverse_config(tmp_path, port, fake.url, fake_didomi.url)
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    await gw.start()
+    try:
+        await post_steps(gw.base, ["rev-1", "rev-2"])
+        await asyncio.sleep(0.5)  # the writeback now waits on Didomi
+        started = time.monotonic()
+        assert await gw.stop(timeout=20) == 0
+        took = time.monotonic() - started
+    finally:
+        gw.cleanup()
+    assert took < 2 + 1 + 0.5, f"SIGTERM took {took:.1f} s"
+    db = SpoolDB(tmp_path / "var" / "gateway.db")
+    try:
+        assert db.count_pending("to_didomi") == 2
+    finally:
+        db.close()
+
+
+@pytest.mark.slow
+async def test_kill_9_while_writing_back_loses_no_braze_report(
+    tmp_path: Path, secrets_env: dict[str, str], fake: FakeBraze, fake_didomi: FakeDidomi
+) -> None:
+    """Braze's reports accepted before a kill -9 are written to Didomi after the restart, each
+    person once: the event id of a write the crash interrupted is the same the second time."""
+    fake_didomi.latency_s = 0.3  # writes are in flight when the process dies
+    port = free_port()
+    reverse_config(tmp_path, port, fake.url, fake_didomi.url)
+    people = [f"crash-{n}" for n in range(6)]
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    await gw.start()
+    try:
+        await post_steps(gw.base, people)
+        await asyncio.sleep(0.4)
+        assert await gw.kill() == -9
+        again = GatewayProcess(tmp_path, port, secrets_env)
+        await again.start()
+        try:
+
+            async def written() -> bool:
+                db = SpoolDB(tmp_path / "var" / "gateway.db")
+                try:
+                    return db.count_pending("to_didomi") == 0
+                finally:
+                    db.close()
+
+            await eventually(written, 20, "every report written to Didomi after the restart")
+            assert await again.stop() == 0
+        finally:
+            again.cleanup()
+    finally:
+        gw.cleanup()
+    persons = sorted(e.body["user"]["organization_user_id"] for e in fake_didomi.events)
+    assert persons == sorted(people)
+    assert all(
+        e.body["consents"]["purposes"] == [{"id": "marketing_email", "enabled": False}]
+        for e in fake_didomi.events
+    )
