@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
@@ -89,6 +89,19 @@ def write_config(directory: Path, **sections: dict[str, Any] | None) -> Path:
 def build_config(directory: Path, **sections: dict[str, Any] | None) -> Config:
     """Write gateway.toml into `directory` and load it with the test secrets."""
     return load_config(write_config(directory, **sections), SECRETS)
+
+
+class Stoppable(Protocol):
+    def cleanup(self) -> None: ...
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Stoppable]]:
+    """Gateway processes a test starts; any still running at the end is killed."""
+    started: list[Stoppable] = []
+    yield started
+    for process in started:
+        process.cleanup()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -335,15 +334,6 @@ def test_python_dash_m_is_the_same_program() -> None:
     )
     assert run.returncode == 0
     assert run.stdout.startswith("gateway ")
-
-
-@pytest.fixture
-def processes() -> Iterator[list[GatewayProcess]]:
-    """Gateway processes a test starts; any still running at the end is killed."""
-    started: list[GatewayProcess] = []
-    yield started
-    for process in started:
-        process.cleanup()
 
 
 def gateway(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -172,15 +172,6 @@ class GatewayProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-@pytest.fixture
-def processes() -> Iterator[list[GatewayProcess]]:
-    """Gateway processes a test starts; any still running at the end is killed."""
-    started: list[GatewayProcess] = []
-    yield started
-    for process in started:
-        process.cleanup()
-
-
 class Gateway:
     """An in-process gateway (spool, dispatcher, reloads) behind a loopback test client."""
 

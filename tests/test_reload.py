@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from gateway.config import Config, load_config
 from gateway.metrics import Metrics
 from gateway.reload import LIVE_KEYS, LiveRules, changed_keys
 from gateway.testing import FakeBraze
-
-
-@pytest.fixture
-def processes() -> Iterator[list[GatewayProcess]]:
-    """Gateway processes a test starts; any still running at the end is killed."""
-    started: list[GatewayProcess] = []
-    yield started
-    for process in started:
-        process.cleanup()
 
 
 @pytest.fixture

@@ -262,15 +262,6 @@ async def test_allow_from_refuses_other_peers_and_admits_loopback(
 # Nothing secret in the logs of a whole run
 
 
-@pytest.fixture
-def processes() -> Iterator[list[GatewayProcess]]:
-    """Gateway processes a test starts; any still running at the end is killed."""
-    started: list[GatewayProcess] = []
-    yield started
-    for process in started:
-        process.cleanup()
-
-
 EMAILS = [
     "jane.doe+consent@example.com",
     "Jean.Dupont@Exemple.FR",
