@@ -28,9 +28,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .audit import Record, state_text
 from .braze import Answer, Verdict
 from .braze_webhooks import BrazeChange, BrazeWebhookError, decode_currents_event, decode_step
 from .didomi import DidomiClient
@@ -62,6 +63,7 @@ class Report:
     row: Pending
     changes: list[BrazeChange]
     person: str
+    dropped: list[tuple[BrazeChange, str]] = field(default_factory=list)  # and why, for the audit
 
 
 class Writeback:
@@ -252,14 +254,15 @@ class Writeback:
         live, dropped = self._filter(report, applied, sent)
         edit = self._reverse_rules().edit(live) if live else None
         if edit is None:
-            await self._settle(report, [], skipped=dropped or "no_rule")
+            await self._settle(report, [], skipped=dropped or "no_rule", unwritten=live)
             return
         attempt = 0
         while True:
+            sent_at = self.clock()
             answer = await self._send(report, edit)
             if answer is None:  # Didomi already holds these choices: nothing to write
                 self.health.ok()
-                await self._settle(report, live, skipped="unchanged")
+                await self._settle(report, [], skipped="unchanged", unwritten=live)
                 return
             if answer.verdict is not Verdict.OK:
                 attempt += 1
@@ -272,10 +275,10 @@ class Writeback:
             )
             if decision.action is Action.ACK:
                 self.health.ok()
-                await self._settle(report, live)
+                await self._settle(report, live, answer=answer, sent_at=sent_at)
                 return
             if decision.action is Action.DEAD_LETTER:
-                await self._dead(report, decision.reason, answer)
+                await self._dead(report, decision.reason, answer, sent_at, live)
                 return
             self.flow.retried(decision.reason)
             if decision.action is Action.HOLD:
@@ -297,9 +300,7 @@ class Writeback:
         purposes = edit.apply(current)
         if not purposes:
             return None
-        # From the row itself: a retry, even after a restart, writes the same event id.
-        seed = f"{report.row.type}|{hashlib.sha256(report.row.body).hexdigest()}"
-        event_id = gateway_event_id(seed)
+        event_id = _event_id(report.row)
         return await self.client.write_event(event_id, report.person, purposes, api.regulation)
 
     def _filter(
@@ -313,9 +314,11 @@ class Writeback:
         hooks = self.config.braze_webhooks
         window = hooks.echo_window_s if hooks is not None else 0.0
         now = self.clock()
-        erased = applied.get((person, ERASED), -math.inf)
+        floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
+        erased = max(applied.get((person, ERASED), -math.inf), floors.get(ERASED, -math.inf))
         live: list[BrazeChange] = []
         reason: str | None = None
+        report.dropped = []
         for change in report.changes:
             target = change.target
             written_back = applied.get((person, braze_side(target)), -math.inf)
@@ -328,10 +331,18 @@ class Writeback:
                 and last[1] >= written_back
             ):
                 reason = reason or "echo"
+                report.dropped.append((change, "skipped:echo"))
                 continue
-            floor = max(applied.get((person, target), -math.inf), written_back, erased)
+            floor = max(
+                applied.get((person, target), -math.inf),
+                floors.get(target, -math.inf),
+                written_back,
+                floors.get(braze_side(target), -math.inf),
+                erased,
+            )
             if change.at < floor:
                 reason = "stale"
+                report.dropped.append((change, "stale"))
                 continue
             live.append(change)
         return live, reason
@@ -339,11 +350,24 @@ class Writeback:
     # -- outcomes -----------------------------------------------------------------------------
 
     async def _settle(
-        self, report: Report, written: list[BrazeChange], *, skipped: str | None = None
+        self,
+        report: Report,
+        written: list[BrazeChange],
+        *,
+        skipped: str | None = None,
+        unwritten: list[BrazeChange] | None = None,
+        answer: Answer | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """Remove the row, recording when each written change happened (for stale checks)."""
         applied = [(report.person, braze_side(c.target), c.at) for c in written]
-        await self._record(self.spool.db.ack, [report.row.id], applied, [])
+        at = sent_at if sent_at is not None else self.clock()
+        status = answer.status if answer is not None else None
+        trail = [self._trail(report, c, "delivered", at, status) for c in written]
+        trail += [self._trail(report, c, f"skipped:{skipped}", at) for c in unwritten or ()]
+        trail += [self._trail(report, c, why, at) for c, why in report.dropped]
+        write = functools.partial(self.spool.db.ack, audit=trail)
+        await self._record(write, [report.row.id], applied, [])
         if skipped is not None:
             self.flow.skipped(skipped)
             return
@@ -354,9 +378,43 @@ class Writeback:
             extra={"outcome": "delivered", "direction": "to_didomi", "targets": len(written)},
         )
 
-    async def _dead(self, report: Report, reason: str, answer: Answer) -> None:
+    def _trail(
+        self,
+        report: Report,
+        change: BrazeChange,
+        outcome: str,
+        at: float,
+        status: int | None = None,
+        detail: str | None = None,
+    ) -> Record:
+        """The audit record of one Braze change: the Didomi event id the gateway wrote for it."""
+        sends = outcome in ("delivered", "dead-lettered")
+        return Record(
+            report.person,
+            "to_didomi",
+            outcome,
+            at,
+            event_id=_event_id(report.row),
+            event_type=report.row.type,
+            event_at=change.at,
+            endpoint="/consents/events" if sends else None,
+            target=change.target,
+            state=state_text(change.state),
+            rule=self._reverse_rules().origins.get(change.target),
+            status=status,
+            detail=detail,
+        )
+
+    async def _dead(
+        self, report: Report, reason: str, answer: Answer, sent_at: float, live: list[BrazeChange]
+    ) -> None:
         detail = f"{reason}: {answer.reason}"
-        await self._record(self.spool.db.ack, [], [], [Dead(report.row.id, detail, report.person)])
+        trail = [
+            self._trail(report, c, "dead-lettered", sent_at, answer.status, detail) for c in live
+        ]
+        trail += [self._trail(report, c, why, sent_at) for c, why in report.dropped]
+        write = functools.partial(self.spool.db.ack, audit=trail)
+        await self._record(write, [], [], [Dead(report.row.id, detail, report.person)])
         self.flow.failed(reason)
         self.flow.dead_letters.inc()
         log.warning("a Braze report moved to the dead letters: %s", detail)
@@ -364,6 +422,12 @@ class Writeback:
     async def _record(self, write: Callable[..., None], *args: object) -> None:
         bound = functools.partial(write, direction="to_didomi")
         await self.spool.record(bound, *args, stopping=lambda: self.stopping)
+
+
+def _event_id(row: Pending) -> str:
+    """The id of the consent event written for a row: from the row itself, so a retry, even
+    after a restart, writes the same id."""
+    return gateway_event_id(f"{row.type}|{hashlib.sha256(row.body).hexdigest()}")
 
 
 def _decode(row: Pending) -> list[BrazeChange]:
