@@ -73,6 +73,7 @@ def main() -> int:
                 ]
                 db.ack([row.id for row in rows], applied, audit=trail)
             cutoffs = {"audit": args.audit_days, "dead_letters": 30.0, "applied": 400.0}
+            cutoffs["sent"] = cutoffs["applied"]
             for table in TABLES:
                 cutoff = now[0] - cutoffs[table] * DAY_S
                 _, cursor = db.prune(table, cutoff, 500)

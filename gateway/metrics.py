@@ -206,7 +206,7 @@ class Metrics:
             ["table"],
             registry=r,
         )
-        _touch(self.retention_pruned, ("audit", "dead_letters", "applied"))
+        _touch(self.retention_pruned, ("audit", "dead_letters", "applied", "sent"))
 
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(

@@ -1,6 +1,7 @@
 """Retention: old audit records, dead-letter bodies and stale-check rows pruned in the background.
 
-`[retention]` says how long each is kept. Pruning runs in small transactions (`batch` rows each,
+`[retention]` says how long each is kept (`sent`, the states last sent to Braze, as long as
+`applied`). Pruning runs in small transactions (`batch` rows each,
 a pause between) so intake and acknowledgements never wait long on the spool thread. An `applied`
 row is what refuses a late, older choice; pruning it would let that choice through, so the newest
 pruned time per target is kept in `floors`, and the stale checks compare against the later of the
@@ -30,7 +31,7 @@ CREATE TABLE IF NOT EXISTS floors (   -- per target, the newest applied time pru
     at REAL NOT NULL
 ) WITHOUT ROWID;
 """
-TABLES = ("audit", "dead_letters", "applied")
+TABLES = ("audit", "dead_letters", "applied", "sent")
 DAY_S = 86_400.0
 Cursor = tuple[str, str] | None  # where a pass over `applied` (by its key) has reached
 
@@ -58,22 +59,26 @@ def prune(
             (cutoff, limit),
         ).rowcount
         return deleted, ("", "") if deleted == limit else None
-    # `applied` has no index on its time (every acknowledgement would pay for one): walk it
-    # by its key, `limit` rows a batch, deleting the old ones.
+    if table not in ("applied", "sent"):
+        raise ValueError(f"no retention for the table {table!r}")
+    # Neither has an index on its time (every acknowledgement would pay for one): walk the
+    # table by its key, `limit` rows a batch, deleting the old ones.
     start = after or ("", "")
     rows = db.execute(
-        "SELECT person, target, at FROM applied WHERE (person, target) > (?, ?)"
+        f"SELECT person, target, at FROM {table} WHERE (person, target) > (?, ?)"  # noqa: S608 - a constant
         " ORDER BY person, target LIMIT ?",
         (*start, limit),
     ).fetchall()
     old = [(person, target, at) for person, target, at in rows if at < cutoff]
+    if table == "applied":  # `sent` only tells echoes apart: nothing to keep of it
+        db.executemany(
+            "INSERT INTO floors(target, at) VALUES (?, ?) ON CONFLICT DO UPDATE"
+            " SET at = max(at, excluded.at)",
+            [(target, at) for _, target, at in old],
+        )
     db.executemany(
-        "INSERT INTO floors(target, at) VALUES (?, ?) ON CONFLICT DO UPDATE"
-        " SET at = max(at, excluded.at)",
-        [(target, at) for _, target, at in old],
-    )
-    db.executemany(
-        "DELETE FROM applied WHERE person = ? AND target = ?", [(p, t) for p, t, _ in old]
+        f"DELETE FROM {table} WHERE person = ? AND target = ?",  # noqa: S608 - a constant
+        [(p, t) for p, t, _ in old],
     )
     return len(old), ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
 
@@ -113,6 +118,7 @@ class Retention:
             "audit": config.audit_days,
             "dead_letters": config.bodies_days,
             "applied": config.applied_days,
+            "sent": config.applied_days,
         }
         total = 0
         for table in TABLES:

@@ -131,13 +131,14 @@ def test_person_key_keeps_hashes_stable_across_spools(tmp_path: Path) -> None:
 
 
 async def test_records_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
-    """Audit records, dead letters and applied rows past [retention] go, counted per table."""
+    """Audit records, dead letters, applied and sent rows past [retention] go, counted per table."""
     now = [1000 * DAY]
     db = SpoolDB(tmp_path / "spool.db", clock=lambda: now[0])
     db.put_many([(None, "event.created", b"{}"), (None, "event.created", b"{}")])
     first, second = (row.id for row in db.fetch(0, 10))
     old = Record("p", "to_braze", "delivered", now[0] - 10 * DAY)
-    db.ack([first], [("p", "email_subscribe", now[0] - 10 * DAY)], audit=[old])
+    sent = [("p", "email_subscribe", "opted_in", now[0] - 10 * DAY)]
+    db.ack([first], [("p", "email_subscribe", now[0] - 10 * DAY)], audit=[old], sent=sent)
     db.ack([], dead=[Dead(second, "refused", "p")])
     fresh = Record("p", "to_braze", "delivered", now[0] + 5 * DAY)
     db.ack([], [("q", "email_subscribe", now[0] + 5 * DAY)], audit=[fresh])
@@ -145,13 +146,14 @@ async def test_records_older_than_the_retention_are_pruned(tmp_path: Path) -> No
     metrics = Metrics()
     spool = Spool(db)
     config = RetentionConfig(audit_days=1, bodies_days=1, applied_days=1, batch=1, pause_s=0)
-    assert await Retention(spool, config, metrics).run_once() == 3
+    assert await Retention(spool, config, metrics).run_once() == 4
     assert [e.at for e in db.trail("p")] == [fresh.at]
     assert db.dead_letters() == []
     assert set(db.applied_times(["p", "q"])) == {("q", "email_subscribe")}
+    assert db.sent_states(["p"]) == {}
     # The pruned row's time stays as the target's floor: an older choice is still stale.
     assert db.floors == {"email_subscribe": now[0] - 15 * DAY}
-    for table in ("audit", "dead_letters", "applied"):
+    for table in ("audit", "dead_letters", "applied", "sent"):
         value = metrics.registry.get_sample_value(
             "gateway_retention_pruned_total", {"table": table}
         )
