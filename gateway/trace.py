@@ -55,6 +55,13 @@ def command(
             print(as_text(entry), file=out)
     if not as_json:
         print(f"{len(entries)} record(s)", file=out)
+    if not entries and person is not None and not config.retention.person_key:
+        # The hash depends on the key: a server run with one hashes differently from here.
+        print(
+            "gateway: no records; if the server runs with retention.person_key"
+            " (GATEWAY_PERSON_KEY), set it for this command too",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import choice
+from conftest import MakeConfig, choice
 from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
 
 from gateway import trace
@@ -245,3 +245,15 @@ async def test_erasure_leaves_no_byte_of_the_person_in_the_spool(
     await gw.settle()
     assert sum(1 for r in fake.requests if r.path == "/users/track") == tracked
     assert traced(gw.config, person)[0]["outcome"] == "stale"
+
+
+def test_trace_without_records_says_the_key_may_differ(
+    tmp_path: Path, make_config: MakeConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty trace on a spool's own key warns that a server's person_key would hash apart."""
+    config = make_config(tmp_path)
+    assert trace.command(config, "nobody") == 0
+    captured = capsys.readouterr()
+    assert "0 record(s)" in captured.out
+    assert "retention.person_key" in captured.err
+    assert "nobody" not in captured.err
