@@ -26,6 +26,7 @@ class Change:
     state: State
     at: float
     erasure: bool = False  # from a user.deleted: dated at arrival, never dropped as stale
+    entry: Entry | None = None  # the row whose choice this is, for the audit trail
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class Item:
     changes: dict[Target, Change] = field(default_factory=dict)
     entries: list[Entry] = field(default_factory=list)
     erased_at: float | None = None  # the time an erasure in this item takes effect
+    stale: dict[Target, Change] = field(default_factory=dict)  # dropped as stale, for the audit
     settled: bool = False  # acknowledged or dead-lettered: its rows have left the inbox
 
     @property
@@ -72,7 +74,7 @@ class Item:
         for target, state in mapped.changes.items():
             current = self.changes.get(target)
             if current is None or mapped.at >= current.at:
-                self.changes[target] = Change(state, mapped.at, mapped.erasure)
+                self.changes[target] = Change(state, mapped.at, mapped.erasure, entry)
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, render, test, dead-letters."""
+"""The `gateway` command: run, check, render, test, dead-letters, trace."""
 
 from __future__ import annotations
 
@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("action", choices=("list", "replay", "purge"))
     dead.add_argument("--id", type=int, action="append", help="only this dead letter (repeatable)")
     dead.set_defaults(func=_dead_letters)
+
+    trace = command(
+        "trace", "a person's history: what Didomi said, what was sent, what the other side answered"
+    )
+    trace.add_argument("person", nargs="?", help="the person's external id (or email)")
+    trace.add_argument("--event", help="instead of a person: one event id's records")
+    trace.add_argument("--since", help="only records from this ISO date on")
+    trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    trace.set_defaults(func=_trace)
     return parser
 
 
@@ -343,3 +352,10 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, require_secrets=False)
     return command(config, args.action, args.id)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .trace import command
+
+    config = load_config(args.config, require_secrets=False)
+    return command(config, args.person, event_id=args.event, since=args.since, as_json=args.json)

@@ -113,6 +113,20 @@ class BrazeWebhooksConfig(Strict, frozen=True):
     max_pending: int = 100_000
 
 
+class RetentionConfig(Strict, frozen=True):
+    """How long the spool keeps what it recorded, and the key that hashes persons in it."""
+
+    secret_fields = frozenset({"person_key"})
+
+    person_key: str = ""  # empty: a random key of the spool's own (hashes differ per spool)
+    audit_days: float = 400.0
+    bodies_days: float = 30.0  # dead letters
+    applied_days: float = 400.0  # stale-check rows; older choices are refused for everyone
+    interval_s: float = 3600.0  # between two pruning passes
+    batch: int = 500  # rows per transaction
+    pause_s: float = 0.05  # between two batches, so intake never waits long
+
+
 class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -122,6 +136,7 @@ class Config(Strict, frozen=True):
     mappings: MappingsConfig = MappingsConfig()
     didomi_api: DidomiApiConfig = DidomiApiConfig()
     braze_webhooks: BrazeWebhooksConfig | None = None
+    retention: RetentionConfig = RetentionConfig()
 
 
 def secrets_of(config: Config) -> list[str]:
@@ -134,6 +149,7 @@ def secrets_of(config: Config) -> list[str]:
         config.didomi_api.key,
         config.didomi_api.secret,
         *(config.braze_webhooks.tokens if config.braze_webhooks is not None else ()),
+        config.retention.person_key,
     ]
     return [value for value in values if value]
 
@@ -472,6 +488,16 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
         except ValueError:
             located.add(("server", "allow_from", i), f"{network!r} is not an IP address or network")
     _check_reverse_path(config, located, require_secrets=require_secrets)
+    retention = config.retention
+    for key, fvalue in (
+        (("retention", "audit_days"), retention.audit_days),
+        (("retention", "bodies_days"), retention.bodies_days),
+        (("retention", "applied_days"), retention.applied_days),
+        (("retention", "interval_s"), retention.interval_s),
+        (("retention", "batch"), float(retention.batch)),
+    ):
+        if fvalue <= 0:
+            located.add(key, f"{format_path(key)} must be positive")
     if config.didomi.max_clock_skew_s < 0:
         located.add(("didomi", "max_clock_skew_s"), "didomi.max_clock_skew_s must not be negative")
     if not config.didomi.regulations:

@@ -18,7 +18,10 @@ def command(
     out = out or sys.stdout
     delivery = config.delivery
     db = SpoolDB(
-        delivery.spool, max_pending=delivery.max_pending, min_free_bytes=delivery.min_free_bytes
+        delivery.spool,
+        max_pending=delivery.max_pending,
+        min_free_bytes=delivery.min_free_bytes,
+        person_key=config.retention.person_key,
     )
     try:
         if action == "list":

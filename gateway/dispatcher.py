@@ -23,11 +23,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .audit import Record, state_text
 from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from .braze import Answer, BrazeClient, Verdict, track_object
 from .errors import SpoolError
 from .health import DeliveryHealth
-from .mappings import ERASED, Mapped, RuleSet, braze_side
+from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from .retry import Action, backoff, decide
 from .spool import Dead, Pending, Spool
 from .webhooks import WebhookError, decode
@@ -178,9 +179,10 @@ class Dispatcher:
         skipped: list[int] = []
         reasons: Counter[str] = Counter()
         unmappable: list[Dead] = []
+        trail: list[Record] = []
         for row in rows:
             try:
-                result = self._map(rules, row)
+                result = self._map(rules, row, trail)
             except Exception as exc:
                 self._map_failures[row.id] += 1
                 if self._map_failures[row.id] < MAP_ATTEMPTS:
@@ -196,7 +198,8 @@ class Dispatcher:
                 skipped.append(row.id)
                 reasons[result] += 1
         if skipped or unmappable:
-            await self._record(self.spool.db.ack, skipped, [], unmappable)
+            write = functools.partial(self.spool.db.ack, audit=trail)
+            await self._record(write, skipped, [], unmappable)
         for row in rows:
             self._map_failures.pop(row.id, None)
         self._cursor = rows[-1].id
@@ -210,8 +213,9 @@ class Dispatcher:
             self.flow.failed("unmappable", len(unmappable))
             self.flow.dead_letters.inc(len(unmappable))
 
-    def _map(self, rules: RuleSet, row: Pending) -> Mapped | str:
-        """What the row asks of Braze, or the reason it asks nothing."""
+    def _map(self, rules: RuleSet, row: Pending, trail: list[Record]) -> Mapped | str:
+        """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`
+        when it names a person)."""
         try:
             webhook = decode(row.body)
         except WebhookError:
@@ -219,7 +223,23 @@ class Dispatcher:
             log.error("spooled row %d no longer decodes; dropping it", row.id)
             return "ignored"
         result = rules.apply(webhook, received_at=row.received_at)
-        return result if isinstance(result, Mapped) else result.reason
+        if isinstance(result, Mapped):
+            return result
+        person = rules.person(webhook) if webhook.known else None
+        if person:
+            entity = webhook.subject
+            event_id = entity.id if entity is not None else None
+            trail.append(
+                Record(
+                    person,
+                    "to_braze",
+                    f"skipped:{result.reason}",
+                    self.clock(),
+                    event_id=event_id,
+                    event_type=row.type,
+                )
+            )
+        return result.reason
 
     def _recount(self) -> None:
         now = time.monotonic()
@@ -297,20 +317,22 @@ class Dispatcher:
     async def _drop_stale(self, items: list[Item]) -> None:
         """Drop changes older than what was applied to that person and target, or their erasure.
 
-        An erasure is never stale: it is lifted above the last choice applied, so it wins.
+        An erasure is never stale: it is lifted above the last choice applied, so it wins. The
+        retention's floors count as applied to everyone (`retention`).
         """
         applied = await self.spool.run(self.spool.db.applied_times, [item.person for item in items])
-        if not applied:
+        floors = self.spool.db.floors
+        if not applied and not floors:
             return
         by_person: dict[str, dict[str, float]] = {}
         for (person, target), at in applied.items():
             by_person.setdefault(person, {})[target] = at
         for item in items:
-            times = by_person.get(item.person)
-            if not times:
+            times = by_person.get(item.person, {})
+            if not times and not floors:
                 continue
-            erased = times.get(ERASED, -math.inf)
-            latest = max(times.values())
+            erased = max(times.get(ERASED, -math.inf), floors.get(ERASED, -math.inf))
+            latest = max(times.values(), default=-math.inf)
             if item.erased_at is not None:
                 item.erased_at = max(item.erased_at, latest)
             stale = []
@@ -320,11 +342,18 @@ class Dispatcher:
                 else:
                     # Older than the last choice applied either way (a Braze-side change
                     # written back to Didomi counts too), or than the person's erasure.
-                    floor = max(times.get(target, -math.inf), erased)
-                    if change.at < max(floor, times.get(braze_side(target), -math.inf)):
+                    side = braze_side(target)
+                    floor = max(
+                        times.get(target, -math.inf),
+                        floors.get(target, -math.inf),
+                        erased,
+                        times.get(side, -math.inf),
+                        floors.get(side, -math.inf),
+                    )
+                    if change.at < floor:
                         stale.append(target)
             for target in stale:
-                del item.changes[target]
+                item.stale[target] = item.changes.pop(target)
             if stale:
                 self.flow.skipped("stale")  # once per person, not target
 
@@ -338,12 +367,13 @@ class Dispatcher:
             # A person whose every change was stale needs no request, only an ack.
             idle = [item for item in items if not (item.changes or item.delete)]
             if idle:
-                await self._ack(idle, {})
+                await self._ack(idle, {}, None, self.clock())
             items = [item for item in items if item.changes or item.delete]
             if not items:
                 return
             retried = True
             config = self.config  # a reload applies from the next request on
+            sent_at = self.clock()
             if delete:
                 # One identifier kind per request: the batcher never mixes them.
                 answer = await self.client.delete(items[0].identity, [i.person for i in items])
@@ -373,7 +403,7 @@ class Dispatcher:
             action = decision.action
             if action is Action.ACK:
                 self.health.ok()
-                await self._ack(items, answer.errors)
+                await self._ack(items, answer.errors, answer, sent_at, delete=delete)
                 return
             if action is Action.SPLIT:
                 half = len(items) // 2
@@ -381,7 +411,7 @@ class Dispatcher:
                 await self._send(items[half:], delete, attempt)
                 return
             if action is Action.DEAD_LETTER:
-                await self._dead(items, decision.reason, answer)
+                await self._dead(items, decision.reason, answer, sent_at, delete=delete)
                 return
             self.flow.retried(decision.reason)
             if action is Action.HOLD:
@@ -394,20 +424,34 @@ class Dispatcher:
             if self.stopping:
                 return
 
-    async def _ack(self, items: Sequence[Item], errors: dict[int, str]) -> None:
+    async def _ack(
+        self,
+        items: Sequence[Item],
+        errors: dict[int, str],
+        answer: Answer | None,
+        sent_at: float,
+        *,
+        delete: bool = False,
+    ) -> None:
         now = self.clock()
         done: list[int] = []
         dead: list[Dead] = []
         applied: list[tuple[str, str, float]] = []
+        trail: list[Record] = []
+        erase: list[str] = []
+        status = answer.status if answer is not None else None
+        endpoint = _endpoint(delete) if answer is not None else None
         delivered = 0
         for index, item in enumerate(items):
             error = errors.get(index)
             if error is not None:
-                dead.extend(
-                    Dead(row.id, f"Braze refused the object: {error}", item.person)
-                    for row in item.rows
-                )
+                reason = f"Braze refused the object: {error}"
+                dead.extend(Dead(row.id, reason, item.person) for row in item.rows)
+                trail.extend(_trail(item, "dead-lettered", sent_at, endpoint, status, reason))
                 continue
+            trail.extend(_trail(item, "delivered", sent_at, endpoint, status))
+            if item.erased_at is not None and (item.changes or item.delete):
+                erase.append(item.person)  # Braze has it: the spool may now forget them
             done.extend(row.id for row in item.rows)
             applied.extend((item.person, t, c.at) for t, c in item.changes.items())
             if item.erased_at is not None:
@@ -428,7 +472,8 @@ class Dispatcher:
             if self.config.braze_webhooks is not None
             else []
         )
-        await self._record(functools.partial(self.spool.db.ack, sent=sent), done, applied, dead)
+        write = functools.partial(self.spool.db.ack, sent=sent, audit=trail, erase=erase)
+        await self._record(write, done, applied, dead)
         for item in items:
             item.settled = True
         self.flow.delivered.inc(delivered)
@@ -447,13 +492,83 @@ class Dispatcher:
         """Write an outcome to the spool, retrying while it cannot be written."""
         await self.spool.record(write, *args, stopping=lambda: self.stopping)
 
-    async def _dead(self, items: Sequence[Item], reason: str, answer: Answer) -> None:
+    async def _dead(
+        self, items: Sequence[Item], reason: str, answer: Answer, sent_at: float, *, delete: bool
+    ) -> None:
         detail = f"{reason}: {answer.reason}"
         dead = [Dead(row.id, detail, item.person) for item in items for row in item.rows]
-        await self._record(self.spool.db.ack, [], [], dead)
+        endpoint = _endpoint(delete)
+        trail = [
+            record
+            for item in items
+            for record in _trail(item, "dead-lettered", sent_at, endpoint, answer.status, detail)
+        ]
+        await self._record(functools.partial(self.spool.db.ack, audit=trail), [], [], dead)
         for item in items:
             item.settled = True
         self.flow.failed(reason, len(items))
         self.flow.dead_letters.inc(len(dead))
         self.flow.pending.set(self.spool.db.pending_of("to_braze"))
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
+
+
+def _endpoint(delete: bool) -> str:
+    return "/users/delete" if delete else "/users/track"
+
+
+def _trail(
+    item: Item,
+    outcome: str,
+    at: float,
+    endpoint: str | None,
+    status: int | None,
+    detail: str | None = None,
+) -> list[Record]:
+    """The audit records of one settled item: each target's winning choice (or the deletion),
+    what was dropped as stale, and the rows whose every choice a later one overrode."""
+    records: list[Record] = []
+    used: set[int] = set()
+
+    def record(
+        entry: Entry,
+        outcome: str,
+        target: str | None = None,
+        state: str | None = None,
+        rule: str | None = None,
+        *,
+        sent: bool = True,
+    ) -> Record:
+        used.add(entry.row.id)
+        mapped = entry.mapped
+        return Record(
+            item.person,
+            "to_braze",
+            outcome,
+            at,
+            event_id=mapped.event_id,
+            event_type=entry.row.type,
+            event_at=mapped.at,
+            endpoint=endpoint if sent else None,
+            target=target,
+            state=state,
+            rule=rule,
+            status=status if sent else None,
+            detail=detail if sent else None,
+        )
+
+    if item.delete:
+        for entry in item.entries:
+            records.append(record(entry, outcome, ERASED, "deleted", ON_USER_DELETED))
+    for target, change in item.changes.items():
+        if change.entry is not None:
+            rule = change.entry.mapped.origins.get(target)
+            records.append(record(change.entry, outcome, target, state_text(change.state), rule))
+    for target, change in item.stale.items():
+        if change.entry is not None:
+            rule = change.entry.mapped.origins.get(target)
+            state = state_text(change.state)
+            records.append(record(change.entry, "stale", target, state, rule, sent=False))
+    for entry in item.entries:
+        if entry.row.id not in used:
+            records.append(record(entry, "skipped:superseded", sent=False))
+    return records

@@ -70,6 +70,8 @@ def braze_side(target: str) -> str:
 # A pseudo-target in the spool's applied times: when the person was erased. A choice older than
 # it is stale for every target, so a late retry never brings an erased person back.
 ERASED = "erased"
+# The audit's "rule" for the changes of an erasure: the setting that asked for them.
+ON_USER_DELETED = "didomi.on_user_deleted"
 
 _GROUP_ID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -162,6 +164,10 @@ class Mapped:
     delete: bool = False
     erasure: bool = False  # a user.deleted: dated at arrival, never stale, recorded as such
     clamped: bool = False  # its own date was past arrival plus the skew: dated at arrival
+    # Per target, the rule ("file:line") whose state won, and the Didomi event id: for the audit
+    # only, so two results asking the same of Braze still compare equal.
+    origins: dict[Target, str] = field(default_factory=dict, compare=False)
+    event_id: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,13 +235,20 @@ class RuleSet:
             # Erasure is dated at its arrival (the entity's own date is the profile's, often
             # older than the last choice applied); the dispatcher also lifts it above that.
             erased_at = max(at, received_at) if received_at is not None else at
-            return self._deleted(person, erased_at)
+            return self._deleted(person, erased_at, entity.id)
         if webhook.type.startswith("event.") and (entity.status or "confirmed") != "confirmed":
             return Skipped("not_confirmed")
-        changes = self.changes(entity)
+        changes, origins = self.changes_with_origins(entity)
         if not changes:
             return Skipped("no_rule")
-        return Mapped(self.identity, person, changes, at, clamped=clamped)
+        return Mapped(
+            self.identity, person, changes, at, clamped=clamped, origins=origins, event_id=entity.id
+        )
+
+    def person(self, webhook: Webhook) -> str | None:
+        """Who a webhook is about, per `[identity]`, or None."""
+        entity = webhook.subject
+        return self._person(webhook.type, entity) if entity is not None else None
 
     def _date(self, entity: Entity, received_at: float | None) -> tuple[float, bool]:
         """The choice's time, and whether it had to be clamped to the arrival plus the skew."""
@@ -256,12 +269,18 @@ class RuleSet:
 
     def changes(self, entity: Entity) -> dict[Target, State]:
         """The target states one entity's consents ask for, conflicts resolved."""
+        return self.changes_with_origins(entity)[0]
+
+    def changes_with_origins(self, entity: Entity) -> tuple[dict[Target, State], dict[Target, str]]:
+        """`changes`, and per target the origin ("file:line") of the rule whose state won."""
         changes: dict[Target, State] = {}
+        origins: dict[Target, str] = {}
         purposes = entity.consents.purposes if entity.consents else None
         for purpose in purposes or ():
             for rule in self.by_purpose.get(purpose.id, ()):
                 if purpose.enabled is not None:
-                    _put(changes, rule.target, rule.chosen if purpose.enabled else rule.refused)
+                    state = rule.chosen if purpose.enabled else rule.refused
+                    _put(changes, origins, rule, state)
             preferences = self.by_preference.get(purpose.id)
             if not preferences:
                 continue
@@ -275,9 +294,12 @@ class RuleSet:
                     chosen = {v.strip() for v in (present.value or "").split(",")}
                 for rule in rules:
                     _put(
-                        changes, rule.target, rule.chosen if rule.value in chosen else rule.refused
+                        changes,
+                        origins,
+                        rule,
+                        rule.chosen if rule.value in chosen else rule.refused,
                     )
-        return changes
+        return changes, origins
 
     def _person(self, kind: str, entity: Entity) -> str | None:
         holder: Any = entity if kind.startswith("user.") else entity.user
@@ -291,14 +313,19 @@ class RuleSet:
         value = getattr(holder, name, None)
         return value if isinstance(value, str) and value else None
 
-    def _deleted(self, person: str, at: float) -> Mapped | Skipped:
+    def _deleted(self, person: str, at: float, event_id: str | None) -> Mapped | Skipped:
         mode = self.options.on_user_deleted
         if mode == "delete":
-            return Mapped(self.identity, person, {}, at, delete=True, erasure=True)
+            return Mapped(
+                self.identity, person, {}, at, delete=True, erasure=True, event_id=event_id
+            )
         if mode == "unsubscribe":
             changes: dict[Target, State] = {EMAIL: "unsubscribed"}
             changes.update({Target.group(g): "unsubscribed" for g in self.groups})
-            return Mapped(self.identity, person, changes, at, erasure=True)
+            origins = dict.fromkeys(changes, ON_USER_DELETED)
+            return Mapped(
+                self.identity, person, changes, at, erasure=True, origins=origins, event_id=event_id
+            )
         return Skipped("deleted")
 
     def summary(self) -> str:
@@ -317,12 +344,16 @@ class RuleSet:
         return "\n".join(lines)
 
 
-def _put(changes: dict[Target, State], target: Target, state: State | None) -> None:
+def _put(
+    changes: dict[Target, State], origins: dict[Target, str], rule: Rule, state: State | None
+) -> None:
     if state is None:
         return
+    target = rule.target
     current = changes.get(target)
     if current is None or _RANK[state] > _RANK[current]:
         changes[target] = state
+        origins[target] = rule.origin
 
 
 # ---------------------------------------------------------------------------

@@ -200,6 +200,13 @@ class Metrics:
             registry=r,
         )
         self.flows = {direction: Flow(self, direction) for direction in DIRECTIONS}
+        self.retention_pruned = Counter(
+            "gateway_retention_pruned",
+            "Spool rows deleted by the retention of [retention], by table.",
+            ["table"],
+            registry=r,
+        )
+        _touch(self.retention_pruned, ("audit", "dead_letters", "applied", "sent"))
 
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(

@@ -125,6 +125,8 @@ class ReverseRules:
     by_target: dict[Target, tuple[_Backward, ...]]
     unreversible: list[tuple[str, str]]  # (rule origin "file:line", why it cannot be reversed)
     identity: Literal["external_id", "email"]
+    # Per target, the origins ("file:line") of the rules read backwards for it, for the audit.
+    origins: dict[Target, str] = field(default_factory=dict)
 
     @classmethod
     def from_ruleset(cls, rules: RuleSet) -> ReverseRules:
@@ -151,10 +153,16 @@ class ReverseRules:
             pid, pref = where[id(rule)]
             backward = _Backward(pid, pref, rule.value, rule.chosen, rule.refused)
             by_target.setdefault(rule.target, []).append(backward)
+        origins: dict[Target, list[str]] = {}
+        unreversed = {origin for origin, _ in unreversible}
+        for rule in rules.rules:
+            if rule.origin not in unreversed:
+                origins.setdefault(rule.target, []).append(rule.origin)
         return cls(
             {target: tuple(found) for target, found in by_target.items()},
             unreversible,
             rules.identity,
+            {target: ", ".join(found) for target, found in origins.items()},
         )
 
     def person(self, changes: Iterable[BrazeChange]) -> str | None:

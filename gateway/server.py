@@ -52,6 +52,7 @@ from .intake import (
 from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
+from .retention import Retention
 from .spool import Spool, SpoolDB, SpoolLock
 from .webhooks import WebhookError, decode, direction_of
 from .writeback import Writeback
@@ -98,7 +99,7 @@ def _publish_ready(app: web.Application) -> None:
 # Life cycle
 
 
-def _open_spool(delivery: DeliveryConfig) -> tuple[SpoolLock, SpoolDB]:
+def _open_spool(delivery: DeliveryConfig, person_key: str = "") -> tuple[SpoolLock, SpoolDB]:
     lock = SpoolLock(delivery.spool)
     lock.acquire()  # before the file is even opened: it belongs to another gateway otherwise
     try:
@@ -107,6 +108,7 @@ def _open_spool(delivery: DeliveryConfig) -> tuple[SpoolLock, SpoolDB]:
             max_pending=delivery.max_pending,
             dedupe_window_s=delivery.dedupe_window_s,
             min_free_bytes=delivery.min_free_bytes,
+            person_key=person_key,
         )
     except BaseException:
         lock.release()
@@ -118,7 +120,8 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     # The lock is taken here, with the spool it guards, rather than in serve(): every way of
     # running the app holds it for exactly as long as the spool is open, and aiohttp runs
     # this before it binds the port, so a refused second gateway never listens.
-    lock, db = await asyncio.to_thread(_open_spool, app[CONFIG].delivery)
+    config = app[CONFIG]
+    lock, db = await asyncio.to_thread(_open_spool, config.delivery, config.retention.person_key)
     spool = Spool(db)
     app[SPOOL] = spool
     for direction in ("to_braze", "to_didomi"):
@@ -213,9 +216,12 @@ def delivery(live: LiveRules) -> Context:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(signal.SIGHUP, on_sighup)
             watcher = asyncio.create_task(live.watch()) if config.mappings.watch else None
+            retention = Retention(spool, config.retention, metrics)
+            retention.start()
             try:
                 yield
             finally:
+                await retention.stop()
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signal.SIGHUP)
                 if watcher is not None:

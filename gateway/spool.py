@@ -28,8 +28,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from . import audit as trail
+from . import erasure, retention
 from .errors import SpoolError, SpoolFull, SpoolLocked
 from .webhooks import Direction, direction_of
 
@@ -189,6 +191,7 @@ class SpoolDB:
         dedupe_window_s: float = 7 * 86_400.0,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         clock: Callable[[], float] = time.time,
+        person_key: str = "",
     ) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
@@ -211,9 +214,12 @@ class SpoolDB:
             # would write as many bytes as it deletes: on a full disk it could never commit.
             # FAST zeroes only what the delete rewrites anyway.
             self.db.execute("PRAGMA secure_delete=FAST")
-            self.db.executescript(_SCHEMA)
+            self.db.executescript(_SCHEMA + trail.SCHEMA + retention.SCHEMA)
             self._migrate()
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+            # Read outside a transaction: the CLI beside a server must not wait for its lock.
+            self.person_key = trail.person_key(self.db, person_key)
+            self.floors = retention.floors(self.db)  # per target; refreshed by each prune
             self.pending = self.count_pending()
             self.pending_to_didomi = self.count_pending("to_didomi")
         except (OSError, sqlite3.Error) as exc:
@@ -422,33 +428,43 @@ class SpoolDB:
         return [Pending(*row) for row in rows]
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
-        """The last applied choice time per (person, target), for the given persons."""
-        persons = list(set(persons))
+        """The last applied choice time per (person, target), for the given persons.
+
+        An erased person's rows are kept under their hash: both are read, the later time wins.
+        """
         out: dict[tuple[str, str], float] = {}
-        with self._reading("applied times"):
-            for start in range(0, len(persons), 500):  # SQLite caps bound parameters
-                chunk = persons[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for person, target, at in self.db.execute(
-                    f"SELECT person, target, at FROM applied WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
-                    chunk,
-                ):
-                    out[(person, target)] = at
+        for person, target, at in self._by_person(
+            "applied times", "target, at", "applied", persons
+        ):
+            out[(person, target)] = max(at, out.get((person, target), at))
         return out
 
     def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
         """The state last sent to Braze, and when, per (person, target), for the given persons."""
-        persons = list(set(persons))
         out: dict[tuple[str, str], tuple[str, float]] = {}
-        with self._reading("the states sent to Braze"):
-            for start in range(0, len(persons), 500):
-                chunk = persons[start : start + 500]
+        rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
+        for person, target, state, at in rows:
+            if (person, target) not in out or out[(person, target)][1] < at:
+                out[(person, target)] = (state, at)
+        return out
+
+    def _by_person(
+        self, what: str, columns: str, table: str, persons: Iterable[str]
+    ) -> list[tuple[Any, ...]]:
+        """Rows of `table` keyed by the persons or their hashes, each named by its person."""
+        names = {p: p for p in persons}
+        names.update({trail.person_hash(self.person_key, p): p for p in list(names)})
+        keys = list(names)
+        out: list[tuple[Any, ...]] = []
+        with self._reading(what):
+            for start in range(0, len(keys), 500):  # SQLite caps bound parameters
+                chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for person, target, state, at in self.db.execute(
-                    f"SELECT person, target, state, at FROM sent WHERE person IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+                for person, *rest in self.db.execute(
+                    f"SELECT person, {columns} FROM {table} WHERE person IN ({marks})",  # noqa: S608 - only constants and placeholders are interpolated
                     chunk,
                 ):
-                    out[(person, target)] = (state, at)
+                    out.append((names[person], *rest))
         return out
 
     def ack(
@@ -459,9 +475,12 @@ class SpoolDB:
         *,
         sent: Sequence[tuple[str, str, str, float]] = (),
         direction: Direction = "to_braze",
+        audit: Sequence[trail.Record] = (),
+        erase: Sequence[str] = (),
     ) -> None:
         """In one transaction: drop delivered rows, record applied times (and the states sent
-        to Braze, when the reverse path needs them), move refused rows."""
+        to Braze, when the reverse path needs them), move refused rows, write the audit trail,
+        and scrub the persons whose erasure this acknowledges (`erasure.scrub`)."""
         now = self.clock()
 
         def work(db: sqlite3.Connection) -> int:
@@ -490,14 +509,46 @@ class SpoolDB:
                 " ON CONFLICT DO UPDATE SET state = excluded.state, at = excluded.at",
                 sent,
             )
+            trail.write(db, self.person_key, audit)
+            for person in erase:
+                removed += erasure.scrub(db, person, trail.person_hash(self.person_key, person))
             return removed
 
-        removed = self._tx(work)
+        if erase:
+            # Deleted cells and pages are zeroed, not only unlinked, so no byte of the person
+            # stays in the file; the checkpoint below then empties the WAL that held them.
+            self.db.execute("PRAGMA secure_delete=ON")
+        try:
+            removed = self._tx(work)
+        finally:
+            if erase:
+                self.db.execute("PRAGMA secure_delete=FAST")
+        if erase:
+            self._give_back()
+            self.pending_to_didomi = self.count_pending("to_didomi")
         self.pending = max(0, self.pending - removed)
         if direction == "to_didomi":
             self.pending_to_didomi = max(0, self.pending_to_didomi - removed)
         if self.low_on_disk is not None:
             self._refresh_room()
+
+    def prune(
+        self, table: str, cutoff: float, limit: int, after: retention.Cursor = None
+    ) -> tuple[int, retention.Cursor]:
+        """One retention batch of `table` (`retention.prune`); refreshes the floors it moves."""
+        result = self._tx(lambda db: retention.prune(db, table, cutoff, limit, after))
+        if table == "applied" and result[0]:
+            self.floors = retention.floors(self.db)
+        return result
+
+    def trail(
+        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
+    ) -> list[trail.Entry]:
+        """A person's audit records (or one event's), newest first."""
+        with self._reading("the audit trail"):
+            if event_id is not None:
+                return trail.of_event(self.db, event_id)
+            return trail.of_person(self.db, trail.person_hash(self.person_key, person or ""), since)
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
         """Re-read (pending, dead) of `direction` from the file: another process may replay.

@@ -31,11 +31,12 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from .audit import Record, state_text
 from .braze import Answer, Verdict
 from .braze_webhooks import BrazeChange, BrazeWebhookError, decode_currents_event, decode_step
 from .didomi import DidomiClient
@@ -70,6 +71,8 @@ class Report:
     row: Pending
     changes: list[BrazeChange]
     person: str
+    dropped: list[tuple[BrazeChange, str]] = field(default_factory=list)  # and why, for the audit
+    event_id: str | None = None  # the id of the consent event last sent to Didomi for it
 
 
 class Writeback:
@@ -251,7 +254,8 @@ class Writeback:
                 # A report that always raises (a bug) must not hold its person for ever.
                 log.exception("a Braze report keeps failing; moving it to the dead letters")
                 with contextlib.suppress(Exception):
-                    await self._dead(report, "unmappable", f"{type(exc).__name__}: {exc}")
+                    detail = f"unmappable: {type(exc).__name__}: {exc}"
+                    await self._dead(report, "unmappable", detail)
                     return
             log.exception("writing a Braze report back failed; it goes back to the backlog")
             # Back where it was, in spool order, so the person's later reports still wait.
@@ -268,13 +272,15 @@ class Writeback:
             # may have made it stale.
             edit, live, dropped = await self._prepare(report)
             if edit is None:
-                await self._settle(report, None, [], skipped=dropped or "no_rule")
+                await self._settle(report, [], skipped=dropped or "no_rule", unwritten=live)
                 return
             written = [c for c in live if c.target in edit.targets]
+            unwritten = [c for c in live if c.target not in edit.targets]
+            sent_at = self.clock()
             answer = await self._send(report, edit)
             if answer is None:  # Didomi already holds these choices: nothing to write
                 self.health.ok()
-                await self._settle(report, edit, written, skipped="unchanged")
+                await self._settle(report, written, skipped="unchanged", unwritten=unwritten)
                 return
             if answer.verdict is not Verdict.OK:
                 attempt += 1
@@ -287,11 +293,14 @@ class Writeback:
             )
             if decision.action is Action.ACK:
                 self.health.ok()
-                await self._settle(report, edit, written)
+                await self._settle(
+                    report, written, unwritten=unwritten, answer=answer, sent_at=sent_at
+                )
                 return
             if decision.action is Action.DEAD_LETTER:
                 self.health.failing = None  # nothing is retrying any more
-                await self._dead(report, decision.reason, answer.reason)
+                detail = f"{decision.reason}: {answer.reason}"
+                await self._dead(report, decision.reason, detail, sent_at, live, answer.status)
                 return
             self.flow.retried(decision.reason)
             if decision.action is Action.HOLD:
@@ -330,6 +339,7 @@ class Writeback:
         digest = hashlib.sha256(report.row.body)
         digest.update(_encode(purposes))
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
+        report.event_id = event_id
         return await self.client.write_event(event_id, report.person, purposes, api.regulation)
 
     def _filter(
@@ -351,9 +361,11 @@ class Writeback:
         window = hooks.echo_window_s if hooks is not None else 0.0
         bound = report.row.received_at + self.config.didomi.max_clock_skew_s
         now = self.clock()
-        erased = applied.get((person, ERASED), -math.inf)
+        floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
+        erased = max(applied.get((person, ERASED), -math.inf), floors.get(ERASED, -math.inf))
         live: list[BrazeChange] = []
         reason: str | None = None
+        report.dropped = []
         for change in report.changes:
             if change.at > bound:
                 # Braze's clock (or a `time` rendered in milliseconds) must not freeze the
@@ -364,12 +376,21 @@ class Writeback:
             last = known.get((person, target))
             if last is not None and last[0] == change.state:
                 own = change.source in (None, REST_API) and now - last[1] <= window
-                reason = reason or ("echo" if own else "unchanged")
+                why = "echo" if own else "unchanged"
+                reason = reason or why
+                report.dropped.append((change, f"skipped:{why}"))
                 continue
-            written_back = applied.get((person, braze_side(target)), -math.inf)
-            floor = max(applied.get((person, target), -math.inf), written_back, erased)
+            side = braze_side(target)
+            floor = max(
+                applied.get((person, target), -math.inf),
+                floors.get(target, -math.inf),
+                applied.get((person, side), -math.inf),
+                floors.get(side, -math.inf),
+                erased,
+            )
             if change.at < floor:
                 reason = "stale"
+                report.dropped.append((change, "stale"))
                 continue
             live.append(change)
         return live, reason
@@ -379,17 +400,28 @@ class Writeback:
     async def _settle(
         self,
         report: Report,
-        edit: ConsentEdit | None,
         written: list[BrazeChange],
         *,
         skipped: str | None = None,
+        unwritten: list[BrazeChange] | None = None,
+        answer: Answer | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """Remove the row; for what Didomi now holds, record when it changed (for stale checks)
-        and that Braze and Didomi agree on it (so Braze's echo of it is known)."""
+        and that Braze and Didomi agree on it (so Braze's echo of it is known), with the audit
+        trail of every change of the report, in the same transaction."""
         applied = [(report.person, braze_side(c.target), c.at) for c in written]
         now = self.clock()
         known = [(report.person, str(c.target), c.state, now) for c in written]
-        write = functools.partial(self.spool.db.ack, sent=known)
+        at = sent_at if sent_at is not None else now
+        status = answer.status if answer is not None else None
+        outcome = f"skipped:{skipped}" if skipped is not None else "delivered"
+        trail = [self._trail(report, c, outcome, at, status) for c in written]
+        trail += [
+            self._trail(report, c, f"skipped:{skipped or 'no_rule'}", at) for c in unwritten or ()
+        ]
+        trail += [self._trail(report, c, why, at) for c, why in report.dropped]
+        write = functools.partial(self.spool.db.ack, sent=known, audit=trail)
         await self._record(write, [report.row.id], applied, [])
         self._failures.pop(report.row.id, None)
         if skipped is not None:
@@ -402,9 +434,47 @@ class Writeback:
             extra={"outcome": "delivered", "direction": "to_didomi", "targets": len(written)},
         )
 
-    async def _dead(self, report: Report, reason: str, why: str) -> None:
-        detail = f"{reason}: {why}"
-        await self._record(self.spool.db.ack, [], [], [Dead(report.row.id, detail, report.person)])
+    def _trail(
+        self,
+        report: Report,
+        change: BrazeChange,
+        outcome: str,
+        at: float,
+        status: int | None = None,
+        detail: str | None = None,
+    ) -> Record:
+        """The audit record of one Braze change: the Didomi event id the gateway wrote for it."""
+        sends = outcome in ("delivered", "dead-lettered")
+        return Record(
+            report.person,
+            "to_didomi",
+            outcome,
+            at,
+            event_id=report.event_id if sends else None,
+            event_type=report.row.type,
+            event_at=change.at,
+            endpoint="/consents/events" if sends else None,
+            target=change.target,
+            state=state_text(change.state),
+            rule=self._reverse_rules().origins.get(change.target),
+            status=status,
+            detail=detail,
+        )
+
+    async def _dead(
+        self,
+        report: Report,
+        reason: str,
+        detail: str,
+        at: float | None = None,
+        live: list[BrazeChange] | None = None,
+        status: int | None = None,
+    ) -> None:
+        when = at if at is not None else self.clock()
+        trail = [self._trail(report, c, "dead-lettered", when, status, detail) for c in live or ()]
+        trail += [self._trail(report, c, why, when) for c, why in report.dropped]
+        write = functools.partial(self.spool.db.ack, audit=trail)
+        await self._record(write, [], [], [Dead(report.row.id, detail, report.person)])
         self._failures.pop(report.row.id, None)
         self.flow.failed(reason)
         self.flow.dead_letters.inc()

@@ -10,6 +10,7 @@ Didomi would send for it back in and checks that Braze hears nothing.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -20,10 +21,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 
+from gateway import trace
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
-from gateway.server import DISPATCHER, SPOOL, WRITEBACK, create_app, delivery
+from gateway.server import CONFIG, DISPATCHER, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze, FakeDidomi
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
@@ -477,3 +479,26 @@ async def test_braze_reports_beyond_their_cap_get_503_and_leave_didomis_room(
     assert (await gw.post("/webhooks/didomi", json.loads(choice("room", True)), auth_headers))[
         0
     ] == 202
+
+
+async def test_a_braze_unsubscribe_is_traced_with_the_event_id_written_to_didomi(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi
+) -> None:
+    """A Braze change written back is traced to_didomi with the event id Didomi got, and status."""
+    fake_didomi.seed_user("bea", [{"id": "marketing_email", "enabled": True}])
+    gw = await start_gateway()
+    body = step("bea", time.time(), email="unsubscribed")
+    assert (await gw.post("/webhooks/braze", body, BRAZE))[0] == 202
+    await gw.settle()
+    written = fake_didomi.events[0].body["id"]
+    out = io.StringIO()
+    assert trace.command(gw.app[CONFIG], None, event_id=written, as_json=True, out=out) == 0
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    record = next(r for r in records if r["target"] == "email_subscribe")
+    assert record["direction"] == "to_didomi"
+    assert record["event"] == {"id": written, "type": "braze.step", "at": record["event"]["at"]}
+    assert record["endpoint"] == "/consents/events"
+    assert record["state"] == "unsubscribed"
+    assert record["outcome"] == "delivered"
+    assert 200 <= record["status"] < 300
+    assert record["rule"].endswith("email.toml:7")

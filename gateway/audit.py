@@ -1,0 +1,161 @@
+"""The audit trail: one record per change the gateway applied (or refused), in the spool file.
+
+Records are written by `SpoolDB.ack`, in the transaction that acknowledges the rows they are
+about, so the trail never claims a delivery that was rolled back. A person is stored only as a
+keyed hash (HMAC-SHA256): `[retention] person_key` when set, so that hashes stay the same
+across spools, else a random key kept in the spool's own `meta` table. Whoever holds the key
+and a person's identifier can look their history up (`gateway trace`); the file alone names
+nobody. The functions here take the sqlite3 connection of the transaction they run in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,                  -- when the request was sent (or the outcome decided)
+    person TEXT NOT NULL,              -- HMAC-SHA256 of the identifier, hex
+    direction TEXT NOT NULL,           -- to_braze | to_didomi
+    event_id TEXT,                     -- Didomi's event id; the one the gateway wrote, reversed
+    event_type TEXT,                   -- the stored row's type (event.created, braze.step, ...)
+    event_at REAL,                     -- when the choice was made, per the event
+    endpoint TEXT,                     -- /users/track, /users/delete, /consents/events
+    target TEXT,
+    state TEXT,
+    rule TEXT,                         -- file:line of the rule that produced the state
+    status INTEGER,                    -- the other side's HTTP status; NULL without a request
+    outcome TEXT NOT NULL,             -- delivered | stale | dead-lettered | skipped:<reason>
+    detail TEXT                        -- the dead-letter reason, say; never a person
+);
+CREATE INDEX IF NOT EXISTS audit_person ON audit(person, at);
+CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+"""
+
+_KEY = "person_key"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One audited change (or refusal) for one person, before the person is hashed."""
+
+    person: str
+    direction: str
+    outcome: str
+    at: float
+    event_id: str | None = None
+    event_type: str | None = None
+    event_at: float | None = None
+    endpoint: str | None = None
+    target: str | None = None
+    state: str | None = None
+    rule: str | None = None
+    status: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored audit record, as `gateway trace` shows it."""
+
+    id: int
+    at: float
+    direction: str
+    event_id: str | None
+    event_type: str | None
+    event_at: float | None
+    endpoint: str | None
+    target: str | None
+    state: str | None
+    rule: str | None
+    status: int | None
+    outcome: str
+    detail: str | None
+
+
+def state_text(state: object) -> str:
+    """A target state as the trail spells it: Braze's word, or true/false for attributes."""
+    if isinstance(state, bool):
+        return "true" if state else "false"
+    return str(state)
+
+
+def person_key(db: sqlite3.Connection, configured: str) -> bytes:
+    """The HMAC key: the configured one, else this spool's own, created on first use."""
+    if configured:
+        return configured.encode()
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
+    if row is not None:
+        return bytes(row[0])
+    key = secrets.token_bytes(32)
+    # OR IGNORE, then read back: two processes opening a new spool at once agree on one key.
+    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_KEY, key))
+    return bytes(db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()[0])
+
+
+def person_hash(key: bytes, person: str) -> str:
+    """The keyed hash that stands for `person` in the trail (and in erased rows)."""
+    return hmac.new(key, person.encode(), hashlib.sha256).hexdigest()
+
+
+def write(db: sqlite3.Connection, key: bytes, records: Sequence[Record]) -> None:
+    """Insert audit records, hashing each person."""
+    db.executemany(
+        "INSERT INTO audit(at, person, direction, event_id, event_type, event_at, endpoint,"
+        " target, state, rule, status, outcome, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                r.at,
+                person_hash(key, r.person),
+                r.direction,
+                r.event_id,
+                r.event_type,
+                r.event_at,
+                r.endpoint,
+                r.target,
+                r.state,
+                r.rule,
+                r.status,
+                r.outcome,
+                r.detail,
+            )
+            for r in records
+        ],
+    )
+
+
+_COLUMNS = (
+    "id, at, direction, event_id, event_type, event_at, endpoint, target, state, rule, status,"
+    " outcome, detail"
+)
+
+
+def of_person(db: sqlite3.Connection, hashed: str, since: float | None) -> list[Entry]:
+    """A person's records, newest first, from `since` (epoch seconds) on."""
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM audit WHERE person = ? AND at >= ?"  # noqa: S608 - a constant
+        " ORDER BY at DESC, id DESC",
+        (hashed, since if since is not None else float("-inf")),
+    ).fetchall()
+    return [Entry(*row) for row in rows]
+
+
+def of_event(db: sqlite3.Connection, event_id: str) -> list[Entry]:
+    """Every record about one event id, newest first."""
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM audit WHERE event_id = ? ORDER BY at DESC, id DESC",  # noqa: S608 - a constant
+        (event_id,),
+    ).fetchall()
+    return [Entry(*row) for row in rows]

@@ -1,0 +1,141 @@
+"""Retention: old audit records, dead-letter bodies and stale-check rows pruned in the background.
+
+`[retention]` says how long each is kept (`sent`, the states last sent to Braze, as long as
+`applied`). Pruning runs in small transactions (`batch` rows each,
+a pause between) so intake and acknowledgements never wait long on the spool thread. An `applied`
+row is what refuses a late, older choice; pruning it would let that choice through, so the newest
+pruned time per target is kept in `floors`, and the stale checks compare against the later of the
+person's row and the floor: a choice older than the retention is refused for everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from typing import TYPE_CHECKING
+
+from .errors import SpoolError
+
+if TYPE_CHECKING:
+    from .config import RetentionConfig
+    from .metrics import Metrics
+    from .spool import Spool
+
+log = logging.getLogger("gateway.retention")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS floors (   -- per target, the newest applied time pruned
+    target TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+TABLES = ("audit", "dead_letters", "applied", "sent")
+DAY_S = 86_400.0
+Cursor = tuple[str, str] | None  # where a pass over `applied` (by its key) has reached
+
+
+def floors(db: sqlite3.Connection) -> dict[str, float]:
+    """The floor time per target (one row per target, so small enough to hold in memory)."""
+    return {target: at for target, at in db.execute("SELECT target, at FROM floors")}
+
+
+def prune(
+    db: sqlite3.Connection, table: str, cutoff: float, limit: int, after: Cursor = None
+) -> tuple[int, Cursor]:
+    """Delete up to `limit` rows of `table` older than `cutoff`: (deleted, cursor of the next
+    batch, None once the table is done)."""
+    if table == "audit":
+        deleted = db.execute(
+            "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? ORDER BY at LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
+        return deleted, ("", "") if deleted == limit else None
+    if table == "dead_letters":
+        deleted = db.execute(
+            "DELETE FROM dead_letters WHERE id IN"
+            " (SELECT id FROM dead_letters WHERE created_at < ? ORDER BY id LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
+        return deleted, ("", "") if deleted == limit else None
+    if table not in ("applied", "sent"):
+        raise ValueError(f"no retention for the table {table!r}")
+    # Neither has an index on its time (every acknowledgement would pay for one): walk the
+    # table by its key, `limit` rows a batch, deleting the old ones.
+    start = after or ("", "")
+    rows = db.execute(
+        f"SELECT person, target, at FROM {table} WHERE (person, target) > (?, ?)"  # noqa: S608 - a constant
+        " ORDER BY person, target LIMIT ?",
+        (*start, limit),
+    ).fetchall()
+    old = [(person, target, at) for person, target, at in rows if at < cutoff]
+    if table == "applied":  # `sent` only tells echoes apart: nothing to keep of it
+        db.executemany(
+            "INSERT INTO floors(target, at) VALUES (?, ?) ON CONFLICT DO UPDATE"
+            " SET at = max(at, excluded.at)",
+            [(target, at) for _, target, at in old],
+        )
+    db.executemany(
+        f"DELETE FROM {table} WHERE person = ? AND target = ?",  # noqa: S608 - a constant
+        [(p, t) for p, t, _ in old],
+    )
+    return len(old), ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
+
+
+class Retention:
+    """The background task that prunes the spool per `[retention]`, counted in the metrics."""
+
+    def __init__(self, spool: Spool, config: RetentionConfig, metrics: Metrics) -> None:
+        self.spool = spool
+        self.config = config
+        self.pruned = metrics.retention_pruned
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        """Begin pruning in the background: a pass now, then one every `interval_s`."""
+        self._task = asyncio.create_task(self._run(), name="gateway-retention")
+
+    async def stop(self) -> None:
+        """Stop between two batches (a batch under way commits first)."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.run_once()
+            except SpoolError as exc:
+                log.warning("could not prune the spool (will retry): %s", exc)
+            await self._pause(self.config.interval_s)
+
+    async def run_once(self) -> int:
+        """One full pass over every table; returns how many rows went."""
+        config = self.config
+        days = {
+            "audit": config.audit_days,
+            "dead_letters": config.bodies_days,
+            "applied": config.applied_days,
+            "sent": config.applied_days,
+        }
+        total = 0
+        for table in TABLES:
+            cutoff = self.spool.db.clock() - days[table] * DAY_S
+            cursor: Cursor = None
+            while not self._stop.is_set():
+                deleted, cursor = await self.spool.run(
+                    self.spool.db.prune, table, cutoff, config.batch, cursor
+                )
+                if deleted:
+                    self.pruned.labels(table).inc(deleted)
+                    total += deleted
+                if cursor is None:
+                    break
+                await self._pause(config.pause_s)
+        return total
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)

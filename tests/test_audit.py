@@ -1,0 +1,259 @@
+"""The audit trail, `gateway trace`, retention and erasure scrubbing, on a real spool file.
+
+Most tests run the real app in-process with the fake Braze (`start_gateway` of test_end_to_end)
+and read the spool file afterwards, as an operator's `gateway trace` would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MakeConfig, choice
+from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
+
+from gateway import trace
+from gateway.audit import Record, person_hash
+from gateway.cli import main
+from gateway.config import Config, RetentionConfig
+from gateway.metrics import Metrics
+from gateway.retention import Retention
+from gateway.server import SPOOL
+from gateway.spool import Dead, Spool, SpoolDB
+from gateway.testing import FakeBraze
+
+WITHDRAWAL_ID = "3c9d1e4f-7a2b-4c5d-8e6f-0a1b2c3d4e5f"  # consent_withdrawn.json's event id
+DAY = 86_400.0
+
+
+def traced(config: Config, person: str | None, **options: Any) -> list[dict[str, Any]]:
+    """What `gateway trace --json` prints, parsed."""
+    out = io.StringIO()
+    assert trace.command(config, person, as_json=True, out=out, **options) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def webhook(kind: str, entity: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, "parameters": {"entity": entity}}).encode()
+
+
+async def test_a_withdrawal_is_traced_end_to_end_with_its_braze_status(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A consent then its withdrawal are traced newest first, with event, rule and Braze status."""
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    await gw.settle()
+    assert await gw.post(fixture("consent_withdrawn.json"), auth_headers) == 202
+    await gw.settle()
+    records = traced(gw.config, "user-123")
+    newest = [r for r in records if r["event"]["id"] == WITHDRAWAL_ID]
+    email = next(r for r in newest if r["target"] == "email_subscribe")
+    assert email["state"] == "unsubscribed"
+    assert email["endpoint"] == "/users/track"
+    assert email["status"] == 201
+    assert email["outcome"] == "delivered"
+    assert email["direction"] == "to_braze"
+    assert email["event"]["type"] == "event.created"
+    assert email["rule"].endswith("email.toml:7")
+    assert records[0]["event"]["id"] == WITHDRAWAL_ID  # newest first
+    assert any(r["state"] == "opted_in" for r in records[len(newest) :])
+    # One event's records, and the text form through the command line.
+    assert {r["event"]["id"] for r in traced(gw.config, None, event_id=WITHDRAWAL_ID)} == {
+        WITHDRAWAL_ID
+    }
+    assert traced(gw.config, "user-123", since="2999-01-01") == []
+    assert main(["trace", "user-123", "--config", str(tmp_path / "gateway.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "/users/track email_subscribe=unsubscribed" in text
+    assert "201 delivered" in text
+    # The file stores the person only as their keyed hash.
+    db = gw.app[SPOOL].db
+    people = {row[0] for row in db.db.execute("SELECT person FROM audit")}
+    assert people == {person_hash(db.person_key, "user-123")}
+
+
+async def test_a_dead_lettered_update_is_traced_with_its_reason(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """An update Braze refuses is traced as dead-lettered, with Braze's status and reason."""
+    fake.reject_objects(
+        lambda obj: "invalid_user" if obj.get("external_id") == "user-123" else None
+    )
+    gw = await start_gateway()
+    assert await gw.post(fixture("consent_given.json"), auth_headers) == 202
+    await gw.settle()
+    records = traced(gw.config, "user-123")
+    assert records
+    assert {r["outcome"] for r in records} == {"dead-lettered"}
+    # Braze refuses a request whose every object it refuses: a 400 naming the error type.
+    assert all(r["status"] == 400 for r in records)
+    assert all(r["detail"].startswith("bad_request:") for r in records)
+    assert all("invalid_user" in r["detail"] for r in records)
+
+
+async def test_a_stale_choice_is_traced_as_stale(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """A choice older than the one applied is traced as stale, with no request and no status."""
+    gw = await start_gateway()
+    assert await gw.post(choice("p-1", True, "2025-03-14T10:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    assert await gw.post(choice("p-1", False, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    newest = traced(gw.config, "p-1")[0]
+    assert newest["outcome"] == "stale"
+    assert newest["endpoint"] is None
+    assert newest["status"] is None
+
+
+def test_person_key_keeps_hashes_stable_across_spools(tmp_path: Path) -> None:
+    """With [retention] person_key two spools hash a person alike; without, each has its own key."""
+    keyed = [SpoolDB(tmp_path / f"k{n}.db", person_key="k3y") for n in range(2)]
+    own = [SpoolDB(tmp_path / f"o{n}.db") for n in range(2)]
+    assert person_hash(keyed[0].person_key, "x") == person_hash(keyed[1].person_key, "x")
+    assert own[0].person_key != own[1].person_key
+    again = SpoolDB(tmp_path / "o0.db")
+    assert again.person_key == own[0].person_key  # kept in the spool's meta table
+    for db in (*keyed, *own, again):
+        db.close()
+
+
+async def test_records_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
+    """Audit records, dead letters, applied and sent rows past [retention] go, counted per table."""
+    now = [1000 * DAY]
+    db = SpoolDB(tmp_path / "spool.db", clock=lambda: now[0])
+    db.put_many([(None, "event.created", b"{}"), (None, "event.created", b"{}")])
+    first, second = (row.id for row in db.fetch(0, 10))
+    old = Record("p", "to_braze", "delivered", now[0] - 10 * DAY)
+    sent = [("p", "email_subscribe", "opted_in", now[0] - 10 * DAY)]
+    db.ack([first], [("p", "email_subscribe", now[0] - 10 * DAY)], audit=[old], sent=sent)
+    db.ack([], dead=[Dead(second, "refused", "p")])
+    fresh = Record("p", "to_braze", "delivered", now[0] + 5 * DAY)
+    db.ack([], [("q", "email_subscribe", now[0] + 5 * DAY)], audit=[fresh])
+    now[0] += 5 * DAY
+    metrics = Metrics()
+    spool = Spool(db)
+    config = RetentionConfig(audit_days=1, bodies_days=1, applied_days=1, batch=1, pause_s=0)
+    assert await Retention(spool, config, metrics).run_once() == 4
+    assert [e.at for e in db.trail("p")] == [fresh.at]
+    assert db.dead_letters() == []
+    assert set(db.applied_times(["p", "q"])) == {("q", "email_subscribe")}
+    assert db.sent_states(["p"]) == {}
+    # The pruned row's time stays as the target's floor: an older choice is still stale.
+    assert db.floors == {"email_subscribe": now[0] - 15 * DAY}
+    for table in ("audit", "dead_letters", "applied", "sent"):
+        value = metrics.registry.get_sample_value(
+            "gateway_retention_pruned_total", {"table": table}
+        )
+        assert value == 1
+    await spool.close()
+
+
+async def test_pruning_applied_rows_lets_no_stale_choice_through(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """Once an applied row is pruned, a late choice older than it is still refused."""
+    gw = await start_gateway()
+    given = choice("p-2", True, "2025-03-14T10:00:00Z", topics="offers")  # sets every target
+    assert await gw.post(given, auth_headers) == 202
+    await gw.settle()
+    spool = gw.app[SPOOL]
+    config = RetentionConfig(applied_days=1, pause_s=0)
+    await Retention(spool, config, gw.metrics).run_once()
+    assert spool.db.applied_times(["p-2"]) == {}
+    sent = len(fake.requests)
+    assert await gw.post(choice("p-2", False, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    await gw.settle()
+    assert len(fake.requests) == sent
+    assert fake.users["p-2"].email_subscribe == "opted_in"
+
+
+async def test_erasure_leaves_no_byte_of_the_person_in_the_spool(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """After a delivered user.deleted, neither the email nor the external id is in the spool
+    file or its WAL, the trail keeps only the erasure, and a late stale retry is refused."""
+    person, email = "erase-me-4711", "erase.me@example.org"
+    user = {"id": "didomi-u-1", "organization_user_id": person, "metadata": {"email": email}}
+
+    def consent(n: int, enabled: bool) -> bytes:
+        return webhook(
+            "event.created",
+            {
+                # Padding first: the person lands on overflow pages, which a delete frees
+                # unzeroed under secure_delete=FAST; the scrub must zero them.
+                "notes": "x" * 9000,
+                "id": f"ev-erase-{n}",
+                "updated_at": f"2025-03-14T10:0{n}:00Z",
+                "status": "confirmed",
+                "user": user,
+                "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
+            },
+        )
+
+    seen: list[str] = []
+
+    def refuse_first(obj: dict[str, Any]) -> str | None:
+        """Braze refuses their first object: a dead letter that names them."""
+        if obj.get("external_id") != person:
+            return None
+        seen.append(person)
+        return "invalid" if len(seen) == 1 else None
+
+    fake.reject_objects(refuse_first)
+    gw = await start_gateway(didomi={"on_user_deleted": "delete"})
+    for n, enabled in ((1, True), (2, False), (3, True)):
+        assert await gw.post(consent(n, enabled), auth_headers) == 202
+        await gw.settle()
+    spool = gw.app[SPOOL]
+    assert spool.db.count_dead() == 1
+    deleted = webhook(
+        "user.deleted",
+        {"id": "didomi-u-1", "organization_user_id": person, "metadata": {"email": email}},
+    )
+    assert await gw.post(deleted, auth_headers) == 202
+    await gw.settle()
+    assert fake.deleted == [person]
+    path = spool.db.path
+    for name in (path, path.with_name(path.name + "-wal")):
+        if name.exists():
+            data = name.read_bytes()
+            assert person.encode() not in data, name
+            assert email.encode() not in data, name
+    assert spool.db.count_dead() == 0
+    outcomes = {(r["event"]["type"], r["outcome"]) for r in traced(gw.config, person)}
+    assert outcomes == {("user.deleted", "delivered")}
+    # A late retry of an old choice is still refused: the erasure is kept under the hash.
+    tracked = sum(1 for r in fake.requests if r.path == "/users/track")
+    assert await gw.post(consent(4, True), auth_headers) == 202
+    await gw.settle()
+    assert sum(1 for r in fake.requests if r.path == "/users/track") == tracked
+    assert traced(gw.config, person)[0]["outcome"] == "stale"
+
+
+def test_trace_without_records_says_the_key_may_differ(
+    tmp_path: Path, make_config: MakeConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty trace on a spool's own key warns that a server's person_key would hash apart."""
+    config = make_config(tmp_path)
+    assert trace.command(config, "nobody") == 0
+    captured = capsys.readouterr()
+    assert "0 record(s)" in captured.out
+    assert "retention.person_key" in captured.err
+    assert "nobody" not in captured.err
