@@ -14,14 +14,13 @@ rows to the backlog and frees its people, so delivery never stalls until a resta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .audit import Record, state_text
 from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
@@ -32,6 +31,7 @@ from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from .retry import Action, backoff, decide
 from .spool import Dead, Pending, Spool
 from .webhooks import WebhookError, decode
+from .worker import Worker
 
 if TYPE_CHECKING:
     from .config import Config
@@ -45,7 +45,7 @@ LOOP_PAUSE_S = 1.0  # after an unexpected failure of the loop, before it tries a
 MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
 
 
-class Dispatcher:
+class Dispatcher(Worker):
     """Moves spooled webhooks to Braze as fast as Braze allows, losing none."""
 
     def __init__(
@@ -58,6 +58,7 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.config = config  # replaced on reload; read afresh for every batch
         self.spool = spool
         self.rules = rules
@@ -67,51 +68,16 @@ class Dispatcher:
         self.batcher = Batcher()
         self.flow = metrics.flow("to_braze")
         self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
         self._cursor = 0
         self._map_failures: Counter[int] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._age_task: asyncio.Task[None] | None = None
         self._last_recount = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Begin delivering in the background."""
-        self._loop_task = asyncio.create_task(self._run(), name="gateway-dispatcher")
-        self._age_task = asyncio.create_task(self._watch_age(), name="gateway-spool-age")
-
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop forming batches, give in-flight requests `grace_s`, then cancel what remains.
-
-        Bounded whatever delivery waits on (a rate-limit reset, a backoff, a free slot): what
-        did not finish stays in the spool and is sent after the next start.
-        """
-        deadline = time.monotonic() + grace_s
-        self._stop.set()
-        self._wake.set()
-        for task in (self._loop_task, self._age_task):
-            if task is not None:
-                task.cancel()  # the loop may wait on a slot or a flush; it holds nothing
-                await asyncio.gather(task, return_exceptions=True)
-        if self._tasks:
-            remaining = max(0.0, deadline - time.monotonic())
-            _, pending = await asyncio.wait(self._tasks, timeout=remaining)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether stop() has begun."""
-        return self._stop.is_set()
-
-    def wake(self) -> None:
-        """New webhooks are in the spool."""
-        self._wake.set()
+    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        # The age has its own loop: during a stall the main loop is what waits.
+        return {"gateway-dispatcher": self._run(), "gateway-spool-age": self._watch_age()}
 
     def degraded_reason(self) -> str | None:
         """Why delivery is blocked or being retried, if it is; intake works meanwhile."""
@@ -154,13 +120,7 @@ class Dispatcher:
             # Everything waiting belongs to people already in flight.
             await self._sleep(self.config.braze.flush_interval_ms / 1000)
             return
-        task = asyncio.create_task(self._deliver(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._spawn(self._deliver(batch))
 
     async def _refill(self) -> None:
         """Fetch and map more rows; rows that change nothing are acknowledged at once.
@@ -249,9 +209,7 @@ class Dispatcher:
             self.flow.pending.set(self.spool.db.pending_of("to_braze"))
             return
         self._last_recount = now
-        task = asyncio.create_task(self._recount_from_file())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._recount_from_file())
 
     async def _recount_from_file(self) -> None:
         try:
@@ -308,11 +266,6 @@ class Dispatcher:
             self.batcher.release(batch)
             self._slots.release()
             self._wake.set()
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but not past the start of a shutdown."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     async def _drop_stale(self, items: list[Item]) -> None:
         """Drop changes older than what was applied to that person and target, or their erasure.

@@ -30,9 +30,9 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -47,6 +47,7 @@ from .retry import Action, backoff, decide
 from .reverse import ConsentEdit, ReverseRules
 from .spool import Dead, Pending, Spool
 from .webhooks import gateway_event_id
+from .worker import Worker
 
 _encode = msgspec.json.Encoder().encode
 
@@ -75,7 +76,7 @@ class Report:
     event_id: str | None = None  # the id of the consent event last sent to Didomi for it
 
 
-class Writeback:
+class Writeback(Worker):
     """Moves Braze's subscription changes to Didomi's Consents API, losing none."""
 
     def __init__(
@@ -88,6 +89,7 @@ class Writeback:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.config = config  # replaced on reload; read afresh for every report
         self.spool = spool
         self.rules = rules
@@ -101,43 +103,11 @@ class Writeback:
         self._in_flight: set[str] = set()
         self._cursor = 0
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._gauge_task: asyncio.Task[None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Begin writing back in the background."""
-        self._loop_task = asyncio.create_task(self._run(), name="gateway-writeback")
-        self._gauge_task = asyncio.create_task(self._gauges(), name="gateway-writeback-gauges")
-
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking reports, give in-flight ones `grace_s`, then cancel what remains."""
-        deadline = time.monotonic() + grace_s
-        self._stop.set()
-        self._wake.set()
-        for task in (self._loop_task, self._gauge_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self._tasks:
-            remaining = max(0.0, deadline - time.monotonic())
-            _, pending = await asyncio.wait(self._tasks, timeout=remaining)
-            for task in pending:
-                task.cancel()  # its row stays in the spool and is written after the restart
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether stop() has begun."""
-        return self._stop.is_set()
-
-    def wake(self) -> None:
-        """New Braze reports are in the spool."""
-        self._wake.set()
+    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
+        return {"gateway-writeback": self._run(), "gateway-writeback-gauges": self._gauges()}
 
     def degraded_reason(self) -> str | None:
         """Why writing back to Didomi is blocked or being retried, if it is."""
@@ -160,15 +130,6 @@ class Writeback:
             except Exception:
                 log.exception("the writeback loop failed; resuming in a second")
                 await self._sleep(LOOP_PAUSE_S)
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but not past the start of a shutdown."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     async def _refill(self) -> None:
         """Fetch and decode more reports; the cursor moves only once the page is handled."""
@@ -215,9 +176,7 @@ class Writeback:
                 kept.append(report)
                 continue
             self._in_flight.add(person)
-            task = asyncio.create_task(self._deliver(report))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._deliver(report))
         self._backlog = kept
 
     def _reverse_rules(self) -> ReverseRules:
