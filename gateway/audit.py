@@ -17,6 +17,8 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import SpoolError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key
     key TEXT PRIMARY KEY,
@@ -44,6 +46,7 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 """
 
 _KEY = "person_key"
+_CHECK = "person_key_check"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +95,32 @@ def state_text(state: object) -> str:
 
 
 def person_key(db: sqlite3.Connection, configured: str) -> bytes:
-    """The HMAC key: the configured one, else this spool's own, created on first use."""
+    """The HMAC key: the configured one, else this spool's own, created on first use.
+
+    The spool remembers a fingerprint of the key its persons were hashed with: under another
+    key every erased person's rows would be unreachable, and a late stale retry would be let
+    through, so a different key is refused with the reason rather than used.
+    """
     if configured:
-        return configured.encode()
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
-    if row is not None:
-        return bytes(row[0])
-    key = secrets.token_bytes(32)
-    # OR IGNORE, then read back: two processes opening a new spool at once agree on one key.
-    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_KEY, key))
-    return bytes(db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()[0])
+        key = configured.encode()
+    else:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
+        if row is None:
+            # OR IGNORE, then read back: two processes opening a new spool agree on one key.
+            new = secrets.token_bytes(32)
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_KEY, new))
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
+        key = bytes(row[0])
+    check = hmac.new(key, b"didomi-braze-gateway person key", hashlib.sha256).hexdigest()
+    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_CHECK, check))
+    stored = db.execute("SELECT value FROM meta WHERE key = ?", (_CHECK,)).fetchone()[0]
+    if stored != check:
+        raise SpoolError(
+            "this spool's persons are hashed with another key than retention.person_key:"
+            " set the key it was written with (GATEWAY_PERSON_KEY), or leave it unset if it"
+            " never was; under a new key erased persons would no longer be recognised"
+        )
+    return key
 
 
 def person_hash(key: bytes, person: str) -> str:

@@ -498,6 +498,16 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
+    # Pruned applied times leave a floor for everyone: whatever may still come late (a
+    # retry, a replayed dead letter, a duplicate inside the window) must be younger than it.
+    late = max(retention.bodies_days * 86_400, delivery.give_up_after_s, delivery.dedupe_window_s)
+    if 0 < retention.applied_days * 86_400 < late:
+        located.add(
+            ("retention", "applied_days"),
+            "retention.applied_days must cover retention.bodies_days, delivery.give_up_after_s"
+            f" and delivery.dedupe_window_s ({late / 86_400:g} days): a late choice older than"
+            " the pruned times would be refused",
+        )
     if config.didomi.max_clock_skew_s < 0:
         located.add(("didomi", "max_clock_skew_s"), "didomi.max_clock_skew_s must not be negative")
     if not config.didomi.regulations:

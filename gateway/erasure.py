@@ -1,16 +1,20 @@
 """Erasure scrubbing: once Braze has acknowledged a person's `user.deleted`, the spool forgets them.
 
 Run by `SpoolDB.ack` inside the transaction that acknowledges the erasure, with
-`PRAGMA secure_delete=ON` (so deleted cells and freed pages are zeroed) and followed by a
-truncating WAL checkpoint (so no old frame keeps a copy). What it does, per person:
+`PRAGMA secure_delete=ON` (so deleted cells and freed pages are zeroed). What it does, per person:
 
 - Braze's pending reports about them (the reverse path) and their dead letters go: writing an
-  erased person's choices back to Didomi would undo the erasure;
+  erased person's choices back to Didomi would undo the erasure. A row goes only when one of
+  its identifier fields names the person exactly (a substring test would take other people's
+  rows: an external id `42` is inside many bodies); emails compare without case;
 - their `applied` and `sent` rows are re-keyed by the person's hash, so a late retry of an old
   choice is still refused as stale (`SpoolDB.applied_times` reads both keys);
-- their audit records go, except those of the erasure itself (kept under the hash, as proof);
-- pages freed earlier without zeroing (deliveries acknowledged under `secure_delete=FAST`) are
-  filled with zeros, by writing one zero blob as large as the free list and deleting it.
+- their audit records go, except those of the erasure itself (kept under the hash, as proof).
+
+Pages freed earlier without zeroing (deliveries acknowledged under `secure_delete=FAST`) may
+still hold old bodies: `zero_free_pages` fills them with zeros, a bounded chunk per call so no
+acknowledgement holds the write lock for long, and `SpoolDB.finish_erasures` goes on in the
+background (with the WAL's truncation, which a reader can put off) until it is all done.
 
 Didomi's own pending events for them that arrived after the erasure stay: each is a new
 instruction, delivered if it is newer than the erasure and refused as stale otherwise.
@@ -19,20 +23,33 @@ instruction, delivered if it is newer than the erasure and refused as stale othe
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import msgspec
 
-_FILL = "erasure-fill"
+_FILL = "erasure-fill-"  # meta keys of the zero blobs that hold free pages while they are zeroed
+FILL_PAGES = 16_384  # per call: 64 MiB of 4 KiB pages, a few hundred milliseconds of writing
+_decode = msgspec.json.Decoder()
 
 
 def scrub(db: sqlite3.Connection, person: str, hashed: str) -> int:
     """Remove `person`'s data from the spool; returns how many inbox rows went."""
-    # Bodies are JSON: the identifier appears in them as this exact string.
-    needle = msgspec.json.encode(person)
-    removed = db.execute(
-        "DELETE FROM inbox WHERE type LIKE 'braze.%' AND instr(body, ?) > 0", (needle,)
-    ).rowcount
-    db.execute("DELETE FROM dead_letters WHERE person = ? OR instr(body, ?) > 0", (person, needle))
+    # A cheap prefilter in SQL, then an exact test of the identifier fields in Python.
+    needle = person.lower()
+    inbox = db.execute(
+        "SELECT id, type, body FROM inbox WHERE direction = 1"
+        " AND instr(lower(CAST(body AS TEXT)), ?) > 0",
+        (needle,),
+    ).fetchall()
+    gone = [row_id for row_id, kind, body in inbox if names(kind, body, person)]
+    letters = db.execute(
+        "SELECT id, type, body, person FROM dead_letters"
+        " WHERE person = ? OR instr(lower(CAST(body AS TEXT)), ?) > 0",
+        (person, needle),
+    ).fetchall()
+    dead = [i for i, kind, body, who in letters if who == person or names(kind, body, person)]
+    db.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in gone])
+    db.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in dead])
     db.execute(
         "INSERT INTO applied(person, target, at) SELECT ?, target, at FROM applied"
         " WHERE person = ? ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
@@ -50,19 +67,68 @@ def scrub(db: sqlite3.Connection, person: str, hashed: str) -> int:
         "DELETE FROM audit WHERE person = ? AND coalesce(event_type, '') != 'user.deleted'",
         (hashed,),
     )
-    _zero_free_pages(db)
-    return removed
+    return len(gone)
 
 
-def _zero_free_pages(db: sqlite3.Connection) -> None:
-    """Overwrite every free page with zeros, without VACUUM (which rewrites the whole file)."""
-    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
-    if not free:
-        return
-    size = int(db.execute("PRAGMA page_size").fetchone()[0])
-    # A blob larger than the free list takes every free page (trunks too) and writes zeros to
-    # them; deleting it under secure_delete=ON zeroes them again as they are freed.
-    db.execute(
-        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, zeroblob(?))", (_FILL, free * size)
+def names(kind: str, body: bytes, person: str) -> bool:
+    """Whether a stored body's identifier fields name `person` (emails without case)."""
+    try:
+        doc = _decode.decode(body)
+    except msgspec.DecodeError:
+        return False
+    found: list[Any] = []
+    if kind == "braze.step":
+        found += [_get(doc, "external_id"), _get(doc, "email")]
+    elif kind == "braze.currents":
+        found += [_get(doc, "user", "external_user_id"), _get(doc, "properties", "email_address")]
+    else:  # Didomi's: the entity (or both sides of an update) names its user
+        for side in ("entity", "new_entity", "old_entity"):
+            entity = _get(doc, "parameters", side)
+            found += [
+                _get(entity, "organization_user_id"),
+                _get(entity, "user", "organization_user_id"),
+            ]
+    folded = person.casefold()
+    return any(
+        isinstance(name, str) and (name == person or ("@" in name and name.casefold() == folded))
+        for name in found
     )
-    db.execute("DELETE FROM meta WHERE key = ?", (_FILL,))
+
+
+def _get(doc: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def zero_free_pages(db: sqlite3.Connection, max_pages: int = FILL_PAGES) -> bool:
+    """Zero up to `max_pages` free pages; True once no unzeroed free page is left.
+
+    A zero blob takes free pages and writes zeros to them; the blobs are kept (holding those
+    pages) until the free list is empty, then deleted under secure_delete=ON, which zeroes
+    the pages again as they are freed. Without VACUUM, which rewrites the whole file.
+    """
+    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        count = int(
+            db.execute("SELECT count(*) FROM meta WHERE key LIKE 'erasure-fill-%'").fetchone()[0]
+        )
+        take = min(free, max_pages)
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, zeroblob(?))", (f"{_FILL}{count}", take * size)
+        )
+        if take < free:
+            return False
+    db.execute("DELETE FROM meta WHERE key LIKE 'erasure-fill-%'")
+    return True
+
+
+def pending(db: sqlite3.Connection) -> bool:
+    """Whether an erasure's zeroing or WAL truncation is still to finish."""
+    row = db.execute(
+        "SELECT 1 FROM meta WHERE key LIKE 'erasure-fill-%' OR key = 'erasure-wal' LIMIT 1"
+    ).fetchone()
+    return row is not None

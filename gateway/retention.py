@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
+import time
 from typing import TYPE_CHECKING
 
 from .errors import SpoolError
@@ -33,6 +35,7 @@ CREATE TABLE IF NOT EXISTS floors (   -- per target, the newest applied time pru
 """
 TABLES = ("audit", "dead_letters", "applied", "sent")
 DAY_S = 86_400.0
+FINISH_S = 5.0  # how soon an unfinished erasure (zeroing, WAL truncation) is taken up again
 Cursor = tuple[str, str] | None  # where a pass over `applied` (by its key) has reached
 
 
@@ -104,12 +107,18 @@ class Retention:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        last = -math.inf
         while not self._stop.is_set():
             try:
-                await self.run_once()
+                if time.monotonic() - last >= self.config.interval_s:
+                    last = time.monotonic()
+                    await self.run_once()
+                # An erasure's zeroing and WAL truncation go on in bounded steps until done.
+                done = await self.spool.run(self.spool.db.finish_erasures)
             except SpoolError as exc:
                 log.warning("could not prune the spool (will retry): %s", exc)
-            await self._pause(self.config.interval_s)
+                done = True
+            await self._pause(FINISH_S if not done else min(self.config.interval_s, FINISH_S * 6))
 
     async def run_once(self) -> int:
         """One full pass over every table; returns how many rows went."""

@@ -230,11 +230,13 @@ class SpoolDB:
         """Bring a spool file written by an older gateway up to this schema."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(inbox)")}
         if "direction" not in columns:
-            self._tx(
-                lambda db: db.execute(
-                    "ALTER TABLE inbox ADD COLUMN direction INTEGER NOT NULL DEFAULT 0"
-                )
-            )
+
+            def add(db: sqlite3.Connection) -> None:
+                db.execute("ALTER TABLE inbox ADD COLUMN direction INTEGER NOT NULL DEFAULT 0")
+                # Braze's reports stored before the column existed are still bound for Didomi.
+                db.execute(f"UPDATE inbox SET direction = 1 WHERE {_TO_DIDOMI}")  # noqa: S608 - a constant
+
+            self._tx(add)
         self.db.execute(_DIRECTION_INDEX)
 
     def close(self) -> None:
@@ -330,6 +332,37 @@ class SpoolDB:
                 self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         except sqlite3.Error as exc:  # no room to grow the file, say
             log.debug("could not checkpoint the spool: %s", exc)
+
+    def _truncate_after_erasure(self) -> None:
+        """Empty the WAL that held an erased person's frames; if a reader blocks it, mark it
+        so `finish_erasures` tries again."""
+        self.db.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error:
+            busy = 1
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mark = "INSERT OR IGNORE INTO meta(key, value) VALUES ('erasure-wal', 1)"
+        clear = "DELETE FROM meta WHERE key = 'erasure-wal'"
+        try:
+            self.db.execute(mark if busy else clear)  # autocommit: its own small write
+        except sqlite3.Error as exc:
+            log.warning("could not record the erasure's WAL state: %s", exc)
+
+    def finish_erasures(self) -> bool:
+        """Go on zeroing free pages and truncating the WAL after an erasure; True when done."""
+        with self._reading("the erasure state"):
+            if not erasure.pending(self.db):
+                return True
+        self.db.execute("PRAGMA secure_delete=ON")
+        try:
+            done = self._tx(erasure.zero_free_pages)
+        finally:
+            self.db.execute("PRAGMA secure_delete=FAST")
+        self._truncate_after_erasure()
+        with self._reading("the erasure state"):
+            return done and not erasure.pending(self.db)
 
     def _refresh_room(self) -> None:
         """While intake is short of room: give the WAL back, and see whether room returned."""
@@ -512,6 +545,8 @@ class SpoolDB:
             trail.write(db, self.person_key, audit)
             for person in erase:
                 removed += erasure.scrub(db, person, trail.person_hash(self.person_key, person))
+            if erase:
+                erasure.zero_free_pages(db)  # a bounded chunk; finish_erasures does the rest
             return removed
 
         if erase:
@@ -524,7 +559,7 @@ class SpoolDB:
             if erase:
                 self.db.execute("PRAGMA secure_delete=FAST")
         if erase:
-            self._give_back()
+            self._truncate_after_erasure()
             self.pending_to_didomi = self.count_pending("to_didomi")
         self.pending = max(0, self.pending - removed)
         if direction == "to_didomi":

@@ -370,6 +370,15 @@ class Writeback(Worker):
         and that Braze and Didomi agree on it (so Braze's echo of it is known), with the audit
         trail of every change of the report, in the same transaction."""
         applied = [(report.person, braze_side(c.target), c.at) for c in written]
+        # A Currents event of an unchanged state is still the person's latest act in Braze:
+        # dated, it keeps an older report (a dead letter replayed later) from undoing it. A
+        # webhook step's unchanged targets are a snapshot, not an act: dating them would make
+        # a Didomi withdrawal still on its way to Braze look older than it.
+        applied += [
+            (report.person, braze_side(c.target), c.at)
+            for c, why in report.dropped
+            if why == "skipped:unchanged" and c.source is not None
+        ]
         now = self.clock()
         known = [(report.person, str(c.target), c.state, now) for c in written]
         at = sent_at if sent_at is not None else now

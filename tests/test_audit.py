@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
+import msgspec
 import pytest
 from conftest import MakeConfig, choice
 from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
 
-from gateway import trace
+from gateway import erasure, trace
 from gateway.audit import Record, person_hash
 from gateway.cli import main
 from gateway.config import Config, RetentionConfig
+from gateway.errors import SpoolError
 from gateway.metrics import Metrics
 from gateway.retention import Retention
 from gateway.server import SPOOL
@@ -257,3 +261,81 @@ def test_trace_without_records_says_the_key_may_differ(
     assert "0 record(s)" in captured.out
     assert "retention.person_key" in captured.err
     assert "nobody" not in captured.err
+
+
+def test_a_spool_with_braze_reports_from_before_the_direction_column_keeps_them_for_didomi(
+    tmp_path: Path,
+) -> None:
+    """Braze reports stored before the migration are still fetched for Didomi, never to Braze."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL,"
+        " type TEXT NOT NULL, body BLOB NOT NULL);"
+        "INSERT INTO inbox(received_at, type, body) VALUES (1.0, 'braze.step', x'7b7d');"
+    )
+    old.commit()
+    old.close()
+    db = SpoolDB(path)
+    try:
+        assert [r.type for r in db.fetch(0, 10, "to_didomi")] == ["braze.step"]
+        assert db.fetch(0, 10) == []
+    finally:
+        db.close()
+
+
+def test_an_erasure_scrubs_only_rows_that_name_the_person(tmp_path: Path) -> None:
+    """Erasing external id 42 leaves another person's report whose body merely contains "42";
+    an email is matched without case."""
+    db = SpoolDB(tmp_path / "s.db")
+    try:
+        other = msgspec.json.encode({"external_id": "u-9", "groups": {}, "time": "42"})
+        mine = msgspec.json.encode({"external_id": "42", "time": "1"})
+        shouty = msgspec.json.encode({"email": "Alice@Example.com", "time": "1"})
+        db.put_many([(None, "braze.step", body) for body in (other, mine, shouty)])
+        db.ack([], [("42", "erased", 1.0)], erase=["42", "alice@example.com"])
+        assert [r.body for r in db.fetch(0, 10, "to_didomi")] == [other]
+    finally:
+        db.close()
+
+
+def test_zeroing_goes_on_in_bounded_steps_and_the_wal_after_a_reader(tmp_path: Path) -> None:
+    """Freed pages are zeroed a chunk at a time and the WAL truncated once a reader has gone:
+    then no byte of the erased person is left in the file or its WAL."""
+    path = tmp_path / "s.db"
+    db = SpoolDB(path)
+    try:
+        person = "erase-me-4711"
+        db.put_many(
+            [(None, "braze.step", msgspec.json.encode({"external_id": person, "time": "1"}))]
+        )
+        padded = [(None, "event.created", person.encode() + b"x" * 50_000) for _ in range(20)]
+        db.put_many(padded)
+        db.ack([r.id for r in db.fetch(0, 100)], [])  # freed under FAST: pages keep old bytes
+        reader = sqlite3.connect(path)  # a `gateway trace` mid-read
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM audit").fetchone()
+        with patch.object(erasure, "FILL_PAGES", 16):
+            db.ack([], [], erase=[person])
+            assert not db.finish_erasures()  # a reader holds the WAL; zeroing not done either
+            reader.rollback()
+            reader.close()
+            for _ in range(100):
+                if db.finish_erasures():
+                    break
+            else:
+                raise AssertionError("the erasure never finished")
+        for name in (path, path.with_name(path.name + "-wal")):
+            if name.exists():
+                assert person.encode() not in name.read_bytes(), name
+    finally:
+        db.close()
+
+
+def test_a_spool_refuses_another_person_key_than_it_was_written_with(tmp_path: Path) -> None:
+    """Under a new key, erased persons' hashed rows would be unreachable: the spool says so."""
+    path = tmp_path / "s.db"
+    SpoolDB(path).close()  # hashed with its own random key
+    with pytest.raises(SpoolError, match="person_key"):
+        SpoolDB(path, person_key="configured-later")
+    SpoolDB(path).close()  # still fine without it
