@@ -257,6 +257,10 @@ class Metrics:
     def middleware(self) -> Middleware:
         """An aiohttp middleware that counts and times every request, by canonical route."""
 
+        # (route, method, status) -> the two children; bounded by the routes, the methods
+        # `method_label` keeps and the statuses answered, as the series themselves are.
+        children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
         @web.middleware
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             started = time.perf_counter()
@@ -274,8 +278,16 @@ class Metrics:
                 return response
             finally:
                 route = route_label(request)
-                self.http_requests.labels(route, method_label(request.method), str(status)).inc()
-                self.http_request_duration.labels(route).observe(time.perf_counter() - started)
+                method = method_label(request.method)  # never a raw method: it keys the cache
+                key = (route, method, status)
+                bound = children.get(key)
+                if bound is None:  # .labels() costs a lock and a hash; this runs per request
+                    bound = children[key] = (
+                        self.http_requests.labels(route, method, str(status)),
+                        self.http_request_duration.labels(route),
+                    )
+                bound[0].inc()
+                bound[1].observe(time.perf_counter() - started)
 
         return observe
 
