@@ -131,7 +131,12 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
         await spool.close()  # queued writes commit first
     finally:
         lock.release()  # once the file is closed, so no second gateway writes beside this one
-    log.info("spool closed", extra={"pending": spool.pending})
+    grouping = {
+        "commits": spool.commits,
+        "rows_committed": spool.rows_committed,
+        "largest_commit": spool.largest_commit,
+    }
+    log.info("spool closed", extra={"pending": spool.pending, **grouping})
 
 
 async def _ready_context(app: web.Application) -> AsyncIterator[None]:

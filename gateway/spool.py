@@ -714,6 +714,11 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         # The last failed intake commit (monotonic time, reason), cleared by the next success.
         self.write_error: tuple[float, str] | None = None
+        # How well puts group: intake transactions committed, the rows in them, the largest.
+        # Logged when the spool closes; `bench/RESULTS.md` reads them to size the grouping.
+        self.commits = 0
+        self.rows_committed = 0
+        self.largest_commit = 0
 
     @property
     def pending(self) -> int:
@@ -773,6 +778,9 @@ class Spool:
                         future.set_exception(SpoolError(f"the spool failed: {exc!r}"))
                 raise
             self.write_error = None
+            self.commits += 1
+            self.rows_committed += len(batch)
+            self.largest_commit = max(self.largest_commit, len(batch))
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # the request was cancelled; the row is stored all the same
