@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_person ON audit(person, at);
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id);
-CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+DROP INDEX IF EXISTS audit_at;        -- pruning goes by id, which follows time
 """
 
 _KEY = "person_key"
@@ -129,7 +129,15 @@ def person_hash(key: bytes, person: str) -> str:
 
 
 def write(db: sqlite3.Connection, key: bytes, records: Sequence[Record]) -> None:
-    """Insert audit records, hashing each person."""
+    """Insert audit records, hashing each person (once per person: a batch names each often)."""
+    hashes: dict[str, str] = {}
+
+    def hashed(person: str) -> str:
+        found = hashes.get(person)
+        if found is None:
+            found = hashes[person] = person_hash(key, person)
+        return found
+
     db.executemany(
         "INSERT INTO audit(at, person, direction, event_id, event_type, event_at, endpoint,"
         " target, state, rule, status, outcome, detail)"
@@ -137,7 +145,7 @@ def write(db: sqlite3.Connection, key: bytes, records: Sequence[Record]) -> None
         [
             (
                 r.at,
-                person_hash(key, r.person),
+                hashed(r.person),
                 r.direction,
                 r.event_id,
                 r.event_type,

@@ -50,9 +50,11 @@ def prune(
     """Delete up to `limit` rows of `table` older than `cutoff`: (deleted, cursor of the next
     batch, None once the table is done)."""
     if table == "audit":
+        # Records are written in time order, so the oldest are the lowest ids: a batch looks at
+        # the first `limit` only, and needs no index on `at` (one more b-tree per record).
         deleted = db.execute(
-            "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ? ORDER BY at LIMIT ?)",
-            (cutoff, limit),
+            "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?) AND at < ?",
+            (limit, cutoff),
         ).rowcount
         return deleted, ("", "") if deleted == limit else None
     if table == "dead_letters":
