@@ -98,7 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     trace = command(
         "trace", "a person's history: what Didomi said, what was sent, what the other side answered"
     )
-    trace.add_argument("person", nargs="?", help="the person's external id (or email)")
+    trace.add_argument(
+        "person",
+        nargs="?",
+        help="the person's external id (or email); `-` reads it from standard input, so it"
+        " stays out of the shell history and the process list",
+    )
     trace.add_argument("--event", help="instead of a person: one event id's records")
     trace.add_argument("--since", help="only records from this ISO date on")
     trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
@@ -358,4 +363,5 @@ def _trace(args: argparse.Namespace) -> int:
     from .trace import command
 
     config = load_config(args.config, require_secrets=False)
-    return command(config, args.person, event_id=args.event, since=args.since, as_json=args.json)
+    person = sys.stdin.readline().strip() if args.person == "-" else args.person
+    return command(config, person, event_id=args.event, since=args.since, as_json=args.json)

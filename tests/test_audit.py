@@ -50,6 +50,7 @@ async def test_a_withdrawal_is_traced_end_to_end_with_its_braze_status(
     auth_headers: dict[str, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A consent then its withdrawal are traced newest first, with event, rule and Braze status."""
     gw = await start_gateway()
@@ -78,6 +79,10 @@ async def test_a_withdrawal_is_traced_end_to_end_with_its_braze_status(
     text = capsys.readouterr().out
     assert "/users/track email_subscribe=unsubscribed" in text
     assert "201 delivered" in text
+    # `-` reads the person from standard input, out of the shell history and `ps`.
+    monkeypatch.setattr("sys.stdin", io.StringIO("user-123\n"))
+    assert main(["trace", "-", "--config", str(tmp_path / "gateway.toml")]) == 0
+    assert capsys.readouterr().out == text
     # The file stores the person only as their keyed hash.
     db = gw.app[SPOOL].db
     people = {row[0] for row in db.db.execute("SELECT person FROM audit")}
