@@ -32,12 +32,11 @@ from .errors import SpoolError, SpoolFull
 from .intake import (
     CONFIG,
     METRICS,
-    RETRY_AFTER_S,
     SPOOL,
     STATE,
-    error_answer,
     json_answer,
     read_capped,
+    refuse,
 )
 
 log = logging.getLogger("gateway.server")
@@ -61,14 +60,7 @@ def add_routes(app: web.Application, config: Config) -> None:
 def _refuse(
     request: web.Request, kind: str, status: int, error: str, detail: str, outcome: str
 ) -> web.Response:
-    request.app[METRICS].webhook(kind, outcome)
-    level = logging.WARNING if status >= 500 else logging.INFO
-    extra = {"status": status, "remote": request.remote, "type": kind}
-    log.log(level, "Braze webhook refused (%d %s): %s", status, error, detail, extra=extra)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
-    return error_answer(status, error, detail, headers)
+    return refuse(request, kind, status, error, detail, outcome, sender="Braze")
 
 
 async def _body(request: web.Request, kind: str) -> bytes | web.Response:

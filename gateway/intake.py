@@ -112,3 +112,26 @@ async def read_capped(request: web.Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+def refuse(
+    request: web.Request,
+    kind: str,
+    status: int,
+    error: str,
+    detail: str,
+    outcome: str,
+    *,
+    reason: str | None = None,
+    sender: str = "",
+) -> web.Response:
+    """Count, log (the reason, never the body) and answer one refused webhook."""
+    request.app[METRICS].webhook(kind, outcome)
+    level = logging.WARNING if status >= 500 else logging.INFO
+    extra = {"status": status, "remote": request.remote, "type": kind}
+    what = f"{sender} webhook" if sender else "webhook"
+    log.log(level, "%s refused (%d %s): %s", what, status, error, reason or detail, extra=extra)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    return error_answer(status, error, detail, headers)

@@ -49,6 +49,7 @@ from .intake import (
     nothing,
     read_capped,
 )
+from .intake import refuse as intake_refuse
 from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
@@ -427,15 +428,8 @@ async def receive_webhook(request: web.Request) -> web.Response:
         type_: str = "other",
         reason: str | None = None,
     ) -> web.Response:
-        """Count, log (the reason, never the body) and answer one refused webhook."""
-        metrics.webhook(type_, outcome)
-        level = logging.WARNING if status >= 500 else logging.INFO
-        extra = {"status": status, "remote": request.remote}
-        log.log(level, "webhook refused (%d %s): %s", status, error, reason or detail, extra=extra)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
-        return error_answer(status, error, detail, headers)
+        """`intake.refuse`, with this route's defaults."""
+        return intake_refuse(request, type_, status, error, detail, outcome, reason=reason)
 
     if not app[_AUTH].authenticate(request.headers.get("Authorization")):
         return refuse(401, "unauthorized", "a valid Bearer token is required", "unauthorized")
