@@ -26,6 +26,7 @@ import msgspec
 from aiohttp import web
 
 from .testing_didomi import FakeDidomi as FakeDidomi  # the Consents API's fake, for one import
+from .testing_server import Served
 
 MAX_TRACK_OBJECTS = 75  # attributes + events + purchases together, current contracts
 MAX_DELETE_IDS = 50
@@ -77,7 +78,7 @@ class User:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-class FakeBraze:
+class FakeBraze(Served):
     """An in-process Braze REST server: start() it, point the client at url, inspect the rest."""
 
     def __init__(
@@ -91,6 +92,7 @@ class FakeBraze:
         known_users: set[str] | None = None,
         record: bool = True,
     ) -> None:
+        super().__init__()
         self.api_key = api_key
         self.latency_s = latency_s
         self.rate_limit = rate_limit
@@ -104,34 +106,17 @@ class FakeBraze:
         self.ignored: list[Json] = []  # objects for unknown users in update-only mode
         # When set, one matching attributes object makes the whole call a 400, nothing applied.
         self.refuse_with_400: Callable[[Json], bool] | None = None
-        self.url = ""
         self.stats = {"requests": 0, "objects": 0, "ignored": 0, "deleted": 0, "rate_limited": 0}
         self._faults: deque[tuple[int, Json, dict[str, str]]] = deque()
         self._rejecters: list[Callable[[Json], str | None]] = []
         self._window_start = -math.inf  # the first request opens the first window
         self._window_used = 0
         self._decoder = msgspec.json.Decoder()
-        self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
         routes = self.app.router
         routes.add_post("/users/track", functools.partial(self._serve, self._apply_track))
         routes.add_post("/users/delete", functools.partial(self._serve, self._apply_delete))
         routes.add_get("/_stats", self._stats)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on host:port (0 picks a free port) and return the base URL."""
-        # A short shutdown_timeout: stop() must not wait out a handler sleeping in latency_s.
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
-        return self.url
-
-    async def stop(self) -> None:
-        """Stop serving; the recorded traffic stays readable."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def fail_next(
         self,

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from .testing_server import Served
+
 PREFIX = "/v1"
 DEFAULT_REGULATION = "gdpr"
 PAGE_LIMIT = 100
@@ -84,7 +86,7 @@ def didomi_error(status: int, message: str) -> Json:
     return {"code": status, "name": name, "message": message, "errors": {}}
 
 
-class FakeDidomi:
+class FakeDidomi(Served):
     """An in-process Didomi Consents API: start() it, point the client at url + "/v1"."""
 
     def __init__(
@@ -97,6 +99,7 @@ class FakeDidomi:
         duplicate_status: Literal[409, 400] = 409,
         latency_s: float = 0.0,
     ) -> None:
+        super().__init__()
         self.key = key
         self.secret = secret
         self.organization_id = organization_id
@@ -104,7 +107,6 @@ class FakeDidomi:
         # How an id seen before is refused; Didomi's docs do not say, so both are testable.
         self.duplicate_status = duplicate_status
         self.latency_s = latency_s
-        self.url = ""
         self.requests: list[DidomiRequest] = []
         self.events: list[AcceptedEvent] = []
         self.sessions = 0  # successful logins
@@ -113,26 +115,10 @@ class FakeDidomi:
         self._event_ids: set[str] = set()
         self._faults: deque[_Fault] = deque()
         self._decoder = msgspec.json.Decoder()
-        self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_post(f"{PREFIX}/sessions", self._sessions)
         self.app.router.add_post(f"{PREFIX}/consents/events", self._events)
         self.app.router.add_get(f"{PREFIX}/consents/users", self._query_users)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on host:port (0 picks a free port) and return the root URL, without /v1."""
-        # A short shutdown_timeout: stop() must not wait out a handler sleeping in latency_s.
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
-        return self.url
-
-    async def stop(self) -> None:
-        """Stop serving; the recorded traffic stays readable."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def fail_next(
         self,
