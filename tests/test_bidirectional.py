@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+import test_end_to_end
 from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 
 from gateway import trace
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
-from gateway.server import CONFIG, DISPATCHER, SPOOL, WRITEBACK, create_app, delivery
+from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze, FakeDidomi
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
@@ -35,35 +35,15 @@ BRAZE = {"Authorization": f"Bearer {BRAZE_TOKEN}", "Content-Type": "application/
 CURRENTS = {**BRAZE, "Braze-Currents-Version": "1"}
 
 
-class Gateway:
-    """The app under test, its client, and the two fakes it talks to."""
+class Gateway(test_end_to_end.Gateway):
+    """The app under test and its client; `post` takes any route, and answers with the body."""
 
-    def __init__(self, client: TestClient[Any, Any], metrics: Metrics) -> None:
-        self.client = client
-        self.metrics = metrics
-
-    @property
-    def app(self) -> Any:
-        return self.client.app
-
-    async def post(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+    async def post(  # type: ignore[override]
+        self, path: str, body: Any, headers: dict[str, str]
+    ) -> tuple[int, Any]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         response = await self.client.post(path, data=data, headers=headers)
         return response.status, await response.json()
-
-    async def settle(self, timeout: float = 15.0) -> None:
-        """Wait until both directions have nothing pending and nothing in flight."""
-        deadline = time.monotonic() + timeout
-        db = self.app[SPOOL].db
-        while time.monotonic() < deadline:
-            idle = self.app[DISPATCHER].idle and self.app[WRITEBACK].idle
-            if db.count_pending() == 0 and idle:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"not settled: {db.count_pending()} pending")
-
-    def sample(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
 StartGateway = Callable[..., Awaitable[Gateway]]
@@ -98,7 +78,7 @@ def start_gateway(
         metrics = Metrics()
         live = LiveRules.load(config, metrics, tmp_path / "gateway.toml")
         app = create_app(config, metrics=metrics, contexts=[delivery(live)])
-        return Gateway(await aiohttp_client(app), metrics)
+        return Gateway(await aiohttp_client(app), config, metrics)
 
     return start
 

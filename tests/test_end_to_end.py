@@ -25,7 +25,7 @@ from conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, write_co
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
-from gateway.server import DISPATCHER, RULES, SPOOL, create_app, delivery
+from gateway.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +55,13 @@ class Gateway:
         return response.status
 
     async def settle(self, timeout: float = 15.0) -> None:
-        """Wait until the spool is empty and the dispatcher has nothing in flight."""
+        """Wait until the spool is empty and delivery (both ways, if on) has nothing in flight."""
         deadline = time.monotonic() + timeout
         spool, dispatcher = self.app[SPOOL], self.app[DISPATCHER]
+        writeback = self.app.get(WRITEBACK)
         while time.monotonic() < deadline:
-            if spool.db.count_pending() == 0 and dispatcher.idle:
+            idle = dispatcher.idle and (writeback is None or writeback.idle)
+            if spool.db.count_pending() == 0 and idle:
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"not settled: {spool.db.count_pending()} pending")
