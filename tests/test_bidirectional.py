@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -482,3 +483,55 @@ async def test_a_braze_unsubscribe_is_traced_with_the_event_id_written_to_didomi
     assert record["outcome"] == "delivered"
     assert 200 <= record["status"] < 300
     assert record["rule"].endswith("email.toml:7")
+
+
+async def test_a_spool_error_while_writing_back_strands_no_report_and_no_person(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When reading the states sent to Braze fails between fetching a report and acknowledging
+    it, the report goes back and its person is freed: it is written once the spool reads."""
+    gw = await start_gateway()
+    db = gw.app[SPOOL].db
+    real = db.sent_states
+    failures = {"left": 2}
+
+    def flaky(persons: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(persons)
+
+    monkeypatch.setattr(db, "sent_states", flaky)
+    assert (await gw.post("/webhooks/braze", step("ivy", time.time(), "unsubscribed"), BRAZE))[
+        0
+    ] == 202
+    await gw.settle(timeout=20)
+    assert failures["left"] == 0
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["ivy"]
+    assert gw.app[WRITEBACK].idle
+
+
+async def test_a_report_whose_writing_always_raises_is_dead_lettered_not_retried_for_ever(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report that raises every time it is written goes to the dead letters after a few
+    tries; the next report of another person is written meanwhile."""
+    gw = await start_gateway()
+    db = gw.app[SPOOL].db
+    real = db.sent_states
+
+    def poisoned(persons: Any) -> Any:
+        if "jon" in list(persons):
+            raise RuntimeError("a bug this report always meets")
+        return real(persons)
+
+    monkeypatch.setattr(db, "sent_states", poisoned)
+    for person in ("jon", "kay"):
+        body = step(person, time.time(), "unsubscribed")
+        assert (await gw.post("/webhooks/braze", body, BRAZE))[0] == 202
+    await gw.settle(timeout=20)
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["kay"]
+    letters = db.dead_letters()
+    assert [(letter.person, letter.reason.split(":")[0]) for letter in letters] == [
+        ("jon", "unmappable")
+    ]
