@@ -5,7 +5,8 @@ about, so the trail never claims a delivery that was rolled back. A person is st
 keyed hash (HMAC-SHA256): `[retention] person_key` when set, so that hashes stay the same
 across spools, else a random key kept in the spool's own `meta` table. Whoever holds the key
 and a person's identifier can look their history up (`gateway trace`); the file alone names
-nobody. The functions here take the sqlite3 connection of the transaction they run in.
+nobody. The functions here take the connection of the transaction they run in (SQLite or PostgreSQL:
+the SQL is written for both).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import SpoolError
+from .store import Conn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key
@@ -47,6 +48,8 @@ DROP INDEX IF EXISTS audit_at;        -- pruning goes by id, which follows time
 
 _KEY = "person_key"
 _CHECK = "person_key_check"
+# The first writer wins: two processes opening a new spool at once agree on one value.
+_KEEP_FIRST = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ def state_text(state: object) -> str:
     return str(state)
 
 
-def person_key(db: sqlite3.Connection, configured: str) -> bytes:
+def person_key(db: Conn, configured: str) -> bytes:
     """The HMAC key: the configured one, else this spool's own, created on first use.
 
     The spool remembers a fingerprint of the key its persons were hashed with: under another
@@ -108,13 +111,14 @@ def person_key(db: sqlite3.Connection, configured: str) -> bytes:
         if row is None:
             # OR IGNORE, then read back: two processes opening a new spool agree on one key.
             new = secrets.token_bytes(32)
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_KEY, new))
+            db.execute(_KEEP_FIRST, (_KEY, new))
             row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
         key = bytes(row[0])
     check = hmac.new(key, b"didomi-braze-gateway person key", hashlib.sha256).hexdigest()
-    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (_CHECK, check))
+    db.execute(_KEEP_FIRST, (_CHECK, check.encode()))
     stored = db.execute("SELECT value FROM meta WHERE key = ?", (_CHECK,)).fetchone()[0]
-    if stored != check:
+    # Older SQLite spools hold it as text; PostgreSQL's `meta.value` is bytea.
+    if (stored if isinstance(stored, str) else bytes(stored).decode()) != check:
         raise SpoolError(
             "this spool's persons are hashed with another key than retention.person_key:"
             " set the key it was written with (GATEWAY_PERSON_KEY), or leave it unset if it"
@@ -128,7 +132,7 @@ def person_hash(key: bytes, person: str) -> str:
     return hmac.new(key, person.encode(), hashlib.sha256).hexdigest()
 
 
-def write(db: sqlite3.Connection, key: bytes, records: Sequence[Record]) -> None:
+def write(db: Conn, key: bytes, records: Sequence[Record]) -> None:
     """Insert audit records, hashing each person (once per person: a batch names each often)."""
     hashes: dict[str, str] = {}
 
@@ -169,7 +173,7 @@ _COLUMNS = (
 )
 
 
-def of_person(db: sqlite3.Connection, hashed: str, since: float | None) -> list[Entry]:
+def of_person(db: Conn, hashed: str, since: float | None) -> list[Entry]:
     """A person's records, newest first, from `since` (epoch seconds) on."""
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM audit WHERE person = ? AND at >= ?"  # noqa: S608 - a constant
@@ -179,7 +183,7 @@ def of_person(db: sqlite3.Connection, hashed: str, since: float | None) -> list[
     return [Entry(*row) for row in rows]
 
 
-def of_event(db: sqlite3.Connection, event_id: str) -> list[Entry]:
+def of_event(db: Conn, event_id: str) -> list[Entry]:
     """Every record about one event id, newest first."""
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM audit WHERE event_id = ? ORDER BY at DESC, id DESC",  # noqa: S608 - a constant

@@ -10,11 +10,11 @@ endpoint. Nothing here talks to Braze or to the spool.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .mappings import Mapped, State, Target
-from .spool import Pending
+from .store import Pending
 
 MAX_DELETE_IDS = 50  # Braze's /users/delete takes at most this many identifiers a request
 
@@ -97,6 +97,10 @@ class Batcher:
         self._backlog: deque[Entry] = deque()
         self._people: Counter[str] = Counter()  # rows per person in the backlog
         self.in_flight: set[str] = set()
+        # Rows held here (in the backlog or in flight), so a fetch that reads them again (after
+        # a change of partitions, on PostgreSQL) never adds them twice.
+        self.ids: set[int] = set()
+        self._flying: Counter[int] = Counter()  # rows in flight, per partition
 
     def __len__(self) -> int:
         return len(self._backlog)
@@ -111,6 +115,29 @@ class Batcher:
         for entry in entries:
             self._backlog.append(entry)
             self._people[entry.key] += 1
+            self.ids.add(entry.row.id)
+
+    @property
+    def parts_in_flight(self) -> set[int]:
+        """The partitions with a row in flight."""
+        return set(self._flying)
+
+    def drop(self, keep: Callable[[int], bool]) -> int:
+        """Forget backlog rows whose partition `keep` refuses (another replica has it now);
+        returns how many. Rows in flight finish as they are."""
+        kept: deque[Entry] = deque()
+        dropped = 0
+        for entry in self._backlog:
+            if keep(entry.row.part):
+                kept.append(entry)
+                continue
+            dropped += 1
+            self.ids.discard(entry.row.id)
+            self._people[entry.key] -= 1
+            if not self._people[entry.key]:
+                del self._people[entry.key]
+        self._backlog = kept
+        return dropped
 
     def take(self, size: int, delete_size: int = MAX_DELETE_IDS) -> Batch | None:
         """The next batch, or None when every waiting row belongs to someone in flight.
@@ -149,11 +176,21 @@ class Batcher:
         if not items:
             return None
         self.in_flight.update(items)
+        for item in items.values():
+            for entry in item.entries:
+                self._flying[entry.row.part] += 1
         return Batch(list(items.values()), delete=bool(kind and kind[0]))
 
     def release(self, batch: Batch) -> None:
         """The batch is done with, one way or another: its people may have another request."""
         self.in_flight.difference_update(batch.keys)
+        for item in batch.items:
+            for entry in item.entries:
+                self._flying[entry.row.part] -= 1
+                if self._flying[entry.row.part] <= 0:
+                    del self._flying[entry.row.part]
+                if item.settled:  # its rows left the spool; unsettled ones were given back
+                    self.ids.discard(entry.row.id)
 
     def give_back(self, batch: Batch) -> int:
         """Put the rows of the batch's unsettled items back in the backlog, in spool order.

@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import msgspec
 
 from .config import BrazeConfig, braze_base_url
+from .errors import GatewayError
 from .mappings import State, Target
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+
+log = logging.getLogger("gateway.braze")
 
 TRACK = "/users/track"
 DELETE = "/users/delete"
@@ -89,6 +93,16 @@ class Answer:
     errors: dict[int, str] = field(default_factory=dict)  # object index -> Braze's error type
 
 
+class SharedBudget(Protocol):
+    """A request budget several replicas draw on (`replicas.Budget`, on PostgreSQL)."""
+
+    async def take(self, rate: float) -> float:
+        """Reserve one request at `rate` per second overall; the seconds to wait for it."""
+
+    async def block(self, seconds: float) -> None:
+        """Hold every replica's requests for `seconds`."""
+
+
 class RateLimiter:
     """Paces requests to `requests_per_second` and stops all of them while Braze says to wait.
 
@@ -109,6 +123,10 @@ class RateLimiter:
         self._sent = 0  # requests let through so far; `acquire` returns each one's number
         self._budget: int | None = None  # requests left in this window, as far as we know
         self._window_ends = 0.0
+        # Replicas on one PostgreSQL spool share the rate: set by the server, None alone.
+        self.shared: SharedBudget | None = None
+        self.replicas: Callable[[], int] = lambda: 1
+        self._blocking: set[asyncio.Task[None]] = set()
 
     def set_rate(self, requests_per_second: float) -> None:
         """Pace later requests to a new rate; a wait Braze asked for still holds."""
@@ -116,6 +134,20 @@ class RateLimiter:
 
     async def acquire(self) -> int:
         """Wait for this request's turn; returns its number, for `observe`."""
+        number = await self._local()
+        shared = self.shared
+        if shared is not None:
+            try:
+                wait = await shared.take(1.0 / self.interval)
+            except GatewayError as exc:
+                # Without the database, pace as if every replica alive sent as fast as this one.
+                log.warning("the shared Braze budget cannot be read (pacing locally): %s", exc)
+                wait = self.interval * max(1, self.replicas())
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return number
+
+    async def _local(self) -> int:
         while True:
             now = self.clock()
             if self._budget is not None and now >= self._window_ends:
@@ -158,7 +190,19 @@ class RateLimiter:
         if wait is not None:
             wait = min(max(wait, 0.0), 3600.0)
             self._blocked_until = max(self._blocked_until, self.clock() + wait)
+            if self.shared is not None and wait > 0:
+                # Every replica waits too: Braze's limit is the workspace's, not this process's.
+                task = asyncio.get_running_loop().create_task(self._share_block(wait))
+                self._blocking.add(task)
+                task.add_done_callback(self._blocking.discard)
         return wait
+
+    async def _share_block(self, seconds: float) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.block(seconds)
+        except GatewayError as exc:
+            log.warning("could not tell the other replicas to wait for Braze: %s", exc)
 
 
 def _header_float(headers: Mapping[str, str], name: str) -> float | None:

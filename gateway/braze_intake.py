@@ -22,6 +22,7 @@ from .auth import Authenticator, bearer_tokens
 from .braze_webhooks import (
     CURRENTS_VERSION,
     CURRENTS_VERSION_HEADER,
+    BrazeChange,
     BrazeWebhookError,
     decode_step,
     split_currents,
@@ -92,6 +93,16 @@ async def _body(request: web.Request, kind: str) -> bytes | web.Response:
     return body
 
 
+def _person(request: web.Request, changes: list[BrazeChange]) -> str | None:
+    """Who a report is about, as the rules name people (it picks the partition)."""
+    email = request.app[STATE].identity() == "email"
+    for change in changes:
+        name = change.email if email else change.external_id
+        if name:
+            return name
+    return None
+
+
 async def receive_step(request: web.Request) -> web.Response:
     """`POST /webhooks/braze`: one webhook step's body, the person's states at send time."""
     body = await _body(request, STEP)
@@ -105,7 +116,8 @@ async def receive_step(request: web.Request) -> web.Response:
         request.app[METRICS].webhook(STEP, "ignored")
         return json_answer(200, {"status": "ignored"})
     try:
-        stored = await request.app[SPOOL].put(step_dedupe_key(changes), STEP, body)
+        person = _person(request, changes)
+        stored = await request.app[SPOOL].put(step_dedupe_key(changes), STEP, body, person)
     except SpoolError as exc:
         return _unavailable(request, STEP, exc)
     return _stored(request, STEP, stored)
@@ -130,7 +142,10 @@ async def receive_currents(request: web.Request) -> web.Response:
     spool = request.app[SPOOL]
     # Concurrent puts share one commit; the event id is Braze's, and dedupes its retries.
     results = await asyncio.gather(
-        *(spool.put(f"braze-currents|{event_id}", CURRENTS, raw) for event_id, raw in batch.events),
+        *(
+            spool.put(f"braze-currents|{event_id}", CURRENTS, raw, _person(request, changes))
+            for event_id, raw, changes in batch.events
+        ),
         return_exceptions=True,
     )
     failed = [r for r in results if isinstance(r, BaseException)]

@@ -76,7 +76,8 @@ class BrazeChange:
 class CurrentsBatch:
     """One Currents request split into the events the gateway keeps, and counts of the rest."""
 
-    events: list[tuple[str, bytes]]  # (event id, that event's own JSON bytes), in batch order
+    # (event id, that event's own JSON bytes, its changes), in batch order
+    events: list[tuple[str, bytes, list[BrazeChange]]]
     ignored: int  # events of other types or channels
     invalid: int  # events of our types that do not decode; skipped so the batch still succeeds
 
@@ -227,7 +228,7 @@ def split_currents(body: bytes) -> CurrentsBatch:
         # Braze's docs: an empty body or no events is a no-op, answered like any other batch.
         return CurrentsBatch([], 0, 0)
     envelope = _decode(body, _envelope_decoder, 'a Currents batch, `{"events": [...]}`')
-    kept: list[tuple[str, bytes]] = []
+    kept: list[tuple[str, bytes, list[BrazeChange]]] = []
     ignored = invalid = 0
     for raw in envelope.events:
         event = bytes(raw)
@@ -251,7 +252,7 @@ def split_currents(body: bytes) -> CurrentsBatch:
             ignored += 1  # a push (or SMS) state change: not an email target
             continue
         assert head.id is not None  # decode_currents_event requires it
-        kept.append((head.id, event))
+        kept.append((head.id, event, changes))
     return CurrentsBatch(kept, ignored, invalid)
 
 

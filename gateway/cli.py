@@ -15,7 +15,6 @@ from .braze import delete_body, track_bodies, track_object
 from .braze_webhooks import (
     BrazeChange,
     BrazeWebhookError,
-    decode_currents_event,
     decode_step,
     split_currents,
 )
@@ -234,7 +233,7 @@ def _render_reverse(
     try:
         if kind == "currents":
             batch = split_currents(body)
-            reports = [decode_currents_event(raw) for _, raw in batch.events]
+            reports = [changes for _, _, changes in batch.events]
             if batch.ignored or batch.invalid:
                 print(
                     f"# {batch.ignored} event(s) of other types ignored, "

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import ConfigError, Problem
+from .store import is_postgresql
 
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +72,10 @@ class DeliveryConfig(Strict, frozen=True):
     dedupe_window_s: float = 7 * 86_400.0
     max_pending: int = 1_000_000
     min_free_bytes: int = 64 * 1024 * 1024
+    # With a PostgreSQL spool: this replica's name (empty: host and pid) and how long a
+    # replica's hold on its partitions lasts without a heartbeat (a kill -9's takeover time).
+    replica: str = ""
+    lease_s: float = 10.0
 
 
 class DidomiConfig(Strict, frozen=True):
@@ -150,8 +155,16 @@ def secrets_of(config: Config) -> list[str]:
         config.didomi_api.secret,
         *(config.braze_webhooks.tokens if config.braze_webhooks is not None else ()),
         config.retention.person_key,
+        _url_password(config.delivery.spool),
     ]
     return [value for value in values if value]
+
+
+def _url_password(url: str) -> str:
+    """The password a spool URL carries, if any (PGPASSWORD is the place for it)."""
+    if not is_postgresql(url):
+        return ""
+    return urlsplit(url).password or ""
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +480,7 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
         (("braze", "timeout_s"), braze.timeout_s),
         (("braze", "requests_per_second"), braze.requests_per_second),
         (("delivery", "give_up_after_s"), delivery.give_up_after_s),
+        (("delivery", "lease_s"), delivery.lease_s),
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
@@ -571,6 +585,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths in the config are relative to the config file's folder, not the cwd."""
 
     def resolve(p: str) -> str:
+        if is_postgresql(p):
+            return p  # a database URL, not a path
         return str(base / p) if not Path(p).is_absolute() else p
 
     return msgspec.structs.replace(

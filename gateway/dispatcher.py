@@ -29,7 +29,8 @@ from .errors import SpoolError
 from .health import DeliveryHealth
 from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from .retry import Action, backoff, decide
-from .spool import Dead, Pending, Spool
+from .spool import Spool
+from .store import Dead, Pending
 from .webhooks import WebhookError, decode
 from .worker import Worker
 
@@ -70,6 +71,7 @@ class Dispatcher(Worker):
         self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
         self._cursor = 0
+        self._generation = spool.db.generation
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
 
@@ -129,10 +131,17 @@ class Dispatcher(Worker):
         acknowledged: a failure anywhere before leaves the page to be fetched again.
         """
         braze = self.config.braze
+        self._follow_partitions()
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
+        held = set(self.batcher.ids)  # before fetching: what is acked meanwhile left the inbox
         rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
         if not rows:
+            return
+        cursor = rows[-1].id
+        rows = [row for row in rows if row.id not in held]
+        if not rows:
+            self._cursor = cursor
             return
         rules = self.rules()  # each row is mapped by exactly one rule set, even across a reload
         entries: list[Entry] = []
@@ -162,7 +171,7 @@ class Dispatcher(Worker):
             await self._record(write, skipped, [], unmappable)
         for row in rows:
             self._map_failures.pop(row.id, None)
-        self._cursor = rows[-1].id
+        self._cursor = cursor
         self.batcher.add(entries)
         for reason, count in reasons.items():
             self.flow.skipped(reason, count)
@@ -172,6 +181,24 @@ class Dispatcher(Worker):
         if unmappable:
             self.flow.failed("unmappable", len(unmappable))
             self.flow.dead_letters.inc(len(unmappable))
+
+    def _follow_partitions(self) -> None:
+        """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
+        it gave up, and read from the start again for those it took (older rows included)."""
+        db = self.spool.db
+        if db.generation == self._generation:
+            return
+        self._generation = db.generation
+        owned = db.owned
+        if owned is not None:
+            dropped = self.batcher.drop(owned.__contains__)
+            if dropped:
+                log.info("%d fetched update(s) left to the replica that now owns them", dropped)
+        self._cursor = 0
+
+    def busy_partitions(self) -> set[int]:
+        """The partitions with updates in flight to Braze (not to be given up yet)."""
+        return self.batcher.parts_in_flight
 
     def _map(self, rules: RuleSet, row: Pending, trail: list[Record]) -> Mapped | str:
         """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`

@@ -27,39 +27,47 @@ from typing import Any
 
 import msgspec
 
+from .store import Conn
+
 _FILL = "erasure-fill-"  # meta keys of the zero blobs that hold free pages while they are zeroed
 FILL_PAGES = 16_384  # per call: 64 MiB of 4 KiB pages, a few hundred milliseconds of writing
 _decode = msgspec.json.Decoder()
 
 
-def scrub(db: sqlite3.Connection, person: str, hashed: str) -> int:
+# Whether a body holds a text (lowercased), in each engine's SQL: the prefilter of `scrub`.
+SQLITE_CONTAINS = "instr(lower(CAST(body AS TEXT)), ?) > 0"
+POSTGRESQL_CONTAINS = "strpos(lower(convert_from(body, 'UTF8')), ?) > 0"
+
+
+def scrub(db: Conn, person: str, hashed: str, contains: str = SQLITE_CONTAINS) -> int:
     """Remove `person`'s data from the spool; returns how many inbox rows went."""
     # A cheap prefilter in SQL, then an exact test of the identifier fields in Python.
     needle = person.lower()
     inbox = db.execute(
-        "SELECT id, type, body FROM inbox WHERE direction = 1"
-        " AND instr(lower(CAST(body AS TEXT)), ?) > 0",
+        f"SELECT id, type, body FROM inbox WHERE direction = 1 AND {contains}",  # noqa: S608 - a constant
         (needle,),
     ).fetchall()
-    gone = [row_id for row_id, kind, body in inbox if names(kind, body, person)]
+    gone = [row_id for row_id, kind, body in inbox if names(kind, bytes(body), person)]
     letters = db.execute(
-        "SELECT id, type, body, person FROM dead_letters"
-        " WHERE person = ? OR instr(lower(CAST(body AS TEXT)), ?) > 0",
+        f"SELECT id, type, body, person FROM dead_letters WHERE person = ? OR {contains}",  # noqa: S608 - a constant
         (person, needle),
     ).fetchall()
-    dead = [i for i, kind, body, who in letters if who == person or names(kind, body, person)]
+    dead = [
+        i for i, kind, body, who in letters if who == person or names(kind, bytes(body), person)
+    ]
     db.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i in gone])
     db.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in dead])
     db.execute(
         "INSERT INTO applied(person, target, at) SELECT ?, target, at FROM applied"
-        " WHERE person = ? ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
+        " WHERE person = ? ON CONFLICT (person, target) DO UPDATE"
+        " SET at = CASE WHEN excluded.at > applied.at THEN excluded.at ELSE applied.at END",
         (hashed, person),
     )
     db.execute("DELETE FROM applied WHERE person = ?", (person,))
     db.execute(
         "INSERT INTO sent(person, target, state, at) SELECT ?, target, state, at FROM sent"
-        " WHERE person = ? ON CONFLICT DO UPDATE SET state = excluded.state, at = excluded.at"
-        " WHERE excluded.at >= sent.at",
+        " WHERE person = ? ON CONFLICT (person, target) DO UPDATE"
+        " SET state = excluded.state, at = excluded.at WHERE excluded.at >= sent.at",
         (hashed, person),
     )
     db.execute("DELETE FROM sent WHERE person = ?", (person,))

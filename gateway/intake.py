@@ -18,7 +18,7 @@ from aiohttp import web
 from .config import Config
 from .metrics import Metrics
 from .spool import Spool
-from .webhooks import Direction
+from .webhooks import Direction, Webhook
 
 log = logging.getLogger("gateway.server")
 
@@ -46,6 +46,10 @@ class State:
         # writeback (Braze -> Didomi) its own in `on_wake_to_didomi`.
         self.on_wake: Callable[[], None] = nothing
         self.on_wake_to_didomi: Callable[[], None] = nothing
+        # Who a Didomi webhook is about, and how Braze names people, per the live rules: the
+        # person picks the partition on PostgreSQL. Set by delivery; unknown before it starts.
+        self.person_of: Callable[[Webhook], str | None] = lambda _webhook: None
+        self.identity: Callable[[], str] = lambda: "external_id"
 
     def wake(self, direction: Direction = "to_braze") -> None:
         """New webhooks going `direction` are in the spool."""

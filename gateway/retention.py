@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 import math
-import sqlite3
 import time
 from typing import TYPE_CHECKING
 
 from .errors import SpoolError
+from .store import Conn
 
 if TYPE_CHECKING:
     from .config import RetentionConfig
@@ -39,13 +39,13 @@ FINISH_S = 5.0  # how soon an unfinished erasure (zeroing, WAL truncation) is ta
 Cursor = tuple[str, str] | None  # where a pass over `applied` (by its key) has reached
 
 
-def floors(db: sqlite3.Connection) -> dict[str, float]:
+def floors(db: Conn) -> dict[str, float]:
     """The floor time per target (one row per target, so small enough to hold in memory)."""
     return {target: at for target, at in db.execute("SELECT target, at FROM floors")}
 
 
 def prune(
-    db: sqlite3.Connection, table: str, cutoff: float, limit: int, after: Cursor = None
+    db: Conn, table: str, cutoff: float, limit: int, after: Cursor = None
 ) -> tuple[int, Cursor]:
     """Delete up to `limit` rows of `table` older than `cutoff`: (deleted, cursor of the next
     batch, None once the table is done)."""
@@ -77,8 +77,9 @@ def prune(
     old = [(person, target, at) for person, target, at in rows if at < cutoff]
     if table == "applied":  # `sent` only tells echoes apart: nothing to keep of it
         db.executemany(
-            "INSERT INTO floors(target, at) VALUES (?, ?) ON CONFLICT DO UPDATE"
-            " SET at = max(at, excluded.at)",
+            # CASE, not max(): PostgreSQL's max() is an aggregate (this runs on both).
+            "INSERT INTO floors(target, at) VALUES (?, ?) ON CONFLICT (target) DO UPDATE"
+            " SET at = CASE WHEN excluded.at > floors.at THEN excluded.at ELSE floors.at END",
             [(target, at) for _, target, at in old],
         )
     db.executemany(

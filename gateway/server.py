@@ -53,8 +53,11 @@ from .intake import refuse as intake_refuse
 from .logs import configure_logging, register_secret
 from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
+from .replicas import Budget, Replicas, replica_name
 from .retention import Retention
-from .spool import Spool, SpoolDB, SpoolLock
+from .spool import Spool, SpoolLock
+from .spool_pg import PgSpoolDB, redact
+from .store import Store, is_postgresql, open_store
 from .webhooks import WebhookError, decode, direction_of
 from .writeback import Writeback
 
@@ -88,6 +91,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
 WRITEBACK = web.AppKey("gateway.writeback", Writeback)
 RULES = web.AppKey("gateway.rules", LiveRules)
+REPLICAS = web.AppKey("gateway.replicas", Replicas)  # only with a PostgreSQL spool
+BUDGET = web.AppKey("gateway.budget", Budget)
 _AUTH = web.AppKey("gateway.authenticator", Authenticator)
 _ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
 
@@ -100,17 +105,14 @@ def _publish_ready(app: web.Application) -> None:
 # Life cycle
 
 
-def _open_spool(delivery: DeliveryConfig, person_key: str = "") -> tuple[SpoolLock, SpoolDB]:
+def _open_spool(delivery: DeliveryConfig, person_key: str = "") -> tuple[SpoolLock | None, Store]:
+    if is_postgresql(delivery.spool):
+        # Replicas share the database by design; the partition leases keep them apart.
+        return None, open_store(delivery, person_key)
     lock = SpoolLock(delivery.spool)
     lock.acquire()  # before the file is even opened: it belongs to another gateway otherwise
     try:
-        db = SpoolDB(
-            delivery.spool,
-            max_pending=delivery.max_pending,
-            dedupe_window_s=delivery.dedupe_window_s,
-            min_free_bytes=delivery.min_free_bytes,
-            person_key=person_key,
-        )
+        db = open_store(delivery, person_key)
     except BaseException:
         lock.release()
         raise
@@ -127,11 +129,25 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     app[SPOOL] = spool
     for direction in ("to_braze", "to_didomi"):
         app[METRICS].flow(direction).pending.set(spool.db.pending_of(direction))
-    yield
+    replicas: Replicas | None = None
+    if isinstance(db, PgSpoolDB):
+        name = replica_name(config.delivery.replica)
+        replicas = Replicas(db, name, lease_s=config.delivery.lease_s)
+        app[REPLICAS] = replicas
+        app[BUDGET] = Budget(db.url)
+        await replicas.start()
+        log.info("replica %s holds %d partition(s)", name, len(replicas.held))
     try:
-        await spool.close()  # queued writes commit first
+        yield
     finally:
-        lock.release()  # once the file is closed, so no second gateway writes beside this one
+        try:
+            if replicas is not None:
+                await replicas.stop()  # after delivery stopped: the others take over at once
+                await app[BUDGET].close()
+            await spool.close()  # queued writes commit first
+        finally:
+            if lock is not None:
+                lock.release()  # once the file is closed: no second gateway writes beside it
     grouping = {
         "commits": spool.commits,
         "rows_committed": spool.rows_committed,
@@ -203,9 +219,21 @@ def delivery(live: LiveRules) -> Context:
                     back.config = new
 
             live.listeners.append(follow)
+            replicas = app.get(REPLICAS)
+            if replicas is not None:
+                # One budget and one owner per partition across replicas (replicas.py).
+                client.limiter.shared = app[BUDGET]
+                client.limiter.replicas = lambda: replicas.live
+                replicas.busy.append(dispatcher.busy_partitions)
+                replicas.on_change.append(dispatcher.wake)
+                if back is not None:
+                    replicas.busy.append(back.busy_partitions)
+                    replicas.on_change.append(back.wake)
             # Delivery trouble is reported, never a reason to refuse webhooks (readiness).
             state.degraded_checks.append(dispatcher.degraded_reason)
             state.on_wake = dispatcher.wake
+            state.person_of = lambda webhook: live.current().person(webhook)
+            state.identity = lambda: live.current().identity
             app[DISPATCHER] = dispatcher
             app[RULES] = live
             await dispatcher.start()
@@ -317,7 +345,7 @@ def serve(
         server.host,
         server.port,
         config.auth.mode,
-        config.delivery.spool,
+        redact(config.delivery.spool),
         extra={"host": server.host, "port": server.port, "auth_mode": config.auth.mode},
     )
     try:
@@ -463,7 +491,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
     spool = app[SPOOL]
     try:
-        stored = await spool.put(webhook.dedupe_key(), kind, body)
+        stored = await spool.put(webhook.dedupe_key(), kind, body, state.person_of(webhook))
     except SpoolFull as exc:
         detail = "the spool is full; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))

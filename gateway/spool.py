@@ -26,13 +26,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import audit as trail
 from . import erasure, retention
 from .errors import SpoolError, SpoolFull, SpoolLocked
+from .store import Dead, DeadLetter, Item, Pending, Store
 from .webhooks import Direction, direction_of
 
 _SCHEMA = """
@@ -95,38 +95,6 @@ def _row_cost(key: str | None, body: bytes) -> int:
     """Bytes one stored webhook takes, with page and WAL frame headers (about 1/32) on top."""
     size = len(body) + len(key or "")
     return size + size // 32 + ROW_OVERHEAD_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """One accepted webhook waiting for Braze."""
-
-    id: int
-    received_at: float
-    type: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One webhook whose update Braze refused, with the reason."""
-
-    id: int
-    created_at: float
-    received_at: float
-    type: str
-    person: str | None
-    reason: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Dead:
-    """An instruction to move an inbox row to the dead letters."""
-
-    id: int
-    reason: str
-    person: str | None = None
 
 
 class SpoolLock:
@@ -377,7 +345,17 @@ class SpoolDB:
 
     # -- intake -------------------------------------------------------------------------------
 
-    def put_many(self, items: Sequence[tuple[str | None, str, bytes]]) -> list[bool | SpoolError]:
+    @property
+    def owned(self) -> frozenset[int] | None:
+        """All partitions: one gateway owns a SQLite spool (`SpoolLock`)."""
+        return None
+
+    @property
+    def generation(self) -> int:
+        """Ownership never changes on SQLite."""
+        return 0
+
+    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]:
         """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
         now = self.clock()
         room = self.max_pending - self.pending
@@ -386,13 +364,13 @@ class SpoolDB:
         short = False
         reverse = 0
 
-        def work(db: sqlite3.Connection) -> tuple[list[bool | SpoolError], int]:
+        def work(db: sqlite3.Connection) -> tuple[list[bool | Exception], int]:
             nonlocal short
             nonlocal reverse
-            results: list[bool | SpoolError] = []
+            results: list[bool | Exception] = []
             stored = 0
             disk, reusable = self._room()
-            for key, kind, body in items:
+            for key, kind, body, *_ in items:
                 if key is not None:
                     # Seen before, but longer ago than the window: a new delivery, not a duplicate.
                     cur = db.execute(
@@ -707,10 +685,10 @@ def _which(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
 class Spool:
     """Asyncio access to a SpoolDB: one worker thread, concurrent puts grouped per transaction."""
 
-    def __init__(self, db: SpoolDB) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._queue: list[tuple[tuple[str | None, str, bytes], asyncio.Future[bool]]] = []
+        self._queue: list[tuple[Item, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
         # The last failed intake commit (monotonic time, reason), cleared by the next success.
         self.write_error: tuple[float, str] | None = None
@@ -752,10 +730,14 @@ class Spool:
                 # A local disk, not a remote API: retry often, so delivery resumes at once.
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
 
-    async def put(self, key: str | None, kind: str, body: bytes) -> bool:
-        """Store one webhook durably: True once committed, False if it is a duplicate."""
+    async def put(self, key: str | None, kind: str, body: bytes, person: str | None = None) -> bool:
+        """Store one webhook durably: True once committed, False if it is a duplicate.
+
+        `person` (who it is about) picks the partition on PostgreSQL, so that one replica at
+        a time sends that person's updates; the SQLite spool has no use for it.
+        """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append(((key, kind, body), future))
+        self._queue.append(((key, kind, body, person), future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
         return await future
@@ -784,7 +766,7 @@ class Spool:
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # the request was cancelled; the row is stored all the same
-                if isinstance(result, SpoolError):
+                if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
                     future.set_result(result)

@@ -45,7 +45,8 @@ from .health import DeliveryHealth
 from .mappings import ERASED, RuleSet, braze_side
 from .retry import Action, backoff, decide
 from .reverse import ConsentEdit, ReverseRules
-from .spool import Dead, Pending, Spool
+from .spool import Spool
+from .store import Dead, Pending
 from .webhooks import gateway_event_id
 from .worker import Worker
 
@@ -102,6 +103,8 @@ class Writeback(Worker):
         self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
         self._cursor = 0
+        self._generation = spool.db.generation
+        self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -133,11 +136,16 @@ class Writeback(Worker):
 
     async def _refill(self) -> None:
         """Fetch and decode more reports; the cursor moves only once the page is handled."""
+        self._follow_partitions()
         if len(self._backlog) >= FETCH_LIMIT:
             return
+        # Taken before fetching: a report acknowledged meanwhile has left the inbox.
+        held = {report.row.id for report in self._backlog} | set(self._flying)
         rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT, "to_didomi")
         if not rows:
             return
+        cursor = rows[-1].id
+        rows = [row for row in rows if row.id not in held]
         reverse = self._reverse_rules()
         reports: list[Report] = []
         skipped: list[int] = []
@@ -156,13 +164,28 @@ class Writeback(Worker):
             reports.append(Report(row, changes, person))
         if skipped or dead:
             await self._record(self.spool.db.ack, skipped, [], dead)
-        self._cursor = rows[-1].id
+        self._cursor = cursor
         self._backlog.extend(reports)
         if skipped:
             self.flow.skipped("no_identity", len(skipped))
         if dead:
             self.flow.failed("unmappable", len(dead))
             self.flow.dead_letters.inc(len(dead))
+
+    def _follow_partitions(self) -> None:
+        """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
+        db = self.spool.db
+        if db.generation == self._generation:
+            return
+        self._generation = db.generation
+        owned = db.owned
+        if owned is not None:
+            self._backlog = deque(r for r in self._backlog if r.row.part in owned)
+        self._cursor = 0
+
+    def busy_partitions(self) -> set[int]:
+        """The partitions with a report being written to Didomi."""
+        return set(self._flying.values())
 
     def _start_ready(self) -> None:
         """Start a task for each report whose person has nothing in flight or waiting before it."""
@@ -176,6 +199,7 @@ class Writeback(Worker):
                 kept.append(report)
                 continue
             self._in_flight.add(person)
+            self._flying[report.row.id] = report.row.part
             self._spawn(self._deliver(report))
         self._backlog = kept
 
@@ -222,6 +246,7 @@ class Writeback(Worker):
             await self._pause(backoff(1, self.config.delivery))
         finally:
             self._in_flight.discard(report.person)
+            self._flying.pop(report.row.id, None)
             self._wake.set()
 
     async def _write(self, report: Report) -> None:

@@ -276,7 +276,7 @@ def test_the_readme_template_names_every_mapped_group_and_decodes_once_rendered(
 def test_currents_fixture_keeps_two_events_ignores_one_skips_one() -> None:
     """The shipped batch: two subscription events kept, an email open ignored, a bad one skipped."""
     batch = split_currents(fixture("currents_batch.json"))
-    assert [key for key, _ in batch.events] == [
+    assert [key for key, _, _ in batch.events] == [
         "0f6c7a1e-2b3d-4c5e-8f90-a1b2c3d4e5f6",
         "1a7d8b2f-3c4e-4d6f-9a01-b2c3d4e5f607",
     ]
@@ -288,7 +288,7 @@ def test_split_keeps_each_events_own_bytes() -> None:
     raw = fixture("currents_batch.json")
     batch = split_currents(raw)
     source = json.loads(raw)["events"]
-    for (key, event_bytes), original in zip(batch.events, source, strict=False):
+    for (key, event_bytes, _), original in zip(batch.events, source, strict=False):
         assert json.loads(event_bytes) == original
         assert event_bytes in raw
         assert key == original["id"]
@@ -297,7 +297,7 @@ def test_split_keeps_each_events_own_bytes() -> None:
 def test_currents_fixture_events_decode() -> None:
     """The stored events decode: a global unsubscribe and a group subscribe, lower-cased."""
     batch = split_currents(fixture("currents_batch.json"))
-    [[glob], [group]] = [decode_currents_event(raw) for _, raw in batch.events]
+    [[glob], [group]] = [decode_currents_event(raw) for _, raw, _ in batch.events]
     assert glob == BrazeChange(
         "user-123", "ada.lovelace@example.com", EMAIL, "unsubscribed", T, "Subscription Page"
     )
@@ -441,7 +441,7 @@ def test_currents_broken_event_does_not_fail_its_batch(change: str) -> None:
     good = event()
     other = {**event(), "id": "e-2"}
     batch = split_currents(body({"events": [good, _broken(change), other]}))
-    assert [key for key, _ in batch.events] == ["e-1", "e-2"]
+    assert [key for key, _, _ in batch.events] == ["e-1", "e-2"]
     assert (batch.ignored, batch.invalid) == (0, 1)
 
 
@@ -451,7 +451,7 @@ def test_currents_broken_event_does_not_fail_its_batch(change: str) -> None:
 def test_currents_items_that_are_not_events_are_invalid(item: Any) -> None:
     """Array items that are not events at all are counted invalid, never fatal."""
     batch = split_currents(body({"events": [item, event()]}))
-    assert ([key for key, _ in batch.events], batch.invalid) == (["e-1"], 1)
+    assert ([key for key, _, _ in batch.events], batch.invalid) == (["e-1"], 1)
 
 
 def test_currents_other_event_types_are_ignored_and_counted() -> None:

@@ -423,7 +423,7 @@ def test_the_webhook_step_fixture_refuses_the_purpose() -> None:
 def test_the_currents_fixture_events_each_edit_their_person() -> None:
     """Each stored Currents event maps alone: a global unsubscribe, then a group subscribe."""
     batch = split_currents((BRAZE / "currents_batch.json").read_bytes())
-    edits = [SHIPPED.edit(decode_currents_event(raw)) for _, raw in batch.events]
+    edits = [SHIPPED.edit(decode_currents_event(raw)) for _, raw, _ in batch.events]
     assert [(e.person, e.apply(None)) for e in edits if e is not None] == [
         ("user-123", [{"id": PID, "enabled": False}]),
         ("user-456", [{"id": PID, "enabled": True, "values": {"topics": {"value": "offers"}}}]),

@@ -1,0 +1,277 @@
+"""Several gateways on one PostgreSQL spool: who delivers which partition, and one Braze budget.
+
+Every replica takes webhooks; delivery is split by partition (`store.PARTITIONS`, a hash of
+the person). A replica holds a lease on each partition it delivers, renewed by a heartbeat
+every `lease_s / 3`. The leases are rows in the spool database, timed by the database's clock
+(replicas' clocks may disagree): a replica killed with `kill -9` stops renewing, and the
+others take its partitions once the lease has run out. Each replica aims at an equal share of
+the partitions among the replicas seen alive; one holding more gives the excess up, but only
+once it has nothing of those partitions in flight, so that one person's updates are never
+sent by two replicas at once. A replica that cannot renew its leases stops delivering them a
+third of a lease before they run out, before anyone else may take them.
+
+`Budget` is the request budget Braze counts per workspace: a token bucket in the database,
+one row per API, that every replica draws on before each request (`requests_per_second` is
+the whole deployment's), and a stop that Braze's `X-RateLimit-*` answers to one replica put
+on all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .errors import SpoolError
+from .spool_pg import Conn, PgSpoolDB, connect
+from .store import PARTITIONS
+
+log = logging.getLogger("gateway.replicas")
+T = TypeVar("T")
+
+DEFAULT_LEASE_S = 10.0
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+def replica_name(configured: str = "") -> str:
+    """This replica's name: `delivery.replica`, else host and process id."""
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class _Thread:
+    """One connection used from one thread of its own (psycopg connections are not shared)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._conn: Conn | None = None
+        self._name = name
+
+    def _db(self) -> Conn:
+        if self._conn is None or self._conn.raw.closed or self._conn.raw.broken:
+            self._conn = connect(self.url, application_name=f"didomi-braze-gateway {self._name}")
+        return self._conn
+
+    async def run(self, work: Callable[[Conn], T]) -> T:
+        def call() -> T:
+            try:
+                return work(self._db())
+            except SpoolError:
+                raise
+            except Exception as exc:  # psycopg's errors, and a connection that broke
+                if self._conn is not None and self._conn.raw.broken:
+                    self._conn = None
+                raise SpoolError(f"the spool database failed: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.raw.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+
+class Replicas:
+    """This replica's partition leases, kept by a heartbeat; `db.owned` follows them."""
+
+    def __init__(
+        self,
+        db: PgSpoolDB,
+        name: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.name = name
+        self.lease_s = lease_s
+        self.clock = clock
+        # Callables that name the partitions with work in flight (the dispatcher's, the
+        # writeback's): a partition is given up only once none of them names it.
+        self.busy: list[Callable[[], set[int]]] = []
+        self.on_change: list[Callable[[], None]] = []  # told when `db.owned` changes
+        self.held: set[int] = set()  # leases this replica holds in the database
+        self.draining: set[int] = set()  # held, no longer delivered, given up once idle
+        self.live = 1  # replicas seen alive at the last heartbeat
+        self._valid_until = -math.inf  # monotonic: the leases held are surely ours until then
+        self._thread = _Thread(db.url, "replicas")
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        db.set_owned(frozenset())  # nothing is delivered before the first lease is held
+
+    async def start(self) -> None:
+        """Take a first share of the partitions, then keep the leases in the background."""
+        try:
+            await self.beat()
+        except SpoolError as exc:
+            log.warning("could not take partition leases yet (will retry): %s", exc)
+        self._task = asyncio.create_task(self._run(), name="gateway-replicas")
+
+    async def stop(self) -> None:
+        """Stop renewing and give every lease up, so the others take over at once."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._own(frozenset())
+        try:
+            await self._thread.run(self._leave)
+        except SpoolError as exc:
+            log.warning("could not give the partition leases up; they expire: %s", exc)
+        await self._thread.close()
+
+    async def _run(self) -> None:
+        interval = self.lease_s / 3
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval / 2)
+            if self._stop.is_set():
+                return
+            self.check()
+            try:
+                await self.beat()
+            except SpoolError as exc:
+                log.warning("could not renew the partition leases: %s", exc)
+            self.check()
+
+    def check(self) -> None:
+        """Stop delivering leases that may have run out: renewals failed for too long."""
+        if self.db.owned and self.clock() > self._valid_until - self.lease_s / 3:
+            log.error(
+                "partition leases could not be renewed for %.0f s; delivery stops until they are",
+                self.lease_s * 2 / 3,
+            )
+            self._own(frozenset())
+
+    def _own(self, owned: frozenset[int]) -> None:
+        before = self.db.generation
+        self.db.set_owned(owned)
+        if self.db.generation != before:
+            for listener in self.on_change:
+                listener()
+
+    async def beat(self) -> None:
+        """One heartbeat: renew, rebalance, give up idle excess, take free partitions."""
+        started = self.clock()
+        busy: set[int] = set()
+        for names in self.busy:
+            busy |= names()
+        owned = await self._thread.run(lambda conn: self._beat(conn, busy))
+        self._valid_until = started + self.lease_s
+        self._own(owned)
+
+    def _beat(self, conn: Conn, busy: set[int]) -> frozenset[int]:
+        raw = conn.raw
+        lease, me = self.lease_s, self.name
+        with raw.transaction():
+            now = float(conn.execute(f"SELECT {_NOW}").fetchone()[0])
+            conn.execute(
+                "INSERT INTO replicas(name, seen_at) VALUES (?, ?) ON CONFLICT (name)"
+                " DO UPDATE SET seen_at = excluded.seen_at",
+                (me, now),
+            )
+            conn.execute("DELETE FROM replicas WHERE seen_at < ?", (now - 10 * lease,))
+            live = int(
+                conn.execute(
+                    "SELECT count(*) FROM replicas WHERE seen_at >= ?", (now - lease,)
+                ).fetchone()[0]
+            )
+            share = math.ceil(PARTITIONS / max(1, live))
+            held = {
+                int(row[0])
+                for row in conn.execute(
+                    "UPDATE leases SET until = ? WHERE owner = ? RETURNING part", (now + lease, me)
+                ).fetchall()
+            }
+            self.draining &= held
+            # More than a fair share: give the highest up, once nothing of theirs is in flight.
+            keep = sorted(held - self.draining)
+            if len(keep) > share:
+                self.draining |= set(keep[share:])
+            idle = [part for part in self.draining if part not in busy]
+            if idle:
+                conn.execute(
+                    "UPDATE leases SET owner = NULL, until = 0 WHERE owner = ? AND part = ANY(?)",
+                    (me, idle),
+                )
+                held -= set(idle)
+                self.draining -= set(idle)
+            want = share - len(held)
+            if want > 0:
+                taken = conn.execute(
+                    "UPDATE leases SET owner = ?, until = ? WHERE part IN"
+                    " (SELECT part FROM leases WHERE owner IS NULL OR until < ?"
+                    " ORDER BY part LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING part",
+                    (me, now + lease, now, want),
+                ).fetchall()
+                held |= {int(row[0]) for row in taken}
+        if held != self.held:
+            log.info(
+                "partition leases: %d held of %d, %d replica(s) alive",
+                len(held),
+                PARTITIONS,
+                live,
+                extra={"held": len(held), "live": live},
+            )
+        self.held, self.live = held, live
+        return frozenset(held - self.draining)
+
+    def _leave(self, conn: Conn) -> None:
+        with conn.raw.transaction():
+            conn.execute("UPDATE leases SET owner = NULL, until = 0 WHERE owner = ?", (self.name,))
+            conn.execute("DELETE FROM replicas WHERE name = ?", (self.name,))
+        self.held.clear()
+
+
+class Budget:
+    """A request budget every replica shares: a token bucket in the spool database.
+
+    `take` reserves the next request's turn and says how long to wait for it; reservations
+    are spaced `1 / rate` apart across all replicas (at most one request's burst), and
+    `block` holds every replica's next turn until a time Braze named.
+    """
+
+    def __init__(self, url: str, name: str = "braze") -> None:
+        self.name = name
+        self._thread = _Thread(url, f"budget-{name}")
+        self.fallbacks = 0  # turns taken without the database (it failed): paced locally
+
+    async def take(self, rate: float) -> float:
+        """Reserve one request at `rate` per second overall; returns the seconds to wait."""
+        return await self._thread.run(lambda conn: self._take(conn, rate))
+
+    def _take(self, conn: Conn, rate: float) -> float:
+        row = conn.execute(
+            f"INSERT INTO budgets AS b (name, tokens, at) VALUES (?, 0, {_NOW})"  # noqa: S608 - a constant
+            f" ON CONFLICT (name) DO UPDATE"
+            f" SET tokens = least(1.0, b.tokens + ({_NOW} - b.at) * ?) - 1, at = {_NOW}"
+            " RETURNING tokens, blocked_until, at",
+            (self.name, rate),
+        ).fetchone()
+        tokens, blocked_until, now = (float(v) for v in row)
+        return max(0.0, -tokens / rate, blocked_until - now)
+
+    async def block(self, seconds: float) -> None:
+        """Hold every replica's requests for `seconds` (Braze said to wait)."""
+        await self._thread.run(lambda conn: self._block(conn, seconds))
+
+    def _block(self, conn: Conn, seconds: float) -> None:
+        conn.execute(
+            f"INSERT INTO budgets AS b (name, tokens, at, blocked_until)"  # noqa: S608 - a constant
+            f" VALUES (?, 0, {_NOW}, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"
+            f" SET blocked_until = greatest(b.blocked_until, {_NOW} + ?)",
+            (self.name, seconds, seconds),
+        )
+
+    async def close(self) -> None:
+        """Close the budget's connection."""
+        await self._thread.close()

@@ -1,0 +1,600 @@
+"""The PostgreSQL spool: the records of `spool.SpoolDB`, in one database that replicas share.
+
+Selected by `delivery.spool = "postgresql://user@host/db"` (the password from libpq's
+`PGPASSWORD`, or a `.pgpass` file: never in gateway.toml). The tables live in their own schema,
+`didomi_braze_gateway`, created and migrated by the gateway (`gateway migrate`, or at start)
+under an advisory lock, so replicas starting together migrate once.
+
+What differs from SQLite, and why:
+- Intake transactions take one advisory lock (`_INTAKE_LOCK`): row ids then commit in id
+  order, so a delivery cursor that has passed an id never misses a row committed after it.
+  Commits are still grouped, so N webhooks cost one commit whichever replica takes them.
+- Each row carries the partition of its person (`store.PARTITIONS`); `fetch` returns only
+  the partitions this replica holds a lease on (`replicas.Replicas` keeps `owned`).
+- Pending counts are estimates between recounts: every replica takes webhooks, so no one
+  process counts them all as they arrive. `delivery.max_pending` is then a soft bound.
+- Disk room is PostgreSQL's to manage: a full disk there is a `SpoolFull` (a 503), and
+  nothing else of `delivery.min_free_bytes` applies.
+- An erasure deletes and re-keys the person's rows as on SQLite; their old row versions stay
+  in the table files until autovacuum reuses the space, and in the database's WAL archive and
+  backups for as long as those are kept (the README's "Personal data" says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from . import audit as trail
+from . import erasure, retention
+from .errors import SpoolError, SpoolFull
+from .store import PARTITIONS, Dead, DeadLetter, Item, Pending, person_of
+from .webhooks import Direction, direction_of
+
+try:
+    import psycopg
+except ImportError:  # pragma: no cover - exercised on installs without the extra
+    psycopg = None  # type: ignore[assignment]
+
+log = logging.getLogger("gateway.spool")
+T = TypeVar("T")
+
+SCHEMA = "didomi_braze_gateway"
+_MIGRATE_LOCK = 0x6462_6777_0001  # advisory lock keys: "dbgw" and a number
+_INTAKE_LOCK = 0x6462_6777_0002
+_TO_DIDOMI = "type LIKE 'braze.%'"
+_CODES: dict[Direction, int] = {"to_braze": 0, "to_didomi": 1}
+CONNECT_TIMEOUT_S = 10
+
+# Each entry brings a database from the version before it to its own number (its index + 1).
+# Never edit a released entry: add one.
+MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE inbox (
+        id bigserial PRIMARY KEY,          -- a sequence: ids never come back
+        received_at double precision NOT NULL,
+        type text NOT NULL,
+        body bytea NOT NULL,
+        direction smallint NOT NULL,       -- 0: to Braze; 1: Braze's reports, to Didomi
+        part smallint NOT NULL             -- the person's partition, 0..{PARTITIONS - 1}
+    );
+    CREATE INDEX inbox_direction ON inbox(direction, id);
+    CREATE TABLE seen (key text PRIMARY KEY, at double precision NOT NULL);
+    CREATE INDEX seen_at ON seen(at);
+    CREATE TABLE applied (
+        person text NOT NULL, target text NOT NULL, at double precision NOT NULL,
+        PRIMARY KEY (person, target)
+    );
+    CREATE TABLE sent (
+        person text NOT NULL, target text NOT NULL, state text NOT NULL,
+        at double precision NOT NULL, PRIMARY KEY (person, target)
+    );
+    CREATE TABLE dead_letters (
+        id bigserial PRIMARY KEY,
+        created_at double precision NOT NULL,
+        received_at double precision NOT NULL,
+        type text NOT NULL,
+        body bytea NOT NULL,
+        person text,
+        reason text NOT NULL,
+        part smallint NOT NULL             -- kept, so a replayed letter returns to its person's
+    );
+    CREATE TABLE meta (key text PRIMARY KEY, value bytea NOT NULL);
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        at double precision NOT NULL,
+        person text NOT NULL,
+        direction text NOT NULL,
+        event_id text,
+        event_type text,
+        event_at double precision,
+        endpoint text,
+        target text,
+        state text,
+        rule text,
+        status integer,
+        outcome text NOT NULL,
+        detail text
+    );
+    CREATE INDEX audit_person ON audit(person, at);
+    CREATE INDEX audit_event ON audit(event_id);
+    CREATE TABLE floors (target text PRIMARY KEY, at double precision NOT NULL);
+    -- Who delivers each partition, until when (the database's clock, epoch seconds).
+    CREATE TABLE leases (
+        part smallint PRIMARY KEY,
+        owner text,
+        until double precision NOT NULL DEFAULT 0
+    );
+    INSERT INTO leases(part) SELECT generate_series(0, {PARTITIONS - 1});
+    CREATE TABLE replicas (name text PRIMARY KEY, seen_at double precision NOT NULL);
+    -- Token buckets shared by every replica: Braze's requests_per_second is per workspace.
+    CREATE TABLE budgets (
+        name text PRIMARY KEY,
+        tokens double precision NOT NULL,
+        at double precision NOT NULL,
+        blocked_until double precision NOT NULL DEFAULT 0
+    );
+    """,
+)
+VERSION = len(MIGRATIONS)
+
+
+def partition(person: str | None) -> int:
+    """The partition of a person's rows (crc32: stable across processes and versions)."""
+    if not person:
+        return 0
+    return zlib.crc32(person.encode()) % PARTITIONS
+
+
+@functools.lru_cache(maxsize=256)
+def _pg(sql: str) -> str:
+    """sqlite3's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Conn:
+    """A psycopg connection that takes sqlite3's `?` placeholders, so `audit`, `retention`
+    and `erasure` run the same statements on both engines."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        """Run one statement; returns its cursor."""
+        if not parameters:
+            return self.raw.execute(sql.encode())  # unparsed: a `%` stays a `%`
+        return self.raw.execute(_pg(sql).encode(), parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        """Run one statement for each parameter tuple."""
+        rows = list(parameters)
+        cursor = self.raw.cursor()
+        if rows:
+            cursor.executemany(_pg(sql).encode(), rows)
+        return cursor
+
+
+def connect(url: str, *, application_name: str = "didomi-braze-gateway") -> Conn:
+    """A connection to the spool database, its search path set to the gateway's schema."""
+    if psycopg is None:
+        raise SpoolError(
+            "delivery.spool names a PostgreSQL database, but psycopg is not installed:"
+            " pip install 'didomi-braze-gateway[postgresql]'"
+        )
+    try:
+        raw = psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            application_name=application_name,
+            # A dead peer is noticed in under a minute rather than after two hours.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+    except psycopg.Error as exc:
+        raise SpoolError(f"cannot connect to the spool database {redact(url)}: {exc}") from exc
+    raw.execute(f"SET search_path TO {SCHEMA}".encode())
+    return Conn(raw)
+
+
+def redact(url: str) -> str:
+    """The URL without a password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"
+
+
+def migrate(conn: Conn) -> tuple[int, int]:
+    """Bring the schema to `VERSION`; returns (version before, version after).
+
+    Serialised by an advisory lock, so replicas starting together migrate once; a database
+    a newer gateway migrated is refused, since this one would not know its tables.
+    """
+    raw = conn.raw
+    with raw.transaction():
+        raw.execute(b"SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+        raw.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}".encode())
+        raw.execute(b"CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = raw.execute(b"SELECT max(version) FROM schema_version").fetchone()
+        before = int(row[0]) if row and row[0] is not None else 0
+        if before > VERSION:
+            raise SpoolError(
+                f"the spool database is at schema version {before}, newer than this gateway's"
+                f" {VERSION}: run the gateway version that migrated it, or a newer one"
+            )
+        for version in range(before + 1, VERSION + 1):
+            raw.execute(MIGRATIONS[version - 1].encode())
+            raw.execute(b"INSERT INTO schema_version(version) VALUES (%s)", (version,))
+    return before, VERSION
+
+
+class PgSpoolDB:
+    """Synchronous access to the PostgreSQL spool; use from one thread at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_pending: int = 1_000_000,
+        dedupe_window_s: float = 7 * 86_400.0,
+        clock: Callable[[], float] = time.time,
+        person_key: str = "",
+        auto_migrate: bool = True,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.max_pending = max_pending
+        self.dedupe_window_s = dedupe_window_s
+        self.clock = clock
+        self.low_on_disk: str | None = None  # PostgreSQL manages its own disk
+        self.committed_at = 0.0
+        # Set by `replicas.Replicas` while it holds leases; None: every partition (a CLI, or a
+        # spool opened without replicas, reads and delivers all of them).
+        self._owned: frozenset[int] | None = None
+        self._generation = 0
+        self._conn = connect(url)
+        try:
+            if auto_migrate:
+                migrate(self._conn)
+            else:
+                self._require_schema()
+            with self._reading("the spool's settings"):
+                self.person_key = trail.person_key(self._conn, person_key)
+                self.floors = retention.floors(self._conn)
+            self.pending = self.count_pending()
+            self.pending_to_didomi = self.count_pending("to_didomi")
+        except BaseException:
+            self._conn.raw.close()
+            raise
+        self._puts_since_prune = 0
+
+    def _require_schema(self) -> None:
+        with self._reading("the schema version"):
+            row = self._conn.raw.execute(b"SELECT max(version) FROM schema_version").fetchone()
+        if row is None or row[0] != VERSION:
+            raise SpoolError(
+                f"the spool database {self.where} is at schema version {row and row[0]},"
+                f" not {VERSION}: run `gateway migrate`"
+            )
+
+    # -- ownership (kept by replicas.Replicas) ------------------------------------------------
+
+    @property
+    def owned(self) -> frozenset[int] | None:
+        """The partitions this replica may deliver now; None: all of them."""
+        return self._owned
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever `owned` changes."""
+        return self._generation
+
+    def set_owned(self, owned: frozenset[int] | None) -> None:
+        """Deliver these partitions from now on (the leases' holder calls this)."""
+        if owned != self._owned:
+            self._owned = owned
+            self._generation += 1
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.raw.close()
+
+    def _db(self) -> Conn:
+        """The connection, opened again if the last one broke (a restarted server, say)."""
+        if self._conn.raw.closed or self._conn.raw.broken:
+            log.warning("reconnecting to the spool database %s", self.where)
+            self._conn = connect(self.url)
+        return self._conn
+
+    def _tx(self, work: Callable[[Conn], T]) -> T:
+        try:
+            conn = self._db()
+            with conn.raw.transaction():
+                result = work(conn)
+            self.committed_at = time.monotonic()
+        except psycopg.Error as exc:
+            raise self._error(exc, "be written") from exc
+        return result
+
+    def _error(self, exc: psycopg.Error, doing: str) -> SpoolError:
+        state = getattr(exc, "sqlstate", None) or ""
+        if state in ("53100", "53200"):  # disk_full, out_of_memory
+            return SpoolFull(
+                f"the spool database {self.where} has no room ({exc}); free space on its disk,"
+                " the spool resumes by itself"
+            )
+        return SpoolError(f"the spool database {self.where} cannot {doing}: {exc}")
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[Conn]:
+        try:
+            yield self._db()
+        except psycopg.Error as exc:
+            raise self._error(exc, f"be read ({what})") from exc
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]:
+        """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
+        now = self.clock()
+        room = self.max_pending - self.pending
+        reverse = 0
+
+        def work(db: Conn) -> tuple[list[bool | Exception], int]:
+            nonlocal reverse
+            # Ids then commit in their order, whichever replica takes the webhook (module doc).
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))
+            results: list[bool | Exception] = []
+            rows: list[tuple[float, str, bytes, int, int]] = []
+            for item in items:
+                key, kind, body = item[:3]
+                if key is not None:
+                    cur = db.execute(
+                        "INSERT INTO seen(key, at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                        " SET at = excluded.at WHERE seen.at < ?",
+                        (key, now, now - self.dedupe_window_s),
+                    )
+                    if cur.rowcount == 0:
+                        results.append(False)
+                        continue
+                if len(rows) >= room:
+                    if key is not None:
+                        db.execute("DELETE FROM seen WHERE key = ?", (key,))
+                    results.append(SpoolFull(f"the spool holds {self.max_pending} updates"))
+                    continue
+                code = _CODES[direction_of(kind)]
+                reverse += code
+                rows.append((now, kind, body, code, partition(person_of(item))))
+                results.append(True)
+            db.executemany(
+                "INSERT INTO inbox(received_at, type, body, direction, part)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            return results, len(rows)
+
+        results, stored = self._tx(work)
+        self.pending += stored
+        self.pending_to_didomi += reverse
+        self._puts_since_prune += len(items)
+        if self._puts_since_prune >= 10_000:
+            self._puts_since_prune = 0
+            try:
+                self.prune_seen()
+            except SpoolError as exc:
+                log.warning("could not prune old delivery keys (will retry later): %s", exc)
+        return results
+
+    def prune_seen(self) -> None:
+        """Forget delivery keys older than the dedupe window, so the table stays bounded."""
+        cutoff = self.clock() - self.dedupe_window_s
+        self._tx(lambda db: db.execute("DELETE FROM seen WHERE at < ?", (cutoff,)))
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    def fetch(self, after_id: int, limit: int, direction: Direction = "to_braze") -> list[Pending]:
+        """The oldest pending webhooks going `direction` after `after_id`, of those owned."""
+        owned = self._owned
+        if owned is not None and not owned:
+            return []
+        parts = "" if owned is None else " AND part = ANY(?)"
+        sql = (
+            "SELECT id, received_at, type, body, part FROM inbox"  # noqa: S608 - a constant
+            f" WHERE direction = ? AND id > ?{parts} ORDER BY id LIMIT ?"
+        )
+        params: tuple[Any, ...] = (_CODES[direction], after_id)
+        if owned is not None:
+            params += (sorted(owned),)
+        with self._reading("pending webhooks") as db:
+            rows = db.execute(sql, (*params, limit)).fetchall()
+        return [Pending(i, at, kind, bytes(body), part) for i, at, kind, body, part in rows]
+
+    def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
+        """The last applied choice time per (person, target); erased persons' hashes too."""
+        out: dict[tuple[str, str], float] = {}
+        rows = self._by_person("applied times", "target, at", "applied", persons)
+        for person, target, at in rows:
+            out[(person, target)] = max(at, out.get((person, target), at))
+        return out
+
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
+        """The state last sent to Braze, and when, per (person, target)."""
+        out: dict[tuple[str, str], tuple[str, float]] = {}
+        rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
+        for person, target, state, at in rows:
+            if (person, target) not in out or out[(person, target)][1] < at:
+                out[(person, target)] = (state, at)
+        return out
+
+    def _by_person(
+        self, what: str, columns: str, table: str, persons: Iterable[str]
+    ) -> list[tuple[Any, ...]]:
+        names = {p: p for p in persons}
+        names.update({trail.person_hash(self.person_key, p): p for p in list(names)})
+        if not names:
+            return []
+        with self._reading(what) as db:
+            rows = db.execute(
+                f"SELECT person, {columns} FROM {table} WHERE person = ANY(?)",  # noqa: S608 - constants only
+                (list(names),),
+            ).fetchall()
+        return [(names[person], *rest) for person, *rest in rows]
+
+    def ack(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]] = (),
+        dead: Sequence[Dead] = (),
+        *,
+        sent: Sequence[tuple[str, str, str, float]] = (),
+        direction: Direction = "to_braze",
+        audit: Sequence[trail.Record] = (),
+        erase: Sequence[str] = (),
+    ) -> None:
+        """In one transaction: what `SpoolDB.ack` does (without page zeroing, see the module)."""
+        now = self.clock()
+
+        def work(db: Conn) -> int:
+            db.executemany(
+                "INSERT INTO dead_letters(created_at, received_at, type, body, person, reason,"
+                " part) SELECT ?, received_at, type, body, ?, ?, part FROM inbox WHERE id = ?",
+                [(now, item.person, item.reason, item.id) for item in dead],
+            )
+            ids = [*done, *(item.id for item in dead)]
+            removed = 0
+            if ids:
+                removed = db.execute("DELETE FROM inbox WHERE id = ANY(?)", (ids,)).rowcount
+            db.executemany(
+                "INSERT INTO applied(person, target, at) VALUES (?, ?, ?)"
+                " ON CONFLICT (person, target) DO UPDATE"
+                " SET at = greatest(applied.at, excluded.at)",
+                applied,
+            )
+            db.executemany(
+                "INSERT INTO sent(person, target, state, at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (person, target) DO UPDATE SET state = excluded.state,"
+                " at = excluded.at",
+                sent,
+            )
+            trail.write(db, self.person_key, audit)
+            for person in erase:
+                hashed = trail.person_hash(self.person_key, person)
+                removed += erasure.scrub(db, person, hashed, erasure.POSTGRESQL_CONTAINS)
+            return int(removed)
+
+        removed = self._tx(work)
+        if erase:
+            self.pending_to_didomi = self.count_pending("to_didomi")
+        self.pending = max(0, self.pending - removed)
+        if direction == "to_didomi":
+            self.pending_to_didomi = max(0, self.pending_to_didomi - removed)
+
+    def prune(
+        self, table: str, cutoff: float, limit: int, after: retention.Cursor = None
+    ) -> tuple[int, retention.Cursor]:
+        """One retention batch of `table`; refreshes the floors it moves."""
+        result = self._tx(lambda db: retention.prune(db, table, cutoff, limit, after))
+        if table == "applied" and result[0]:
+            with self._reading("the retention floors") as db:
+                self.floors = retention.floors(db)
+        return result
+
+    def finish_erasures(self) -> bool:
+        """Nothing to finish: PostgreSQL has no free pages to zero (see the module)."""
+        return True
+
+    def trail(
+        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
+    ) -> list[trail.Entry]:
+        """A person's audit records (or one event's), newest first."""
+        with self._reading("the audit trail") as db:
+            if event_id is not None:
+                return trail.of_event(db, event_id)
+            return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
+
+    def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
+        """Re-read (pending, dead) of `direction`: other replicas take and deliver too."""
+        self.pending = self.count_pending()
+        self.pending_to_didomi = self.count_pending("to_didomi")
+        return self.pending_of(direction), self.count_dead(direction)
+
+    def pending_of(self, direction: Direction) -> int:
+        """Rows waiting to go `direction`, as last counted (plus this replica's since)."""
+        if direction == "to_didomi":
+            return self.pending_to_didomi
+        return max(0, self.pending - self.pending_to_didomi)
+
+    def count_pending(self, direction: Direction | None = None) -> int:
+        """Rows waiting in the inbox, every replica's."""
+        where = "" if direction is None else f" WHERE direction = {_CODES[direction]}"
+        with self._reading("the pending count") as db:
+            return int(db.execute(f"SELECT count(*) FROM inbox{where}").fetchone()[0])  # noqa: S608 - a constant
+
+    def count_dead(self, direction: Direction | None = None) -> int:
+        """Rows in the dead letters."""
+        with self._reading("the dead-letter count") as db:
+            sql = f"SELECT count(*) FROM dead_letters{_where(direction)}"  # noqa: S608 - a constant
+            return int(db.execute(sql).fetchone()[0])
+
+    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
+        """When the oldest webhook still waiting to go `direction` was received, or None."""
+        with self._reading("the oldest pending webhook") as db:
+            row = db.execute(
+                "SELECT received_at FROM inbox WHERE direction = ? ORDER BY id LIMIT 1",
+                (_CODES[direction],),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """Every dead letter, or the ones named, oldest first."""
+        with self._reading("the dead letters") as db:
+            rows = db.execute(
+                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
+                " ORDER BY id"
+            ).fetchall()
+        wanted = set(ids) if ids is not None else None
+        return [
+            DeadLetter(i, created, received, kind, person, reason, bytes(body))
+            for i, created, received, kind, person, reason, body in rows
+            if wanted is None or i in wanted
+        ]
+
+    def replay(self, ids: Sequence[int] | None = None) -> int:
+        """Move dead letters back into the inbox, as if just received; returns how many."""
+        now = self.clock()
+
+        def work(db: Conn) -> int:
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))  # as intake does
+            where, params = _which(ids)
+            letters = db.execute(
+                f"DELETE FROM dead_letters {where} RETURNING id, type, body, part",  # noqa: S608 - placeholders only
+                params,
+            ).fetchall()
+            letters.sort()
+            db.executemany(
+                "INSERT INTO inbox(received_at, type, body, direction, part)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (now, kind, body, _CODES[direction_of(kind)], part)
+                    for _, kind, body, part in letters
+                ],
+            )
+            return len(letters)
+
+        moved = self._tx(work)
+        self.pending += moved
+        self.pending_to_didomi = self.count_pending("to_didomi")
+        return moved
+
+    def purge(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters for good; returns how many."""
+        where, params = _which(ids)
+        return int(
+            self._tx(lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount)  # noqa: S608 - placeholders only
+        )
+
+
+def _where(direction: Direction | None) -> str:
+    if direction is None:
+        return ""
+    return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{_TO_DIDOMI}"
+
+
+def _which(ids: Sequence[int] | None) -> tuple[str, tuple[Any, ...]]:
+    if ids is None:
+        return "", ()
+    return "WHERE id = ANY(?)", (list(ids),)

@@ -1,0 +1,175 @@
+"""The spool's interface: what both backends store and answer, and how a spool is opened.
+
+Two backends keep the same records: `spool.SpoolDB`, one SQLite file for one gateway (the
+embedded default), and `spool_pg.PgSpoolDB`, one PostgreSQL database that several replicas
+share. `delivery.spool` picks one: a `postgresql://` URL, else a path. Everything above the
+spool (the asyncio `Spool`, delivery, the CLI) sees only the `Store` protocol below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .webhooks import Direction
+
+if TYPE_CHECKING:
+    from . import audit as trail
+    from . import retention
+    from .config import DeliveryConfig
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+# Every person's rows go to one of this many partitions, by a hash of the person; a replica
+# owns a share of them at a time, so one person's updates are sent by one replica at a time.
+PARTITIONS = 64
+
+
+def is_postgresql(spool: str) -> bool:
+    """Whether `delivery.spool` names a PostgreSQL database rather than a SQLite file."""
+    return spool.startswith(PG_SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One accepted webhook waiting for delivery."""
+
+    id: int
+    received_at: float
+    type: str
+    body: bytes
+    part: int = 0  # the partition of its person (`PARTITIONS`); always 0 on SQLite
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One webhook whose update the other side refused, with the reason."""
+
+    id: int
+    created_at: float
+    received_at: float
+    type: str
+    person: str | None
+    reason: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """An instruction to move an inbox row to the dead letters."""
+
+    id: int
+    reason: str
+    person: str | None = None
+
+
+class Conn(Protocol):
+    """The part of a DB-API connection the shared SQL (`audit`, `retention`) runs on.
+
+    sqlite3's connection is one; PostgreSQL's is `spool_pg.Conn`, which takes the same `?`
+    placeholders, so a statement written once runs on both.
+    """
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+
+
+# What one intake item is: (dedupe key or None, type, body[, the person it is about]).
+Item = tuple[str | None, str, bytes, str | None] | tuple[str | None, str, bytes]
+
+
+def person_of(item: Item) -> str | None:
+    """The person an intake item is about, if it says."""
+    return item[3] if len(item) > 3 else None
+
+
+class Store(Protocol):
+    """One spool backend, synchronous: the asyncio `Spool` calls it from one thread."""
+
+    max_pending: int
+    clock: Callable[[], float]
+    floors: dict[str, float]
+    low_on_disk: str | None
+    committed_at: float
+    pending: int
+
+    @property
+    def owned(self) -> frozenset[int] | None:
+        """The partitions this process may deliver now; None: all of them (one owner)."""
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever `owned` changes, so delivery knows to look again."""
+
+    def close(self) -> None: ...
+
+    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]: ...
+
+    def fetch(
+        self, after_id: int, limit: int, direction: Direction = "to_braze"
+    ) -> list[Pending]: ...
+
+    def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]: ...
+
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]: ...
+
+    def ack(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]] = (),
+        dead: Sequence[Dead] = (),
+        *,
+        sent: Sequence[tuple[str, str, str, float]] = (),
+        direction: Direction = "to_braze",
+        audit: Sequence[trail.Record] = (),
+        erase: Sequence[str] = (),
+    ) -> None: ...
+
+    def prune(
+        self, table: str, cutoff: float, limit: int, after: retention.Cursor = None
+    ) -> tuple[int, retention.Cursor]: ...
+
+    def finish_erasures(self) -> bool: ...
+
+    def trail(
+        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
+    ) -> list[trail.Entry]: ...
+
+    def recount(self, direction: Direction = "to_braze") -> tuple[int, int]: ...
+
+    def pending_of(self, direction: Direction) -> int: ...
+
+    def count_pending(self, direction: Direction | None = None) -> int: ...
+
+    def count_dead(self, direction: Direction | None = None) -> int: ...
+
+    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None: ...
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]: ...
+
+    def replay(self, ids: Sequence[int] | None = None) -> int: ...
+
+    def purge(self, ids: Sequence[int] | None = None) -> int: ...
+
+
+def open_store(delivery: DeliveryConfig, person_key: str = "") -> Store:
+    """Open the spool `delivery.spool` names (creating or migrating its schema)."""
+    if is_postgresql(delivery.spool):
+        from .spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
+
+        return PgSpoolDB(
+            delivery.spool,
+            max_pending=delivery.max_pending,
+            dedupe_window_s=delivery.dedupe_window_s,
+            person_key=person_key,
+        )
+    from .spool import SpoolDB
+
+    return SpoolDB(
+        delivery.spool,
+        max_pending=delivery.max_pending,
+        dedupe_window_s=delivery.dedupe_window_s,
+        min_free_bytes=delivery.min_free_bytes,
+        person_key=person_key,
+    )
