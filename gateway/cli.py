@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--since", help="only records from this ISO date on")
     trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
     trace.set_defaults(func=_trace)
+
+    migrate = command(
+        "migrate", "create the spool's tables, or bring them up to this version's schema"
+    )
+    migrate.set_defaults(func=_migrate)
     return parser
 
 
@@ -364,3 +369,27 @@ def _trace(args: argparse.Namespace) -> int:
     config = load_config(args.config, require_secrets=False)
     person = sys.stdin.readline().strip() if args.person == "-" else args.person
     return command(config, person, event_id=args.event, since=args.since, as_json=args.json)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .store import is_postgresql, open_store
+
+    config = load_config(args.config, require_secrets=False)
+    spool = config.delivery.spool
+    if is_postgresql(spool):
+        from .spool_pg import VERSION, connect, migrate, redact
+
+        conn = connect(spool)
+        try:
+            before, after = migrate(conn)
+        finally:
+            conn.raw.close()
+        if before == after:
+            print(f"the spool database {redact(spool)} is at schema version {after}: up to date")
+        else:
+            print(f"the spool database {redact(spool)} migrated from version {before} to {VERSION}")
+        return 0
+    # SQLite migrates as it opens; opening beside a running server is safe (WAL mode).
+    open_store(config.delivery, config.retention.person_key).close()
+    print(f"the spool {spool} is up to date")
+    return 0

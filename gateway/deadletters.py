@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from .config import Config
-from .spool import SpoolDB
+from .store import open_store
 
 
 def command(
@@ -16,13 +16,7 @@ def command(
 ) -> int:
     """Run one dead-letters action on the configured spool; returns the exit status."""
     out = out or sys.stdout
-    delivery = config.delivery
-    db = SpoolDB(
-        delivery.spool,
-        max_pending=delivery.max_pending,
-        min_free_bytes=delivery.min_free_bytes,
-        person_key=config.retention.person_key,
-    )
+    db = open_store(config.delivery, config.retention.person_key)
     try:
         if action == "list":
             letters = db.dead_letters(ids)

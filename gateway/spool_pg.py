@@ -291,6 +291,11 @@ class PgSpoolDB:
         """Close the connection."""
         self._conn.raw.close()
 
+    @property
+    def db(self) -> Conn:
+        """The connection (as `SpoolDB.db` is its sqlite3 one), for tests and tools."""
+        return self._db()
+
     def _db(self) -> Conn:
         """The connection, opened again if the last one broke (a restarted server, say)."""
         if self._conn.raw.closed or self._conn.raw.broken:

@@ -16,7 +16,7 @@ import msgspec
 from .audit import Entry
 from .config import Config
 from .errors import GatewayError
-from .spool import SpoolDB
+from .store import open_store
 
 
 class TraceError(GatewayError, ValueError):
@@ -37,13 +37,7 @@ def command(
     if (person is None) == (event_id is None):
         raise TraceError("name a PERSON or an --event ID, not both")
     since_at = _parse_since(since) if since is not None else None
-    delivery = config.delivery
-    db = SpoolDB(
-        delivery.spool,
-        max_pending=delivery.max_pending,
-        min_free_bytes=delivery.min_free_bytes,
-        person_key=config.retention.person_key,
-    )
+    db = open_store(config.delivery, config.retention.person_key)
     try:
         entries = db.trail(person, event_id=event_id, since=since_at)
     finally:

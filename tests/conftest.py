@@ -9,6 +9,7 @@ from `secrets_env`, the environment a `gateway` subprocess needs too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,7 +22,9 @@ from aiohttp.test_utils import TestServer
 
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
+from gateway import testing_postgres
 from gateway.testing import FakeBraze, FakeDidomi
+from gateway.testing_postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "gateway.toml"
@@ -236,3 +239,60 @@ async def elsewhere() -> AsyncIterator[Elsewhere]:
     await target.server.start_server()
     yield target
     await target.server.close()
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: one throwaway server for the session, a new database per test.
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback (Debian's `postgresql` package).
+
+    Where it cannot be had, the PostgreSQL tests are skipped with the reason, except under CI
+    (`CI` set, as `.ci/run` does), where that is a failure: CI must test both spools.
+    """
+    try:
+        with testing_postgres.running() as server:
+            yield server
+            return
+    except (RuntimeError, KeyError, ImportError) as exc:
+        reason = f"no PostgreSQL server for the PostgreSQL spool tests: {exc}"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spool_backend(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this runs once per spool backend."""
+    return str(request.param)
+
+
+@pytest.fixture
+def spool_url(spool_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """`delivery.spool` for the backend under test: a file in tmp_path, or a new database."""
+    if spool_backend == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "var" / "gateway.db")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `sqlite_only` (they read the spool file itself) run on SQLite only."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        backend = params.params.get("spool_backend") if params is not None else None
+        if backend == "postgresql" and item.get_closest_marker("sqlite_only"):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -80,14 +80,21 @@ def start_gateway(
     tmp_path: Path,
     fake: FakeBraze,
     monkeypatch: pytest.MonkeyPatch,
+    spool_url: str,
 ) -> StartGateway:
-    """`await start_gateway(**sections)`: a gateway delivering to the fake Braze."""
+    """`await start_gateway(**sections)`: a gateway delivering to the fake Braze, once per
+    spool backend (a SQLite file, a PostgreSQL database)."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)  # reloads read the environment, as `gateway run` does
 
     async def start(directory: Path | None = None, **sections: Any) -> Gateway:
         braze = {"server": fake.url, "flush_interval_ms": 20, **sections.pop("braze", {})}
-        delivery_cfg = {"retry_initial_ms": 10, "retry_max_ms": 100, **sections.pop("delivery", {})}
+        delivery_cfg = {
+            "retry_initial_ms": 10,
+            "retry_max_ms": 100,
+            "spool": spool_url,
+            **sections.pop("delivery", {}),
+        }
         config = make_config(directory or tmp_path, braze=braze, delivery=delivery_cfg, **sections)
         metrics = Metrics()
         live = LiveRules.load(config, metrics, (directory or tmp_path) / "gateway.toml")

@@ -54,15 +54,20 @@ def now_iso(offset_s: float = 0.0) -> str:
     return datetime.fromtimestamp(time.time() + offset_s, tz=UTC).isoformat()
 
 
-def seed(directory: Path, *bodies: bytes) -> None:
+def seed(spool_url: str, *bodies: bytes) -> None:
     """Store webhooks in the spool before the gateway starts, so they form one backlog."""
+    from gateway.config import DeliveryConfig
+    from gateway.store import open_store
     from gateway.webhooks import decode
 
-    db = SpoolDB(directory / "var" / "gateway.db")
+    db = open_store(DeliveryConfig(spool=spool_url))
     try:
         for body in bodies:
             webhook = decode(body)
-            db.put_many([(webhook.dedupe_key(), webhook.type, body)])
+            subject = webhook.subject
+            user = subject.user if subject is not None else None
+            person = user.organization_user_id if user is not None else None
+            db.put_many([(webhook.dedupe_key(), webhook.type, body, person)])
     finally:
         db.close()
 
@@ -173,13 +178,13 @@ async def test_a_withdrawal_within_the_clock_skew_is_not_clamped(
 
 
 async def test_a_deletion_never_overtakes_the_same_persons_older_update(
-    start_gateway: StartGateway, fake: FakeBraze, tmp_path: Path
+    start_gateway: StartGateway, fake: FakeBraze, tmp_path: Path, spool_url: str
 ) -> None:
     """Backlog [Q delete, P update@T1, P delete@T2] in upsert mode: P's update reaches Braze
     before P's deletion, so the erased profile is not re-created."""
     write_config(tmp_path)  # the folder the spool lives in
     seed(
-        tmp_path,
+        spool_url,
         user_deleted("quinn"),
         choice("pat", True, "2025-06-12T14:00:00Z"),
         user_deleted("pat", "2025-06-12T14:05:00Z"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sqlite3
@@ -15,6 +16,8 @@ import pytest
 
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
 from gateway.spool import Dead, Spool, SpoolDB, SpoolLock
+from gateway.spool_pg import PgSpoolDB
+from gateway.store import is_postgresql
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0
@@ -43,11 +46,32 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "var" / "spool.db"
 
 
+MakeStore = Callable[..., Any]
+
+
 @pytest.fixture
-def db(path: Path, clock: Clock) -> Iterator[SpoolDB]:
-    spool = SpoolDB(path, dedupe_window_s=WINDOW, clock=clock)
-    yield spool
-    spool.close()
+def make_store(spool_url: str) -> Iterator[MakeStore]:
+    """`make_store(**options)`: the spool backend under test, on the same file or database
+    each call (so a second call reopens it, or is a second connection, as the CLI's is)."""
+    opened: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        store = PgSpoolDB(spool_url, **options) if is_postgresql(spool_url) else None
+        if store is None:
+            store = SpoolDB(spool_url, **options)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+@pytest.fixture
+def db(make_store: MakeStore, clock: Clock) -> Any:
+    """The backend under test, with the test clock and a short dedupe window."""
+    return make_store(dedupe_window_s=WINDOW, clock=clock)
 
 
 def item(n: int, key: str | None = "") -> tuple[str | None, str, bytes]:
@@ -97,9 +121,11 @@ def test_prune_forgets_only_keys_older_than_the_window(db: SpoolDB, clock: Clock
     assert keys == {"event.created|e2|t"}
 
 
-def test_max_pending_refuses_beyond_the_bound_and_forgets_the_refused_key(path: Path) -> None:
+def test_max_pending_refuses_beyond_the_bound_and_forgets_the_refused_key(
+    make_store: MakeStore,
+) -> None:
     """Over max_pending a put is SpoolFull, not stored, and not remembered as seen."""
-    db = SpoolDB(path, max_pending=2)
+    db = make_store(max_pending=2)
     try:
         results = db.put_many([item(1), item(2), item(3)])
         assert results[:2] == [True, True]
@@ -115,6 +141,7 @@ def test_max_pending_refuses_beyond_the_bound_and_forgets_the_refused_key(path: 
         db.close()
 
 
+@pytest.mark.sqlite_only
 def test_disk_full_is_spool_full_and_stores_nothing(db: SpoolDB) -> None:
     """A write that finds no room on disk raises SpoolFull and leaves no row and no key."""
     db.put_many([item(1)])
@@ -150,6 +177,7 @@ def test_intake_leaves_min_free_bytes_to_acknowledgements(path: Path) -> None:
         db.close()
 
 
+@pytest.mark.sqlite_only
 def test_replay_does_not_spend_the_reserve(db: SpoolDB) -> None:
     """Replaying dead letters is intake too: without room above min_free_bytes it is SpoolFull and
     the letters stay where they are."""
@@ -163,6 +191,7 @@ def test_replay_does_not_spend_the_reserve(db: SpoolDB) -> None:
     assert db.replay() == 1
 
 
+@pytest.mark.sqlite_only
 def test_deleting_rows_does_not_rewrite_their_pages(db: SpoolDB) -> None:
     """secure_delete is FAST (2): an acknowledgement on a full disk writes little, not its rows."""
     assert db.db.execute("PRAGMA secure_delete").fetchone() == (2,)
@@ -278,9 +307,9 @@ async def test_concurrent_puts_share_transactions(
         await spool.close()
 
 
-async def test_spool_full_fails_only_the_futures_beyond_the_bound(path: Path) -> None:
+async def test_spool_full_fails_only_the_futures_beyond_the_bound(make_store: MakeStore) -> None:
     """In one grouped transaction, puts within max_pending succeed and the rest raise SpoolFull."""
-    spool = Spool(SpoolDB(path, max_pending=3))
+    spool = Spool(make_store(max_pending=3))
     try:
         results = await asyncio.gather(
             *(spool.put(*item(n)) for n in range(5)), return_exceptions=True
@@ -292,14 +321,14 @@ async def test_spool_full_fails_only_the_futures_beyond_the_bound(path: Path) ->
         await spool.close()
 
 
-async def test_close_commits_queued_puts_first(path: Path) -> None:
+async def test_close_commits_queued_puts_first(make_store: MakeStore) -> None:
     """Spool.close waits for puts already queued, so nothing accepted is lost at shutdown."""
-    spool = Spool(SpoolDB(path))
+    spool = Spool(make_store())
     puts = [asyncio.create_task(spool.put(*item(n))) for n in range(50)]
     await asyncio.sleep(0)  # the puts are queued; the writer has not finished
     await spool.close()
     assert [p.result() for p in puts] == [True] * 50
-    reopened = SpoolDB(path)
+    reopened = make_store()
     try:
         assert reopened.count_pending() == 50
     finally:
@@ -363,14 +392,14 @@ def test_replay_and_purge_dead_letters(db: SpoolDB, clock: Clock) -> None:
     assert db.count_pending() == 2
 
 
-def test_data_survives_close_and_reopen(path: Path) -> None:
+def test_data_survives_close_and_reopen(make_store: MakeStore) -> None:
     """Rows, seen keys and dead letters are all still there after the file is reopened."""
-    db = SpoolDB(path)
+    db = make_store()
     db.put_many([item(1), item(2)])
     db.ack([], dead=[Dead(db.fetch(0, 1)[0].id, "refused")])
     db.close()
 
-    again = SpoolDB(path)
+    again = make_store()
     try:
         assert again.pending == 1
         assert bodies(again) == [b'{"n": 2}']
@@ -380,10 +409,10 @@ def test_data_survives_close_and_reopen(path: Path) -> None:
         again.close()
 
 
-def test_a_second_connection_sees_the_rows_of_the_first(path: Path) -> None:
+def test_a_second_connection_sees_the_rows_of_the_first(make_store: MakeStore) -> None:
     """The CLI opens its own SpoolDB beside a running server; each sees the other's commits."""
-    server = SpoolDB(path)
-    cli = SpoolDB(path)
+    server = make_store()
+    cli = make_store()
     try:
         server.put_many([item(1), item(2)])
         assert bodies(cli) == [b'{"n": 1}', b'{"n": 2}']
@@ -396,6 +425,7 @@ def test_a_second_connection_sees_the_rows_of_the_first(path: Path) -> None:
         server.close()
 
 
+@pytest.mark.sqlite_only
 def test_the_spool_file_is_in_wal_mode_with_full_sync(db: SpoolDB) -> None:
     """A commit survives power loss: WAL journal and synchronous=FULL (2)."""
     assert db.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
