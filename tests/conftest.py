@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway import testing_postgres
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
-from gateway import testing_postgres
 from gateway.testing import FakeBraze, FakeDidomi
 from gateway.testing_postgres import PostgresServer
 
