@@ -608,7 +608,6 @@ def test_kubernetes_volume_lays_out_the_config_and_mappings_the_loader_reads(
     assert shipped == {key: value for key, value in ours.items() if key != "test"}
 
 
-@pytest.mark.xfail(strict=False, reason="needs the PostgreSQL spool config")
 def test_the_shipped_configs_load_with_the_gateway_loader(tmp_path: Path) -> None:
     """The ConfigMap's and compose's gateway.toml load as they are, spool on PostgreSQL."""
     shipped = {
