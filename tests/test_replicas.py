@@ -1,0 +1,441 @@
+"""Several gateways on one PostgreSQL spool: partition leases, the shared Braze budget, and two
+`gateway run` replicas, one killed with `kill -9` under load, losing nothing and keeping order.
+
+All against a real PostgreSQL server (conftest's `postgres`), on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import BRAZE_API_KEY, choice, free_port, write_config
+from test_reliability import STATES, GatewayProcess, at, eventually
+
+from gateway.config import DeliveryConfig
+from gateway.errors import SpoolError
+from gateway.replicas import Budget, Replicas
+from gateway.spool_pg import PgSpoolDB, partition
+from gateway.store import PARTITIONS, open_store
+from gateway.testing import FakeBraze
+from gateway.trace import as_dict
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def leases(url: str) -> dict[int, str | None]:
+    db = PgSpoolDB(url)
+    try:
+        rows = db.db.execute("SELECT part, owner FROM leases").fetchall()
+    finally:
+        db.close()
+    return {int(part): owner for part, owner in rows}
+
+
+# ---------------------------------------------------------------------------
+# Partition leases
+
+
+async def test_two_replicas_split_the_partitions_and_never_both_deliver_one(pg_url: str) -> None:
+    """The first replica takes all; a second one joining gets half once the first has given
+    them up, and at no moment do the two deliver the same partition."""
+    first_db, second_db = PgSpoolDB(pg_url), PgSpoolDB(pg_url)
+    first = Replicas(first_db, "a", lease_s=30)
+    second = Replicas(second_db, "b", lease_s=30)
+    try:
+        await first.start()
+        assert first_db.owned == frozenset(range(PARTITIONS))
+        await second.start()
+        assert second_db.owned == frozenset()  # nothing is free yet
+        for _ in range(3):
+            for replica in (first, second):
+                await replica.beat()
+                assert not (first_db.owned or set()) & (second_db.owned or set())
+        assert len(first_db.owned or ()) == len(second_db.owned or ()) == PARTITIONS // 2
+        owners = leases(pg_url)
+        assert {p for p, o in owners.items() if o == "a"} == first_db.owned
+        assert {p for p, o in owners.items() if o == "b"} == second_db.owned
+    finally:
+        await second.stop()
+        await first.stop()
+        first_db.close()
+        second_db.close()
+    assert set(leases(pg_url).values()) == {None}  # a stop gives every lease up
+
+
+async def test_a_partition_with_work_in_flight_is_given_up_only_once_idle(pg_url: str) -> None:
+    """Rebalancing waits for in-flight work: the partition stops being delivered at once, but
+    its lease is held (so no one else sends that person) until nothing of it is in flight."""
+    first_db, second_db = PgSpoolDB(pg_url), PgSpoolDB(pg_url)
+    first = Replicas(first_db, "a", lease_s=30)
+    second = Replicas(second_db, "b", lease_s=30)
+    busy = {PARTITIONS - 1}  # the highest partition: among those the first gives up
+    first.busy.append(lambda: set(busy))
+    try:
+        await first.start()
+        await second.start()
+        await first.beat()  # sees two replicas: gives up the idle half, keeps the busy one
+        assert PARTITIONS - 1 not in (first_db.owned or ())  # not delivered any more
+        assert leases(pg_url)[PARTITIONS - 1] == "a"  # but still held
+        await second.beat()
+        assert PARTITIONS - 1 not in (second_db.owned or ())
+        busy.clear()
+        await first.beat()
+        await second.beat()
+        assert PARTITIONS - 1 in (second_db.owned or ())
+    finally:
+        await second.stop()
+        await first.stop()
+        first_db.close()
+        second_db.close()
+
+
+async def test_a_dead_replicas_partitions_are_taken_over_once_its_lease_ran_out(
+    pg_url: str,
+) -> None:
+    """A replica that stops renewing (killed) keeps its partitions for one lease, no longer."""
+    dead_db, alive_db = PgSpoolDB(pg_url), PgSpoolDB(pg_url)
+    dead = Replicas(dead_db, "dead", lease_s=1.0)
+    alive = Replicas(alive_db, "alive", lease_s=1.0)
+    try:
+        await dead.start()
+        assert dead._task is not None
+        dead._task.cancel()  # it never beats again, as after a kill -9
+        await alive.start()
+        assert alive_db.owned == frozenset()
+        started = time.monotonic()
+        while alive_db.owned != frozenset(range(PARTITIONS)):
+            assert time.monotonic() - started < 5, alive_db.owned
+            await asyncio.sleep(0.1)
+            await alive.beat()
+        assert time.monotonic() - started >= 0.5  # not before the lease ran out
+    finally:
+        await alive.stop()
+        await dead._thread.close()
+        dead_db.close()
+        alive_db.close()
+
+
+async def test_a_replica_that_cannot_renew_stops_delivering_before_its_lease_ends(
+    pg_url: str,
+) -> None:
+    """Renewals failing: delivery stops with a third of the lease left, before anyone else may
+    take the partitions (the others wait for the whole lease, on the database's clock)."""
+    clock = Clock()
+    db = PgSpoolDB(pg_url)
+    replica = Replicas(db, "a", lease_s=30, clock=clock)
+    try:
+        await replica.start()
+        assert db.owned
+        clock.now += 15
+        replica.check()
+        assert db.owned  # 15 s left: still surely ours
+        clock.now += 6
+        replica.check()  # 9 s left, under a third of the lease
+        assert db.owned == frozenset()
+    finally:
+        await replica.stop()
+        db.close()
+
+
+def test_a_persons_rows_all_go_to_one_partition(pg_url: str) -> None:
+    """The partition comes from the person, so every row of theirs is delivered by one owner."""
+    db = PgSpoolDB(pg_url)
+    try:
+        db.put_many([(f"k{n}", "event.created", b"{}", "alice") for n in range(5)])
+        db.put_many([("b", "braze.step", b"{}", "alice"), ("c", "event.created", b"{}", "bob")])
+        rows = db.fetch(0, 100) + db.fetch(0, 100, "to_didomi")
+        parts = {row.part for row in rows if row.id != rows[5].id}
+        assert parts == {partition("alice")}
+        db.set_owned(frozenset({partition("bob")}))
+        assert [row.part for row in db.fetch(0, 100)] == [partition("bob")]
+        db.set_owned(frozenset())
+        assert db.fetch(0, 100) == []
+    finally:
+        db.close()
+
+
+def test_ids_commit_in_order_across_concurrent_intake(pg_url: str) -> None:
+    """Two replicas' intake transactions: a row committed later never has a lower id than one a
+    delivery cursor has passed (the intake lock), so no row is ever skipped."""
+    import threading
+
+    dbs = [PgSpoolDB(pg_url) for _ in range(3)]
+    seen: list[int] = []
+    cursor = 0
+    stop = threading.Event()
+
+    def intake(db: PgSpoolDB, name: str) -> None:
+        for n in range(150):
+            db.put_many([(None, "event.created", b"{}", f"{name}{n}")] * 3)
+
+    def deliver() -> None:
+        nonlocal cursor
+        while not stop.is_set():
+            rows = dbs[2].fetch(cursor, 1000)
+            if rows:
+                seen.extend(r.id for r in rows)
+                cursor = rows[-1].id
+
+    reader = threading.Thread(target=deliver)
+    reader.start()
+    writers = [threading.Thread(target=intake, args=(dbs[i], str(i))) for i in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    reader.join()
+    rows = dbs[2].fetch(cursor, 10_000)
+    seen.extend(r.id for r in rows)
+    try:
+        assert len(seen) == len(set(seen)) == 900  # every row read exactly once
+    finally:
+        for db in dbs:
+            db.close()
+
+
+# ---------------------------------------------------------------------------
+# The shared budget
+
+
+async def test_replicas_share_one_request_rate(pg_url: str) -> None:
+    """Turns taken from two replicas' budgets are spaced 1/rate apart, all together."""
+    PgSpoolDB(pg_url).close()  # the schema
+    budgets = [Budget(pg_url), Budget(pg_url)]
+    rate = 50.0
+    turns: list[float] = []
+
+    async def take(budget: Budget) -> None:
+        wait = await budget.take(rate)
+        turns.append(time.monotonic() + wait)
+
+    try:
+        await asyncio.gather(*(take(budgets[n % 2]) for n in range(40)))
+    finally:
+        for budget in budgets:
+            await budget.close()
+    turns.sort()
+    # 40 turns at 50 a second take at least 39 intervals, whoever asked.
+    assert turns[-1] - turns[0] >= 39 / rate * 0.95
+    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    assert min(gaps) >= 1 / rate * 0.8, gaps
+
+
+async def test_a_wait_braze_asked_of_one_replica_holds_the_others(pg_url: str) -> None:
+    """`block` on one budget: the other's next turn waits as long."""
+    PgSpoolDB(pg_url).close()
+    told, other = Budget(pg_url), Budget(pg_url)
+    try:
+        await told.take(100.0)
+        await told.block(2.0)
+        assert await other.take(100.0) >= 1.8
+    finally:
+        await told.close()
+        await other.close()
+
+
+async def test_a_budget_without_its_database_is_a_spool_error(pg_url: str) -> None:
+    """The rate limiter turns this into local pacing (braze.RateLimiter)."""
+    budget = Budget(pg_url.rsplit("/", 1)[0] + "/no_such_database")
+    try:
+        with pytest.raises(SpoolError):
+            await budget.take(10.0)
+    finally:
+        await budget.close()
+
+
+# ---------------------------------------------------------------------------
+# Two `gateway run` replicas, one killed under load
+
+
+def _windows(times: list[float], width: float) -> int:
+    """The most requests in any window of `width` seconds."""
+    times = sorted(times)
+    most = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= width:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+@pytest.mark.slow
+async def test_two_replicas_one_killed_deliver_everything_in_order_within_the_rate(
+    tmp_path: Path,
+    pg_url: str,
+    secrets_env: dict[str, str],
+    auth_headers: dict[str, str],
+    processes: list[GatewayProcess],
+) -> None:
+    """Two replicas on one database take webhooks alternately; one is killed with `kill -9`
+    a third of the way in. Every accepted webhook is delivered, each person's choices reach
+    Braze in the order of their dates (never an older one after a newer one, never two
+    requests for one person at once), and all requests together keep to the configured rate."""
+    rate = 20
+    latency = 0.05
+    fake = FakeBraze(api_key=BRAZE_API_KEY, latency_s=latency)
+    await fake.start()
+    rng = random.Random(15)
+    bodies: dict[str, bytes] = {}
+    latest: dict[str, bool] = {}
+    for n in range(40):
+        person = f"p-{n}"
+        for minute in range(6):
+            enabled = rng.random() < 0.5
+            bodies[f"{person}-{minute}"] = choice(
+                person, enabled, at(minute), event_id=f"ev-{person}-{minute}"
+            )
+            latest[person] = enabled
+    order = list(bodies)
+    rng.shuffle(order)  # arrivals out of date order: older choices must end up stale
+    replicas: list[GatewayProcess] = []
+    try:
+        for name in ("a", "b"):
+            directory = tmp_path / name
+            directory.mkdir()
+            port = free_port()
+            write_config(
+                directory,
+                server={"port": port, "shutdown_timeout_s": 5},
+                braze={
+                    "server": fake.url,
+                    "batch_size": 3,
+                    "flush_interval_ms": 10,
+                    "max_in_flight": 4,
+                    "requests_per_second": rate,  # the whole deployment's
+                },
+                delivery={
+                    "spool": pg_url,
+                    "replica": name,
+                    "lease_s": 2,
+                    "retry_initial_ms": 20,
+                    "retry_max_ms": 200,
+                },
+            )
+            gw = GatewayProcess(directory, port, secrets_env)
+            processes.append(gw)
+            replicas.append(gw)
+        for gw in replicas:
+            await gw.start()
+        first, second = replicas
+
+        async def split() -> bool:
+            owners = list(leases(pg_url).values())
+            return owners.count("a") == owners.count("b") == PARTITIONS // 2
+
+        await eventually(split, 10, "the two replicas to share the partitions")
+        accepted: set[str] = set()
+        gate = asyncio.Semaphore(12)
+        timeout = aiohttp.ClientTimeout(total=10)
+        half = len(order) // 2
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def send(target: GatewayProcess, eid: str) -> None:
+                async with gate:
+                    try:
+                        async with session.post(
+                            f"{target.base}/webhooks/didomi", data=bodies[eid], headers=auth_headers
+                        ) as resp:
+                            if resp.status in (200, 202):
+                                accepted.add(eid)
+                    except (aiohttp.ClientError, TimeoutError):
+                        return  # cut off by the kill: Didomi sends it again
+
+            # The first half, to both replicas in turn; at 20 requests a second a backlog forms.
+            await asyncio.gather(
+                *(send(replicas[n % 2], eid) for n, eid in enumerate(order[:half]))
+            )
+
+            async def both_delivering() -> bool:
+                counts = []
+                for gw in replicas:
+                    samples = await gw.metrics()
+                    counts.append(
+                        sum(
+                            v
+                            for (name, _), v in samples.items()
+                            if name == "gateway_updates_delivered_total"
+                        )
+                    )
+                return all(counts)
+
+            await eventually(both_delivering, 20, "both replicas to deliver")
+            # kill -9 with a backlog and requests in flight, while the second half arrives.
+            rest = asyncio.gather(*(send(second, eid) for eid in order[half:]))
+            assert first.proc is not None
+            first.proc.kill()
+            await asyncio.wait_for(rest, timeout=60)
+            assert await asyncio.wait_for(first.proc.wait(), 10) == -signal.SIGKILL
+            store = open_store(DeliveryConfig(spool=pg_url))
+            try:
+                assert store.count_pending() > 0, "nothing was waiting at the kill: proves less"
+            finally:
+                store.close()
+            # Didomi retries what it never saw acknowledged: to the replica still up.
+            for eid in order:
+                if eid not in accepted:
+                    async with session.post(
+                        f"{second.base}/webhooks/didomi", data=bodies[eid], headers=auth_headers
+                    ) as resp:
+                        assert resp.status in (200, 202), await resp.text()
+                        accepted.add(eid)
+        assert accepted == set(order)
+
+        store = open_store(DeliveryConfig(spool=pg_url))
+        try:
+
+            async def drained() -> bool:
+                return store.count_pending() == 0
+
+            await eventually(drained, 60, "every accepted webhook to be delivered")
+            assert store.count_dead() == 0
+            trail = {p: [as_dict(e) for e in store.trail(p)] for p in latest}
+        finally:
+            store.close()
+        assert await second.stop() == 0, second.log()
+    finally:
+        await fake.stop()
+
+    # Every person ends at their latest choice (nothing older overwrote it).
+    assert {p: fake.users[p].email_subscribe for p in latest} == {
+        p: STATES[e] for p, e in latest.items()
+    }
+    # Per person and target, what was delivered left in the order of the choices' dates (one
+    # request may carry targets of several choices: each target's latest).
+    for person, records in trail.items():
+        sent: dict[str, list[str]] = defaultdict(list)
+        for r in reversed(records):  # oldest first
+            if r["outcome"] == "delivered":
+                sent[r["target"]].append(r["event"]["at"])
+        assert sent, person
+        for target, dates in sent.items():
+            assert dates == sorted(dates), (person, target, dates)
+    # Never two requests about one person at Braze at once, from either replica.
+    spans: dict[str, list[float]] = defaultdict(list)
+    tracks = [r for r in fake.requests if r.path == "/users/track" and r.status == 201]
+    for request in tracks:
+        for obj in request.body["attributes"]:
+            spans[obj["external_id"]].append(request.at)
+    for person, arrivals in spans.items():
+        arrivals.sort()
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert all(gap >= latency * 0.9 for gap in gaps), (person, gaps)
+    # Both replicas delivered, together never faster than the configured rate.
+    assert _windows([r.at for r in fake.requests], 1.0) <= rate + 1
+    assert "partition leases: 64 held of 64, 1 replica(s) alive" in second.log()  # took over
