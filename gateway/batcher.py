@@ -118,9 +118,9 @@ class Batcher:
             self.ids.add(entry.row.id)
 
     @property
-    def parts_in_flight(self) -> set[int]:
-        """The partitions with a row in flight."""
-        return set(self._flying)
+    def parts_held(self) -> set[int]:
+        """The partitions with a row in flight or in the backlog."""
+        return set(self._flying) | {entry.row.part for entry in self._backlog}
 
     def drop(self, keep: Callable[[int], bool]) -> int:
         """Forget backlog rows whose partition `keep` refuses (another replica has it now);

@@ -135,9 +135,10 @@ class Dispatcher(Worker):
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
         held = set(self.batcher.ids)  # before fetching: what is acked meanwhile left the inbox
+        generation = self.spool.db.generation
         rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
-        if not rows:
-            return
+        if not rows or self.spool.db.generation != generation:
+            return  # partitions changed during the read: read again under the new ones
         cursor = rows[-1].id
         rows = [row for row in rows if row.id not in held]
         if not rows:
@@ -197,8 +198,9 @@ class Dispatcher(Worker):
         self._cursor = 0
 
     def busy_partitions(self) -> set[int]:
-        """The partitions with updates in flight to Braze (not to be given up yet)."""
-        return self.batcher.parts_in_flight
+        """The partitions with updates in flight to Braze or still in the backlog (not to be
+        given up yet: the backlog forgets them at the next refill)."""
+        return self.batcher.parts_held
 
     def _map(self, rules: RuleSet, row: Pending, trail: list[Record]) -> Mapped | str:
         """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`

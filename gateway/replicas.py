@@ -138,9 +138,10 @@ class Replicas:
                 return
             self.check()
             try:
-                await self.beat()
-            except SpoolError as exc:
-                log.warning("could not renew the partition leases: %s", exc)
+                # Bounded: a database that stops answering must not keep `check` from running.
+                await asyncio.wait_for(self.beat(), timeout=interval)
+            except (SpoolError, TimeoutError) as exc:
+                log.warning("could not renew the partition leases: %s", exc or "no answer")
             self.check()
 
     def check(self) -> None:

@@ -113,7 +113,7 @@ class Retention:
         last = -math.inf
         while not self._stop.is_set():
             try:
-                if time.monotonic() - last >= self.config.interval_s:
+                if time.monotonic() - last >= self.config.interval_s and self._ours():
                     last = time.monotonic()
                     await self.run_once()
                 # An erasure's zeroing and WAL truncation go on in bounded steps until done.
@@ -122,6 +122,12 @@ class Retention:
                 log.warning("could not prune the spool (will retry): %s", exc)
                 done = True
             await self._pause(FINISH_S if not done else min(self.config.interval_s, FINISH_S * 6))
+
+    def _ours(self) -> bool:
+        """Whether this process prunes: on a shared PostgreSQL spool, only the replica that
+        holds partition 0 does, so replicas do not all walk the same tables."""
+        owned = self.spool.db.owned
+        return owned is None or 0 in owned
 
     async def run_once(self) -> int:
         """One full pass over every table; returns how many rows went."""

@@ -141,9 +141,10 @@ class Writeback(Worker):
             return
         # Taken before fetching: a report acknowledged meanwhile has left the inbox.
         held = {report.row.id for report in self._backlog} | set(self._flying)
+        generation = self.spool.db.generation
         rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT, "to_didomi")
-        if not rows:
-            return
+        if not rows or self.spool.db.generation != generation:
+            return  # partitions changed during the read: read again under the new ones
         cursor = rows[-1].id
         rows = [row for row in rows if row.id not in held]
         reverse = self._reverse_rules()
@@ -184,8 +185,8 @@ class Writeback(Worker):
         self._cursor = 0
 
     def busy_partitions(self) -> set[int]:
-        """The partitions with a report being written to Didomi."""
-        return set(self._flying.values())
+        """The partitions with a report being written to Didomi or waiting in the backlog."""
+        return set(self._flying.values()) | {report.row.part for report in self._backlog}
 
     def _start_ready(self) -> None:
         """Start a task for each report whose person has nothing in flight or waiting before it."""
