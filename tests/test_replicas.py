@@ -507,3 +507,42 @@ async def test_delivery_follows_the_partitions_it_owns(
 
 async def _sent(fake: FakeBraze, parts: set[int]) -> bool:
     return {partition(o["external_id"]) for o in fake.objects_sent()} == parts
+
+
+def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway migrate` on a new database creates the schema; run again, it says so and
+    changes nothing; a database from a newer gateway is refused with what to do."""
+    from conftest import write_config
+
+    from gateway.cli import main
+    from gateway.spool_pg import VERSION
+
+    path = write_config(tmp_path, delivery={"spool": pg_url})
+    assert main(["migrate", "--config", str(path)]) == 0
+    assert f"from version 0 to {VERSION}" in capsys.readouterr().out
+    assert main(["migrate", "--config", str(path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    db = PgSpoolDB(pg_url)
+    try:
+        db.db.execute("INSERT INTO schema_version(version) VALUES (?)", (VERSION + 1,))
+    finally:
+        db.close()
+    assert main(["migrate", "--config", str(path)]) == 1
+    assert "newer than this gateway's" in capsys.readouterr().err
+
+
+def test_a_spool_url_is_not_a_path_and_its_password_is_a_secret(tmp_path: Path) -> None:
+    """A postgresql:// spool is kept as written (not resolved against the config's folder);
+    a password written into it is masked in logs like every other secret."""
+    from conftest import build_config
+
+    from gateway.config import secrets_of
+    from gateway.spool_pg import redact
+
+    url = "postgresql://gateway:hunter2-9f@db.internal:5432/gateway"
+    config = build_config(tmp_path, delivery={"spool": url})
+    assert config.delivery.spool == url
+    assert "hunter2-9f" in secrets_of(config)
+    assert redact(url) == "postgresql://gateway@db.internal:5432/gateway"
