@@ -31,7 +31,7 @@ from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from .retry import Action, backoff, decide
 from .spool import Spool
 from .store import Dead, Pending
-from .webhooks import WebhookError, decode
+from .webhooks import Webhook, WebhookError, decode
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class Dispatcher(Worker):
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
         self._cursor = 0
         self._generation = spool.db.generation
+        self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
 
@@ -134,13 +135,7 @@ class Dispatcher(Worker):
         self._follow_partitions()
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
-        held = set(self.batcher.ids)  # before fetching: what is acked meanwhile left the inbox
-        generation = self.spool.db.generation
-        rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
-        if not rows or self.spool.db.generation != generation:
-            return  # partitions changed during the read: read again under the new ones
-        cursor = rows[-1].id
-        rows = [row for row in rows if row.id not in held]
+        rows, cursor = await self._next_page()
         if not rows:
             self._cursor = cursor
             return
@@ -183,6 +178,34 @@ class Dispatcher(Worker):
             self.flow.failed("unmappable", len(unmappable))
             self.flow.dead_letters.inc(len(unmappable))
 
+    async def _next_page(self) -> tuple[list[Pending], int]:
+        """The rows after the cursor, and the cursor once they are mapped.
+
+        From intake's hand-off when it holds them all; else read from the spool: at start,
+        after another process wrote rows, and every few seconds when nothing else arrives
+        (which is how a CLI's replay is found then).
+        """
+        handoff = self.spool.handoff
+        complete = 0
+        if handoff is not None:
+            rows = handoff.take(self._cursor, FETCH_LIMIT)
+            if rows:
+                return rows, rows[-1].id
+            if rows is not None and time.monotonic() - self._read_at < RECOUNT_S:
+                return [], self._cursor
+            complete = handoff.complete_after
+        held = set(self.batcher.ids)  # before reading: what is acked meanwhile left the inbox
+        generation = self.spool.db.generation
+        rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
+        self._read_at = time.monotonic()
+        if self.spool.db.generation != generation:
+            return [], self._cursor  # partitions changed during the read: read again
+        cursor = rows[-1].id if rows else self._cursor
+        if len(rows) < FETCH_LIMIT:
+            # Caught up: every row up to `complete` has been read, the hand-off has the rest.
+            cursor = max(cursor, complete)
+        return [row for row in rows if row.id not in held], cursor
+
     def _follow_partitions(self) -> None:
         """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
         it gave up, and read from the start again for those it took (older rows included)."""
@@ -206,7 +229,8 @@ class Dispatcher(Worker):
         """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`
         when it names a person)."""
         try:
-            webhook = decode(row.body)
+            # Decoded by intake when it came through the hand-off; it passed this same decoder.
+            webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
         except WebhookError:
             # It passed the same decoder at intake; a failure now means a damaged row.
             log.error("spooled row %d no longer decodes; dropping it", row.id)

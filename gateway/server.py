@@ -491,7 +491,8 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
     spool = app[SPOOL]
     try:
-        stored = await spool.put(webhook.dedupe_key(), kind, body, state.person_of(webhook))
+        person = state.person_of(webhook)
+        stored = await spool.put(webhook.dedupe_key(), kind, body, person, decoded=webhook)
     except SpoolFull as exc:
         detail = "the spool is full; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))

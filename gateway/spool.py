@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -345,6 +348,12 @@ class SpoolDB:
 
     # -- intake -------------------------------------------------------------------------------
 
+    def handoff_from(self) -> int:
+        """The highest inbox id ever given (rows deleted since included)."""
+        with self._reading("the last inbox id"):
+            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'inbox'").fetchone()
+        return int(row[0]) if row else 0
+
     @property
     def owned(self) -> frozenset[int] | None:
         """All partitions: one gateway owns a SQLite spool (`SpoolLock`)."""
@@ -355,8 +364,15 @@ class SpoolDB:
         """Ownership never changes on SQLite."""
         return 0
 
-    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]:
-        """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
+    def put_many(
+        self, items: Sequence[Item], rows: list[tuple[int, Pending]] | None = None
+    ) -> list[bool | Exception]:
+        """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room.
+
+        `rows`, when given, receives (item index, stored row) once the transaction commits:
+        what `Spool` hands to delivery without reading it back.
+        """
+        new: list[tuple[int, Pending]] = []
         now = self.clock()
         room = self.max_pending - self.pending
         if self.low_on_disk is not None:
@@ -370,7 +386,8 @@ class SpoolDB:
             results: list[bool | Exception] = []
             stored = 0
             disk, reusable = self._room()
-            for key, kind, body, *_ in items:
+            new.clear()  # a retried transaction starts over
+            for index, (key, kind, body, *_) in enumerate(items):
                 if key is not None:
                     # Seen before, but longer ago than the window: a new delivery, not a duplicate.
                     cur = db.execute(
@@ -393,10 +410,11 @@ class SpoolDB:
                         short = True
                         results.append(SpoolFull(self._short_of_room()))
                     continue
-                db.execute(
+                cur = db.execute(
                     "INSERT INTO inbox(received_at, type, body, direction) VALUES (?, ?, ?, ?)",
                     (now, kind, body, _code(kind)),
                 )
+                new.append((index, Pending(int(cur.lastrowid or 0), now, kind, body)))
                 if direction_of(kind) == "to_didomi":
                     reverse += 1
                 disk -= needed
@@ -408,6 +426,8 @@ class SpoolDB:
             return results, stored
 
         results, stored = self._tx(work)
+        if rows is not None:
+            rows.extend(new)
         self.low_on_disk = self._short_of_room() if short else None
         self.pending += stored
         self.pending_to_didomi += reverse
@@ -682,13 +702,56 @@ def _which(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
     return f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
 
 
+class Handoff:
+    """The rows this process stored for delivery to Braze, handed over in memory.
+
+    Delivery would otherwise read back, and decode again, what intake has just written. The
+    spool stays the source of truth: every row going to Braze with an id above
+    `complete_after` is here (or was delivered); below it, delivery reads the spool (the
+    backlog found at start, rows another process wrote, what an overflow dropped). Rows are
+    dropped only once the delivery cursor has passed them, so a page that fails is taken again.
+    """
+
+    LIMIT = 4096  # rows held at most (a few MB); beyond, delivery reads the spool
+
+    def __init__(self, complete_after: int) -> None:
+        self.rows: deque[Pending] = deque()
+        self.complete_after = complete_after
+
+    def add(self, row: Pending) -> None:
+        """A row intake stored (in id order)."""
+        if len(self.rows) >= self.LIMIT:
+            # Delivery is far behind (Braze is down, say): it reads these from the spool.
+            self.rows.clear()
+            self.complete_after = max(self.complete_after, row.id)
+            return
+        self.rows.append(row)
+
+    def gap(self, upto: int) -> None:
+        """Rows up to `upto` may include some another process wrote: read them from the spool."""
+        self.complete_after = max(self.complete_after, upto)
+
+    def take(self, cursor: int, limit: int) -> list[Pending] | None:
+        """The rows after `cursor`, oldest first; None while the spool must be read first."""
+        if cursor < self.complete_after:
+            return None
+        while self.rows and self.rows[0].id <= cursor:
+            self.rows.popleft()
+        return list(itertools.islice(self.rows, limit))
+
+
 class Spool:
     """Asyncio access to a SpoolDB: one worker thread, concurrent puts grouped per transaction."""
 
     def __init__(self, db: Store) -> None:
         self.db = db
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._queue: list[tuple[Item, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[Item, asyncio.Future[bool], object]] = []
+        # On SQLite this process writes every row (but for a CLI's replay): delivery to Braze
+        # takes them from memory. On PostgreSQL every replica writes: it reads the database.
+        start = db.handoff_from()
+        self.handoff = Handoff(start) if start is not None else None
+        self._last_id = start or 0
         self._writer: asyncio.Task[None] | None = None
         # The last failed intake commit (monotonic time, reason), cleared by the next success.
         self.write_error: tuple[float, str] | None = None
@@ -730,14 +793,22 @@ class Spool:
                 # A local disk, not a remote API: retry often, so delivery resumes at once.
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
 
-    async def put(self, key: str | None, kind: str, body: bytes, person: str | None = None) -> bool:
+    async def put(
+        self,
+        key: str | None,
+        kind: str,
+        body: bytes,
+        person: str | None = None,
+        decoded: object = None,
+    ) -> bool:
         """Store one webhook durably: True once committed, False if it is a duplicate.
 
         `person` (who it is about) picks the partition on PostgreSQL, so that one replica at
-        a time sends that person's updates; the SQLite spool has no use for it.
+        a time sends that person's updates; the SQLite spool has no use for it. `decoded`,
+        the body as intake decoded it, goes to delivery with the row (`Handoff`).
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append(((key, kind, body, person), future))
+        self._queue.append(((key, kind, body, person), future, decoded))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
         return await future
@@ -746,30 +817,52 @@ class Spool:
         # Whatever queued up while the last transaction ran goes into the next one.
         while self._queue:
             batch, self._queue = self._queue, []
+            stored: list[tuple[int, Pending]] = []
             try:
-                results = await self.run(self.db.put_many, [item for item, _ in batch])
+                items = [item for item, _, _ in batch]
+                if self.handoff is not None:
+                    results = await self.run(self.db.put_many, items, stored)
+                else:
+                    results = await self.run(self.db.put_many, items)
             except SpoolError as exc:
                 self.write_error = (time.monotonic(), str(exc))
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             except BaseException as exc:
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(SpoolError(f"the spool failed: {exc!r}"))
                 raise
             self.write_error = None
+            if stored:
+                self._hand_over(stored, batch)
             self.commits += 1
             self.rows_committed += len(batch)
             self.largest_commit = max(self.largest_commit, len(batch))
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # the request was cancelled; the row is stored all the same
                 if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _hand_over(
+        self,
+        stored: list[tuple[int, Pending]],
+        batch: list[tuple[Item, asyncio.Future[bool], object]],
+    ) -> None:
+        assert self.handoff is not None
+        first = stored[0][1].id
+        if first != self._last_id + 1:
+            # Ids this process did not give out: a CLI replayed dead letters in between.
+            self.handoff.gap(first - 1)
+        self._last_id = stored[-1][1].id
+        for index, row in stored:
+            if direction_of(row.type) == "to_braze":
+                self.handoff.add(dataclasses.replace(row, decoded=batch[index][2]))
 
     async def close(self) -> None:
         """Finish queued writes, then close the file and the thread."""

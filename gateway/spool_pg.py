@@ -331,6 +331,10 @@ class PgSpoolDB:
 
     # -- intake -------------------------------------------------------------------------------
 
+    def handoff_from(self) -> None:
+        """Never: every replica writes rows, so delivery reads them from the database."""
+        return
+
     def put_many(self, items: Sequence[Item]) -> list[bool | Exception]:
         """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
         now = self.clock()

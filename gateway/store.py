@@ -9,7 +9,7 @@ spool (the asyncio `Spool`, delivery, the CLI) sees only the `Store` protocol be
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .webhooks import Direction
@@ -39,6 +39,9 @@ class Pending:
     type: str
     body: bytes
     part: int = 0  # the partition of its person (`PARTITIONS`); always 0 on SQLite
+    # The webhook as intake decoded it, when the row came from intake in memory (`Handoff`),
+    # so delivery need not decode it again; None when read from the spool.
+    decoded: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,10 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     def put_many(self, items: Sequence[Item]) -> list[bool | Exception]: ...
+
+    def handoff_from(self) -> int | None:
+        """The last inbox id when delivery may take this process's new rows from memory
+        (`spool.Handoff`); None when other processes write rows too (PostgreSQL's replicas)."""
 
     def fetch(
         self, after_id: int, limit: int, direction: Direction = "to_braze"

@@ -25,7 +25,6 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from conftest import free_port
 
 from gateway.config import Config
-from gateway.errors import SpoolError
 from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.spool import Pending, SpoolDB
@@ -707,9 +706,9 @@ async def test_in_flight_webhook_finishes_while_draining(
     gate = threading.Event()
     original = spool.db.put_many
 
-    def held(items: Sequence[tuple[str | None, str, bytes]]) -> list[bool | SpoolError]:
+    def held(items: Sequence[tuple[str | None, str, bytes]], *rest: Any) -> list[Any]:
         gate.wait(timeout=10)  # the commit is in progress when the shutdown starts
-        return original(items)
+        return list(original(items, *rest))
 
     monkeypatch.setattr(spool.db, "put_many", held)
     request = asyncio.create_task(

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
-from gateway.spool import Dead, Spool, SpoolDB, SpoolLock
+from gateway.spool import Dead, Handoff, Spool, SpoolDB, SpoolLock
 from gateway.spool_pg import PgSpoolDB
-from gateway.store import is_postgresql
+from gateway.store import Pending, is_postgresql
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0
@@ -288,9 +288,9 @@ async def test_concurrent_puts_share_transactions(
     calls: list[int] = []
     original = db.put_many
 
-    def counting(items: Sequence[tuple[str | None, str, bytes]]) -> list[bool | SpoolError]:
+    def counting(items: Sequence[tuple[str | None, str, bytes]], *rest: Any) -> list[Any]:
         calls.append(len(items))
-        return original(items)
+        return list(original(items, *rest))
 
     monkeypatch.setattr(db, "put_many", counting)
     spool = Spool(db)
@@ -490,3 +490,64 @@ def test_a_spool_written_before_the_reverse_path_opens_and_keeps_its_rows(tmp_pa
         assert (db.pending_of("to_braze"), db.pending_of("to_didomi")) == (1, 1)
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------------
+# The hand-off: rows intake stored, given to delivery in memory
+
+
+def _row(n: int) -> Pending:
+    return Pending(n, T0, "event.created", b"{}")
+
+
+def test_the_handoff_gives_rows_after_the_cursor_and_keeps_them_until_passed() -> None:
+    """Below `complete_after` the spool must be read (None); a failed page is taken again,
+    since rows go only once the cursor has passed them."""
+    handoff = Handoff(complete_after=10)
+    for n in (11, 12, 13):
+        handoff.add(_row(n))
+    assert handoff.take(5, 100) is None  # rows 6..10 are only in the spool
+    assert [r.id for r in handoff.take(10, 2) or []] == [11, 12]
+    assert [r.id for r in handoff.take(10, 2) or []] == [11, 12]  # not consumed: cursor unmoved
+    assert [r.id for r in handoff.take(12, 100) or []] == [13]
+    handoff.gap(20)  # another process wrote ids up to 20
+    assert handoff.take(13, 100) is None
+
+
+def test_a_full_handoff_leaves_delivery_to_read_the_spool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its bound the hand-off forgets its rows and says where reading must go up to."""
+    monkeypatch.setattr(Handoff, "LIMIT", 3)
+    handoff = Handoff(complete_after=0)
+    for n in range(1, 5):
+        handoff.add(_row(n))
+    assert handoff.take(0, 100) is None
+    handoff.add(_row(5))
+    assert [r.id for r in handoff.take(4, 100) or []] == [5]
+
+
+async def test_intake_hands_its_rows_over_and_notices_rows_it_did_not_write(
+    path: Path,
+) -> None:
+    """Stored rows reach the hand-off with the decoded webhook; ids another process used
+    in between (a CLI replay) move `complete_after` past them."""
+    db = SpoolDB(path)
+    db.put_many([item(1)])  # before the server: only in the spool
+    spool = Spool(db)
+    try:
+        assert spool.handoff is not None
+        assert spool.handoff.complete_after == 1
+        marker = object()
+        assert await spool.put(*item(2), None, marker)
+        (row,) = spool.handoff.take(1, 10) or []
+        assert (row.id, row.decoded) == (2, marker)
+        other = SpoolDB(path)
+        try:
+            other.put_many([item(3)])  # as `gateway dead-letters replay` would
+        finally:
+            other.close()
+        assert await spool.put(*item(4))
+        assert spool.handoff.complete_after == 3
+        assert spool.handoff.take(2, 10) is None
+        assert [r.id for r in spool.handoff.take(3, 10) or []] == [4]
+    finally:
+        await spool.close()
