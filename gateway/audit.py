@@ -97,7 +97,7 @@ def state_text(state: object) -> str:
     return str(state)
 
 
-def person_key(db: Conn, configured: str) -> bytes:
+def person_key(db: Conn, configured: str, *, text_check: bool = True) -> bytes:
     """The HMAC key: the configured one, else this spool's own, created on first use.
 
     The spool remembers a fingerprint of the key its persons were hashed with: under another
@@ -115,7 +115,8 @@ def person_key(db: Conn, configured: str) -> bytes:
             row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
         key = bytes(row[0])
     check = hmac.new(key, b"didomi-braze-gateway person key", hashlib.sha256).hexdigest()
-    db.execute(_KEEP_FIRST, (_CHECK, check.encode()))
+    # Text on SQLite, as earlier versions wrote and read it; PostgreSQL's column is bytea.
+    db.execute(_KEEP_FIRST, (_CHECK, check if text_check else check.encode()))
     stored = db.execute("SELECT value FROM meta WHERE key = ?", (_CHECK,)).fetchone()[0]
     # Older SQLite spools hold it as text; PostgreSQL's `meta.value` is bytea.
     if (stored if isinstance(stored, str) else bytes(stored).decode()) != check:

@@ -54,6 +54,7 @@ class Item:
     erased_at: float | None = None  # the time an erasure in this item takes effect
     stale: dict[Target, Change] = field(default_factory=dict)  # dropped as stale, for the audit
     settled: bool = False  # acknowledged or dead-lettered: its rows have left the inbox
+    returned: bool = False  # given back to the backlog after a failure
 
     @property
     def key(self) -> str:
@@ -132,14 +133,23 @@ class Batcher:
                 kept.append(entry)
                 continue
             dropped += 1
-            self.ids.discard(entry.row.id)
-            self._people[entry.key] -= 1
-            if not self._people[entry.key]:
-                del self._people[entry.key]
+            self._forget(entry)
         self._backlog = kept
         return dropped
 
-    def take(self, size: int, delete_size: int = MAX_DELETE_IDS) -> Batch | None:
+    def _forget(self, entry: Entry) -> None:
+        """Let a backlog row go unsent: it stays in the spool for whoever owns it."""
+        self.ids.discard(entry.row.id)
+        self._people[entry.key] -= 1
+        if not self._people[entry.key]:
+            del self._people[entry.key]
+
+    def take(
+        self,
+        size: int,
+        delete_size: int = MAX_DELETE_IDS,
+        owned: frozenset[int] | None = None,
+    ) -> Batch | None:
         """The next batch, or None when every waiting row belongs to someone in flight.
 
         The first row not held back decides the kind (update, or deletion by one identifier
@@ -152,6 +162,9 @@ class Batcher:
         kind: tuple[bool, str] | None = None
         for entry in self._backlog:
             key = entry.key
+            if owned is not None and entry.row.part not in owned:
+                self._forget(entry)  # another replica delivers it now (rows given back, say)
+                continue
             mapped = entry.mapped
             item = items.get(key)
             if key in held:
@@ -189,7 +202,7 @@ class Batcher:
                 self._flying[entry.row.part] -= 1
                 if self._flying[entry.row.part] <= 0:
                     del self._flying[entry.row.part]
-                if item.settled:  # its rows left the spool; unsettled ones were given back
+                if not item.returned:  # settled (gone from the spool), or left to another
                     self.ids.discard(entry.row.id)
 
     def give_back(self, batch: Batch) -> int:
@@ -198,9 +211,12 @@ class Batcher:
         For a failure between fetching and acknowledging: the rows stay deliverable without a
         restart. Returns how many rows came back. The caller still releases the batch.
         """
-        entries = [entry for item in batch.items if not item.settled for entry in item.entries]
+        returned = [item for item in batch.items if not item.settled]
+        entries = [entry for item in returned for entry in item.entries]
         if not entries:
             return 0
+        for item in returned:
+            item.returned = True
         for entry in entries:
             self._people[entry.key] += 1
         # The backlog is in spool order (row id) and so are each person's rows: merging by id

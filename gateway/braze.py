@@ -27,6 +27,7 @@ TRACK = "/users/track"
 DELETE = "/users/delete"
 MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
 MAX_DELETE_IDS = 50
+SHARED_TIMEOUT_S = 2.0  # how long a turn waits for the shared budget before pacing locally
 
 
 # /users/delete names people by one identifier kind per request.
@@ -138,13 +139,21 @@ class RateLimiter:
         shared = self.shared
         if shared is not None:
             try:
-                wait = await shared.take(1.0 / self.interval)
-            except GatewayError as exc:
+                wait = await asyncio.wait_for(shared.take(1.0 / self.interval), SHARED_TIMEOUT_S)
+            except (GatewayError, TimeoutError) as exc:
                 # Without the database, pace as if every replica alive sent as fast as this one.
-                log.warning("the shared Braze budget cannot be read (pacing locally): %s", exc)
+                log.warning(
+                    "the shared Braze budget cannot be read (pacing locally): %s",
+                    exc or "no answer",
+                )
                 wait = self.interval * max(1, self.replicas())
             if wait > 0:
                 await asyncio.sleep(wait)
+            # A wait Braze asked for while this turn waited holds it too (the stop only grows,
+            # so one sleep to its end is enough unless it grew again meanwhile: rare).
+            left = self._blocked_until - self.clock()
+            if left > 0:
+                await asyncio.sleep(left)
         return number
 
     async def _local(self) -> int:

@@ -257,8 +257,10 @@ class Dispatcher(Worker):
     def _recount(self) -> None:
         now = time.monotonic()
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
-        # it when caught up (a CLI replay is then the only way the count could be off).
-        if self.batcher or now - self._last_recount < RECOUNT_S:
+        # it when caught up (a CLI replay is then the only way the count could be off). On a
+        # shared spool the other replicas' intake and acks move it too: every few seconds.
+        busy = bool(self.batcher) and self.spool.db.owned is None
+        if busy or now - self._last_recount < RECOUNT_S:
             self.flow.pending.set(self.spool.db.pending_of("to_braze"))
             return
         self._last_recount = now
@@ -300,7 +302,7 @@ class Dispatcher(Worker):
             # Poll rather than wake per webhook: at high intake a wake per request costs more.
             await asyncio.sleep(min(0.01, remaining))
             await self._refill()
-        return self.batcher.take(braze.batch_size, MAX_DELETE_IDS)
+        return self.batcher.take(braze.batch_size, MAX_DELETE_IDS, self.spool.db.owned)
 
     # -- delivering ---------------------------------------------------------------------------
 
@@ -367,6 +369,13 @@ class Dispatcher(Worker):
         retried = False
         while True:
             if retried:
+                # A partition given up meanwhile (its lease ran out) is another replica's now:
+                # its rows stay in the spool for it, rather than leave from two replicas.
+                owned = self.spool.db.owned
+                if owned is not None:
+                    items = [i for i in items if all(r.part in owned for r in i.rows)]
+                    if not items:
+                        return
                 # While this batch waited, a Braze change may have been written back to Didomi
                 # (or a newer choice applied): check again, rather than overwrite it with older.
                 await self._drop_stale(items)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -94,6 +95,9 @@ class Replicas:
     ) -> None:
         self.db = db
         self.name = name
+        # Who holds the leases: the name and a token of this process, so that two processes
+        # given one name by mistake still never hold the same partition.
+        self.owner = f"{name}/{secrets.token_hex(4)}"
         self.lease_s = lease_s
         self.clock = clock
         # Callables that name the partitions with work in flight (the dispatcher's, the
@@ -106,6 +110,7 @@ class Replicas:
         self._valid_until = -math.inf  # monotonic: the leases held are surely ours until then
         self._thread = _Thread(db.url, "replicas")
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         db.set_owned(frozenset())  # nothing is delivered before the first lease is held
 
@@ -122,9 +127,12 @@ class Replicas:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._own(frozenset())
         try:
             await self._thread.run(self._leave)
+            self.held.clear()
         except SpoolError as exc:
             log.warning("could not give the partition leases up; they expire: %s", exc)
         await self._thread.close()
@@ -138,10 +146,14 @@ class Replicas:
                 return
             self.check()
             try:
-                # Bounded: a database that stops answering must not keep `check` from running.
+                # Bounded: a database that stops answering must not hold the loop up.
                 await asyncio.wait_for(self.beat(), timeout=interval)
             except (SpoolError, TimeoutError) as exc:
                 log.warning("could not renew the partition leases: %s", exc or "no answer")
+            except Exception:
+                # A bug must not leave this replica delivering on leases nobody renews.
+                log.exception("the partition lease heartbeat failed; delivery stops until it works")
+                self._own(frozenset())
             self.check()
 
     def check(self) -> None:
@@ -163,17 +175,42 @@ class Replicas:
     async def beat(self) -> None:
         """One heartbeat: renew, rebalance, give up idle excess, take free partitions."""
         started = self.clock()
+        # Only partitions given up at an earlier beat may be released now: they have not been
+        # delivered since `owned` left them out, so `busy` (read before the round trip) cannot
+        # miss a batch started meanwhile.
+        releasable = frozenset(self.draining)
         busy: set[int] = set()
         for names in self.busy:
             busy |= names()
-        owned = await self._thread.run(lambda conn: self._beat(conn, busy))
+        held, draining, live = await self._thread.run(
+            lambda conn: self._beat(conn, busy, releasable)
+        )
+        if held != self.held:
+            log.info(
+                "partition leases: %d held of %d, %d replica(s) alive",
+                len(held),
+                PARTITIONS,
+                live,
+                extra={"held": len(held), "live": live},
+            )
+        self.held, self.draining, self.live = held, draining, live
         self._valid_until = started + self.lease_s
-        self._own(owned)
+        self._own(frozenset(held - draining))
+        self._arm()
 
-    def _beat(self, conn: Conn, busy: set[int]) -> frozenset[int]:
-        raw = conn.raw
-        lease, me = self.lease_s, self.name
-        with raw.transaction():
+    def _arm(self) -> None:
+        """Run `check` when the leases reach their last third, whatever the loop is doing."""
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = self._valid_until - self.lease_s / 3 - self.clock()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self.check)
+
+    def _beat(
+        self, conn: Conn, busy: set[int], releasable: frozenset[int]
+    ) -> tuple[set[int], set[int], int]:
+        """(held, draining, replicas alive), from the database, which is the truth of it."""
+        lease, me = self.lease_s, self.owner
+        with conn.raw.transaction():
             now = float(conn.execute(f"SELECT {_NOW}").fetchone()[0])
             conn.execute(
                 "INSERT INTO replicas(name, seen_at) VALUES (?, ?) ON CONFLICT (name)"
@@ -193,19 +230,19 @@ class Replicas:
                     "UPDATE leases SET until = ? WHERE owner = ? RETURNING part", (now + lease, me)
                 ).fetchall()
             }
-            self.draining &= held
-            # More than a fair share: give the highest up, once nothing of theirs is in flight.
-            keep = sorted(held - self.draining)
-            if len(keep) > share:
-                self.draining |= set(keep[share:])
-            idle = [part for part in self.draining if part not in busy]
+            draining = set(releasable & held)
+            idle = [part for part in draining if part not in busy]
             if idle:
                 conn.execute(
                     "UPDATE leases SET owner = NULL, until = 0 WHERE owner = ? AND part = ANY(?)",
                     (me, idle),
                 )
                 held -= set(idle)
-                self.draining -= set(idle)
+                draining -= set(idle)
+            # More than a fair share: stop delivering the highest now, give them up later.
+            keep = sorted(held - draining)
+            if len(keep) > share:
+                draining |= set(keep[share:])
             want = share - len(held)
             if want > 0:
                 taken = conn.execute(
@@ -215,51 +252,41 @@ class Replicas:
                     (me, now + lease, now, want),
                 ).fetchall()
                 held |= {int(row[0]) for row in taken}
-        if held != self.held:
-            log.info(
-                "partition leases: %d held of %d, %d replica(s) alive",
-                len(held),
-                PARTITIONS,
-                live,
-                extra={"held": len(held), "live": live},
-            )
-        self.held, self.live = held, live
-        return frozenset(held - self.draining)
+        return held, draining, live
 
     def _leave(self, conn: Conn) -> None:
         with conn.raw.transaction():
-            conn.execute("UPDATE leases SET owner = NULL, until = 0 WHERE owner = ?", (self.name,))
-            conn.execute("DELETE FROM replicas WHERE name = ?", (self.name,))
-        self.held.clear()
+            conn.execute("UPDATE leases SET owner = NULL, until = 0 WHERE owner = ?", (self.owner,))
+            conn.execute("DELETE FROM replicas WHERE name = ?", (self.owner,))
 
 
 class Budget:
-    """A request budget every replica shares: a token bucket in the spool database.
+    """A request budget every replica shares: the next free turn, in the spool database.
 
-    `take` reserves the next request's turn and says how long to wait for it; reservations
-    are spaced `1 / rate` apart across all replicas (at most one request's burst), and
-    `block` holds every replica's next turn until a time Braze named.
+    `take` reserves the next request's turn and says how long to wait for it: turns are
+    spaced `1 / rate` apart across all replicas (a generic cell rate, burst of one), and none
+    is before a stop that `block` set (Braze said to wait), so the requests held by a stop
+    leave one by one after it, not together.
     """
 
     def __init__(self, url: str, name: str = "braze") -> None:
         self.name = name
         self._thread = _Thread(url, f"budget-{name}")
-        self.fallbacks = 0  # turns taken without the database (it failed): paced locally
 
     async def take(self, rate: float) -> float:
         """Reserve one request at `rate` per second overall; returns the seconds to wait."""
         return await self._thread.run(lambda conn: self._take(conn, rate))
 
     def _take(self, conn: Conn, rate: float) -> float:
+        # `at` is the next free turn. The turn given is the later of it, now and the stop.
         row = conn.execute(
-            f"INSERT INTO budgets AS b (name, tokens, at) VALUES (?, 0, {_NOW})"  # noqa: S608 - a constant
-            f" ON CONFLICT (name) DO UPDATE"
-            f" SET tokens = least(1.0, b.tokens + ({_NOW} - b.at) * ?) - 1, at = {_NOW}"
-            " RETURNING tokens, blocked_until, at",
-            (self.name, rate),
+            f"INSERT INTO budgets AS b (name, at) VALUES (?, {_NOW} + 1.0 / ?)"  # noqa: S608 - a constant
+            " ON CONFLICT (name) DO UPDATE"
+            f" SET at = greatest(b.at, {_NOW}, b.blocked_until) + 1.0 / ?"
+            f" RETURNING at - 1.0 / ? - {_NOW}",
+            (self.name, rate, rate, rate),
         ).fetchone()
-        tokens, blocked_until, now = (float(v) for v in row)
-        return max(0.0, -tokens / rate, blocked_until - now)
+        return max(0.0, float(row[0]))
 
     async def block(self, seconds: float) -> None:
         """Hold every replica's requests for `seconds` (Braze said to wait)."""
@@ -267,8 +294,8 @@ class Budget:
 
     def _block(self, conn: Conn, seconds: float) -> None:
         conn.execute(
-            f"INSERT INTO budgets AS b (name, tokens, at, blocked_until)"  # noqa: S608 - a constant
-            f" VALUES (?, 0, {_NOW}, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"
+            f"INSERT INTO budgets AS b (name, at, blocked_until)"  # noqa: S608 - a constant
+            f" VALUES (?, {_NOW}, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"
             f" SET blocked_until = greatest(b.blocked_until, {_NOW} + ?)",
             (self.name, seconds, seconds),
         )

@@ -115,8 +115,7 @@ MIGRATIONS: tuple[str, ...] = (
     -- Token buckets shared by every replica: Braze's requests_per_second is per workspace.
     CREATE TABLE budgets (
         name text PRIMARY KEY,
-        tokens double precision NOT NULL,
-        at double precision NOT NULL,
+        at double precision NOT NULL,      -- the next free turn (the database's clock)
         blocked_until double precision NOT NULL DEFAULT 0
     );
     """,
@@ -249,7 +248,7 @@ class PgSpoolDB:
             else:
                 self._require_schema()
             with self._reading("the spool's settings"):
-                self.person_key = trail.person_key(self._conn, person_key)
+                self.person_key = trail.person_key(self._conn, person_key, text_check=False)
                 self.floors = retention.floors(self._conn)
             self.pending = self.count_pending()
             self.pending_to_didomi = self.count_pending("to_didomi")
@@ -414,6 +413,9 @@ class PgSpoolDB:
         """The last applied choice time per (person, target); erased persons' hashes too."""
         out: dict[tuple[str, str], float] = {}
         rows = self._by_person("applied times", "target, at", "applied", persons)
+        # The floors move when any replica prunes (the one holding partition 0): read afresh.
+        with self._reading("the retention floors") as db:
+            self.floors = retention.floors(db)
         for person, target, at in rows:
             out[(person, target)] = max(at, out.get((person, target), at))
         return out
@@ -480,7 +482,7 @@ class PgSpoolDB:
             trail.write(db, self.person_key, audit)
             for person in erase:
                 hashed = trail.person_hash(self.person_key, person)
-                removed += erasure.scrub(db, person, hashed, erasure.POSTGRESQL_CONTAINS)
+                removed += erasure.scrub(db, person, hashed, contains=None)
             return int(removed)
 
         removed = self._tx(work)

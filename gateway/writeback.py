@@ -192,7 +192,10 @@ class Writeback(Worker):
         """Start a task for each report whose person has nothing in flight or waiting before it."""
         kept: deque[Report] = deque()
         held: set[str] = set()
+        owned = self.spool.db.owned
         for report in self._backlog:
+            if owned is not None and report.row.part not in owned:
+                continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
             busy = person in self._in_flight or person in held
             if busy or len(self._tasks) >= MAX_IN_FLIGHT:
@@ -295,6 +298,9 @@ class Writeback(Worker):
             await self._pause(decision.delay_s)
             if self.stopping:
                 return  # the row stays in the spool for the next start
+            owned = self.spool.db.owned
+            if owned is not None and report.row.part not in owned:
+                return  # its lease ran out meanwhile: the row stays for the replica that has it
 
     async def _prepare(
         self, report: Report

@@ -140,3 +140,18 @@ def test_every_row_is_sent_once_and_each_persons_requests_keep_spool_order(plan:
     for person in PEOPLE:
         wanted = [e.row.id for e in rows if e.mapped.person == person]
         assert sent.get(person, []) == wanted
+
+
+def test_rows_of_a_partition_no_longer_owned_are_never_taken() -> None:
+    """Rows given back after their partition's lease ran out stay unsent (in the spool, for
+    the replica that owns them now), and are forgotten here so a later read can add them."""
+    batcher = Batcher()
+    first, second = entry(1, "p", delete=False), entry(2, "q", delete=False)
+    batcher.add([first, second])
+    batch = batcher.take(75)
+    assert batch is not None
+    batcher.give_back(batch)
+    batcher.release(batch)
+    assert batcher.take(75, owned=frozenset({1})) is None  # both rows are of partition 0
+    assert len(batcher) == 0
+    assert batcher.ids == set()

@@ -44,7 +44,8 @@ def leases(url: str) -> dict[int, str | None]:
         rows = db.db.execute("SELECT part, owner FROM leases").fetchall()
     finally:
         db.close()
-    return {int(part): owner for part, owner in rows}
+    # Owners are "name/token": the token tells two processes given one name apart.
+    return {int(part): owner.split("/")[0] if owner else None for part, owner in rows}
 
 
 # ---------------------------------------------------------------------------
@@ -89,11 +90,14 @@ async def test_a_partition_with_work_in_flight_is_given_up_only_once_idle(pg_url
     try:
         await first.start()
         await second.start()
-        await first.beat()  # sees two replicas: gives up the idle half, keeps the busy one
+        await first.beat()  # sees two replicas: stops delivering half of its partitions
         assert PARTITIONS - 1 not in (first_db.owned or ())  # not delivered any more
-        assert leases(pg_url)[PARTITIONS - 1] == "a"  # but still held
+        assert set(leases(pg_url).values()) == {"a"}  # every lease still held, busy or not
+        await first.beat()  # the idle ones go, the busy one stays
+        assert leases(pg_url)[PARTITIONS - 1] == "a"
         await second.beat()
         assert PARTITIONS - 1 not in (second_db.owned or ())
+        assert len(second_db.owned or ()) == PARTITIONS // 2 - 1
         busy.clear()
         await first.beat()
         await second.beat()
@@ -113,12 +117,12 @@ async def test_a_dead_replicas_partitions_are_taken_over_once_its_lease_ran_out(
     dead = Replicas(dead_db, "dead", lease_s=1.0)
     alive = Replicas(alive_db, "alive", lease_s=1.0)
     try:
+        started = time.monotonic()
         await dead.start()
         assert dead._task is not None
         dead._task.cancel()  # it never beats again, as after a kill -9
         await alive.start()
         assert alive_db.owned == frozenset()
-        started = time.monotonic()
         while alive_db.owned != frozenset(range(PARTITIONS)):
             assert time.monotonic() - started < 5, alive_db.owned
             await asyncio.sleep(0.1)
@@ -223,7 +227,7 @@ async def test_replicas_share_one_request_rate(pg_url: str) -> None:
 
     async def take(budget: Budget) -> None:
         wait = await budget.take(rate)
-        turns.append(time.monotonic() + wait)
+        turns.append(time.monotonic() + wait)  # when this request may leave
 
     try:
         await asyncio.gather(*(take(budgets[n % 2]) for n in range(40)))
@@ -234,7 +238,7 @@ async def test_replicas_share_one_request_rate(pg_url: str) -> None:
     # 40 turns at 50 a second take at least 39 intervals, whoever asked.
     assert turns[-1] - turns[0] >= 39 / rate * 0.95
     gaps = [b - a for a, b in itertools.pairwise(turns)]
-    assert min(gaps) >= 1 / rate * 0.8, gaps
+    assert min(gaps) >= 1 / rate * 0.5, gaps  # spaced, whatever the scheduling noise
 
 
 async def test_a_wait_braze_asked_of_one_replica_holds_the_others(pg_url: str) -> None:
@@ -242,9 +246,12 @@ async def test_a_wait_braze_asked_of_one_replica_holds_the_others(pg_url: str) -
     PgSpoolDB(pg_url).close()
     told, other = Budget(pg_url), Budget(pg_url)
     try:
-        await told.take(100.0)
+        await told.take(10.0)
         await told.block(2.0)
-        assert await other.take(100.0) >= 1.8
+        assert await other.take(10.0) >= 1.8
+        # The requests the stop held leave one by one after it, not all at once.
+        waits = sorted(await asyncio.gather(*(b.take(10.0) for b in [told, other] * 6)))
+        assert waits[-1] - waits[0] >= 11 / 10.0 * 0.9, waits
     finally:
         await told.close()
         await other.close()
@@ -331,19 +338,12 @@ async def test_two_replicas_one_killed_deliver_everything_in_order_within_the_ra
             gw = GatewayProcess(directory, port, secrets_env)
             processes.append(gw)
             replicas.append(gw)
-        for gw in replicas:
-            await gw.start()
         first, second = replicas
-
-        async def split() -> bool:
-            owners = list(leases(pg_url).values())
-            return owners.count("a") == owners.count("b") == PARTITIONS // 2
-
-        await eventually(split, 10, "the two replicas to share the partitions")
+        await first.start()
         accepted: set[str] = set()
         gate = asyncio.Semaphore(12)
         timeout = aiohttp.ClientTimeout(total=10)
-        half = len(order) // 2
+        third = len(order) // 3
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
             async def send(target: GatewayProcess, eid: str) -> None:
@@ -357,10 +357,19 @@ async def test_two_replicas_one_killed_deliver_everything_in_order_within_the_ra
                     except (aiohttp.ClientError, TimeoutError):
                         return  # cut off by the kill: Didomi sends it again
 
-            # The first half, to both replicas in turn; at 20 requests a second a backlog forms.
-            await asyncio.gather(
-                *(send(replicas[n % 2], eid) for n, eid in enumerate(order[:half]))
-            )
+            # A third to the first replica alone; at 20 requests a second a backlog forms.
+            await asyncio.gather(*(send(first, eid) for eid in order[:third]))
+            # The second joins under that load: the partitions are split while work is in
+            # flight, and the next third goes to both in turn.
+            await second.start()
+
+            async def split() -> bool:
+                owners = list(leases(pg_url).values())
+                return owners.count("a") == owners.count("b") == PARTITIONS // 2
+
+            middle = order[third : 2 * third]
+            await asyncio.gather(*(send(replicas[n % 2], eid) for n, eid in enumerate(middle)))
+            await eventually(split, 10, "the two replicas to share the partitions")
 
             async def both_delivering() -> bool:
                 counts = []
@@ -376,8 +385,8 @@ async def test_two_replicas_one_killed_deliver_everything_in_order_within_the_ra
                 return all(counts)
 
             await eventually(both_delivering, 20, "both replicas to deliver")
-            # kill -9 with a backlog and requests in flight, while the second half arrives.
-            rest = asyncio.gather(*(send(second, eid) for eid in order[half:]))
+            # kill -9 with a backlog and requests in flight, while the last third arrives.
+            rest = asyncio.gather(*(send(second, eid) for eid in order[2 * third :]))
             assert first.proc is not None
             first.proc.kill()
             await asyncio.wait_for(rest, timeout=60)
@@ -546,3 +555,40 @@ def test_a_spool_url_is_not_a_path_and_its_password_is_a_secret(tmp_path: Path) 
     assert config.delivery.spool == url
     assert "hunter2-9f" in secrets_of(config)
     assert redact(url) == "postgresql://gateway@db.internal:5432/gateway"
+
+
+def test_an_erasure_commits_beside_a_body_that_is_not_utf8(pg_url: str) -> None:
+    """A stored body may hold bytes that are not UTF-8 (in fields msgspec skips): the scrub
+    must not trip over them, or no erasure would ever be acknowledged again."""
+    db = PgSpoolDB(pg_url)
+    try:
+        step = b'{"external_id": "other", "campaign": "Caf\xe9", "email_subscribe": "opted_in"}'
+        db.put_many([("s", "braze.step", step, "other")])
+        mine = b'{"external_id": "erase-me", "email_subscribe": "opted_in"}'
+        db.put_many([("m", "braze.step", mine, "erase-me")])
+        db.ack([], [("erase-me", "email_subscribe", 1.0)], erase=["erase-me"])
+        left = [row.body for row in db.fetch(0, 10, "to_didomi")]
+        assert left == [step]  # theirs went, the other person's stayed
+        assert db.applied_times(["erase-me"]) == {("erase-me", "email_subscribe"): 1.0}
+    finally:
+        db.close()
+
+
+async def test_two_processes_given_one_name_never_hold_one_partition(pg_url: str) -> None:
+    """`delivery.replica` set to the same name twice by mistake: still two owners."""
+    dbs = [PgSpoolDB(pg_url), PgSpoolDB(pg_url)]
+    replicas = [Replicas(db, "same", lease_s=30) for db in dbs]
+    try:
+        for replica in replicas:
+            await replica.start()
+        for _ in range(2):
+            for replica in replicas:
+                await replica.beat()
+        first, second = (db.owned or frozenset() for db in dbs)
+        assert not first & second
+        assert len(first) == len(second) == PARTITIONS // 2
+    finally:
+        for replica in replicas:
+            await replica.stop()
+        for db in dbs:
+            db.close()
