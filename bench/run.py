@@ -8,6 +8,12 @@ gateway.toml, secrets in the environment), the ceiling (`bench/ceiling.py`) and 
 forwarder (`bench/naive.py`); drives each with `bench/load.py` in turn; then measures the spool
 with Braze unreachable and the mapping cost (`bench/mapping_cost.py`). Every process it starts
 is stopped at the end, on error too. See bench/README.md for what each figure means.
+
+    .venv/bin/python bench/run.py --replicas [--seconds 10] [--kill-webhooks 12000]
+
+runs only the replicas phase instead (issue 15, about 80 s): a throwaway PostgreSQL (fsync on),
+the intake and end to end of one SQLite gateway, one PostgreSQL replica and two, then two
+replicas with one killed with `kill -9` under load; its own table.
 """
 
 from __future__ import annotations
