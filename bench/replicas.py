@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +77,30 @@ def pending(url: str) -> tuple[int, int]:
     inbox = query(url, "SELECT count(*) FROM inbox")[0][0]
     dead = query(url, "SELECT count(*) FROM dead_letters")[0][0]
     return int(inbox), int(dead)
+
+
+class Takeover:
+    """Polls `leases` every 50 ms from a thread until `survivor` holds every partition."""
+
+    def __init__(self, url: str, survivor: str, timeout_s: float) -> None:
+        self.started = time.monotonic()
+        self.at: float | None = None
+        self._url, self._survivor, self._timeout_s = url, survivor, timeout_s
+        self._thread = threading.Thread(target=self._watch, name="takeover", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while time.monotonic() < self.started + self._timeout_s:
+            with contextlib.suppress(Exception):  # a failed poll is tried again
+                if set(leases(self._url).values()) == {self._survivor}:
+                    self.at = time.monotonic()
+                    return
+            time.sleep(0.05)
+
+    def wait(self) -> float | None:
+        """When the survivor held them all (monotonic), or None if not within the timeout."""
+        self._thread.join()
+        return self.at
 
 
 def _stat(pid: int | str) -> list[str]:

@@ -185,7 +185,9 @@ def _kill(r: dict[str, Any]) -> list[str]:
         f"{k['rate']:g}, batch_size {k['batch_size']}, lease_s {k['lease_s']:g})",
         f"   sent              {k['webhooks']:,} webhooks ({k['persons']:,} persons, 2 choices "
         f"each) to both replicas alternately; the kill {k['killed_after_s']:.1f} s in, "
-        f"{k['stored_at_kill']:,.0f} stored, {k['pending_at_kill']:,} waiting in the spool",
+        f"{k['stored_at_kill']:,.0f} stored by then "
+        f"({k['stored_at_kill'] / max(k['killed_after_s'], 1e-9):,.0f}/s), "
+        f"{k['pending_at_kill']:,} waiting in the spool",
         f"   accepted          {k['acked']:,} of {k['webhooks']:,} ({k['first_pass_acked']:,} "
         f"acknowledged in the first pass, {k['resent']:,} resent to the survivor, "
         f"{k['resent_duplicates']:,} of them answered 200 duplicate)",
