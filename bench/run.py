@@ -673,6 +673,8 @@ class ReplicaBench(Bench):
             "braze_429": sum(r.status == 429 for r in requests),
             "most_per_1s": rp.most_in_window(r.at for r in requests),
             "most_per_5s": rp.most_in_window((r.at for r in requests), 5.0),
+            "most_per_1s_both": rp.most_in_window(r.at for r in requests if r.at < killed_at),
+            "most_per_1s_survivor": rp.most_in_window(r.at for r in requests if r.at > killed_at),
             "arrivals_after_kill_s": [round(r.at - killed_at, 4) for r in requests],
             "victim_exit": victim.popen.returncode,
         }

@@ -206,7 +206,8 @@ def _kill(r: dict[str, Any]) -> list[str]:
         + ("yes" if k["logged_takeover"] else "NO"),
         f"   Braze rate        at most {k['most_per_1s']} requests in any 1 s window, limit "
         f"{k['rate']:g} (+1): {_verdict(ok)}; at most {k['most_per_5s']} in any 5 s "
-        f"(limit {5 * k['rate'] + 1:g}); "
+        f"(limit {5 * k['rate'] + 1:g}); 1 s: {k['most_per_1s_both']} while both delivered, "
+        f"{k['most_per_1s_survivor']} after the kill; "
         f"{k['braze_requests']} requests "
         f"({k['braze_429']} answered 429) in {k['done_s']:.1f} s",
         f"   exits             killed replica {k['victim_exit']}, survivor {k['survivor_exit']}",
