@@ -11,7 +11,7 @@ is stopped at the end, on error too. See bench/README.md for what each figure me
 
     .venv/bin/python bench/run.py --replicas [--seconds 10] [--kill-webhooks 12000]
 
-runs only the replicas phase instead (issue 15, about 80 s): a throwaway PostgreSQL (fsync on),
+runs only the replicas phase instead (issue 15, about 70 s): a throwaway PostgreSQL (fsync on),
 the intake and end to end of one SQLite gateway, one PostgreSQL replica and two, then two
 replicas with one killed with `kill -9` under load; its own table.
 """
