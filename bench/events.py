@@ -3,6 +3,10 @@
 Each fixture that asks Braze for an update is a template: compacted to the JSON Didomi sends,
 then every entity, user and source id and the `organization_user_id` are swapped per request,
 so each body is a new event (never a duplicate) for a new person (never coalesced, never stale).
+
+`pairs` is the other stream, for the kill -9 check of `run.py --replicas`: two choices per
+person (opt in, withdraw), dated apart, half of the persons sent the newer one first, so
+Braze must end at each person's latest choice whatever the order of arrival.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -39,13 +43,15 @@ class Template:
         self.ids = list(dict.fromkeys(_UUID.findall(self.body)))
         self.persons = list(dict.fromkeys(_PERSON.findall(self.body)))
 
-    def render(self, tag: int, n: int) -> bytes:
-        """This template as request `n` of the run tagged `tag`: new ids, a new person."""
+    def render(self, tag: int, n: int, person: bytes | None = None) -> bytes:
+        """This template as request `n` of the run tagged `tag`: new ids, a new person (or
+        `person`)."""
         body = self.body
         for slot, old in enumerate(self.ids):
             body = body.replace(old, b"%08x-%04x-4000-8000-%012x" % (tag, slot, n))
+        person = person if person is not None else b"bench-%08x-%d" % (tag, n)
         for old in self.persons:
-            body = body.replace(b'"' + old + b'"', b'"bench-%08x-%d"' % (tag, n))
+            body = body.replace(b'"' + old + b'"', b'"' + person + b'"')
         return body
 
 
@@ -57,6 +63,51 @@ def templates() -> list[Template]:
 def bodies(tag: int | None = None) -> Iterator[bytes]:
     """An endless stream of distinct webhook bodies cycling through the templates."""
     tag = random.getrandbits(32) if tag is None else tag
+    for _, body in numbered("distinct", tag, itertools.count()):
+        yield body
+
+
+# The two choices of `pairs`, and the date that makes the opt-in the later one.
+GIVEN, WITHDRAWN = "consent_given.json", "consent_withdrawn.json"
+GIVEN_AT, WITHDRAWN_AT = b"2025-03-14T09:26:53.589Z", b"2025-03-21T17:02:11.204Z"
+LATER_AT = b"2025-03-28T09:26:53.589Z"
+
+
+def pair_person(tag: int, k: int) -> str:
+    """The person of pair `k` (webhooks 2k and 2k + 1 of the `pairs` stream)."""
+    return f"bench-{tag:08x}-p{k}"
+
+
+def latest_state(k: int) -> str:
+    """The `email_subscribe` Braze must end at for pair `k`: its later-dated choice."""
+    return "opted_in" if k % 2 else "unsubscribed"
+
+
+class Pairs:
+    """Webhook `n` of the `pairs` stream: person n // 2's older or newer choice.
+
+    Even pairs withdraw last (opt-in on the 14th, withdrawal on the 21st), odd pairs opt in
+    last (withdrawal on the 21st, opt-in on the 28th); pairs 2 and 3 of every 4 send the newer
+    choice first, so it is the older one that arrives last and must change nothing.
+    """
+
+    def __init__(self, tag: int) -> None:
+        self.tag = tag
+        self.given, self.withdrawn = Template(EVENTS / GIVEN), Template(EVENTS / WITHDRAWN)
+
+    def body(self, n: int) -> bytes:
+        k, second = divmod(n, 2)
+        newer = bool(second) != (k % 4 >= 2)
+        given = newer == bool(k % 2)  # the newer choice is the opt-in for odd pairs
+        template = self.given if given else self.withdrawn
+        body = template.render(self.tag, n, pair_person(self.tag, k).encode())
+        return body.replace(GIVEN_AT, LATER_AT) if given and newer else body
+
+
+def numbered(stream: str, tag: int, indexes: Iterable[int]) -> Iterator[tuple[int, bytes]]:
+    """Webhooks `indexes` of `stream` ("distinct": as `bodies`; "pairs"), with their index."""
+    if stream == "pairs":
+        pairs = Pairs(tag)
+        return ((n, pairs.body(n)) for n in indexes)
     cycle = templates()
-    for n in itertools.count():
-        yield cycle[n % len(cycle)].render(tag, n)
+    return ((n, cycle[n % len(cycle)].render(tag, n)) for n in indexes)

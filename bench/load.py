@@ -8,6 +8,11 @@ command line; without it, the bearer token itself does (BENCH_TOKEN; the ceiling
 Prints one JSON object: requests sent, accepted (202) per second, p50/p99 response time of the
 accepted ones, errors by status or exception, and this process's own CPU time (to tell when the
 load generator itself is the limit).
+
+`run.py --replicas` also names the webhooks: `--tag` fixes the body stream (`--stream pairs`
+for two choices per person), `--slice K/M` sends only webhooks n with n % M == K (two load
+processes share one stream), `--only FILE` only the indexes a JSON list names (a resend), and
+`--acked` lists the indexes answered 200 or 202 (stored, or already stored).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
+import random
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import aiohttp
 import events
@@ -44,26 +52,32 @@ async def fetch_token(session: aiohttp.ClientSession, url: str, client_id: str) 
 class Run:
     """Shared state of the workers: the body stream, the bounds, what came back."""
 
-    def __init__(self, seconds: float, max_requests: int | None) -> None:
-        self.bodies: Iterator[bytes] = events.bodies()
+    def __init__(
+        self, seconds: float, max_requests: int | None, bodies: Iterator[tuple[int, bytes]]
+    ) -> None:
+        self.bodies = bodies
         self.deadline = time.monotonic() + seconds
         self.left = max_requests if max_requests is not None else -1
         self.latencies: list[float] = []
         self.statuses: collections.Counter[str] = collections.Counter()
+        self.acked: list[int] = []  # the indexes answered 200 or 202
         self.sent = 0
 
-    def next_body(self) -> bytes | None:
+    def next_body(self) -> tuple[int, bytes] | None:
         if time.monotonic() >= self.deadline or self.left == 0:
             return None
-        self.left -= 1
-        self.sent += 1
-        return next(self.bodies)
+        item = next(self.bodies, None)
+        if item is not None:
+            self.left -= 1
+            self.sent += 1
+        return item
 
 
 async def worker(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], run: Run
 ) -> None:
-    while (body := run.next_body()) is not None:
+    while (item := run.next_body()) is not None:
+        n, body = item
         started = time.perf_counter()
         try:
             async with session.post(url, data=body, headers=headers) as response:
@@ -74,6 +88,8 @@ async def worker(
             continue
         if status == 202:
             run.latencies.append(time.perf_counter() - started)
+        if status in (200, 202):
+            run.acked.append(n)
         run.statuses[str(status)] += 1
 
 
@@ -99,7 +115,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         started_at = time.time()
         started = time.monotonic()
-        run = Run(args.seconds, args.requests)
+        run = Run(args.seconds, args.requests, numbered(args))
         await asyncio.gather(
             *(worker(session, args.url, headers, run) for _ in range(args.concurrency))
         )
@@ -123,7 +139,20 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "watched_cpu_percent": {name: 100 * t / TICKS / elapsed for name, t in ticks.items()},
         "started_at": started_at,
         "ended_at": ended_at,
+        **({"acked": sorted(run.acked)} if args.acked else {}),
     }
+
+
+def numbered(args: argparse.Namespace) -> Iterator[tuple[int, bytes]]:
+    """The (index, body) pairs this run sends, in order."""
+    indexes: Iterable[int]
+    if args.only is not None:
+        indexes = json.loads(args.only.read_text())
+    else:
+        k, m = (int(part) for part in args.slice.split("/"))
+        indexes = itertools.count(k, m)
+    tag = random.getrandbits(32) if args.tag is None else args.tag
+    return events.numbered(args.stream, tag, indexes)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +164,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     parser.add_argument("--oauth", metavar="URL", help="the /oauth/token URL to get a token from")
     parser.add_argument("--client-id", default="didomi")
+    parser.add_argument("--tag", type=int, help="the body stream's tag (default: random)")
+    parser.add_argument("--stream", choices=("distinct", "pairs"), default="distinct")
+    parser.add_argument("--slice", default="0/1", metavar="K/M", help="only n %% M == K")
+    parser.add_argument("--only", type=Path, metavar="FILE", help="only these indexes (JSON)")
+    parser.add_argument("--acked", action="store_true", help="list the indexes stored")
     parser.add_argument(
         "--watch",
         action="append",

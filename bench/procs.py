@@ -23,6 +23,11 @@ PYTHON = sys.executable
 HOST = "127.0.0.1"
 TICKS = os.sysconf("SC_CLK_TCK")
 
+# This checkout's gateway before any installed one: what a bench script imports itself (the
+# fake Braze of `run.py --replicas`, say) is then what its `python -m gateway` children run.
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
 
 @dataclass
 class Proc:

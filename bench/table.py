@@ -125,3 +125,106 @@ def table(r: dict[str, Any]) -> str:
     )
     parts = [[head], _intake(r), _end_to_end(r), _mapping(r), _footprint(r)]
     return "\n\n".join("\n".join(part) for part in parts)
+
+
+def _cpu(row: dict[str, Any], name: str) -> str:
+    if name == "postgres" and row["key"] == "sqlite":
+        return "-"
+    seconds = row["load_cpu_s"] if name == "load" else row["cpu_s"][name]
+    return f"{100 * seconds / row['window_s']:.0f}"
+
+
+def _replica_rows(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "5. replicas          intake: webhooks/s  p50 ms  p99 ms   end to end: webhooks/s"
+        "  e2e/intake  server µs/webhook   CPU % of a core: gateways postgres load braze",
+    ]
+    for row in r["replicas"]:
+        server = row["cpu_s"]["gateways"] + row["cpu_s"]["postgres"]
+        cpu = "  ".join(
+            _cpu(row, name).rjust(width)
+            for name, width in (("gateways", 8), ("postgres", 8), ("load", 4), ("braze", 5))
+        )
+        lines.append(
+            f"   {row['label']:<24} {row['intake_per_s']:>8.0f} {_ms(row['p50_ms']):>7} "
+            f"{_ms(row['p99_ms']):>7} {row['e2e_per_s']:>16.0f} "
+            f"{100 * row['e2e_per_s'] / max(row['intake_per_s'], 1e-9):>10.0f} % "
+            f"{1e6 * server / max(1, row['accepted']):>16.0f}   {' ' * 14}{cpu}"
+        )
+    for row in r["replicas"]:
+        notes = [
+            f"{row['accepted']:,} accepted, all at Braze {row['drain_s']:.1f} s after the load"
+        ]
+        if not row["delivered"]:
+            notes = [f"{row['accepted']:,} accepted, NOT all at Braze"]
+        if not row["spool"]["empty"]:
+            notes.append("spool NOT empty 15 s later")
+        lag = row["spool"]["gauges_zero_after_s"]
+        if lag is None:
+            notes.append(f"gateway_spool_pending still {row['spool']['gauges']} 15 s later")
+        elif lag > 0.5:
+            notes.append(f"gateway_spool_pending read 0 {lag:.1f} s later")
+        if row["errors"]:
+            notes.append(f"errors {row['errors']}")
+        if row["log_problems"]:
+            notes.append(f"{len(row['log_problems'])} warning/error log lines")
+        if any(code != 0 for code in row["exits"]):
+            notes.append(f"exit codes {row['exits']}")
+        lines.append(f"   {row['label']:<24} " + "; ".join(notes))
+    return lines
+
+
+def _kill(r: dict[str, Any]) -> list[str]:
+    k = r["kill"]
+    ok = k["most_per_1s"] <= k["rate"] + 1
+    lost = k["missing"] + k["stale"]
+    taken = k["leases_taken_s"]
+    resumed = k["resumed_s"]
+    lines = [
+        f"6. kill -9 of one of 2 PostgreSQL replicas under load (requests_per_second "
+        f"{k['rate']:g}, batch_size {k['batch_size']}, lease_s {k['lease_s']:g})",
+        f"   sent              {k['webhooks']:,} webhooks ({k['persons']:,} persons, 2 choices "
+        f"each) to both replicas alternately; the kill {k['killed_after_s']:.1f} s in, "
+        f"{k['stored_at_kill']:,.0f} stored by then "
+        f"({k['stored_at_kill'] / max(k['killed_after_s'], 1e-9):,.0f}/s), "
+        f"{k['pending_at_kill']:,} waiting in the spool",
+        f"   accepted          {k['acked']:,} of {k['webhooks']:,} ({k['first_pass_acked']:,} "
+        f"acknowledged in the first pass, {k['resent']:,} resent to the survivor, "
+        f"{k['resent_duplicates']:,} of them answered 200 duplicate)",
+        f"   delivered         {k['at_latest']:,} of {k['persons']:,} persons at their latest "
+        f"choice in Braze; lost {lost} ({k['missing']} never arrived, {k['stale']} at an older "
+        f"choice); {k['inbox_left']} left in the spool, {k['dead_letters']} dead letters",
+        "   takeover          "
+        + ("leases NOT all taken" if taken is None else f"{taken:.1f} s to hold all 64 leases")
+        + (
+            f", {resumed:.1f} s to the first delivery of the dead replica's "
+            f"{k['dead_partitions']} partitions"
+            if resumed is not None
+            else ", no delivery of the dead replica's partitions seen"
+        )
+        + " (from the kill); logged 'partition leases: 64 held of 64': "
+        + ("yes" if k["logged_takeover"] else "NO"),
+        f"   Braze rate        at most {k['most_per_1s']} requests in any 1 s window, limit "
+        f"{k['rate']:g} (+1): {_verdict(ok)}; at most {k['most_per_5s']} in any 5 s "
+        f"(limit {5 * k['rate'] + 1:g}); 1 s: {k['most_per_1s_both']} while both delivered, "
+        f"{k['most_per_1s_survivor']} after the kill; "
+        f"{k['braze_requests']} requests "
+        f"({k['braze_429']} answered 429) in {k['done_s']:.1f} s",
+        f"   exits             killed replica {k['victim_exit']}, survivor {k['survivor_exit']}",
+    ]
+    if k["log_problems"]:
+        lines.append(f"   replica logs      {len(k['log_problems'])} warning/error lines, first:")
+        lines += [f"     {line[:160]}" for line in k["log_problems"][:5]]
+    return lines
+
+
+def replicas_table(r: dict[str, Any]) -> str:
+    """The table of `run.py --replicas`."""
+    a = r["args"]
+    limit = f"{a['rate_limit']} per 3 s" if a["rate_limit"] else "none"
+    head = (
+        f"didomi-braze-gateway replicas benchmark: {r['nproc']} cores, {a['seconds']:g} s per "
+        f"run at concurrency {a['concurrency']}, fake Braze latency {a['latency_ms']:g} ms, "
+        f"rate limit {limit}; PostgreSQL fsync on"
+    )
+    return "\n\n".join("\n".join(part) for part in ([head], _replica_rows(r), _kill(r)))
