@@ -69,7 +69,8 @@ def leases(url: str) -> dict[int, str | None]:
         "SELECT part, CASE WHEN until > extract(epoch from clock_timestamp()) THEN owner END"
         " FROM leases",
     )
-    return {int(part): owner for part, owner in rows}
+    # Owners are "replica/token" (a token per process): the replica's name is before the slash.
+    return {int(part): owner.split("/")[0] if owner else None for part, owner in rows}
 
 
 def pending(url: str) -> tuple[int, int]:

@@ -98,7 +98,7 @@ class SharedBudget(Protocol):
     """A request budget several replicas draw on (`replicas.Budget`, on PostgreSQL)."""
 
     async def take(self, rate: float) -> float:
-        """Reserve one request at `rate` per second overall; the seconds to wait for it."""
+        """0.0: the turn is this request's, send now; else seconds to wait, then ask again."""
 
     async def block(self, seconds: float) -> None:
         """Hold every replica's requests for `seconds`."""
@@ -137,23 +137,23 @@ class RateLimiter:
         """Wait for this request's turn; returns its number, for `observe`."""
         number = await self._local()
         shared = self.shared
-        if shared is not None:
+        while shared is not None:
             try:
                 wait = await asyncio.wait_for(shared.take(1.0 / self.interval), SHARED_TIMEOUT_S)
             except (GatewayError, TimeoutError) as exc:
                 # Without the database, pace as if every replica alive sent as fast as this one.
-                log.warning(
-                    "the shared Braze budget cannot be read (pacing locally): %s",
-                    exc or "no answer",
-                )
-                wait = self.interval * max(1, self.replicas())
-            if wait > 0:
-                await asyncio.sleep(wait)
-            # A wait Braze asked for while this turn waited holds it too (the stop only grows,
-            # so one sleep to its end is enough unless it grew again meanwhile: rare).
-            left = self._blocked_until - self.clock()
-            if left > 0:
-                await asyncio.sleep(left)
+                reason = exc or "no answer"
+                log.warning("the shared Braze budget cannot be read (pacing locally): %s", reason)
+                await asyncio.sleep(self.interval * max(1, self.replicas()))
+                break
+            if wait <= 0:
+                break  # this request's turn: it leaves now
+            await asyncio.sleep(wait)
+        # A wait Braze asked of this replica while it waited (shared with the others a moment
+        # later) holds this request too.
+        left = self._blocked_until - self.clock()
+        if left > 0:
+            await asyncio.sleep(left)
         return number
 
     async def _local(self) -> int:

@@ -2,7 +2,7 @@
 
 Every replica takes webhooks; delivery is split by partition (`store.PARTITIONS`, a hash of
 the person). A replica holds a lease on each partition it delivers, renewed by a heartbeat
-every `lease_s / 3`. The leases are rows in the spool database, timed by the database's clock
+every `lease_s / 6`. The leases are rows in the spool database, timed by the database's clock
 (replicas' clocks may disagree): a replica killed with `kill -9` stops renewing, and the
 others take its partitions once the lease has run out. Each replica aims at an equal share of
 the partitions among the replicas seen alive; one holding more gives the excess up, but only
@@ -263,10 +263,11 @@ class Replicas:
 class Budget:
     """A request budget every replica shares: the next free turn, in the spool database.
 
-    `take` reserves the next request's turn and says how long to wait for it: turns are
-    spaced `1 / rate` apart across all replicas (a generic cell rate, burst of one), and none
-    is before a stop that `block` set (Braze said to wait), so the requests held by a stop
-    leave one by one after it, not together.
+    `take` grants a request its turn only once the turn is due (0.0), else says how long to
+    wait before asking again: granted turns are spaced `1 / rate` apart across all replicas
+    (a generic cell rate, burst of one), and none falls before a stop that `block` set (Braze
+    said to wait). Granting at the moment of sending, rather than reserving a turn ahead and
+    sleeping to it, keeps late wake-ups on a busy event loop from bunching requests together.
     """
 
     def __init__(self, url: str, name: str = "braze") -> None:
@@ -274,19 +275,27 @@ class Budget:
         self._thread = _Thread(url, f"budget-{name}")
 
     async def take(self, rate: float) -> float:
-        """Reserve one request at `rate` per second overall; returns the seconds to wait."""
+        """0.0: send now (the turn is taken); else the seconds to wait before asking again."""
         return await self._thread.run(lambda conn: self._take(conn, rate))
 
     def _take(self, conn: Conn, rate: float) -> float:
-        # `at` is the next free turn. The turn given is the later of it, now and the stop.
-        row = conn.execute(
-            f"INSERT INTO budgets AS b (name, at) VALUES (?, {_NOW} + 1.0 / ?)"  # noqa: S608 - a constant
-            " ON CONFLICT (name) DO UPDATE"
-            f" SET at = greatest(b.at, {_NOW}, b.blocked_until) + 1.0 / ?"
-            f" RETURNING at - 1.0 / ? - {_NOW}",
-            (self.name, rate, rate, rate),
-        ).fetchone()
-        return max(0.0, float(row[0]))
+        with conn.raw.transaction():
+            conn.execute(
+                "INSERT INTO budgets(name, at) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
+                (self.name,),
+            )
+            at, blocked, now = conn.execute(
+                f"SELECT at, blocked_until, {_NOW} FROM budgets WHERE name = ? FOR UPDATE",  # noqa: S608 - a constant
+                (self.name,),
+            ).fetchone()
+            turn = max(float(at), float(blocked))
+            if turn > now:
+                return turn - float(now)
+            conn.execute(
+                "UPDATE budgets SET at = ? WHERE name = ?",
+                (max(float(at), float(now)) + 1.0 / rate, self.name),
+            )
+            return 0.0
 
     async def block(self, seconds: float) -> None:
         """Hold every replica's requests for `seconds` (Braze said to wait)."""
@@ -295,7 +304,7 @@ class Budget:
     def _block(self, conn: Conn, seconds: float) -> None:
         conn.execute(
             f"INSERT INTO budgets AS b (name, at, blocked_until)"  # noqa: S608 - a constant
-            f" VALUES (?, {_NOW}, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"
+            f" VALUES (?, 0, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"
             f" SET blocked_until = greatest(b.blocked_until, {_NOW} + ?)",
             (self.name, seconds, seconds),
         )

@@ -218,23 +218,23 @@ def test_ids_commit_in_order_across_concurrent_intake(pg_url: str) -> None:
 # The shared budget
 
 
+async def _turn(budget: Budget, rate: float) -> float:
+    """Wait for a turn as braze.RateLimiter does; returns when it was granted (monotonic)."""
+    while (wait := await budget.take(rate)) > 0:
+        await asyncio.sleep(wait)
+    return time.monotonic()
+
+
 async def test_replicas_share_one_request_rate(pg_url: str) -> None:
-    """Turns taken from two replicas' budgets are spaced 1/rate apart, all together."""
+    """Turns granted to two replicas' budgets are spaced 1/rate apart, all together."""
     PgSpoolDB(pg_url).close()  # the schema
     budgets = [Budget(pg_url), Budget(pg_url)]
     rate = 50.0
-    turns: list[float] = []
-
-    async def take(budget: Budget) -> None:
-        wait = await budget.take(rate)
-        turns.append(time.monotonic() + wait)  # when this request may leave
-
     try:
-        await asyncio.gather(*(take(budgets[n % 2]) for n in range(40)))
+        turns = sorted(await asyncio.gather(*(_turn(budgets[n % 2], rate) for n in range(40))))
     finally:
         for budget in budgets:
             await budget.close()
-    turns.sort()
     # 40 turns at 50 a second take at least 39 intervals, whoever asked.
     assert turns[-1] - turns[0] >= 39 / rate * 0.95
     gaps = [b - a for a, b in itertools.pairwise(turns)]
@@ -242,16 +242,18 @@ async def test_replicas_share_one_request_rate(pg_url: str) -> None:
 
 
 async def test_a_wait_braze_asked_of_one_replica_holds_the_others(pg_url: str) -> None:
-    """`block` on one budget: the other's next turn waits as long."""
+    """`block` on one budget: the other's next turn waits as long, and the requests the stop
+    held leave one by one after it, not all at once."""
     PgSpoolDB(pg_url).close()
     told, other = Budget(pg_url), Budget(pg_url)
     try:
-        await told.take(10.0)
+        await _turn(told, 10.0)
         await told.block(2.0)
         assert await other.take(10.0) >= 1.8
-        # The requests the stop held leave one by one after it, not all at once.
-        waits = sorted(await asyncio.gather(*(b.take(10.0) for b in [told, other] * 6)))
-        assert waits[-1] - waits[0] >= 11 / 10.0 * 0.9, waits
+        started = time.monotonic()
+        turns = sorted(await asyncio.gather(*(_turn(b, 10.0) for b in [told, other] * 6)))
+        assert turns[0] - started >= 1.8
+        assert turns[-1] - turns[0] >= 11 / 10.0 * 0.9, turns
     finally:
         await told.close()
         await other.close()
