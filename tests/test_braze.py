@@ -158,3 +158,53 @@ async def test_the_limiter_lets_requests_through_while_the_budget_lasts() -> Non
         await asyncio.wait_for(limiter.acquire(), timeout=0.5)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(limiter.acquire(), timeout=0.1)
+
+
+class _Shared:
+    """A shared budget that records what the limiter asks of it."""
+
+    def __init__(self, waits: list[float]) -> None:
+        self.waits = waits
+        self.takes: list[float] = []
+        self.blocks: list[float] = []
+
+    async def take(self, rate: float) -> float:
+        self.takes.append(rate)
+        return self.waits.pop(0) if self.waits else 0.0
+
+    async def block(self, seconds: float) -> None:
+        self.blocks.append(seconds)
+
+
+async def test_a_shared_budget_is_asked_until_the_turn_is_due_and_told_of_braze_waits() -> None:
+    """With replicas, each request asks the shared budget (at the configured rate) until its
+    turn is due; a 429 seen by this replica holds the others too (`block`)."""
+    limiter = RateLimiter(20.0)
+    shared = _Shared([0.05, 0.0])
+    limiter.shared = shared
+    started = time.monotonic()
+    await limiter.acquire()
+    assert shared.takes == [20.0, 20.0]  # asked again after the wait it was given
+    assert time.monotonic() - started >= 0.04
+    assert limiter.observe(429, {"Retry-After": "2"}, 1) == 2.0
+    await asyncio.sleep(0)  # the block is sent in the background
+    await asyncio.sleep(0)
+    assert shared.blocks == [2.0]
+
+
+async def test_without_its_database_the_shared_budget_paces_by_the_replicas_alive() -> None:
+    """A shared budget that fails: the request is paced locally, as if each replica alive
+    sent at the whole rate's pace, instead of waiting on the database for ever."""
+
+    class Failing(_Shared):
+        async def take(self, rate: float) -> float:
+            from gateway.errors import SpoolError
+
+            raise SpoolError("the spool database failed: gone")
+
+    limiter = RateLimiter(20.0)
+    limiter.shared = Failing([])
+    limiter.replicas = lambda: 2
+    started = time.monotonic()
+    await limiter.acquire()
+    assert time.monotonic() - started >= 2 / 20.0 * 0.9
