@@ -70,7 +70,6 @@ class Dispatcher(Worker):
         self.flow = metrics.flow("to_braze")
         self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._cursor = 0
         self._generation = spool.db.generation
         self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
@@ -210,15 +209,11 @@ class Dispatcher(Worker):
         """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
         it gave up, and read from the start again for those it took (older rows included)."""
         db = self.spool.db
-        if db.generation == self._generation:
-            return
-        self._generation = db.generation
         owned = db.owned
-        if owned is not None:
+        if self._partitions_moved(db.generation) and owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
-        self._cursor = 0
 
     def busy_partitions(self) -> set[int]:
         """The partitions with updates in flight to Braze or still in the backlog (not to be

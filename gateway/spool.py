@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from . import audit as trail
 from . import erasure, retention
 from .errors import SpoolError, SpoolFull, SpoolLocked
-from .store import Dead, DeadLetter, Item, Pending, Store
+from .store import Dead, DeadLetter, Item, Pending, SpoolBase, Store
 from .webhooks import Direction, direction_of
 
 _SCHEMA = """
@@ -151,7 +151,7 @@ def _pid_in(fd: int) -> int | None:
         return None
 
 
-class SpoolDB:
+class SpoolDB(SpoolBase):
     """Synchronous access to the spool file; use from one thread at a time."""
 
     def __init__(
@@ -195,7 +195,6 @@ class SpoolDB:
             self.pending_to_didomi = self.count_pending("to_didomi")
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
-        self._puts_since_prune = 0
 
     def _migrate(self) -> None:
         """Bring a spool file written by an older gateway up to this schema."""
@@ -429,22 +428,8 @@ class SpoolDB:
         if rows is not None:
             rows.extend(new)
         self.low_on_disk = self._short_of_room() if short else None
-        self.pending += stored
-        self.pending_to_didomi += reverse
-        self._puts_since_prune += len(items)
-        if self._puts_since_prune >= 10_000:
-            self._puts_since_prune = 0
-            try:
-                self.prune_seen()
-            except SpoolError as exc:
-                # The rows above are committed: a failed clean-up must not turn 202s into 503s.
-                log.warning("could not prune old delivery keys (will retry later): %s", exc)
+        self._stored(stored, reverse, len(items))
         return results
-
-    def prune_seen(self) -> None:
-        """Forget delivery keys older than the dedupe window, so the table stays bounded."""
-        cutoff = self.clock() - self.dedupe_window_s
-        self._tx(lambda db: db.execute("DELETE FROM seen WHERE at < ?", (cutoff,)))
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -457,27 +442,6 @@ class SpoolDB:
                 (_CODES[direction], after_id, limit),
             ).fetchall()
         return [Pending(*row) for row in rows]
-
-    def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
-        """The last applied choice time per (person, target), for the given persons.
-
-        An erased person's rows are kept under their hash: both are read, the later time wins.
-        """
-        out: dict[tuple[str, str], float] = {}
-        for person, target, at in self._by_person(
-            "applied times", "target, at", "applied", persons
-        ):
-            out[(person, target)] = max(at, out.get((person, target), at))
-        return out
-
-    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
-        """The state last sent to Braze, and when, per (person, target), for the given persons."""
-        out: dict[tuple[str, str], tuple[str, float]] = {}
-        rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
-        for person, target, state, at in rows:
-            if (person, target) not in out or out[(person, target)][1] < at:
-                out[(person, target)] = (state, at)
-        return out
 
     def _by_person(
         self, what: str, columns: str, table: str, persons: Iterable[str]
@@ -593,12 +557,6 @@ class SpoolDB:
         if self.low_on_disk is not None:
             self._refresh_room()  # room may come back from outside: an operator freeing space
         return self.pending_of(direction), self.count_dead(direction)
-
-    def pending_of(self, direction: Direction) -> int:
-        """Rows waiting to go `direction`, as this process counts them."""
-        if direction == "to_didomi":
-            return self.pending_to_didomi
-        return max(0, self.pending - self.pending_to_didomi)
 
     def count_pending(self, direction: Direction | None = None) -> int:
         """Rows waiting in the inbox (read from the file: another process may have replayed)."""

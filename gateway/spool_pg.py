@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from . import audit as trail
 from . import erasure, retention
 from .errors import SpoolError, SpoolFull
-from .store import PARTITIONS, Dead, DeadLetter, Item, Pending, person_of
+from .store import PARTITIONS, Dead, DeadLetter, Item, Pending, SpoolBase, person_of
 from .webhooks import Direction, direction_of
 
 try:
@@ -217,7 +217,7 @@ def migrate(conn: Conn) -> tuple[int, int]:
     return before, VERSION
 
 
-class PgSpoolDB:
+class PgSpoolDB(SpoolBase):
     """Synchronous access to the PostgreSQL spool; use from one thread at a time."""
 
     def __init__(
@@ -255,7 +255,6 @@ class PgSpoolDB:
         except BaseException:
             self._conn.raw.close()
             raise
-        self._puts_since_prune = 0
 
     def _require_schema(self) -> None:
         with self._reading("the schema version"):
@@ -374,21 +373,8 @@ class PgSpoolDB:
             return results, len(rows)
 
         results, stored = self._tx(work)
-        self.pending += stored
-        self.pending_to_didomi += reverse
-        self._puts_since_prune += len(items)
-        if self._puts_since_prune >= 10_000:
-            self._puts_since_prune = 0
-            try:
-                self.prune_seen()
-            except SpoolError as exc:
-                log.warning("could not prune old delivery keys (will retry later): %s", exc)
+        self._stored(stored, reverse, len(items))
         return results
-
-    def prune_seen(self) -> None:
-        """Forget delivery keys older than the dedupe window, so the table stays bounded."""
-        cutoff = self.clock() - self.dedupe_window_s
-        self._tx(lambda db: db.execute("DELETE FROM seen WHERE at < ?", (cutoff,)))
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -410,24 +396,11 @@ class PgSpoolDB:
         return [Pending(i, at, kind, bytes(body), part) for i, at, kind, body, part in rows]
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
-        """The last applied choice time per (person, target); erased persons' hashes too."""
-        out: dict[tuple[str, str], float] = {}
-        rows = self._by_person("applied times", "target, at", "applied", persons)
-        # The floors move when any replica prunes (the one holding partition 0): read afresh.
+        """As `SpoolBase.applied_times`, with the retention floors read afresh: they move when
+        any replica prunes (the one holding partition 0)."""
         with self._reading("the retention floors") as db:
             self.floors = retention.floors(db)
-        for person, target, at in rows:
-            out[(person, target)] = max(at, out.get((person, target), at))
-        return out
-
-    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
-        """The state last sent to Braze, and when, per (person, target)."""
-        out: dict[tuple[str, str], tuple[str, float]] = {}
-        rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
-        for person, target, state, at in rows:
-            if (person, target) not in out or out[(person, target)][1] < at:
-                out[(person, target)] = (state, at)
-        return out
+        return super().applied_times(persons)
 
     def _by_person(
         self, what: str, columns: str, table: str, persons: Iterable[str]
@@ -520,12 +493,6 @@ class PgSpoolDB:
         self.pending = self.count_pending()
         self.pending_to_didomi = self.count_pending("to_didomi")
         return self.pending_of(direction), self.count_dead(direction)
-
-    def pending_of(self, direction: Direction) -> int:
-        """Rows waiting to go `direction`, as last counted (plus this replica's since)."""
-        if direction == "to_didomi":
-            return self.pending_to_didomi
-        return max(0, self.pending - self.pending_to_didomi)
 
     def count_pending(self, direction: Direction | None = None) -> int:
         """Rows waiting in the inbox, every replica's."""

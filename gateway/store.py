@@ -8,16 +8,20 @@ spool (the asyncio `Spool`, delivery, the CLI) sees only the `Store` protocol be
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import SpoolError
 from .webhooks import Direction
 
 if TYPE_CHECKING:
     from . import audit as trail
     from . import retention
     from .config import DeliveryConfig
+
+log = logging.getLogger("gateway.spool")
 
 PG_SCHEMES = ("postgresql://", "postgres://")
 # Every person's rows go to one of this many partitions, by a hash of the person; a replica
@@ -158,6 +162,72 @@ class Store(Protocol):
     def replay(self, ids: Sequence[int] | None = None) -> int: ...
 
     def purge(self, ids: Sequence[int] | None = None) -> int: ...
+
+
+class SpoolBase:
+    """What both backends do alike, above their SQL: counts, clean-up cadence, and the reads
+    that merge a person's rows with those kept under their hash (an erased person)."""
+
+    pending = 0
+    pending_to_didomi = 0
+    dedupe_window_s = 0.0
+    clock: Callable[[], float]
+    _puts_since_prune = 0
+
+    def _tx(self, work: Callable[[Any], Any]) -> Any:
+        """Run `work(connection)` in one transaction; errors become SpoolError."""
+        raise NotImplementedError
+
+    def _by_person(
+        self, what: str, columns: str, table: str, persons: Iterable[str]
+    ) -> list[tuple[Any, ...]]:
+        """Rows of `table` keyed by the persons or their hashes, each named by its person."""
+        raise NotImplementedError
+
+    def _stored(self, stored: int, reverse: int, offered: int) -> None:
+        """Count what a committed intake transaction added; now and then forget old keys."""
+        self.pending += stored
+        self.pending_to_didomi += reverse
+        self._puts_since_prune += offered
+        if self._puts_since_prune >= 10_000:
+            self._puts_since_prune = 0
+            try:
+                self.prune_seen()
+            except SpoolError as exc:
+                # The rows are committed: a failed clean-up must not turn 202s into 503s.
+                log.warning("could not prune old delivery keys (will retry later): %s", exc)
+
+    def prune_seen(self) -> None:
+        """Forget delivery keys older than the dedupe window, so the table stays bounded."""
+        cutoff = self.clock() - self.dedupe_window_s
+        self._tx(lambda db: db.execute("DELETE FROM seen WHERE at < ?", (cutoff,)))
+
+    def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
+        """The last applied choice time per (person, target), for the given persons.
+
+        An erased person's rows are kept under their hash: both are read, the later time wins.
+        """
+        out: dict[tuple[str, str], float] = {}
+        for person, target, at in self._by_person(
+            "applied times", "target, at", "applied", persons
+        ):
+            out[(person, target)] = max(at, out.get((person, target), at))
+        return out
+
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
+        """The state last sent to Braze, and when, per (person, target), for the given persons."""
+        out: dict[tuple[str, str], tuple[str, float]] = {}
+        rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
+        for person, target, state, at in rows:
+            if (person, target) not in out or out[(person, target)][1] < at:
+                out[(person, target)] = (state, at)
+        return out
+
+    def pending_of(self, direction: Direction) -> int:
+        """Rows waiting to go `direction`, as this process counts them."""
+        if direction == "to_didomi":
+            return self.pending_to_didomi
+        return max(0, self.pending - self.pending_to_didomi)
 
 
 def open_store(delivery: DeliveryConfig, person_key: str = "") -> Store:

@@ -23,6 +23,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # work in flight, given a grace at stop
         self._running: list[asyncio.Task[None]] = []
+        self._cursor = 0  # the spool id up to which rows have been read
+        self._generation = 0  # of the spool's partitions (`Store.generation`), as last seen
 
     def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name."""
@@ -46,6 +48,15 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def _partitions_moved(self, generation: int) -> bool:
+        """Whether this replica's partitions changed since last seen (PostgreSQL); if so the
+        cursor goes back to the start, since a partition taken brings its older rows."""
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        self._cursor = 0
+        return True
 
     @property
     def stopping(self) -> bool:

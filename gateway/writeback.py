@@ -102,7 +102,6 @@ class Writeback(Worker):
         self._backlog: deque[Report] = deque()
         self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
-        self._cursor = 0
         self._generation = spool.db.generation
         self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
@@ -176,13 +175,9 @@ class Writeback(Worker):
     def _follow_partitions(self) -> None:
         """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
         db = self.spool.db
-        if db.generation == self._generation:
-            return
-        self._generation = db.generation
         owned = db.owned
-        if owned is not None:
+        if self._partitions_moved(db.generation) and owned is not None:
             self._backlog = deque(r for r in self._backlog if r.row.part in owned)
-        self._cursor = 0
 
     def busy_partitions(self) -> set[int]:
         """The partitions with a report being written to Didomi or waiting in the backlog."""
