@@ -431,6 +431,9 @@ class ReplicaBench(Bench):
             name = "ab"[index]
             config = self.tmp / f"{key}-{name}.toml"
             delivery = {"replica": name, "lease_s": self.args.lease_s}
+            # A replica starts no request that could outlive its lease (delivery.lease_s must be
+            # at least 1.5 x (braze.timeout_s + 1)): 5 s keeps --lease-s 10 allowed.
+            braze = {"timeout_s": 5, **(braze or {})}
             gateway_toml(config, free_port(), self.braze.url, spool, braze, delivery)
             started.append(start_gateway(self.procs, f"{key}-{name}", config, self.server_env))
         if count > 1:

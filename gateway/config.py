@@ -73,9 +73,10 @@ class DeliveryConfig(Strict, frozen=True):
     max_pending: int = 1_000_000
     min_free_bytes: int = 64 * 1024 * 1024
     # With a PostgreSQL spool: this replica's name (empty: host and pid) and how long a
-    # replica's hold on its partitions lasts without a heartbeat (a kill -9's takeover time).
+    # replica's hold on its partitions lasts without a heartbeat (a kill -9's takeover time;
+    # at least 1.5 x (the longest request timeout + 1 s), see `lease_floor`).
     replica: str = ""
-    lease_s: float = 10.0
+    lease_s: float = 20.0
 
 
 class DidomiConfig(Strict, frozen=True):
@@ -142,6 +143,18 @@ class Config(Strict, frozen=True):
     didomi_api: DidomiApiConfig = DidomiApiConfig()
     braze_webhooks: BrazeWebhooksConfig | None = None
     retention: RetentionConfig = RetentionConfig()
+
+
+def request_bound_s(config: Config) -> float:
+    """The longest a delivery request may take, plus a second: Braze's, or Didomi's if used."""
+    api = config.didomi_api
+    return max(config.braze.timeout_s, api.timeout_s if api.enabled else 0.0) + 1.0
+
+
+def lease_floor(config: Config) -> float:
+    """The shortest `delivery.lease_s` that lets a replica stop starting requests in time
+    (`request_bound_s` before its lease ends) with two heartbeats (each `lease_s / 6`) to spare."""
+    return round(request_bound_s(config) * 1.5, 3)
 
 
 def secrets_of(config: Config) -> list[str]:
@@ -543,6 +556,14 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
 def _check_reverse_path(config: Config, located: Located, *, require_secrets: bool) -> None:
     """[didomi_api] and [braze_webhooks]: the Braze-to-Didomi direction."""
     api = config.didomi_api
+    delivery = config.delivery
+    if is_postgresql(delivery.spool) and delivery.lease_s < lease_floor(config):
+        located.add(
+            ("delivery", "lease_s"),
+            f"delivery.lease_s must be at least {lease_floor(config):g} s with these timeouts: a"
+            " replica starts no request that could outlive its lease, and needs room for two"
+            " missed heartbeats besides; raise lease_s or lower braze.timeout_s",
+        )
     if config.braze_webhooks is not None and not api.enabled:
         located.add(
             ("braze_webhooks",),

@@ -363,14 +363,14 @@ class Dispatcher(Worker):
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
         while True:
+            # A partition given up meanwhile (its lease about to run out) is another
+            # replica's now: its rows stay in the spool for it, rather than leave from two.
+            owned = self.spool.db.owned
+            if owned is not None:
+                items = [i for i in items if all(r.part in owned for r in i.rows)]
+                if not items:
+                    return
             if retried:
-                # A partition given up meanwhile (its lease ran out) is another replica's now:
-                # its rows stay in the spool for it, rather than leave from two replicas.
-                owned = self.spool.db.owned
-                if owned is not None:
-                    items = [i for i in items if all(r.part in owned for r in i.rows)]
-                    if not items:
-                        return
                 # While this batch waited, a Braze change may have been written back to Didomi
                 # (or a newer choice applied): check again, rather than overwrite it with older.
                 await self._drop_stale(items)

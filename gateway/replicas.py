@@ -7,8 +7,9 @@ every `lease_s / 6`. The leases are rows in the spool database, timed by the dat
 others take its partitions once the lease has run out. Each replica aims at an equal share of
 the partitions among the replicas seen alive; one holding more gives the excess up, but only
 once it has nothing of those partitions in flight, so that one person's updates are never
-sent by two replicas at once. A replica that cannot renew its leases stops delivering them a
-third of a lease before they run out, before anyone else may take them.
+sent by two replicas at once. A replica that cannot renew its leases stops starting requests
+on them a third of a lease before they run out, or the longest a request may take if that is
+more (`guard_s`), so that none it started is still in flight when another may take over.
 
 `Budget` is the request budget Braze counts per workspace: a token bucket in the database,
 one row per API, that every replica draws on before each request (`requests_per_second` is
@@ -37,7 +38,7 @@ from .store import PARTITIONS
 log = logging.getLogger("gateway.replicas")
 T = TypeVar("T")
 
-DEFAULT_LEASE_S = 10.0
+DEFAULT_LEASE_S = 20.0
 _NOW = "extract(epoch from clock_timestamp())"
 
 
@@ -91,6 +92,7 @@ class Replicas:
         name: str,
         *,
         lease_s: float = DEFAULT_LEASE_S,
+        request_bound_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
@@ -99,6 +101,10 @@ class Replicas:
         # given one name by mistake still never hold the same partition.
         self.owner = f"{name}/{secrets.token_hex(4)}"
         self.lease_s = lease_s
+        # Delivery stops this long before the leases could run out: a third of the lease, or
+        # the longest a request may take, whichever is more, so no request started on a
+        # partition can still be in flight when another replica may take it over.
+        self.guard_s = max(lease_s / 3, request_bound_s)
         self.clock = clock
         # Callables that name the partitions with work in flight (the dispatcher's, the
         # writeback's): a partition is given up only once none of them names it.
@@ -158,10 +164,10 @@ class Replicas:
 
     def check(self) -> None:
         """Stop delivering leases that may have run out: renewals failed for too long."""
-        if self.db.owned and self.clock() > self._valid_until - self.lease_s / 3:
+        if self.db.owned and self.clock() > self._valid_until - self.guard_s:
             log.error(
                 "partition leases could not be renewed for %.0f s; delivery stops until they are",
-                self.lease_s * 2 / 3,
+                self.lease_s - self.guard_s,
             )
             self._own(frozenset())
 
@@ -202,7 +208,7 @@ class Replicas:
         """Run `check` when the leases reach their last third, whatever the loop is doing."""
         if self._timer is not None:
             self._timer.cancel()
-        delay = self._valid_until - self.lease_s / 3 - self.clock()
+        delay = self._valid_until - self.guard_s - self.clock()
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self.check)
 
     def _beat(

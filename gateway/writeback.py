@@ -251,6 +251,9 @@ class Writeback(Worker):
     async def _write(self, report: Report) -> None:
         attempt = 0
         while True:
+            owned = self.spool.db.owned
+            if owned is not None and report.row.part not in owned:
+                return  # its lease is running out: the row stays for whoever takes it over
             # Filtered afresh before every try: a Didomi choice applied while this one waited
             # may have made it stale.
             edit, live, dropped = await self._prepare(report)
@@ -293,9 +296,6 @@ class Writeback(Worker):
             await self._pause(decision.delay_s)
             if self.stopping:
                 return  # the row stays in the spool for the next start
-            owned = self.spool.db.owned
-            if owned is not None and report.row.part not in owned:
-                return  # its lease ran out meanwhile: the row stays for the replica that has it
 
     async def _prepare(
         self, report: Report

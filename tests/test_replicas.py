@@ -328,11 +328,12 @@ async def test_two_replicas_one_killed_deliver_everything_in_order_within_the_ra
                     "flush_interval_ms": 10,
                     "max_in_flight": 4,
                     "requests_per_second": rate,  # the whole deployment's
+                    "timeout_s": 0.9,  # short, so a short lease may bound every request
                 },
                 delivery={
                     "spool": pg_url,
                     "replica": name,
-                    "lease_s": 2,
+                    "lease_s": 3,
                     "retry_initial_ms": 20,
                     "retry_max_ms": 200,
                 },
@@ -594,3 +595,41 @@ async def test_two_processes_given_one_name_never_hold_one_partition(pg_url: str
             await replica.stop()
         for db in dbs:
             db.close()
+
+
+async def test_no_request_is_started_that_could_outlive_the_lease(pg_url: str) -> None:
+    """With a request bound longer than a third of the lease, delivery stops that long before
+    the lease ends: a request started just before the stop still ends before anyone may take
+    the partition over."""
+    clock = Clock()
+    db = PgSpoolDB(pg_url)
+    replica = Replicas(db, "a", lease_s=30, request_bound_s=20, clock=clock)
+    try:
+        await replica.start()
+        clock.now += 9.5
+        replica.check()
+        assert db.owned  # 20.5 s left, more than any request takes
+        clock.now += 1
+        replica.check()
+        assert db.owned == frozenset()
+    finally:
+        await replica.stop()
+        db.close()
+
+
+def test_a_lease_too_short_for_the_request_timeouts_is_refused(tmp_path: Path) -> None:
+    """delivery.lease_s below 1.5 x (braze.timeout_s + 1) on PostgreSQL: a config error that
+    says what to change (SQLite has no leases, so it does not care)."""
+    from conftest import write_config
+
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    url = "postgresql://gateway@db.internal/gateway"
+    path = write_config(tmp_path, delivery={"spool": url, "lease_s": 10})
+    with pytest.raises(ConfigError, match=r"lease_s must be at least 16\.5 s"):
+        load_config(path, {"DIDOMI_CLIENT_SECRET": "x", "BRAZE_API_KEY": "y"})
+    write_config(tmp_path, delivery={"spool": url, "lease_s": 10}, braze={"timeout_s": 5})
+    assert load_config(path, {"DIDOMI_CLIENT_SECRET": "x", "BRAZE_API_KEY": "y"})
+    write_config(tmp_path, delivery={"lease_s": 1})
+    assert load_config(path, {"DIDOMI_CLIENT_SECRET": "x", "BRAZE_API_KEY": "y"})
