@@ -211,7 +211,7 @@ class Batcher:
         For a failure between fetching and acknowledging: the rows stay deliverable without a
         restart. Returns how many rows came back. The caller still releases the batch.
         """
-        returned = [item for item in batch.items if not item.settled]
+        returned = [item for item in batch.items if not (item.settled or item.returned)]
         entries = [entry for item in returned for entry in item.entries]
         if not entries:
             return 0

@@ -28,6 +28,7 @@ DELETE = "/users/delete"
 MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
 MAX_DELETE_IDS = 50
 SHARED_TIMEOUT_S = 2.0  # how long a turn waits for the shared budget before pacing locally
+SHARED_RETRY_S = 5.0  # then how long turns are paced locally before asking it again
 
 
 # /users/delete names people by one identifier kind per request.
@@ -127,6 +128,7 @@ class RateLimiter:
         # Replicas on one PostgreSQL spool share the rate: set by the server, None alone.
         self.shared: SharedBudget | None = None
         self.replicas: Callable[[], int] = lambda: 1
+        self._shared_down_until = 0.0  # after a failed turn, pace locally for a while
         self._blocking: set[asyncio.Task[None]] = set()
 
     def set_rate(self, requests_per_second: float) -> None:
@@ -137,13 +139,17 @@ class RateLimiter:
         """Wait for this request's turn; returns its number, for `observe`."""
         number = await self._local()
         shared = self.shared
+        if shared is not None and self.clock() < self._shared_down_until:
+            shared = None  # it failed a moment ago: do not queue behind a hung database
+            await asyncio.sleep(self.interval * max(1, self.replicas()))
         while shared is not None:
             try:
                 wait = await asyncio.wait_for(shared.take(1.0 / self.interval), SHARED_TIMEOUT_S)
             except (GatewayError, TimeoutError) as exc:
                 # Without the database, pace as if every replica alive sent as fast as this one.
-                reason = exc or "no answer"
+                reason = str(exc) or "no answer"
                 log.warning("the shared Braze budget cannot be read (pacing locally): %s", reason)
+                self._shared_down_until = self.clock() + SHARED_RETRY_S
                 await asyncio.sleep(self.interval * max(1, self.replicas()))
                 break
             if wait <= 0:
@@ -311,17 +317,30 @@ class BrazeClient:
         self._retired.clear()
         await asyncio.gather(*self._closing)
 
-    async def track(self, objects: Sequence[dict[str, Any]]) -> Answer:
+    async def track(
+        self, objects: Sequence[dict[str, Any]], allowed: Callable[[], bool] | None = None
+    ) -> Answer:
         """POST one `/users/track` request carrying `objects`."""
-        return await self.post(TRACK, {"attributes": list(objects)})
+        return await self.post(TRACK, {"attributes": list(objects)}, allowed)
 
-    async def delete(self, identity: str, persons: Sequence[str]) -> Answer:
+    async def delete(
+        self, identity: str, persons: Sequence[str], allowed: Callable[[], bool] | None = None
+    ) -> Answer:
         """POST one `/users/delete` request for `persons`, named by `identity`."""
-        return await self.post(DELETE, delete_body(identity, persons))
+        return await self.post(DELETE, delete_body(identity, persons), allowed)
 
-    async def post(self, path: str, body: dict[str, Any]) -> Answer:
-        """Send one request after the rate limiter allows it, and classify the answer."""
+    async def post(
+        self, path: str, body: dict[str, Any], allowed: Callable[[], bool] | None = None
+    ) -> Answer:
+        """Send one request after the rate limiter allows it, and classify the answer.
+
+        `allowed`, asked once the turn has come (the wait may be long), says whether the
+        request may still leave: on a shared spool, whether its partitions are still this
+        replica's. If not, nothing is sent and the answer is a retry, which finds them gone.
+        """
         number = await self.limiter.acquire()
+        if allowed is not None and not allowed():
+            return Answer(Verdict.RETRY, None, "its partitions are another replica's now")
         data = _encoder.encode(body)
         # Server, key and timeout are read together, with no await between: a reload never
         # sends one server the key meant for another.

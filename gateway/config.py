@@ -74,9 +74,10 @@ class DeliveryConfig(Strict, frozen=True):
     min_free_bytes: int = 64 * 1024 * 1024
     # With a PostgreSQL spool: this replica's name (empty: host and pid) and how long a
     # replica's hold on its partitions lasts without a heartbeat (a kill -9's takeover time;
-    # at least 1.5 x (the longest request timeout + 1 s), see `lease_floor`).
+    # at least 1.5 x (the longest request timeout + 1 s), see `lease_floor`; 0: that, or 20 s
+    # if more, see `lease_of`).
     replica: str = ""
-    lease_s: float = 20.0
+    lease_s: float = 0.0
 
 
 class DidomiConfig(Strict, frozen=True):
@@ -145,16 +146,26 @@ class Config(Strict, frozen=True):
     retention: RetentionConfig = RetentionConfig()
 
 
+DEFAULT_LEASE_S = 20.0
+
+
 def request_bound_s(config: Config) -> float:
-    """The longest a delivery request may take, plus a second: Braze's, or Didomi's if used."""
+    """The longest a delivery request may take, plus a second: Braze's, or Didomi's if used
+    (twice its timeout: a write may need a login first)."""
     api = config.didomi_api
-    return max(config.braze.timeout_s, api.timeout_s if api.enabled else 0.0) + 1.0
+    return max(config.braze.timeout_s, 2 * api.timeout_s if api.enabled else 0.0) + 1.0
 
 
 def lease_floor(config: Config) -> float:
     """The shortest `delivery.lease_s` that lets a replica stop starting requests in time
     (`request_bound_s` before its lease ends) with two heartbeats (each `lease_s / 6`) to spare."""
     return round(request_bound_s(config) * 1.5, 3)
+
+
+def lease_of(config: Config) -> float:
+    """The lease replicas hold their partitions by: `delivery.lease_s`, or when 0 the floor
+    these timeouts need, and at least 20 s."""
+    return config.delivery.lease_s or max(DEFAULT_LEASE_S, lease_floor(config))
 
 
 def secrets_of(config: Config) -> list[str]:
@@ -493,7 +504,6 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
         (("braze", "timeout_s"), braze.timeout_s),
         (("braze", "requests_per_second"), braze.requests_per_second),
         (("delivery", "give_up_after_s"), delivery.give_up_after_s),
-        (("delivery", "lease_s"), delivery.lease_s),
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
@@ -557,7 +567,9 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
     """[didomi_api] and [braze_webhooks]: the Braze-to-Didomi direction."""
     api = config.didomi_api
     delivery = config.delivery
-    if is_postgresql(delivery.spool) and delivery.lease_s < lease_floor(config):
+    if delivery.lease_s < 0:
+        located.add(("delivery", "lease_s"), "delivery.lease_s must be positive (0: automatic)")
+    elif is_postgresql(delivery.spool) and 0 < delivery.lease_s < lease_floor(config):
         located.add(
             ("delivery", "lease_s"),
             f"delivery.lease_s must be at least {lease_floor(config):g} s with these timeouts: a"

@@ -215,6 +215,11 @@ class Dispatcher(Worker):
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
 
+    def _ours(self, item: Item) -> bool:
+        """Whether every row of `item` is of a partition this replica delivers now."""
+        owned = self.spool.db.owned
+        return owned is None or all(row.part in owned for row in item.rows)
+
     def busy_partitions(self) -> set[int]:
         """The partitions with updates in flight to Braze or still in the backlog (not to be
         given up yet: the backlog forgets them at the next refill)."""
@@ -367,7 +372,13 @@ class Dispatcher(Worker):
             # replica's now: its rows stay in the spool for it, rather than leave from two.
             owned = self.spool.db.owned
             if owned is not None:
-                items = [i for i in items if all(r.part in owned for r in i.rows)]
+                lost = [i for i in items if not self._ours(i)]
+                if lost:
+                    # Back to the backlog, where the person's later rows wait behind them:
+                    # forgotten with those if the partition stays another replica's, sent
+                    # first if it comes back, never overtaken.
+                    self.batcher.give_back(Batch(lost, delete=delete))
+                    items = [i for i in items if self._ours(i)]
                 if not items:
                     return
             if retried:
@@ -384,9 +395,16 @@ class Dispatcher(Worker):
             retried = True
             config = self.config  # a reload applies from the next request on
             sent_at = self.clock()
+            sending = items
+
+            def allowed(sending: list[Item] = sending) -> bool:
+                return all(self._ours(item) for item in sending)
+
             if delete:
                 # One identifier kind per request: the batcher never mixes them.
-                answer = await self.client.delete(items[0].identity, [i.person for i in items])
+                answer = await self.client.delete(
+                    items[0].identity, [i.person for i in items], allowed
+                )
             else:
                 braze = config.braze
                 answer = await self.client.track(
@@ -398,7 +416,8 @@ class Dispatcher(Worker):
                             update_existing_only=braze.update_existing_only,
                         )
                         for item in items
-                    ]
+                    ],
+                    allowed,
                 )
             if answer.verdict is not Verdict.OK:
                 attempt += 1

@@ -34,27 +34,45 @@ FILL_PAGES = 16_384  # per call: 64 MiB of 4 KiB pages, a few hundred millisecon
 _decode = msgspec.json.Decoder()
 
 
-# Whether a body holds a text (lowercased), in SQLite's SQL: the prefilter of `scrub`.
-# PostgreSQL has none: its `convert_from` refuses a body with a byte that is not UTF-8 (which
-# msgspec lets through in fields it skips), and the erasure would then never commit.
+# Whether a body holds a text (lowercased), in each engine's SQL: the prefilter of `scrub`.
+# On PostgreSQL through `encode(body, 'escape')`, not `convert_from`, which refuses a body with
+# a byte that is not UTF-8 (msgspec lets them through in fields it skips): the erasure would
+# then never commit. The needle is escaped the same way (`escaped`).
 SQLITE_CONTAINS = "instr(lower(CAST(body AS TEXT)), ?) > 0"
+POSTGRESQL_CONTAINS = "strpos(lower(encode(body, 'escape')), ?) > 0"
 
 
-def scrub(db: Conn, person: str, hashed: str, contains: str | None = SQLITE_CONTAINS) -> int:
+def escaped(person: str) -> str:
+    """`person`, lowercased, as PostgreSQL's `encode(..., 'escape')` spells its UTF-8 bytes."""
+    out = []
+    for byte in person.lower().encode():
+        if byte == 0x5C:
+            out.append("\\\\")
+        elif byte == 0 or byte >= 0x80:
+            out.append(f"\\{byte:03o}")
+        else:
+            out.append(chr(byte))
+    return "".join(out)
+
+
+def scrub(
+    db: Conn,
+    person: str,
+    hashed: str,
+    contains: str = SQLITE_CONTAINS,
+    needle: str | None = None,
+) -> int:
     """Remove `person`'s data from the spool; returns how many inbox rows went."""
-    # A cheap prefilter in SQL (where there is one), then an exact test of the identifier
-    # fields in Python.
-    needle = person.lower()
-    where = f" AND {contains}" if contains else ""
+    # A cheap prefilter in SQL, then an exact test of the identifier fields in Python.
+    needle = needle if needle is not None else person.lower()
     inbox = db.execute(
-        f"SELECT id, type, body FROM inbox WHERE direction = 1{where}",  # noqa: S608 - a constant
-        (needle,) if contains else (),
+        f"SELECT id, type, body FROM inbox WHERE direction = 1 AND {contains}",  # noqa: S608 - a constant
+        (needle,),
     ).fetchall()
     gone = [row_id for row_id, kind, body in inbox if names(kind, bytes(body), person)]
     letters = db.execute(
-        "SELECT id, type, body, person FROM dead_letters"  # noqa: S608 - a constant
-        + (f" WHERE person = ? OR {contains}" if contains else ""),
-        (person, needle) if contains else (),
+        f"SELECT id, type, body, person FROM dead_letters WHERE person = ? OR {contains}",  # noqa: S608 - a constant
+        (person, needle),
     ).fetchall()
     dead = [
         i for i, kind, body, who in letters if who == person or names(kind, bytes(body), person)

@@ -39,6 +39,7 @@ log = logging.getLogger("gateway.replicas")
 T = TypeVar("T")
 
 DEFAULT_LEASE_S = 20.0
+CLOSE_S = 5.0  # how long a stop waits for the lease and budget connections
 _NOW = "extract(epoch from clock_timestamp())"
 
 
@@ -58,7 +59,12 @@ class _Thread:
 
     def _db(self) -> Conn:
         if self._conn is None or self._conn.raw.closed or self._conn.raw.broken:
-            self._conn = connect(self.url, application_name=f"didomi-braze-gateway {self._name}")
+            # Short statements only: one that hangs must fail, not hold leases or turns up.
+            self._conn = connect(
+                self.url,
+                application_name=f"didomi-braze-gateway {self._name}",
+                statement_timeout_ms=5000,
+            )
         return self._conn
 
     async def run(self, work: Callable[[Conn], T]) -> T:
@@ -79,8 +85,16 @@ class _Thread:
             if self._conn is not None:
                 self._conn.raw.close()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+        try:
+            # Bounded: behind a call stuck on a dead connection, a shutdown must not wait.
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._executor, close), CLOSE_S
+            )
+        except TimeoutError:
+            log.warning(
+                "the %s connection did not close in %.0f s; left behind", self._name, CLOSE_S
+            )
+        self._executor.shutdown(wait=False)
 
 
 class Replicas:
@@ -137,9 +151,9 @@ class Replicas:
             self._timer.cancel()
         self._own(frozenset())
         try:
-            await self._thread.run(self._leave)
+            await asyncio.wait_for(self._thread.run(self._leave), CLOSE_S)
             self.held.clear()
-        except SpoolError as exc:
+        except (SpoolError, TimeoutError) as exc:
             log.warning("could not give the partition leases up; they expire: %s", exc)
         await self._thread.close()
 

@@ -33,7 +33,7 @@ from aiohttp.typedefs import Handler
 from . import braze_intake
 from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from .braze import open_client
-from .config import Config, DeliveryConfig, request_bound_s, secrets_of
+from .config import Config, DeliveryConfig, lease_of, request_bound_s, secrets_of
 from .didomi import open_didomi_client
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SpoolError, SpoolFull
@@ -133,7 +133,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     if isinstance(db, PgSpoolDB):
         name = replica_name(config.delivery.replica)
         replicas = Replicas(
-            db, name, lease_s=config.delivery.lease_s, request_bound_s=request_bound_s(config)
+            db, name, lease_s=lease_of(config), request_bound_s=request_bound_s(config)
         )
         app[REPLICAS] = replicas
         app[BUDGET] = Budget(db.url)

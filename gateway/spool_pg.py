@@ -158,13 +158,19 @@ class Conn:
         return cursor
 
 
-def connect(url: str, *, application_name: str = "didomi-braze-gateway") -> Conn:
+def connect(
+    url: str, *, application_name: str = "didomi-braze-gateway", statement_timeout_ms: int = 0
+) -> Conn:
     """A connection to the spool database, its search path set to the gateway's schema."""
     if psycopg is None:
         raise SpoolError(
             "delivery.spool names a PostgreSQL database, but psycopg is not installed:"
             " pip install 'didomi-braze-gateway[postgresql]'"
         )
+    # PGOPTIONS and the like stay the operator's, but for the short statements asked for.
+    extra: dict[str, Any] = {}
+    if statement_timeout_ms:
+        extra["options"] = f"-c statement_timeout={statement_timeout_ms}"
     try:
         raw = psycopg.connect(
             url,
@@ -176,6 +182,9 @@ def connect(url: str, *, application_name: str = "didomi-braze-gateway") -> Conn
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            # Also while a query waits for its answer, which keepalives do not cover.
+            tcp_user_timeout=30_000,
+            **extra,
         )
     except psycopg.Error as exc:
         raise SpoolError(f"cannot connect to the spool database {redact(url)}: {exc}") from exc
@@ -455,7 +464,9 @@ class PgSpoolDB(SpoolBase):
             trail.write(db, self.person_key, audit)
             for person in erase:
                 hashed = trail.person_hash(self.person_key, person)
-                removed += erasure.scrub(db, person, hashed, contains=None)
+                removed += erasure.scrub(
+                    db, person, hashed, erasure.POSTGRESQL_CONTAINS, erasure.escaped(person)
+                )
             return int(removed)
 
         removed = self._tx(work)

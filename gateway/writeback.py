@@ -251,9 +251,11 @@ class Writeback(Worker):
     async def _write(self, report: Report) -> None:
         attempt = 0
         while True:
-            owned = self.spool.db.owned
-            if owned is not None and report.row.part not in owned:
-                return  # its lease is running out: the row stays for whoever takes it over
+            if not self._owns(report):
+                # Its lease is running out: back to the backlog, ahead of the person's later
+                # reports, which are forgotten with it unless the partition comes back.
+                self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
+                return
             # Filtered afresh before every try: a Didomi choice applied while this one waited
             # may have made it stale.
             edit, live, dropped = await self._prepare(report)
@@ -326,7 +328,14 @@ class Writeback(Worker):
         digest.update(_encode(purposes))
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         report.event_id = event_id
+        if not self._owns(report):  # reading took long: it may be another replica's now
+            return Answer(Verdict.RETRY, None, "its partition is another replica's now")
         return await self.client.write_event(event_id, report.person, purposes, api.regulation)
+
+    def _owns(self, report: Report) -> bool:
+        """Whether the report's partition is one this replica delivers now."""
+        owned = self.spool.db.owned
+        return owned is None or report.row.part in owned
 
     def _filter(
         self,

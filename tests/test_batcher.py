@@ -155,3 +155,38 @@ def test_rows_of_a_partition_no_longer_owned_are_never_taken() -> None:
     assert batcher.take(75, owned=frozenset({1})) is None  # both rows are of partition 0
     assert len(batcher) == 0
     assert batcher.ids == set()
+
+
+def test_a_returned_deletion_keeps_the_persons_later_rows_behind_it() -> None:
+    """An item given back in flight (its partition went to another replica) goes back ahead
+    of the person's later rows: forgotten with them while the partition is not owned, sent
+    first once it is; a later opt-in never overtakes an earlier deletion."""
+    batcher = Batcher()
+    batcher.add([entry(1, "p", delete=True)])
+    batch = batcher.take(75)
+    assert batch is not None
+    assert batch.delete
+    batcher.add([entry(2, "p", delete=False)])  # fetched while the deletion was in flight
+    batcher.give_back(batch)
+    batcher.give_back(batch)  # a later failure of the same batch returns nothing twice
+    batcher.release(batch)
+    assert len(batcher) == 2
+    first = batcher.take(75)
+    assert first is not None
+    assert first.delete  # the deletion first, the update after it
+    assert [e.row.id for i in first.items for e in i.entries] == [1]
+    batcher.release(first)
+
+
+def test_a_returned_item_is_forgotten_with_the_later_rows_of_an_unowned_partition() -> None:
+    """Not owned any more: the returned item and the person's later rows all go (they stay
+    in the spool for the replica that owns them now), and their ids are freed for a re-read."""
+    batcher = Batcher()
+    batcher.add([entry(1, "p", delete=True)])
+    batch = batcher.take(75)
+    assert batch is not None
+    batcher.add([entry(2, "p", delete=False)])
+    batcher.give_back(batch)
+    batcher.release(batch)
+    assert batcher.take(75, owned=frozenset({5})) is None
+    assert (len(batcher), batcher.ids) == (0, set())

@@ -200,11 +200,30 @@ async def test_without_its_database_the_shared_budget_paces_by_the_replicas_aliv
         async def take(self, rate: float) -> float:
             from gateway.errors import SpoolError
 
+            self.takes.append(rate)
             raise SpoolError("the spool database failed: gone")
 
     limiter = RateLimiter(20.0)
-    limiter.shared = Failing([])
+    failing = Failing([])
+    limiter.shared = failing
     limiter.replicas = lambda: 2
     started = time.monotonic()
     await limiter.acquire()
     assert time.monotonic() - started >= 2 / 20.0 * 0.9
+    # For a few seconds after, turns do not queue behind the failing database again.
+    await limiter.acquire()
+    assert failing.takes == [20.0]
+
+
+async def test_a_request_whose_partitions_went_elsewhere_during_its_wait_is_not_sent(
+    fake: FakeBraze,
+) -> None:
+    """`allowed` is asked after the rate limiter's wait: when it says no, nothing reaches
+    Braze and the answer is a retry (which then finds the rows another replica's)."""
+    async with open_client(BrazeConfig(server=fake.url, api_key=BRAZE_API_KEY), Metrics()) as c:
+        answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: False)
+        assert answer.verdict is Verdict.RETRY
+        assert fake.requests == []
+        answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: True)
+        assert answer.verdict is Verdict.OK
+        assert len(fake.requests) == 1

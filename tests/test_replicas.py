@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import signal
 import time
@@ -573,6 +574,12 @@ def test_an_erasure_commits_beside_a_body_that_is_not_utf8(pg_url: str) -> None:
         left = [row.body for row in db.fetch(0, 10, "to_didomi")]
         assert left == [step]  # theirs went, the other person's stayed
         assert db.applied_times(["erase-me"]) == {("erase-me", "email_subscribe"): 1.0}
+        # An identifier outside ASCII is still found (the prefilter escapes it as the body).
+        email = "Jos\u00e9.Back@example.org"  # a letter outside ASCII, written as UTF-8
+        raw = json.dumps({"external_id": "x", "email": email}, ensure_ascii=False).encode()
+        db.put_many([("j", "braze.step", raw, "x")])
+        db.ack([], erase=[email])
+        assert [row.body for row in db.fetch(0, 10, "to_didomi")] == [step]
     finally:
         db.close()
 
