@@ -25,7 +25,7 @@ from gateway.errors import SpoolError
 from gateway.replicas import Budget, Replicas
 from gateway.spool_pg import PgSpoolDB, partition
 from gateway.store import PARTITIONS, open_store
-from gateway.testing import FakeBraze
+from gateway.testing import FakeBraze, FakeDidomi
 from gateway.trace import as_dict
 
 
@@ -640,3 +640,63 @@ def test_a_lease_too_short_for_the_request_timeouts_is_refused(tmp_path: Path) -
     assert load_config(path, {"DIDOMI_CLIENT_SECRET": "x", "BRAZE_API_KEY": "y"})
     write_config(tmp_path, delivery={"lease_s": 1})
     assert load_config(path, {"DIDOMI_CLIENT_SECRET": "x", "BRAZE_API_KEY": "y"})
+
+
+async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
+    pg_url: str, tmp_path: Path, fake_didomi: FakeDidomi
+) -> None:
+    """Braze's reports are written to Didomi by the replica owning their person's partition;
+    one whose partition is another's stays in the spool, and is written once it is owned."""
+    from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
+
+    from gateway.didomi import open_didomi_client
+    from gateway.mappings import load_rules
+    from gateway.metrics import Metrics
+    from gateway.spool import Spool
+    from gateway.writeback import Writeback
+
+    config = build_config(
+        tmp_path,
+        delivery={"spool": pg_url, "retry_initial_ms": 10, "retry_max_ms": 50},
+        braze_webhooks={"tokens": ["t"]},
+        didomi_api={
+            "enabled": True,
+            "base_url": fake_didomi.url + "/v1",
+            "organization_id": DIDOMI_ORG,
+            "key": DIDOMI_API_KEY,
+            "secret": DIDOMI_API_SECRET,
+        },
+    )
+    rules = load_rules(config.mappings.dir)
+    people = [f"rev-{n}" for n in range(8)]
+    mine = {partition(p) for p in people[:4]} - {partition(p) for p in people[4:]}
+    assert mine
+    db = PgSpoolDB(pg_url)
+    for n, person in enumerate(people):
+        body = {
+            "external_id": person,
+            "email_subscribe": "unsubscribed",
+            "time": str(1_700_000_000 + n),
+        }
+        db.put_many([(f"s{n}", "braze.step", json.dumps(body).encode(), person)])
+    db.set_owned(frozenset(mine))
+    spool = Spool(db)
+    async with open_didomi_client(config.didomi_api) as client:
+        back = Writeback(config, spool, lambda: rules, client, Metrics())
+        await back.start()
+        try:
+            ours = [p for p in people if partition(p) in mine]
+
+            async def written(expected: list[str]) -> bool:
+                names = sorted(e.body["user"]["organization_user_id"] for e in fake_didomi.events)
+                return names == sorted(expected)
+
+            await eventually(lambda: written(ours), 10, "the owned reports to be written")
+            await asyncio.sleep(0.3)
+            assert await written(ours)  # nothing of the others' partitions
+            db.set_owned(None)
+            back.wake()
+            await eventually(lambda: written(people), 10, "the rest, once owned")
+        finally:
+            await back.stop(grace_s=2.0)
+            await spool.close()
