@@ -11,8 +11,8 @@ sent by two replicas at once. A replica that cannot renew its leases stops start
 on them a third of a lease before they run out, or the longest a request may take if that is
 more (`guard_s`), so that none it started is still in flight when another may take over.
 
-`Budget` is the request budget Braze counts per workspace: a token bucket in the database,
-one row per API, that every replica draws on before each request (`requests_per_second` is
+`Budget` is the request budget Braze counts per workspace: the next free turn, one row per
+API in the database, that every replica takes before each request (`requests_per_second` is
 the whole deployment's), and a stop that Braze's `X-RateLimit-*` answers to one replica put
 on all of them.
 """
