@@ -16,9 +16,12 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import SpoolError
-from .store import Conn
+
+if TYPE_CHECKING:
+    from .store import Conn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key

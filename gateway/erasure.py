@@ -23,11 +23,12 @@ instruction, delivered if it is newer than the erasure and refused as stale othe
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .store import Conn
+if TYPE_CHECKING:
+    from .store import Conn
 
 _FILL = "erasure-fill-"  # meta keys of the zero blobs that hold free pages while they are zeroed
 FILL_PAGES = 16_384  # per call: 64 MiB of 4 KiB pages, a few hundred milliseconds of writing

@@ -18,12 +18,12 @@ import time
 from typing import TYPE_CHECKING
 
 from .errors import SpoolError
-from .store import Conn
 
 if TYPE_CHECKING:
     from .config import RetentionConfig
     from .metrics import Metrics
     from .spool import Spool
+    from .store import Conn
 
 log = logging.getLogger("gateway.retention")
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from . import audit as trail
 from . import erasure, retention
 from .errors import SpoolError, SpoolFull, SpoolLocked
-from .store import Dead, DeadLetter, Item, Pending, SpoolBase, Store
+from .store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
 from .webhooks import Direction, direction_of
 
 _SCHEMA = """
@@ -81,7 +81,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 T = TypeVar("T")
 # Dead letters of Braze's reports (the reverse path) are told apart by their type.
-_TO_DIDOMI = "type LIKE 'braze.%'"
 _DIRECTION_INDEX = "CREATE INDEX IF NOT EXISTS inbox_direction ON inbox(direction, id)"
 log = logging.getLogger("gateway.spool")
 
@@ -204,7 +203,7 @@ class SpoolDB(SpoolBase):
             def add(db: sqlite3.Connection) -> None:
                 db.execute("ALTER TABLE inbox ADD COLUMN direction INTEGER NOT NULL DEFAULT 0")
                 # Braze's reports stored before the column existed are still bound for Didomi.
-                db.execute(f"UPDATE inbox SET direction = 1 WHERE {_TO_DIDOMI}")  # noqa: S608 - a constant
+                db.execute(f"UPDATE inbox SET direction = 1 WHERE {TO_DIDOMI}")  # noqa: S608 - a constant
 
             self._tx(add)
         self.db.execute(_DIRECTION_INDEX)
@@ -262,9 +261,9 @@ class SpoolDB(SpoolBase):
         return SpoolError(f"the spool {self.path} failed: {exc}")
 
     @contextlib.contextmanager
-    def _reading(self, what: str) -> Iterator[None]:
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
         try:
-            yield
+            yield self.db
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot read {what} from the spool {self.path}: {exc}") from exc
 
@@ -439,7 +438,7 @@ class SpoolDB(SpoolBase):
             rows = self.db.execute(
                 "SELECT id, received_at, type, body FROM inbox"
                 " WHERE direction = ? AND id > ? ORDER BY id LIMIT ?",
-                (_CODES[direction], after_id, limit),
+                (CODES[direction], after_id, limit),
             ).fetchall()
         return [Pending(*row) for row in rows]
 
@@ -538,15 +537,6 @@ class SpoolDB(SpoolBase):
             self.floors = retention.floors(self.db)
         return result
 
-    def trail(
-        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
-    ) -> list[trail.Entry]:
-        """A person's audit records (or one event's), newest first."""
-        with self._reading("the audit trail"):
-            if event_id is not None:
-                return trail.of_event(self.db, event_id)
-            return trail.of_person(self.db, trail.person_hash(self.person_key, person or ""), since)
-
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
         """Re-read (pending, dead) of `direction` from the file: another process may replay.
 
@@ -558,43 +548,7 @@ class SpoolDB(SpoolBase):
             self._refresh_room()  # room may come back from outside: an operator freeing space
         return self.pending_of(direction), self.count_dead(direction)
 
-    def count_pending(self, direction: Direction | None = None) -> int:
-        """Rows waiting in the inbox (read from the file: another process may have replayed)."""
-        with self._reading("the pending count"):
-            return int(
-                self.db.execute(
-                    f"SELECT count(*) FROM inbox{_inbox_where(direction)}"  # noqa: S608 - a constant
-                ).fetchone()[0]
-            )
-
-    def count_dead(self, direction: Direction | None = None) -> int:
-        """Rows in the dead letters."""
-        with self._reading("the dead-letter count"):
-            return int(
-                self.db.execute(
-                    f"SELECT count(*) FROM dead_letters{_where(direction)}"  # noqa: S608 - a constant
-                ).fetchone()[0]
-            )
-
-    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
-        """When the oldest webhook still waiting to go `direction` was received, or None."""
-        with self._reading("the oldest pending webhook"):
-            row = self.db.execute(
-                f"SELECT received_at FROM inbox{_inbox_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
-            ).fetchone()
-        return None if row is None else float(row[0])
-
     # -- dead letters -------------------------------------------------------------------------
-
-    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """Every dead letter, or the ones named, oldest first."""
-        with self._reading("the dead letters"):
-            rows = self.db.execute(
-                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
-                " ORDER BY id"
-            ).fetchall()
-        wanted = set(ids) if ids is not None else None
-        return [DeadLetter(*row) for row in rows if wanted is None or row[0] in wanted]
 
     def replay(self, ids: Sequence[int] | None = None) -> int:
         """Move dead letters back into the inbox, as if just received; returns how many."""
@@ -613,7 +567,7 @@ class SpoolDB(SpoolBase):
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
                 f"INSERT INTO inbox(received_at, type, body, direction) SELECT ?, type, body,"  # noqa: S608 - only placeholders are interpolated
-                f" CASE WHEN {_TO_DIDOMI} THEN 1 ELSE 0 END"
+                f" CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END"
                 f" FROM dead_letters {where} ORDER BY id",
                 (now, *params),
             ).rowcount
@@ -633,25 +587,8 @@ class SpoolDB(SpoolBase):
         )
 
 
-_CODES: dict[Direction, int] = {"to_braze": 0, "to_didomi": 1}
-
-
 def _code(kind: str) -> int:
-    return _CODES[direction_of(kind)]
-
-
-def _inbox_where(direction: Direction | None) -> str:
-    """The WHERE clause that keeps one direction's inbox rows (by the indexed column)."""
-    if direction is None:
-        return ""
-    return f" WHERE direction = {_CODES[direction]}"
-
-
-def _where(direction: Direction | None) -> str:
-    """The WHERE clause that keeps one direction's rows, or none for both."""
-    if direction is None:
-        return ""
-    return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{_TO_DIDOMI}"
+    return CODES[direction_of(kind)]
 
 
 def _which(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:

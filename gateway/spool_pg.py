@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from . import audit as trail
 from . import erasure, retention
 from .errors import SpoolError, SpoolFull
-from .store import PARTITIONS, Dead, DeadLetter, Item, Pending, SpoolBase, person_of
+from .store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
 from .webhooks import Direction, direction_of
 
 try:
@@ -47,8 +47,6 @@ T = TypeVar("T")
 SCHEMA = "didomi_braze_gateway"
 _MIGRATE_LOCK = 0x6462_6777_0001  # advisory lock keys: "dbgw" and a number
 _INTAKE_LOCK = 0x6462_6777_0002
-_TO_DIDOMI = "type LIKE 'braze.%'"
-_CODES: dict[Direction, int] = {"to_braze": 0, "to_didomi": 1}
 CONNECT_TIMEOUT_S = 10
 
 # Each entry brings a database from the version before it to its own number (its index + 1).
@@ -370,7 +368,7 @@ class PgSpoolDB(SpoolBase):
                         db.execute("DELETE FROM seen WHERE key = ?", (key,))
                     results.append(SpoolFull(f"the spool holds {self.max_pending} updates"))
                     continue
-                code = _CODES[direction_of(kind)]
+                code = CODES[direction_of(kind)]
                 reverse += code
                 rows.append((now, kind, body, code, partition(person_of(item))))
                 results.append(True)
@@ -397,7 +395,7 @@ class PgSpoolDB(SpoolBase):
             "SELECT id, received_at, type, body, part FROM inbox"  # noqa: S608 - a constant
             f" WHERE direction = ? AND id > ?{parts} ORDER BY id LIMIT ?"
         )
-        params: tuple[Any, ...] = (_CODES[direction], after_id)
+        params: tuple[Any, ...] = (CODES[direction], after_id)
         if owned is not None:
             params += (sorted(owned),)
         with self._reading("pending webhooks") as db:
@@ -490,57 +488,13 @@ class PgSpoolDB(SpoolBase):
         """Nothing to finish: PostgreSQL has no free pages to zero (see the module)."""
         return True
 
-    def trail(
-        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
-    ) -> list[trail.Entry]:
-        """A person's audit records (or one event's), newest first."""
-        with self._reading("the audit trail") as db:
-            if event_id is not None:
-                return trail.of_event(db, event_id)
-            return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
-
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
         """Re-read (pending, dead) of `direction`: other replicas take and deliver too."""
         self.pending = self.count_pending()
         self.pending_to_didomi = self.count_pending("to_didomi")
         return self.pending_of(direction), self.count_dead(direction)
 
-    def count_pending(self, direction: Direction | None = None) -> int:
-        """Rows waiting in the inbox, every replica's."""
-        where = "" if direction is None else f" WHERE direction = {_CODES[direction]}"
-        with self._reading("the pending count") as db:
-            return int(db.execute(f"SELECT count(*) FROM inbox{where}").fetchone()[0])  # noqa: S608 - a constant
-
-    def count_dead(self, direction: Direction | None = None) -> int:
-        """Rows in the dead letters."""
-        with self._reading("the dead-letter count") as db:
-            sql = f"SELECT count(*) FROM dead_letters{_where(direction)}"  # noqa: S608 - a constant
-            return int(db.execute(sql).fetchone()[0])
-
-    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
-        """When the oldest webhook still waiting to go `direction` was received, or None."""
-        with self._reading("the oldest pending webhook") as db:
-            row = db.execute(
-                "SELECT received_at FROM inbox WHERE direction = ? ORDER BY id LIMIT 1",
-                (_CODES[direction],),
-            ).fetchone()
-        return None if row is None else float(row[0])
-
     # -- dead letters -------------------------------------------------------------------------
-
-    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """Every dead letter, or the ones named, oldest first."""
-        with self._reading("the dead letters") as db:
-            rows = db.execute(
-                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
-                " ORDER BY id"
-            ).fetchall()
-        wanted = set(ids) if ids is not None else None
-        return [
-            DeadLetter(i, created, received, kind, person, reason, bytes(body))
-            for i, created, received, kind, person, reason, body in rows
-            if wanted is None or i in wanted
-        ]
 
     def replay(self, ids: Sequence[int] | None = None) -> int:
         """Move dead letters back into the inbox, as if just received; returns how many."""
@@ -558,7 +512,7 @@ class PgSpoolDB(SpoolBase):
                 "INSERT INTO inbox(received_at, type, body, direction, part)"
                 " VALUES (?, ?, ?, ?, ?)",
                 [
-                    (now, kind, body, _CODES[direction_of(kind)], part)
+                    (now, kind, body, CODES[direction_of(kind)], part)
                     for _, kind, body, part in letters
                 ],
             )
@@ -575,12 +529,6 @@ class PgSpoolDB(SpoolBase):
         return int(
             self._tx(lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount)  # noqa: S608 - placeholders only
         )
-
-
-def _where(direction: Direction | None) -> str:
-    if direction is None:
-        return ""
-    return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{_TO_DIDOMI}"
 
 
 def _which(ids: Sequence[int] | None) -> tuple[str, tuple[Any, ...]]:

@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import audit as trail
 from .errors import SpoolError
 from .webhooks import Direction
 
 if TYPE_CHECKING:
-    from . import audit as trail
+    from contextlib import AbstractContextManager
+
     from . import retention
     from .config import DeliveryConfig
 
@@ -27,6 +29,25 @@ PG_SCHEMES = ("postgresql://", "postgres://")
 # Every person's rows go to one of this many partitions, by a hash of the person; a replica
 # owns a share of them at a time, so one person's updates are sent by one replica at a time.
 PARTITIONS = 64
+
+# The inbox's `direction` column (indexed), and how dead letters of Braze's reports (the
+# reverse path) are told apart, by their type: the same SQL on both engines.
+CODES: dict[Direction, int] = {"to_braze": 0, "to_didomi": 1}
+TO_DIDOMI = "type LIKE 'braze.%'"
+
+
+def inbox_where(direction: Direction | None) -> str:
+    """The WHERE clause that keeps one direction's inbox rows (by the indexed column)."""
+    if direction is None:
+        return ""
+    return f" WHERE direction = {CODES[direction]}"
+
+
+def letters_where(direction: Direction | None) -> str:
+    """The WHERE clause that keeps one direction's dead letters, or none for both."""
+    if direction is None:
+        return ""
+    return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{TO_DIDOMI}"
 
 
 def is_postgresql(spool: str) -> bool:
@@ -172,10 +193,15 @@ class SpoolBase:
     pending_to_didomi = 0
     dedupe_window_s = 0.0
     clock: Callable[[], float]
+    person_key: bytes
     _puts_since_prune = 0
 
     def _tx(self, work: Callable[[Any], Any]) -> Any:
         """Run `work(connection)` in one transaction; errors become SpoolError."""
+        raise NotImplementedError
+
+    def _reading(self, what: str) -> AbstractContextManager[Conn]:
+        """The connection to read `what` on; errors become SpoolError naming it."""
         raise NotImplementedError
 
     def _by_person(
@@ -228,6 +254,49 @@ class SpoolBase:
         if direction == "to_didomi":
             return self.pending_to_didomi
         return max(0, self.pending - self.pending_to_didomi)
+
+    def count_pending(self, direction: Direction | None = None) -> int:
+        """Rows waiting in the inbox, read afresh (another process may have replayed)."""
+        with self._reading("the pending count") as db:
+            sql = f"SELECT count(*) FROM inbox{inbox_where(direction)}"  # noqa: S608 - a constant
+            return int(db.execute(sql).fetchone()[0])
+
+    def count_dead(self, direction: Direction | None = None) -> int:
+        """Rows in the dead letters."""
+        with self._reading("the dead-letter count") as db:
+            sql = f"SELECT count(*) FROM dead_letters{letters_where(direction)}"  # noqa: S608 - a constant
+            return int(db.execute(sql).fetchone()[0])
+
+    def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
+        """When the oldest webhook still waiting to go `direction` was received, or None."""
+        with self._reading("the oldest pending webhook") as db:
+            row = db.execute(
+                f"SELECT received_at FROM inbox{inbox_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """Every dead letter, or the ones named, oldest first."""
+        with self._reading("the dead letters") as db:
+            rows = db.execute(
+                "SELECT id, created_at, received_at, type, person, reason, body FROM dead_letters"
+                " ORDER BY id"
+            ).fetchall()
+        wanted = set(ids) if ids is not None else None
+        return [
+            DeadLetter(i, created, received, kind, person, reason, bytes(body))
+            for i, created, received, kind, person, reason, body in rows
+            if wanted is None or i in wanted
+        ]
+
+    def trail(
+        self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
+    ) -> list[trail.Entry]:
+        """A person's audit records (or one event's), newest first."""
+        with self._reading("the audit trail") as db:
+            if event_id is not None:
+                return trail.of_event(db, event_id)
+            return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
 
 
 def open_store(delivery: DeliveryConfig, person_key: str = "") -> Store:
