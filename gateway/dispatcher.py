@@ -370,15 +370,14 @@ class Dispatcher(Worker):
         while True:
             # A partition given up meanwhile (its lease about to run out) is another
             # replica's now: its rows stay in the spool for it, rather than leave from two.
-            owned = self.spool.db.owned
-            if owned is not None:
-                lost = [i for i in items if not self._ours(i)]
-                if lost:
-                    # Back to the backlog, where the person's later rows wait behind them:
-                    # forgotten with those if the partition stays another replica's, sent
-                    # first if it comes back, never overtaken.
-                    self.batcher.give_back(Batch(lost, delete=delete))
-                    items = [i for i in items if self._ours(i)]
+            lost = [i for i in items if not self._ours(i)]
+            if lost:
+                # Back to the backlog, where the person's later rows wait behind them:
+                # forgotten with those if the partition stays another replica's, sent
+                # first if it comes back, never overtaken.
+                self.batcher.give_back(Batch(lost, delete=delete))
+                gone = {id(i) for i in lost}
+                items = [i for i in items if id(i) not in gone]
                 if not items:
                     return
             if retried:

@@ -187,9 +187,8 @@ class Writeback(Worker):
         """Start a task for each report whose person has nothing in flight or waiting before it."""
         kept: deque[Report] = deque()
         held: set[str] = set()
-        owned = self.spool.db.owned
         for report in self._backlog:
-            if owned is not None and report.row.part not in owned:
+            if not self._owns(report):
                 continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
             busy = person in self._in_flight or person in held
