@@ -18,7 +18,7 @@ from .braze_webhooks import (
     decode_step,
     split_currents,
 )
-from .config import Config, load_config
+from .config import Config, braze_base_url, fake_braze_address, load_config
 from .errors import ConfigError, GatewayError, Problem
 from .mappings import (
     EMAIL,
@@ -144,7 +144,13 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     assert config is not None
     assert rules is not None
-    print(f"{args.config}: ok (Braze {config.braze.server}, auth {config.auth.mode})")
+    braze = f"Braze {config.braze.server}"
+    if fake_braze_address(config.braze.server) is not None:
+        braze = (
+            f"a DEMO: Braze is the fake served by `gateway run` itself at"
+            f" {braze_base_url(config.braze.server)}, nothing reaches a real Braze"
+        )
+    print(f"{args.config}: ok ({braze}, auth {config.auth.mode})")
     print(rules.summary())
     # Information, not a problem: a forward-only rule is legitimate, and the reverse path is
     # optional, so these never change the exit status.

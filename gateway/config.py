@@ -215,9 +215,38 @@ KeyPath = tuple[str | int, ...]
 MIN_FREE_FLOOR = 1024 * 1024
 
 
+FAKE_SCHEME = "fake://"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def fake_braze_address(server: str) -> tuple[str, int] | None:
+    """The loopback host and port of `braze.server = "fake://HOST:PORT"` (the demo's in-process
+    fake Braze), None for a real server; ValueError for a fake that is not on loopback."""
+    server = server.strip()
+    if not server.startswith(FAKE_SCHEME):
+        return None
+    url = urlsplit(server)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    host = url.hostname
+    if host not in _LOOPBACK or not port or url.path.strip("/") or url.query:
+        raise ValueError(
+            f"{server!r}: the fake Braze is a demo served by this process on loopback; write"
+            " fake://127.0.0.1:PORT (a port from 1 to 65535)"
+        )
+    assert host is not None  # in _LOOPBACK
+    return host, port
+
+
 def braze_base_url(server: str) -> str:
     """Turn `braze.server` (instance name, host or URL) into a base URL; ValueError if none fits."""
     server = server.strip()
+    fake = fake_braze_address(server)
+    if fake is not None:
+        loopback, port = fake
+        return f"http://[{loopback}]:{port}" if ":" in loopback else f"http://{loopback}:{port}"
     if server.startswith(("http://", "https://")):
         return server.rstrip("/")
     if _INSTANCE_NAME.match(server):
@@ -435,6 +464,7 @@ def load_config(
     raw = read_toml(path, located)
     if raw is None:
         raise ConfigError(located.problems)
+    written = raw
     raw = interpolate(raw, env, located, strict=require_secrets)
     sections: dict[str, Any] = {}
     failed: set[str | int] = set()
@@ -455,6 +485,7 @@ def load_config(
     checks = Located(located.file)
     checks.index = located.index
     _check(config, checks, require_secrets=require_secrets)
+    _check_fake_is_written(written, config, checks)
     seen = set(located.paths)
     for problem, where in zip(checks.problems, checks.paths, strict=True):
         if where[0] not in failed and where not in seen:
@@ -561,6 +592,21 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             for name in ("organization_id", "key", "secret"):
                 if not getattr(api, name):
                     located.add(("didomi_api", name), f"didomi_api.{name} is required when enabled")
+
+
+def _check_fake_is_written(written: dict[str, Any], config: Config, located: Located) -> None:
+    """The demo's fake Braze only where the file itself says so: never through a variable, so
+    an unset or mistyped variable in a real deployment can never turn it into the demo."""
+    if not config.braze.server.strip().startswith(FAKE_SCHEME):
+        return
+    braze = written.get("braze")
+    literal = braze.get("server") if isinstance(braze, dict) else None
+    if not isinstance(literal, str) or "${" in literal:
+        located.add(
+            ("braze", "server"),
+            "braze.server names the demo's fake Braze through an environment variable; write"
+            ' it in the file (server = "fake://127.0.0.1:9090"), or name a real Braze instance',
+        )
 
 
 def _check_reverse_path(config: Config, located: Located, *, require_secrets: bool) -> None:

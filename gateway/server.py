@@ -33,10 +33,17 @@ from aiohttp.typedefs import Handler
 from . import braze_intake
 from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from .braze import open_client
-from .config import Config, DeliveryConfig, lease_of, request_bound_s, secrets_of
+from .config import (
+    Config,
+    DeliveryConfig,
+    fake_braze_address,
+    lease_of,
+    request_bound_s,
+    secrets_of,
+)
 from .didomi import open_didomi_client
 from .dispatcher import Dispatcher
-from .errors import ConfigError, SpoolError, SpoolFull
+from .errors import ConfigError, GatewayError, SpoolError, SpoolFull
 from .intake import (
     CONFIG,
     METRICS,
@@ -202,6 +209,8 @@ def delivery(live: LiveRules) -> Context:
     async def context(app: web.Application) -> AsyncIterator[None]:
         config, metrics, state, spool = app[CONFIG], app[METRICS], app[STATE], app[SPOOL]
         async with contextlib.AsyncExitStack() as stack:
+            # Entered first, so it stops last: delivery finishes against it before it goes.
+            await stack.enter_async_context(_fake_braze(config))
             client = await stack.enter_async_context(open_client(config.braze, metrics))
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
             back: Writeback | None = None
@@ -276,6 +285,39 @@ def delivery(live: LiveRules) -> Context:
                 live.listeners.remove(follow)
 
     return context
+
+
+@contextlib.asynccontextmanager
+async def _fake_braze(config: Config) -> AsyncIterator[None]:
+    """The demo's fake Braze (`braze.server = "fake://..."`), served by this process."""
+    address = fake_braze_address(config.braze.server)
+    if address is None:
+        yield
+        return
+    from .testing import FakeBraze  # test code, and only a demo needs it
+
+    fake = FakeBraze(api_key=config.braze.api_key)
+    host, port = address
+    try:
+        url = await fake.start(host, port)
+    except OSError as exc:
+        raise GatewayError(
+            f"cannot serve the demo's fake Braze on {host}:{port}: {exc.strerror or exc};"
+            " pick another port in braze.server"
+        ) from None
+    # Loud on purpose: a gateway that looks healthy while nothing reaches Braze is a demo only.
+    log.warning(
+        "DEMO: braze.server is the fake Braze of gateway.testing, served by this process at"
+        " %s: nothing reaches a real Braze and its users are lost at exit; see a person at"
+        " %s/fake/users/<external id>",
+        url,
+        url,
+        extra={"fake_braze": url},
+    )
+    try:
+        yield
+    finally:
+        await fake.stop()
 
 
 def create_app(

@@ -3,6 +3,8 @@
 It answers `POST /users/track` and `POST /users/delete` as Braze's docs say the real ones do
 (braze.com/docs/api: "Errors & responses", "Rate limits", "POST: Track users", "User attributes
 object"), keeps the users it was told about, records the traffic, and injects faults on demand.
+`GET /fake/users/{external_id}` (and `/fake/users`) shows what a profile now holds; the demo
+(`braze.server = "fake://..."`) serves it from the gateway's own process.
 `python -m gateway.testing --port 9000` serves it standalone for benchmarks.
 """
 
@@ -117,6 +119,9 @@ class FakeBraze(Served):
         routes.add_post("/users/track", functools.partial(self._serve, self._apply_track))
         routes.add_post("/users/delete", functools.partial(self._serve, self._apply_delete))
         routes.add_get("/_stats", self._stats)
+        # What a person's Braze profile now holds, for the demo and for people reading along.
+        routes.add_get("/fake/users", self._all_users)
+        routes.add_get("/fake/users/{key}", self._one_user)
 
     def fail_next(
         self,
@@ -149,6 +154,30 @@ class FakeBraze(Served):
 
     async def _stats(self, request: web.Request) -> web.Response:
         return _json(200, {**self.stats, "users": len(self.users)}, {})
+
+    def user_state(self, key: str) -> Json | None:
+        """One profile as JSON (its state per target), or None when Braze has no such user."""
+        user = self.users.get(key)
+        if user is None:
+            return None
+        return {
+            "user": key,
+            "email_subscribe": user.email_subscribe,
+            "subscription_groups": dict(sorted(user.subscription_groups.items())),
+            "attributes": dict(sorted(user.attributes.items())),
+        }
+
+    async def _all_users(self, request: web.Request) -> web.Response:
+        return _readable(200, {"users": [self.user_state(key) for key in sorted(self.users)]})
+
+    async def _one_user(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        state = self.user_state(key)
+        if state is None:
+            # An external id names itself; other identifiers carry their kind, as in `users`.
+            detail = f"no user {key!r} (never updated, or deleted); an email is email:ADDRESS"
+            return _readable(404, {"message": detail})
+        return _readable(200, state)
 
     async def _serve(
         self, apply: Callable[[Json], tuple[int, Json, int]], request: web.Request
@@ -383,6 +412,12 @@ def _json(status: int, payload: Json, headers: dict[str, str]) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
+
+
+def _readable(status: int, payload: Json) -> web.Response:
+    """JSON for people reading along (`curl` in a terminal): indented, ending in a newline."""
+    body = msgspec.json.format(msgspec.json.encode(payload), indent=2) + b"\n"
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
