@@ -33,6 +33,7 @@ SHARED_RETRY_S = 5.0  # then how long turns are paced locally before asking it a
 
 # /users/delete names people by one identifier kind per request.
 _DELETE_FIELDS = {"external_id": "external_ids", "email": "email_addresses"}
+DEFAULT_PRIORITIZATION = ("identified", "most_recently_updated")
 
 
 def track_object(
@@ -52,9 +53,19 @@ def track_object(
     return obj
 
 
-def delete_body(identity: str, persons: Sequence[str]) -> dict[str, Any]:
-    """The `/users/delete` body erasing `persons`, all named by the same identifier kind."""
-    return {_DELETE_FIELDS[identity]: list(persons)}
+def delete_body(
+    identity: str, persons: Sequence[str], prioritization: Sequence[str] = DEFAULT_PRIORITIZATION
+) -> dict[str, Any]:
+    """The `/users/delete` body erasing `persons`, all named by the same identifier kind.
+
+    An email address is not unique in Braze: each is an object whose `prioritization` says
+    which profile it means (Braze refuses plain strings there).
+    """
+    kind = _DELETE_FIELDS[identity]
+    if kind == "email_addresses":
+        order = list(prioritization)
+        return {kind: [{"email": person, "prioritization": order} for person in persons]}
+    return {kind: list(persons)}
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -273,6 +284,7 @@ class BrazeClient:
         self.limiter = RateLimiter(config.requests_per_second)
         self.api_key = config.api_key
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.prioritization = tuple(config.delete_prioritization)
         self._endpoint = self._open(braze_base_url(config.server))
         self._retired: list[_Endpoint] = []  # old servers with requests still in flight
         self._closing: set[asyncio.Task[None]] = set()
@@ -295,6 +307,7 @@ class BrazeClient:
         """Apply a reloaded `[braze]`: key, server, timeout and rate from the next request on."""
         self.api_key = config.api_key
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.prioritization = tuple(config.delete_prioritization)
         self.limiter.set_rate(config.requests_per_second)
         base_url = braze_base_url(config.server)
         if base_url == self._endpoint.base_url:
@@ -327,7 +340,8 @@ class BrazeClient:
         self, identity: str, persons: Sequence[str], allowed: Callable[[], bool] | None = None
     ) -> Answer:
         """POST one `/users/delete` request for `persons`, named by `identity`."""
-        return await self.post(DELETE, delete_body(identity, persons), allowed)
+        body = delete_body(identity, persons, self.prioritization)
+        return await self.post(DELETE, body, allowed)
 
     async def post(
         self, path: str, body: dict[str, Any], allowed: Callable[[], bool] | None = None

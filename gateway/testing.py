@@ -46,6 +46,17 @@ TOO_MANY_IDS = "The max number of external_ids and aliases per request was excee
 ONE_DELETE_KIND = "name the users by exactly one of 'external_ids' or 'email_addresses'"  # ours
 # /users/delete's identifier arrays, and the prefix the fake's `users` keys carry for each.
 DELETE_KINDS = {"external_ids": "", "email_addresses": "email:"}
+# Braze's "Delete users" docs: by email, each entry is {"email", "prioritization"}, an ordered
+# array of these values with at most one of identified and unidentified. Braze's wording of the
+# refusal is not documented; these are ours.
+DELETE_PRIORITIES = frozenset({"identified", "unidentified", "most_recently_updated"})
+EMAIL_OBJECTS_REQUIRED = (
+    "'email_addresses' must be an array of objects with 'email' and 'prioritization'"
+)
+BAD_PRIORITIZATION = (
+    "'prioritization' must be a non-empty array of 'identified' or 'unidentified' (not both) "
+    "and 'most_recently_updated'"
+)
 
 PRIMARY_IDS = ("external_id", "user_alias", "braze_id")
 EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
@@ -312,8 +323,19 @@ class FakeBraze(Served):
         kinds = [name for name in DELETE_KINDS if name in body]
         if len(kinds) != 1:
             return 400, {"message": ONE_DELETE_KIND}, 0
-        ids = body[kinds[0]]
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        entries = body[kinds[0]]
+        if not isinstance(entries, list):
+            return 400, {"message": f"'{kinds[0]}' must be an array"}, 0
+        if kinds[0] == "email_addresses":
+            # An email address may name several profiles; Braze wants to be told which.
+            if not all(isinstance(e, dict) and isinstance(e.get("email"), str) for e in entries):
+                return 400, {"message": EMAIL_OBJECTS_REQUIRED}, 0
+            if not all(_good_prioritization(e.get("prioritization")) for e in entries):
+                return 400, {"message": BAD_PRIORITIZATION}, 0
+            ids = [e["email"] for e in entries]
+        else:
+            ids = entries
+        if not all(isinstance(i, str) for i in ids):
             return 400, {"message": f"'{kinds[0]}' must be an array of strings"}, 0
         if len(ids) > MAX_DELETE_IDS:
             return 400, {"message": TOO_MANY_IDS}, len(ids)
@@ -356,6 +378,14 @@ def _identify(obj: Json) -> tuple[str | None, str | None]:
     if isinstance(obj.get("phone"), str) and obj["phone"]:
         return f"phone:{obj['phone']}", None
     return None, MISSING_ID
+
+
+def _good_prioritization(order: Any) -> bool:
+    if not isinstance(order, list) or not order:
+        return False
+    if not all(isinstance(v, str) and v in DELETE_PRIORITIES for v in order):
+        return False
+    return len(set(order)) == len(order) and not {"identified", "unidentified"} <= set(order)
 
 
 def _is_email(value: Any) -> bool:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from conftest import BRAZE_API_KEY, Elsewhere
+from conftest import BRAZE_API_KEY, SECRETS, Elsewhere, write_config
 
 from gateway.braze import RateLimiter, Verdict, _classify, open_client
+from gateway.cli import main
 from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
 from gateway.testing import FakeBraze
@@ -227,3 +230,46 @@ async def test_a_request_whose_partitions_went_elsewhere_during_its_wait_is_not_
         answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: True)
         assert answer.verdict is Verdict.OK
         assert len(fake.requests) == 1
+
+
+def test_render_shows_the_delete_by_email_body_braze_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway render` of a user.deleted, with an email identity and on_user_deleted = "delete",
+    prints `email_addresses` as objects carrying braze.delete_prioritization."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    path = write_config(
+        tmp_path,
+        didomi={"on_user_deleted": "delete"},
+        braze={"delete_prioritization": ["unidentified", "most_recently_updated"]},
+    )
+    (tmp_path / "mappings" / "email.toml").write_text(
+        '[identity]\nemail = "organization_user_id"\n\n'
+        '[[map]]\nto = "OPTED_IN"\npurpose = "marketing_email"\n'
+    )
+    event = tmp_path / "deleted.json"
+    event.write_text(
+        json.dumps(
+            {
+                "type": "user.deleted",
+                "parameters": {
+                    "entity": {"id": "u-1", "organization_user_id": "ann@example.com"}
+                },
+            }
+        )
+    )
+    assert main(["render", str(event), "--config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "endpoint": "/users/delete",
+            "body": {
+                "email_addresses": [
+                    {
+                        "email": "ann@example.com",
+                        "prioritization": ["unidentified", "most_recently_updated"],
+                    }
+                ]
+            },
+        }
+    ]
