@@ -16,6 +16,7 @@ import msgspec
 
 from .config import BrazeConfig, braze_base_url
 from .errors import GatewayError
+from .logs import redact
 from .mappings import State, Target
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class Answer:
     status: int | None  # None: no HTTP answer (timeout, connection error)
     reason: str  # short, for logs, metrics and dead letters; never holds the API key
     errors: dict[int, str] = field(default_factory=dict)  # object index -> Braze's error type
+    # A 2xx's errors that name no object (`"errors": ["<message>"]`), redacted.
+    unattributed: tuple[str, ...] = ()
 
 
 class SharedBudget(Protocol):
@@ -248,7 +251,8 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
 
 class _TrackResponse(msgspec.Struct):
     message: str | None = None
-    errors: list[_ObjectError] | None = None
+    # Braze names a refused object by index, or says only a message: `"errors": ["..."]`.
+    errors: list[_ObjectError | str] | None = None
 
 
 class _ObjectError(msgspec.Struct):
@@ -381,13 +385,15 @@ class BrazeClient:
                 wait = self.limiter.observe(response.status, response.headers, number)
                 if self.limiter.remaining is not None:
                     self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
-                return _classify(
+                answer = _classify(
                     response.status,
                     payload,
                     wait,
                     url=endpoint.base_url,
                     location=response.headers.get("Location"),
                 )
+                self._count_errors(path, answer)
+                return answer
         except TimeoutError:
             return Answer(Verdict.RETRY, None, "timeout")
         except aiohttp.ClientError as exc:
@@ -401,6 +407,21 @@ class BrazeClient:
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
 
+    def _count_errors(self, path: str, answer: Answer) -> None:
+        """Count and log the errors Braze named in a 2xx answer; never silently delivered."""
+        if answer.errors:
+            self.metrics.braze_object_errors.labels("object").inc(len(answer.errors))
+        if answer.unattributed:
+            self.metrics.braze_object_errors.labels("unattributed").inc(len(answer.unattributed))
+            log.warning(
+                "Braze answered %s on %s with %d error(s) naming no object: %s",
+                answer.status,
+                path,
+                len(answer.unattributed),
+                "; ".join(answer.unattributed),
+            )
+
+
 def _classify(
     status: int, payload: bytes, wait: float | None, *, url: str = "", location: str | None = None
 ) -> Answer:
@@ -410,10 +431,21 @@ def _classify(
             parsed = _track_response.decode(payload) if payload else _TrackResponse()
         except msgspec.DecodeError:
             parsed = _TrackResponse()
+        found = parsed.errors or ()
+        messages = tuple(redact(e)[:200] for e in found if isinstance(e, str))
+        if messages:
+            # A message that names no object could be about any of them: none is delivered.
+            # Halved until it is one object's, that one is refused with Braze's words; the
+            # others are sent again, which sets the same states (see `retry.decide`).
+            said = "; ".join(messages[:3])
+            reason = f"Braze answered {status} with errors naming no object: {said}"
+            return Answer(Verdict.SPLIT, status, reason, unattributed=messages)
         errors = {
             e.index: e.type or "refused"
-            for e in parsed.errors or ()
-            if e.index is not None and e.input_array in (None, "attributes")
+            for e in found
+            if isinstance(e, _ObjectError)
+            and e.index is not None
+            and e.input_array in (None, "attributes")
         }
         return Answer(Verdict.OK, status, "ok", errors)
     if status == 429:

@@ -120,6 +120,7 @@ class FakeBraze(Served):
         self.stats = {"requests": 0, "objects": 0, "ignored": 0, "deleted": 0, "rate_limited": 0}
         self._faults: deque[tuple[int, Json, dict[str, str]]] = deque()
         self._rejecters: list[Callable[[Json], str | None]] = []
+        self._unattributed: list[Callable[[Json], str | None]] = []
         self._window_start = -math.inf  # the first request opens the first window
         self._window_used = 0
         self._decoder = msgspec.json.Decoder()
@@ -148,6 +149,12 @@ class FakeBraze(Served):
     def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:
         """Refuse each otherwise valid attributes object whose predicate returns an error type."""
         self._rejecters.append(predicate)
+
+    def refuse_unattributed(self, predicate: Callable[[Json], str | None]) -> None:
+        """Refuse each otherwise valid attributes object whose predicate returns a message, and
+        answer `201` with `"errors": ["<message>"]`: a plain string naming no object, as Braze
+        sometimes does."""
+        self._unattributed.append(predicate)
 
     def objects_sent(self) -> list[Json]:
         """Every attributes object of every 2xx /users/track, in order."""
@@ -259,14 +266,19 @@ class FakeBraze(Served):
         if not any(valid.values()):
             # Braze refuses a call with nothing valid in it as a whole: 400, nothing applied.
             return 400, {"message": INVALID_DATA, **({"errors": errors} if errors else {})}, count
+        messages: list[str] = []
         for obj in valid["attributes"]:
+            said = [m for p in self._unattributed if (m := p(obj)) is not None]
+            if said:
+                messages.extend(said)  # not applied, and not said which object it was
+                continue
             self._apply_attributes(obj)
         answer: Json = {"message": "success"}
         for name, objects in arrays.items():
             if objects:
                 answer[f"{name}_processed"] = len(valid[name])
-        if errors:
-            answer["errors"] = errors
+        if errors or messages:
+            answer["errors"] = [*errors, *messages]
         return 201, answer, count
 
     def _refuse(self, obj: Any, *, attributes: bool) -> str | None:

@@ -9,13 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import BRAZE_API_KEY, SECRETS, Elsewhere, write_config
+from conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
+from test_end_to_end import StartGateway, start_gateway
 
 from gateway.braze import RateLimiter, Verdict, _classify, open_client
 from gateway.cli import main
 from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
+from gateway.server import SPOOL
 from gateway.testing import FakeBraze
+
+__all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 
 BASE = "https://rest.iad-01.braze.com"
 OBJECT = {"external_id": "u1", "email_subscribe": "opted_in"}
@@ -273,3 +277,36 @@ def test_render_shows_the_delete_by_email_body_braze_takes(
             },
         }
     ]
+
+
+def test_a_2xx_whose_errors_are_plain_messages_is_not_a_success() -> None:
+    """`"errors": ["<message>"]` in a 201 names no object: the request's objects are halved
+    to find it, never taken as delivered; indexed errors still name their objects."""
+    plain = b'{"message": "success", "errors": ["Subscription group is archived: ann@x.io"]}'
+    answer = _classify(201, plain, None)
+    assert answer.verdict is Verdict.SPLIT
+    assert answer.unattributed == ("Subscription group is archived: [email]",)
+    assert "ann@x.io" not in answer.reason
+    indexed = b'{"message": "success", "errors": [{"type": "bad", "input_array": "attributes", "index": 1}]}'
+    answer = _classify(201, indexed, None)
+    assert (answer.verdict, answer.errors, answer.unattributed) == (Verdict.OK, {1: "bad"}, ())
+
+
+async def test_objects_a_201_refuses_without_naming_them_are_dead_lettered_with_the_message(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """A 201 that refuses one object with a plain message: that object is found, dead-lettered
+    with Braze's words and counted; the others are delivered; nothing is delivered silently."""
+    archived = "Subscription group is archived"
+    fake.refuse_unattributed(lambda obj: archived if obj.get("external_id") == "eve" else None)
+    gw = await start_gateway()
+    for person in ("dan", "eve", "fay"):
+        assert await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+    await gw.settle()
+    assert {"dan", "fay"} <= set(fake.users)
+    assert "eve" not in fake.users
+    [dead] = gw.app[SPOOL].db.dead_letters()
+    assert archived in dead.reason
+    assert gw.sample("gateway_braze_object_errors_total", reason="unattributed") >= 1
+    assert gw.sample("gateway_updates_delivered_total", direction="to_braze") == 2
+    assert gw.sample("gateway_updates_failed_total", direction="to_braze", reason="rejected") == 1
