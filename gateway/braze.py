@@ -27,6 +27,13 @@ log = logging.getLogger("gateway.braze")
 TRACK = "/users/track"
 DELETE = "/users/delete"
 MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
+# Plans bought as "Monthly Active Users CY 24-25" take at most 50 objects a request: every full
+# batch of 75 is a 400, halved and resent. What the 400 says, and the setting that avoids it.
+PLAN_LIMIT_HINT = (
+    'Braze plans bought as "Monthly Active Users CY 24-25" take at most 50 objects a '
+    "/users/track request: set braze.batch_size = 50"
+)
+_TOO_MANY = ("max input length", "too many", "exceed")
 MAX_DELETE_IDS = 50
 SHARED_TIMEOUT_S = 2.0  # how long a turn waits for the shared budget before pacing locally
 SHARED_RETRY_S = 5.0  # then how long turns are paced locally before asking it again
@@ -289,6 +296,7 @@ class BrazeClient:
         self.api_key = config.api_key
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.prioritization = tuple(config.delete_prioritization)
+        self._too_many = 0  # 400s for too many objects, to log their hint now and then
         self._endpoint = self._open(braze_base_url(config.server))
         self._retired: list[_Endpoint] = []  # old servers with requests still in flight
         self._closing: set[asyncio.Task[None]] = set()
@@ -408,7 +416,15 @@ class BrazeClient:
 
 
     def _count_errors(self, path: str, answer: Answer) -> None:
-        """Count and log the errors Braze named in a 2xx answer; never silently delivered."""
+        """Count and log the errors Braze named in a 2xx answer; never silently delivered.
+
+        A 400 for too many objects is halved and resent without a word elsewhere: its hint is
+        logged here, the first time and then every hundredth, so the cost is seen.
+        """
+        if answer.verdict is Verdict.SPLIT and PLAN_LIMIT_HINT in answer.reason:
+            if self._too_many % 100 == 0:
+                log.warning("%s; halving and sending again", answer.reason)
+            self._too_many += 1
         if answer.errors:
             self.metrics.braze_object_errors.labels("object").inc(len(answer.errors))
         if answer.unattributed:
@@ -470,7 +486,10 @@ def _classify(
             hint = f"a redirect{' from ' + url if url else ''}{target}, not followed"
         return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint} (check braze.server)")
     if status in (400, 413):
-        return Answer(Verdict.SPLIT, status, f"Braze answered {status}: {text}")
+        reason = f"Braze answered {status}: {text}"
+        if status == 400 and any(words in text.lower() for words in _TOO_MANY):
+            reason += f" ({PLAN_LIMIT_HINT})"
+        return Answer(Verdict.SPLIT, status, reason)
     if status in (408,) or status >= 500:
         return Answer(Verdict.RETRY, status, f"Braze answered {status}")
     return Answer(Verdict.REFUSED, status, f"Braze answered {status}: {text}")

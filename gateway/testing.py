@@ -102,6 +102,7 @@ class FakeBraze(Served):
         reset_style: Literal["epoch", "seconds"] = "epoch",
         known_users: set[str] | None = None,
         record: bool = True,
+        max_objects: int = MAX_TRACK_OBJECTS,
     ) -> None:
         super().__init__()
         self.api_key = api_key
@@ -111,6 +112,8 @@ class FakeBraze(Served):
         self.reset_style = reset_style
         self.known_users = known_users  # None: every user exists; else grows on upserts
         self.record = record  # False: only `stats` counts; requests, ignored, deleted stay empty
+        # Objects a /users/track takes: 75, or 50 on "Monthly Active Users CY 24-25" plans.
+        self.max_objects = max_objects
         self.requests: list[Recorded] = []
         self.users: dict[str, User] = {}
         self.deleted: list[str] = []
@@ -245,7 +248,7 @@ class FakeBraze(Served):
                 return 400, {"message": INVALID_DATA}, 0
             arrays[name] = value or []
         count = sum(len(a) for a in arrays.values())
-        if count > MAX_TRACK_OBJECTS:
+        if count > self.max_objects:
             return 400, {"message": "Max Input Length Exceeded"}, count
         errors: list[Json] = []
         if self.refuse_with_400 is not None:

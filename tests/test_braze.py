@@ -310,3 +310,41 @@ async def test_objects_a_201_refuses_without_naming_them_are_dead_lettered_with_
     assert gw.sample("gateway_braze_object_errors_total", reason="unattributed") >= 1
     assert gw.sample("gateway_updates_delivered_total", direction="to_braze") == 2
     assert gw.sample("gateway_updates_failed_total", direction="to_braze", reason="rejected") == 1
+
+
+def test_a_400_for_too_many_objects_names_the_50_object_plans() -> None:
+    """Braze's 400 for too many objects carries the hint: braze.batch_size = 50 serves plans
+    bought as "Monthly Active Users CY 24-25"; another 400 does not."""
+    answer = _classify(400, b'{"message": "Max Input Length Exceeded"}', None)
+    assert answer.verdict is Verdict.SPLIT
+    assert "Monthly Active Users CY 24-25" in answer.reason
+    assert "braze.batch_size = 50" in answer.reason
+    other = _classify(400, b'{"message": "Valid data must be provided"}', None)
+    assert "batch_size" not in other.reason
+
+
+async def test_a_50_object_plan_delivers_everything_and_batch_size_50_avoids_its_400s(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """Against a Braze that takes 50 objects a request, full batches of 75 are halved (each a
+    400 whose hint is logged) and all delivered; braze.batch_size = 50 sends no 400 at all."""
+    fake.max_objects = 50
+    for size, expect_400 in ((75, True), (50, False)):
+        fake.requests.clear()
+        people = [f"p{size}-{i:03d}" for i in range(120)]
+        (tmp_path / str(size)).mkdir()
+        braze = {"batch_size": size, "flush_interval_ms": 300}
+        gw = await start_gateway(tmp_path / str(size), braze=braze)
+        for person in people:
+            assert await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+        await gw.settle()
+        track = [r for r in fake.requests if r.path == "/users/track"]
+        assert any(r.status == 400 for r in track) is expect_400
+        assert all(len(r.body["attributes"]) <= 50 for r in track if r.status == 201)
+        assert all(fake.users[p].email_subscribe == "opted_in" for p in people)
+        await gw.client.close()
+    assert "braze.batch_size = 50" in caplog.text
