@@ -414,7 +414,6 @@ class BrazeClient:
             self.metrics.braze_requests.labels(path, status_label).inc()
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
-
     def _count_errors(self, path: str, answer: Answer) -> None:
         """Count and log the errors Braze named in a 2xx answer; never silently delivered.
 

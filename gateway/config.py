@@ -653,6 +653,6 @@ def _prioritization_problem(order: list[str]) -> str | None:
             return f"has {value!r}; Braze takes {allowed}"
     if len(set(order)) != len(order):
         return "names a value twice"
-    if _EXCLUSIVE_PRIORITIES <= set(order):
+    if set(order) >= _EXCLUSIVE_PRIORITIES:
         return "may hold identified or unidentified, not both (Braze's rule)"
     return None

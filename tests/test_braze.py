@@ -257,9 +257,7 @@ def test_render_shows_the_delete_by_email_body_braze_takes(
         json.dumps(
             {
                 "type": "user.deleted",
-                "parameters": {
-                    "entity": {"id": "u-1", "organization_user_id": "ann@example.com"}
-                },
+                "parameters": {"entity": {"id": "u-1", "organization_user_id": "ann@example.com"}},
             }
         )
     )
@@ -287,7 +285,10 @@ def test_a_2xx_whose_errors_are_plain_messages_is_not_a_success() -> None:
     assert answer.verdict is Verdict.SPLIT
     assert answer.unattributed == ("Subscription group is archived: [email]",)
     assert "ann@x.io" not in answer.reason
-    indexed = b'{"message": "success", "errors": [{"type": "bad", "input_array": "attributes", "index": 1}]}'
+    indexed = (
+        b'{"message": "success",'
+        b' "errors": [{"type": "bad", "input_array": "attributes", "index": 1}]}'
+    )
     answer = _classify(201, indexed, None)
     assert (answer.verdict, answer.errors, answer.unattributed) == (Verdict.OK, {1: "bad"}, ())
 
@@ -340,7 +341,9 @@ async def test_a_50_object_plan_delivers_everything_and_batch_size_50_avoids_its
         braze = {"batch_size": size, "flush_interval_ms": 300}
         gw = await start_gateway(tmp_path / str(size), braze=braze)
         for person in people:
-            assert await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+            assert (
+                await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+            )
         await gw.settle()
         track = [r for r in fake.requests if r.path == "/users/track"]
         assert any(r.status == 400 for r in track) is expect_400

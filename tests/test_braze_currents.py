@@ -8,6 +8,7 @@ Didomi on 127.0.0.1 (the `start_gateway` of `test_bidirectional`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,40 @@ async def test_an_unknown_currents_version_is_decoded_and_counted(
     assert gw.sample(versions, version="2") == 1
     assert gw.sample(versions, version="other") == 1
     assert gw.sample(versions, version="1") == 1
+
+
+async def test_brazes_own_currents_samples_through_the_gateway(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, tmp_path: Path
+) -> None:
+    """Braze's three sample events, verbatim in one batch: the group StateChange ("Subscribed",
+    capital S) is written to Didomi, the GlobalStateChange "Subscribed" asks nothing (Braze's
+    neutral default), the email Unsubscribe is audited as ignored with why; their 2034 date
+    is clamped to arrival by didomi.max_clock_skew_s."""
+    (tmp_path / "mappings").mkdir(exist_ok=True)
+    (tmp_path / "mappings" / "samples.toml").write_text(
+        f'[[map]]\nto = "{SAMPLE_GROUP}"\npurpose = "marketing_email"\n'
+        'preference = "topics"\nvalue = "samples"\n'
+    )
+    gw = await start_gateway()
+    names = ("GlobalStateChange.json", "StateChange.json", "Unsubscribe.json")
+    events = [sample(name) for name in names]
+    arrival = time.time()
+    status, answer = await gw.post("/webhooks/braze/currents", currents(*events), CURRENTS)
+    assert (status, answer["stored"], answer["ignored"], answer["invalid"]) == (202, 2, 1, 0)
+    await gw.settle()
+    [written] = fake_didomi.events
+    assert written.body["user"]["organization_user_id"] == SAMPLE_PERSON
+    [purpose] = written.body["consents"]["purposes"]
+    assert (purpose["id"], purpose["enabled"]) == ("marketing_email", True)
+    assert purpose["values"]["topics"]["value"] == "samples"
+    trail = gw.app[SPOOL].db.trail(SAMPLE_PERSON)
+    [ignored] = [e for e in trail if e.outcome == "ignored"]
+    assert ignored.event_type == "users.messages.email.Unsubscribe"
+    assert "not a subscription state change" in (ignored.detail or "")
+    [delivered] = [e for e in trail if e.outcome == "delivered"]
+    assert (delivered.target, delivered.state) == (f"group:{SAMPLE_GROUP}", "subscribed")
+    # Dated no later than arrival plus the skew, whatever year the suite runs in.
+    skew = gw.config.didomi.max_clock_skew_s
+    assert (delivered.event_at or math.inf) <= time.time() + skew
+    future = sum(1 for e in events[:2] if e["time"] > arrival + skew)
+    assert gw.sample("gateway_event_dates_clamped_total") == future

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from gateway.braze_webhooks import (
     GLOBAL_STATE_CHANGE,
     GROUP_STATE_CHANGE,
-    currents_dedupe_key,
     BrazeChange,
     BrazeWebhookError,
+    currents_dedupe_key,
     decode_currents_event,
     decode_step,
     split_currents,

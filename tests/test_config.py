@@ -621,7 +621,12 @@ def test_delete_prioritization_takes_only_the_orders_braze_allows(tmp_path: Path
     """braze.delete_prioritization defaults to Braze's documented example order; an empty list,
     an unknown value, a repeat, or identified with unidentified is an error on its line."""
     assert BrazeConfig().delete_prioritization == ["identified", "most_recently_updated"]
-    for bad in ('[]', '["newest"]', '["identified", "identified"]', '["identified", "unidentified"]'):
+    for bad in (
+        "[]",
+        '["newest"]',
+        '["identified", "identified"]',
+        '["identified", "unidentified"]',
+    ):
         path = write(tmp_path, MINIMAL + f"delete_prioritization = {bad}\n", name="bad.toml")
         [problem] = lines(problems_of(path))
         assert problem.startswith(f"{path}:{line_of(path, 'delete_prioritization')}: ")

@@ -471,7 +471,10 @@ async def test_users_delete_by_email_takes_objects_and_refuses_plain_strings(
     assert set(fake.users) == {"email:ann@example.com", "email:bob@example.com"}
     good = {
         "email_addresses": [
-            {"email": "ann@example.com", "prioritization": ["unidentified", "most_recently_updated"]}
+            {
+                "email": "ann@example.com",
+                "prioritization": ["unidentified", "most_recently_updated"],
+            }
         ]
     }
     async with http.post(url, json=good, headers=AUTH) as resp:
