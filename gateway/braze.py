@@ -16,6 +16,7 @@ import msgspec
 
 from .config import BrazeConfig, braze_base_url
 from .errors import GatewayError
+from .logs import redact
 from .mappings import State, Target
 
 if TYPE_CHECKING:
@@ -26,6 +27,13 @@ log = logging.getLogger("gateway.braze")
 TRACK = "/users/track"
 DELETE = "/users/delete"
 MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
+# Plans bought as "Monthly Active Users CY 24-25" take at most 50 objects a request: every full
+# batch of 75 is a 400, halved and resent. What the 400 says, and the setting that avoids it.
+PLAN_LIMIT_HINT = (
+    'Braze plans bought as "Monthly Active Users CY 24-25" take at most 50 objects a '
+    "/users/track request: set braze.batch_size = 50"
+)
+_TOO_MANY = ("max input length", "too many", "exceed")
 MAX_DELETE_IDS = 50
 SHARED_TIMEOUT_S = 2.0  # how long a turn waits for the shared budget before pacing locally
 SHARED_RETRY_S = 5.0  # then how long turns are paced locally before asking it again
@@ -33,6 +41,7 @@ SHARED_RETRY_S = 5.0  # then how long turns are paced locally before asking it a
 
 # /users/delete names people by one identifier kind per request.
 _DELETE_FIELDS = {"external_id": "external_ids", "email": "email_addresses"}
+DEFAULT_PRIORITIZATION = ("identified", "most_recently_updated")
 
 
 def track_object(
@@ -52,9 +61,19 @@ def track_object(
     return obj
 
 
-def delete_body(identity: str, persons: Sequence[str]) -> dict[str, Any]:
-    """The `/users/delete` body erasing `persons`, all named by the same identifier kind."""
-    return {_DELETE_FIELDS[identity]: list(persons)}
+def delete_body(
+    identity: str, persons: Sequence[str], prioritization: Sequence[str] = DEFAULT_PRIORITIZATION
+) -> dict[str, Any]:
+    """The `/users/delete` body erasing `persons`, all named by the same identifier kind.
+
+    An email address is not unique in Braze: each is an object whose `prioritization` says
+    which profile it means (Braze refuses plain strings there).
+    """
+    kind = _DELETE_FIELDS[identity]
+    if kind == "email_addresses":
+        order = list(prioritization)
+        return {kind: [{"email": person, "prioritization": order} for person in persons]}
+    return {kind: list(persons)}
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -93,6 +112,8 @@ class Answer:
     status: int | None  # None: no HTTP answer (timeout, connection error)
     reason: str  # short, for logs, metrics and dead letters; never holds the API key
     errors: dict[int, str] = field(default_factory=dict)  # object index -> Braze's error type
+    # A 2xx's errors that name no object (`"errors": ["<message>"]`), redacted.
+    unattributed: tuple[str, ...] = ()
 
 
 class SharedBudget(Protocol):
@@ -237,7 +258,8 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
 
 class _TrackResponse(msgspec.Struct):
     message: str | None = None
-    errors: list[_ObjectError] | None = None
+    # Braze names a refused object by index, or says only a message: `"errors": ["..."]`.
+    errors: list[_ObjectError | str] | None = None
 
 
 class _ObjectError(msgspec.Struct):
@@ -273,6 +295,8 @@ class BrazeClient:
         self.limiter = RateLimiter(config.requests_per_second)
         self.api_key = config.api_key
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.prioritization = tuple(config.delete_prioritization)
+        self._too_many = 0  # 400s for too many objects, to log their hint now and then
         self._endpoint = self._open(braze_base_url(config.server))
         self._retired: list[_Endpoint] = []  # old servers with requests still in flight
         self._closing: set[asyncio.Task[None]] = set()
@@ -295,6 +319,7 @@ class BrazeClient:
         """Apply a reloaded `[braze]`: key, server, timeout and rate from the next request on."""
         self.api_key = config.api_key
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.prioritization = tuple(config.delete_prioritization)
         self.limiter.set_rate(config.requests_per_second)
         base_url = braze_base_url(config.server)
         if base_url == self._endpoint.base_url:
@@ -327,7 +352,8 @@ class BrazeClient:
         self, identity: str, persons: Sequence[str], allowed: Callable[[], bool] | None = None
     ) -> Answer:
         """POST one `/users/delete` request for `persons`, named by `identity`."""
-        return await self.post(DELETE, delete_body(identity, persons), allowed)
+        body = delete_body(identity, persons, self.prioritization)
+        return await self.post(DELETE, body, allowed)
 
     async def post(
         self, path: str, body: dict[str, Any], allowed: Callable[[], bool] | None = None
@@ -367,13 +393,15 @@ class BrazeClient:
                 wait = self.limiter.observe(response.status, response.headers, number)
                 if self.limiter.remaining is not None:
                     self.metrics.braze_rate_limit_remaining.set(self.limiter.remaining)
-                return _classify(
+                answer = _classify(
                     response.status,
                     payload,
                     wait,
                     url=endpoint.base_url,
                     location=response.headers.get("Location"),
                 )
+                self._count_errors(path, answer)
+                return answer
         except TimeoutError:
             return Answer(Verdict.RETRY, None, "timeout")
         except aiohttp.ClientError as exc:
@@ -386,6 +414,28 @@ class BrazeClient:
             self.metrics.braze_requests.labels(path, status_label).inc()
             self.metrics.braze_request_duration.labels(path).observe(time.perf_counter() - started)
 
+    def _count_errors(self, path: str, answer: Answer) -> None:
+        """Count and log the errors Braze named in a 2xx answer; never silently delivered.
+
+        A 400 for too many objects is halved and resent without a word elsewhere: its hint is
+        logged here, the first time and then every hundredth, so the cost is seen.
+        """
+        if answer.verdict is Verdict.SPLIT and PLAN_LIMIT_HINT in answer.reason:
+            if self._too_many % 100 == 0:
+                log.warning("%s; halving and sending again", answer.reason)
+            self._too_many += 1
+        if answer.errors:
+            self.metrics.braze_object_errors.labels("object").inc(len(answer.errors))
+        if answer.unattributed:
+            self.metrics.braze_object_errors.labels("unattributed").inc(len(answer.unattributed))
+            log.warning(
+                "Braze answered %s on %s with %d error(s) naming no object: %s",
+                answer.status,
+                path,
+                len(answer.unattributed),
+                "; ".join(answer.unattributed),
+            )
+
 
 def _classify(
     status: int, payload: bytes, wait: float | None, *, url: str = "", location: str | None = None
@@ -396,10 +446,21 @@ def _classify(
             parsed = _track_response.decode(payload) if payload else _TrackResponse()
         except msgspec.DecodeError:
             parsed = _TrackResponse()
+        found = parsed.errors or ()
+        messages = tuple(redact(e)[:200] for e in found if isinstance(e, str))
+        if messages:
+            # A message that names no object could be about any of them: none is delivered.
+            # Halved until it is one object's, that one is refused with Braze's words; the
+            # others are sent again, which sets the same states (see `retry.decide`).
+            said = "; ".join(messages[:3])
+            reason = f"Braze answered {status} with errors naming no object: {said}"
+            return Answer(Verdict.SPLIT, status, reason, unattributed=messages)
         errors = {
             e.index: e.type or "refused"
-            for e in parsed.errors or ()
-            if e.index is not None and e.input_array in (None, "attributes")
+            for e in found
+            if isinstance(e, _ObjectError)
+            and e.index is not None
+            and e.input_array in (None, "attributes")
         }
         return Answer(Verdict.OK, status, "ok", errors)
     if status == 429:
@@ -424,7 +485,10 @@ def _classify(
             hint = f"a redirect{' from ' + url if url else ''}{target}, not followed"
         return Answer(Verdict.AUTH, status, f"Braze answered {status}: {hint} (check braze.server)")
     if status in (400, 413):
-        return Answer(Verdict.SPLIT, status, f"Braze answered {status}: {text}")
+        reason = f"Braze answered {status}: {text}"
+        if status == 400 and any(words in text.lower() for words in _TOO_MANY):
+            reason += f" ({PLAN_LIMIT_HINT})"
+        return Answer(Verdict.SPLIT, status, reason)
     if status in (408,) or status >= 500:
         return Answer(Verdict.RETRY, status, f"Braze answered {status}")
     return Answer(Verdict.REFUSED, status, f"Braze answered {status}: {text}")

@@ -5,25 +5,31 @@ duplicate or for nothing to change, `4xx` for the sender's mistakes, `503` to be
 retries `408`, `429` and `5xx` up to five times within 30 minutes, never another `4xx`). Both
 need `[braze_webhooks]`; without it they are not routed at all, so they answer `404`.
 
-A Currents batch is stored event by event, each under its own id: a `400` makes Braze resend
-the batch one event at a time and drop what it refuses again, so a bad event is skipped and
-counted, never allowed to fail its batch.
+A Currents batch is stored event by event, each under its type and id (Braze's samples reuse
+an id across types): a `400` makes Braze resend the batch one event at a time and drop what it
+refuses again, so a bad event is skipped and counted, never allowed to fail its batch, and an
+unknown `Braze-Currents-Version` is read as version 1 and counted, never refused. An event the
+gateway does not read is counted and, when it names a person, audited as `ignored` with why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .audit import Record
 from .auth import Authenticator, bearer_tokens
 from .braze_webhooks import (
     CURRENTS_VERSION,
     CURRENTS_VERSION_HEADER,
     BrazeChange,
     BrazeWebhookError,
+    Skipped,
     decode_step,
     split_currents,
     step_dedupe_key,
@@ -129,22 +135,28 @@ async def receive_currents(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     version = request.headers.get(CURRENTS_VERSION_HEADER)
+    metrics = request.app[METRICS]
+    # Another version is decoded all the same, never refused: Braze would resend the batch
+    # one event at a time and drop every event refused again. Counted, so it is noticed.
+    metrics.currents_version(version)
     if version is not None and version.strip() != CURRENTS_VERSION:
-        detail = f"{CURRENTS_VERSION_HEADER} {version!r} is not one this gateway reads (1)"
-        return _refuse(request, CURRENTS, 400, "bad_request", detail, "rejected")
+        log.warning(
+            "reading a Currents batch of an unknown %s as version %s",
+            CURRENTS_VERSION_HEADER,
+            CURRENTS_VERSION,
+        )
     try:
         batch = split_currents(body)
     except BrazeWebhookError as exc:
         return _refuse(request, CURRENTS, 400, "bad_request", str(exc), "rejected")
-    metrics = request.app[METRICS]
     if batch.invalid:
         log.warning("skipped %d Currents event(s) that do not decode", batch.invalid)
     spool = request.app[SPOOL]
-    # Concurrent puts share one commit; the event id is Braze's, and dedupes its retries.
+    # Concurrent puts share one commit; the key (type and id, Braze's) dedupes its retries.
     results = await asyncio.gather(
         *(
-            spool.put(f"braze-currents|{event_id}", CURRENTS, raw, _person(request, changes))
-            for event_id, raw, changes in batch.events
+            spool.put(key, CURRENTS, raw, _person(request, changes))
+            for key, raw, changes in batch.events
         ),
         return_exceptions=True,
     )
@@ -155,6 +167,10 @@ async def receive_currents(request: web.Request) -> web.Response:
         if not isinstance(error, SpoolError):
             raise error
         return _unavailable(request, CURRENTS, error)
+    try:
+        await _audit_skipped(request, batch.skipped)
+    except SpoolError as exc:
+        return _unavailable(request, CURRENTS, exc)
     stored = sum(1 for r in results if r is True)
     duplicates = len(results) - stored
     for _ in range(stored):
@@ -174,6 +190,28 @@ async def receive_currents(request: web.Request) -> web.Response:
     }
     log.info("Currents batch stored", extra={"outcome": "accepted", **counts})
     return json_answer(202 if stored else 200, {"status": "accepted" if stored else "ok", **counts})
+
+
+async def _audit_skipped(request: web.Request, skipped: list[Skipped]) -> None:
+    """Say in the audit trail, under each person named, which events were not read and why."""
+    email = request.app[STATE].identity() == "email"
+    now = time.time()
+    records = [
+        Record(
+            person,
+            "to_didomi",
+            "ignored",
+            now,
+            event_id=event.event_id,
+            event_type=event.event_type,
+            detail=event.reason,
+        )
+        for event in skipped
+        if (person := event.email if email else event.external_id)
+    ]
+    if records:
+        spool = request.app[SPOOL]
+        await spool.run(functools.partial(spool.db.ack, [], direction="to_didomi", audit=records))
 
 
 def _stored(request: web.Request, kind: str, stored: bool) -> web.Response:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
@@ -42,6 +42,8 @@ GLOBAL_STATE_CHANGE = "users.behaviors.subscription.GlobalStateChange"
 GROUP_STATE_CHANGE = "users.behaviors.subscriptiongroup.StateChange"
 CURRENTS_EVENT_TYPES = (GLOBAL_STATE_CHANGE, GROUP_STATE_CHANGE)
 # Braze sends this header on every Currents request; version 1 is the only one there has been.
+# Another is read all the same (unknown fields are ignored) and counted, never refused: Braze
+# answers a refused batch by resending it one event at a time and dropping what fails again.
 CURRENTS_VERSION_HEADER = "Braze-Currents-Version"
 CURRENTS_VERSION = "1"
 
@@ -73,13 +75,25 @@ class BrazeChange:
 
 
 @dataclass(frozen=True, slots=True)
+class Skipped:
+    """A Currents event the gateway does not write back, whom it names, and why."""
+
+    event_type: str
+    event_id: str | None
+    external_id: str | None
+    email: str | None
+    reason: str  # short and fixed, for the audit trail; never a person
+
+
+@dataclass(frozen=True, slots=True)
 class CurrentsBatch:
     """One Currents request split into the events the gateway keeps, and counts of the rest."""
 
-    # (event id, that event's own JSON bytes, its changes), in batch order
+    # (dedupe key, that event's own JSON bytes, its changes), in batch order
     events: list[tuple[str, bytes, list[BrazeChange]]]
     ignored: int  # events of other types or channels
     invalid: int  # events of our types that do not decode; skipped so the batch still succeeds
+    skipped: list[Skipped] = field(default_factory=list)  # the ignored ones, for the audit
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +143,12 @@ class _Head(Lenient, frozen=True):
     id: str | None = None
 
 
+class _Whom(Lenient, frozen=True):
+    # Whom an ignored event names, so its audit record is found under that person.
+    user: CurrentsUser | None = None
+    properties: CurrentsProperties | None = None
+
+
 class _Envelope(Lenient, frozen=True):
     # Raw keeps each event's own bytes: the spool stores one event per row, exactly as sent.
     events: list[msgspec.Raw]
@@ -137,6 +157,7 @@ class _Envelope(Lenient, frozen=True):
 _step_decoder = msgspec.json.Decoder(StepBody)
 _event_decoder = msgspec.json.Decoder(CurrentsEvent)
 _head_decoder = msgspec.json.Decoder(_Head)
+_whom_decoder = msgspec.json.Decoder(_Whom)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 
 
@@ -229,7 +250,8 @@ def split_currents(body: bytes) -> CurrentsBatch:
         return CurrentsBatch([], 0, 0)
     envelope = _decode(body, _envelope_decoder, 'a Currents batch, `{"events": [...]}`')
     kept: list[tuple[str, bytes, list[BrazeChange]]] = []
-    ignored = invalid = 0
+    skipped: list[Skipped] = []
+    invalid = 0
     for raw in envelope.events:
         event = bytes(raw)
         try:
@@ -241,7 +263,7 @@ def split_currents(body: bytes) -> CurrentsBatch:
             invalid += 1
             continue
         if head.event_type not in CURRENTS_EVENT_TYPES:
-            ignored += 1
+            skipped.append(_skipped(head, event, _OTHER_TYPE))
             continue
         try:
             changes = decode_currents_event(event)
@@ -249,11 +271,36 @@ def split_currents(body: bytes) -> CurrentsBatch:
             invalid += 1
             continue
         if not changes:
-            ignored += 1  # a push (or SMS) state change: not an email target
+            skipped.append(_skipped(head, event, _OTHER_CHANNEL))  # push or SMS: not email
             continue
         assert head.id is not None  # decode_currents_event requires it
-        kept.append((head.id, event, changes))
-    return CurrentsBatch(kept, ignored, invalid)
+        kept.append((currents_dedupe_key(head.event_type, head.id), event, changes))
+    return CurrentsBatch(kept, len(skipped), invalid, skipped)
+
+
+# Why an event is not written back, as the audit trail says it.
+_OTHER_TYPE = "not a subscription state change: the gateway reads GlobalStateChange and StateChange"
+_OTHER_CHANNEL = "a state change of another channel than email"
+
+
+def currents_dedupe_key(event_type: str, event_id: str) -> str:
+    """The spool key of one Currents event: its type and id together.
+
+    Braze's own sample events reuse one `id` across a GlobalStateChange and a subscription
+    group StateChange, so an `id` is only unique within its event type.
+    """
+    return f"braze-currents|{event_type}|{event_id}"
+
+
+def _skipped(head: _Head, event: bytes, reason: str) -> Skipped:
+    try:
+        whom = _whom_decoder.decode(event)
+    except msgspec.DecodeError:
+        whom = _Whom()  # a field of an unexpected shape: counted, named nobody
+    external_id = _text(whom.user.external_user_id) if whom.user else None
+    email = _text(whom.properties.email_address) if whom.properties else None
+    assert head.event_type is not None
+    return Skipped(head.event_type, head.id, external_id, email, reason)
 
 
 def decode_currents_event(raw: bytes) -> list[BrazeChange]:

@@ -11,7 +11,7 @@ from typing import Any, Literal, TextIO
 import msgspec
 
 from . import __version__
-from .braze import delete_body, track_bodies, track_object
+from .braze import DEFAULT_PRIORITIZATION, delete_body, track_bodies, track_object
 from .braze_webhooks import (
     BrazeChange,
     BrazeWebhookError,
@@ -208,7 +208,8 @@ def _render(args: argparse.Namespace) -> int:
     existing_only = config.braze.update_existing_only if config else True
     batch_size = config.braze.batch_size if config else 75
     if result.delete:
-        body = delete_body(result.identity, [result.person])
+        order = config.braze.delete_prioritization if config else DEFAULT_PRIORITIZATION
+        body = delete_body(result.identity, [result.person], order)
         print(_json([{"endpoint": "/users/delete", "body": body}]))
         return 0
     obj = track_object(

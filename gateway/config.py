@@ -62,6 +62,17 @@ class BrazeConfig(Strict, frozen=True):
     max_in_flight: int = 8
     timeout_s: float = 10.0
     requests_per_second: float = 1000.0
+    # Which profile /users/delete erases when an email address names several (Braze's
+    # `prioritization`, in order); Braze's own example order is the default.
+    delete_prioritization: list[str] = msgspec.field(
+        default_factory=lambda: ["identified", "most_recently_updated"]
+    )
+
+
+# The values /users/delete takes in `prioritization` (Braze's "Delete users" docs), and the
+# pair of which at most one may be given.
+DELETE_PRIORITIES = ("identified", "unidentified", "most_recently_updated")
+_EXCLUSIVE_PRIORITIES = frozenset({"identified", "unidentified"})
 
 
 class DeliveryConfig(Strict, frozen=True):
@@ -516,6 +527,9 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             located.add(("braze", "server"), str(exc))
     if require_secrets and not braze.api_key:
         located.add(("braze", "api_key"), "braze.api_key is required (use ${BRAZE_API_KEY})")
+    problem = _prioritization_problem(braze.delete_prioritization)
+    if problem is not None:
+        located.add(("braze", "delete_prioritization"), f"braze.delete_prioritization {problem}")
     if not 1 <= braze.batch_size <= 75:
         located.add(
             ("braze", "batch_size"),
@@ -673,3 +687,18 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         delivery=msgspec.structs.replace(config.delivery, spool=resolve(config.delivery.spool)),
         mappings=msgspec.structs.replace(config.mappings, dir=resolve(config.mappings.dir)),
     )
+
+
+def _prioritization_problem(order: list[str]) -> str | None:
+    """What is wrong with a /users/delete `prioritization`, or None."""
+    if not order:
+        return "must name at least one of " + ", ".join(DELETE_PRIORITIES)
+    for value in order:
+        if value not in DELETE_PRIORITIES:
+            allowed = ", ".join(DELETE_PRIORITIES)
+            return f"has {value!r}; Braze takes {allowed}"
+    if len(set(order)) != len(order):
+        return "names a value twice"
+    if set(order) >= _EXCLUSIVE_PRIORITIES:
+        return "may hold identified or unidentified, not both (Braze's rule)"
+    return None

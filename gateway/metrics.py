@@ -188,6 +188,23 @@ class Metrics:
             registry=r,
         )
 
+        self.currents_versions = Counter(
+            "gateway_braze_currents_batches",
+            "Currents batches received, by Braze-Currents-Version ('none': no header; "
+            "'other': not a small number).",
+            ["version"],
+            registry=r,
+        )
+        _touch(self.currents_versions, ("1", "none", "other"))
+        self.braze_object_errors = Counter(
+            "gateway_braze_object_errors",
+            "Errors Braze named in a 2xx answer: 'object' names an object by its index, "
+            "'unattributed' is a plain message that names none.",
+            ["reason"],
+            registry=r,
+        )
+        _touch(self.braze_object_errors, ("object", "unattributed"))
+
         self.event_dates_clamped = Counter(
             "gateway_event_dates_clamped",
             "Choices dated later than their arrival plus didomi.max_clock_skew_s, moved back.",
@@ -243,6 +260,13 @@ class Metrics:
     def flow(self, direction: Direction) -> Flow:
         """The delivery metrics of one direction, their children bound once."""
         return self.flows[direction]
+
+    def currents_version(self, header: str | None) -> None:
+        """Count one Currents batch by its version header, in a bounded set of labels."""
+        value = "none" if header is None else header.strip()
+        if value != "none" and not (value.isascii() and value.isdigit() and len(value) <= 2):
+            value = "other"  # Braze's header, but any sender could put anything in it
+        self.currents_versions.labels(value).inc()
 
     def webhook(self, type_: str, outcome: str) -> None:
         """Count one answered webhook; a type outside the known ones is counted as `other`."""

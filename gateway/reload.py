@@ -46,6 +46,7 @@ LIVE_KEYS = frozenset(
         "braze.api_key",
         "braze.timeout_s",
         "braze.requests_per_second",
+        "braze.delete_prioritization",
         # The dispatcher reads these for each batch and each retry.
         "braze.update_existing_only",
         "braze.batch_size",

@@ -50,6 +50,10 @@ def decide(
     if verdict is Verdict.SPLIT:
         if can_split:
             return Decision(Action.SPLIT)
+        if answer.status is not None and 200 <= answer.status < 300:
+            # A 2xx whose error names no object, isolated to this one: Braze took the request
+            # and refused this object, so sending it again would meet the same answer.
+            return Decision(Action.DEAD_LETTER, reason="rejected")
         reason = "too_large" if answer.status == 413 else "bad_request"
         return Decision(Action.DEAD_LETTER, reason=reason)
     if verdict is Verdict.REFUSED:

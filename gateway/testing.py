@@ -48,6 +48,17 @@ TOO_MANY_IDS = "The max number of external_ids and aliases per request was excee
 ONE_DELETE_KIND = "name the users by exactly one of 'external_ids' or 'email_addresses'"  # ours
 # /users/delete's identifier arrays, and the prefix the fake's `users` keys carry for each.
 DELETE_KINDS = {"external_ids": "", "email_addresses": "email:"}
+# Braze's "Delete users" docs: by email, each entry is {"email", "prioritization"}, an ordered
+# array of these values with at most one of identified and unidentified. Braze's wording of the
+# refusal is not documented; these are ours.
+DELETE_PRIORITIES = frozenset({"identified", "unidentified", "most_recently_updated"})
+EMAIL_OBJECTS_REQUIRED = (
+    "'email_addresses' must be an array of objects with 'email' and 'prioritization'"
+)
+BAD_PRIORITIZATION = (
+    "'prioritization' must be a non-empty array of 'identified' or 'unidentified' (not both) "
+    "and 'most_recently_updated'"
+)
 
 PRIMARY_IDS = ("external_id", "user_alias", "braze_id")
 EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
@@ -93,6 +104,7 @@ class FakeBraze(Served):
         reset_style: Literal["epoch", "seconds"] = "epoch",
         known_users: set[str] | None = None,
         record: bool = True,
+        max_objects: int = MAX_TRACK_OBJECTS,
     ) -> None:
         super().__init__()
         self.api_key = api_key
@@ -102,6 +114,8 @@ class FakeBraze(Served):
         self.reset_style = reset_style
         self.known_users = known_users  # None: every user exists; else grows on upserts
         self.record = record  # False: only `stats` counts; requests, ignored, deleted stay empty
+        # Objects a /users/track takes: 75, or 50 on "Monthly Active Users CY 24-25" plans.
+        self.max_objects = max_objects
         self.requests: list[Recorded] = []
         self.users: dict[str, User] = {}
         self.deleted: list[str] = []
@@ -111,6 +125,7 @@ class FakeBraze(Served):
         self.stats = {"requests": 0, "objects": 0, "ignored": 0, "deleted": 0, "rate_limited": 0}
         self._faults: deque[tuple[int, Json, dict[str, str]]] = deque()
         self._rejecters: list[Callable[[Json], str | None]] = []
+        self._unattributed: list[Callable[[Json], str | None]] = []
         self._window_start = -math.inf  # the first request opens the first window
         self._window_used = 0
         self._decoder = msgspec.json.Decoder()
@@ -142,6 +157,12 @@ class FakeBraze(Served):
     def reject_objects(self, predicate: Callable[[Json], str | None]) -> None:
         """Refuse each otherwise valid attributes object whose predicate returns an error type."""
         self._rejecters.append(predicate)
+
+    def refuse_unattributed(self, predicate: Callable[[Json], str | None]) -> None:
+        """Refuse each otherwise valid attributes object whose predicate returns a message, and
+        answer `201` with `"errors": ["<message>"]`: a plain string naming no object, as Braze
+        sometimes does."""
+        self._unattributed.append(predicate)
 
     def objects_sent(self) -> list[Json]:
         """Every attributes object of every 2xx /users/track, in order."""
@@ -256,7 +277,7 @@ class FakeBraze(Served):
                 return 400, {"message": INVALID_DATA}, 0
             arrays[name] = value or []
         count = sum(len(a) for a in arrays.values())
-        if count > MAX_TRACK_OBJECTS:
+        if count > self.max_objects:
             return 400, {"message": "Max Input Length Exceeded"}, count
         errors: list[Json] = []
         if self.refuse_with_400 is not None:
@@ -277,14 +298,19 @@ class FakeBraze(Served):
         if not any(valid.values()):
             # Braze refuses a call with nothing valid in it as a whole: 400, nothing applied.
             return 400, {"message": INVALID_DATA, **({"errors": errors} if errors else {})}, count
+        messages: list[str] = []
         for obj in valid["attributes"]:
+            said = [m for p in self._unattributed if (m := p(obj)) is not None]
+            if said:
+                messages.extend(said)  # not applied, and not said which object it was
+                continue
             self._apply_attributes(obj)
         answer: Json = {"message": "success"}
         for name, objects in arrays.items():
             if objects:
                 answer[f"{name}_processed"] = len(valid[name])
-        if errors:
-            answer["errors"] = errors
+        if errors or messages:
+            answer["errors"] = [*errors, *messages]
         return 201, answer, count
 
     def _refuse(self, obj: Any, *, attributes: bool) -> str | None:
@@ -341,8 +367,19 @@ class FakeBraze(Served):
         kinds = [name for name in DELETE_KINDS if name in body]
         if len(kinds) != 1:
             return 400, {"message": ONE_DELETE_KIND}, 0
-        ids = body[kinds[0]]
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        entries = body[kinds[0]]
+        if not isinstance(entries, list):
+            return 400, {"message": f"'{kinds[0]}' must be an array"}, 0
+        if kinds[0] == "email_addresses":
+            # An email address may name several profiles; Braze wants to be told which.
+            if not all(isinstance(e, dict) and isinstance(e.get("email"), str) for e in entries):
+                return 400, {"message": EMAIL_OBJECTS_REQUIRED}, 0
+            if not all(_good_prioritization(e.get("prioritization")) for e in entries):
+                return 400, {"message": BAD_PRIORITIZATION}, 0
+            ids = [e["email"] for e in entries]
+        else:
+            ids = entries
+        if not all(isinstance(i, str) for i in ids):
             return 400, {"message": f"'{kinds[0]}' must be an array of strings"}, 0
         if len(ids) > MAX_DELETE_IDS:
             return 400, {"message": TOO_MANY_IDS}, len(ids)
@@ -385,6 +422,14 @@ def _identify(obj: Json) -> tuple[str | None, str | None]:
     if isinstance(obj.get("phone"), str) and obj["phone"]:
         return f"phone:{obj['phone']}", None
     return None, MISSING_ID
+
+
+def _good_prioritization(order: Any) -> bool:
+    if not isinstance(order, list) or not order:
+        return False
+    if not all(isinstance(v, str) and v in DELETE_PRIORITIES for v in order):
+        return False
+    return len(set(order)) == len(order) and not {"identified", "unidentified"} <= set(order)
 
 
 def _is_email(value: Any) -> bool:

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from conftest import BRAZE_API_KEY, Elsewhere
+from conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
+from test_end_to_end import StartGateway, start_gateway
 
 from gateway.braze import RateLimiter, Verdict, _classify, open_client
+from gateway.cli import main
 from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
+from gateway.server import SPOOL
 from gateway.testing import FakeBraze
+
+__all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 
 BASE = "https://rest.iad-01.braze.com"
 OBJECT = {"external_id": "u1", "email_subscribe": "opted_in"}
@@ -227,3 +234,120 @@ async def test_a_request_whose_partitions_went_elsewhere_during_its_wait_is_not_
         answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: True)
         assert answer.verdict is Verdict.OK
         assert len(fake.requests) == 1
+
+
+def test_render_shows_the_delete_by_email_body_braze_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway render` of a user.deleted, with an email identity and on_user_deleted = "delete",
+    prints `email_addresses` as objects carrying braze.delete_prioritization."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    path = write_config(
+        tmp_path,
+        didomi={"on_user_deleted": "delete"},
+        braze={"delete_prioritization": ["unidentified", "most_recently_updated"]},
+    )
+    (tmp_path / "mappings" / "email.toml").write_text(
+        '[identity]\nemail = "organization_user_id"\n\n'
+        '[[map]]\nto = "OPTED_IN"\npurpose = "marketing_email"\n'
+    )
+    event = tmp_path / "deleted.json"
+    event.write_text(
+        json.dumps(
+            {
+                "type": "user.deleted",
+                "parameters": {"entity": {"id": "u-1", "organization_user_id": "ann@example.com"}},
+            }
+        )
+    )
+    assert main(["render", str(event), "--config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "endpoint": "/users/delete",
+            "body": {
+                "email_addresses": [
+                    {
+                        "email": "ann@example.com",
+                        "prioritization": ["unidentified", "most_recently_updated"],
+                    }
+                ]
+            },
+        }
+    ]
+
+
+def test_a_2xx_whose_errors_are_plain_messages_is_not_a_success() -> None:
+    """`"errors": ["<message>"]` in a 201 names no object: the request's objects are halved
+    to find it, never taken as delivered; indexed errors still name their objects."""
+    plain = b'{"message": "success", "errors": ["Subscription group is archived: ann@x.io"]}'
+    answer = _classify(201, plain, None)
+    assert answer.verdict is Verdict.SPLIT
+    assert answer.unattributed == ("Subscription group is archived: [email]",)
+    assert "ann@x.io" not in answer.reason
+    indexed = (
+        b'{"message": "success",'
+        b' "errors": [{"type": "bad", "input_array": "attributes", "index": 1}]}'
+    )
+    answer = _classify(201, indexed, None)
+    assert (answer.verdict, answer.errors, answer.unattributed) == (Verdict.OK, {1: "bad"}, ())
+
+
+async def test_objects_a_201_refuses_without_naming_them_are_dead_lettered_with_the_message(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """A 201 that refuses one object with a plain message: that object is found, dead-lettered
+    with Braze's words and counted; the others are delivered; nothing is delivered silently."""
+    archived = "Subscription group is archived"
+    fake.refuse_unattributed(lambda obj: archived if obj.get("external_id") == "eve" else None)
+    gw = await start_gateway()
+    for person in ("dan", "eve", "fay"):
+        assert await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+    await gw.settle()
+    assert {"dan", "fay"} <= set(fake.users)
+    assert "eve" not in fake.users
+    [dead] = gw.app[SPOOL].db.dead_letters()
+    assert archived in dead.reason
+    assert gw.sample("gateway_braze_object_errors_total", reason="unattributed") >= 1
+    assert gw.sample("gateway_updates_delivered_total", direction="to_braze") == 2
+    assert gw.sample("gateway_updates_failed_total", direction="to_braze", reason="rejected") == 1
+
+
+def test_a_400_for_too_many_objects_names_the_50_object_plans() -> None:
+    """Braze's 400 for too many objects carries the hint: braze.batch_size = 50 serves plans
+    bought as "Monthly Active Users CY 24-25"; another 400 does not."""
+    answer = _classify(400, b'{"message": "Max Input Length Exceeded"}', None)
+    assert answer.verdict is Verdict.SPLIT
+    assert "Monthly Active Users CY 24-25" in answer.reason
+    assert "braze.batch_size = 50" in answer.reason
+    other = _classify(400, b'{"message": "Valid data must be provided"}', None)
+    assert "batch_size" not in other.reason
+
+
+async def test_a_50_object_plan_delivers_everything_and_batch_size_50_avoids_its_400s(
+    start_gateway: StartGateway,
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """Against a Braze that takes 50 objects a request, full batches of 75 are halved (each a
+    400 whose hint is logged) and all delivered; braze.batch_size = 50 sends no 400 at all."""
+    fake.max_objects = 50
+    for size, expect_400 in ((75, True), (50, False)):
+        fake.requests.clear()
+        people = [f"p{size}-{i:03d}" for i in range(120)]
+        (tmp_path / str(size)).mkdir()
+        braze = {"batch_size": size, "flush_interval_ms": 300}
+        gw = await start_gateway(tmp_path / str(size), braze=braze)
+        for person in people:
+            assert (
+                await gw.post(choice(person, True, event_id=f"evt-{person}"), auth_headers) == 202
+            )
+        await gw.settle()
+        track = [r for r in fake.requests if r.path == "/users/track"]
+        assert any(r.status == 400 for r in track) is expect_400
+        assert all(len(r.body["attributes"]) <= 50 for r in track if r.status == 201)
+        assert all(fake.users[p].email_subscribe == "opted_in" for p in people)
+        await gw.client.close()
+    assert "braze.batch_size = 50" in caplog.text

@@ -17,6 +17,7 @@ from gateway.braze_webhooks import (
     GROUP_STATE_CHANGE,
     BrazeChange,
     BrazeWebhookError,
+    currents_dedupe_key,
     decode_currents_event,
     decode_step,
     split_currents,
@@ -47,6 +48,11 @@ def step(**fields: Any) -> dict[str, Any]:
     }
     out.update(fields)
     return out
+
+
+def key_of(event_id: str, kind: str = GLOBAL_STATE_CHANGE) -> str:
+    """The spool key of a Currents event: its type and id together."""
+    return currents_dedupe_key(kind, event_id)
 
 
 def event(kind: str = GLOBAL_STATE_CHANGE, **properties: Any) -> dict[str, Any]:
@@ -277,8 +283,8 @@ def test_currents_fixture_keeps_two_events_ignores_one_skips_one() -> None:
     """The shipped batch: two subscription events kept, an email open ignored, a bad one skipped."""
     batch = split_currents(fixture("currents_batch.json"))
     assert [key for key, _, _ in batch.events] == [
-        "0f6c7a1e-2b3d-4c5e-8f90-a1b2c3d4e5f6",
-        "1a7d8b2f-3c4e-4d6f-9a01-b2c3d4e5f607",
+        f"braze-currents|{GLOBAL_STATE_CHANGE}|0f6c7a1e-2b3d-4c5e-8f90-a1b2c3d4e5f6",
+        f"braze-currents|{GROUP_STATE_CHANGE}|1a7d8b2f-3c4e-4d6f-9a01-b2c3d4e5f607",
     ]
     assert (batch.ignored, batch.invalid) == (1, 1)
 
@@ -291,7 +297,7 @@ def test_split_keeps_each_events_own_bytes() -> None:
     for (key, event_bytes, _), original in zip(batch.events, source, strict=False):
         assert json.loads(event_bytes) == original
         assert event_bytes in raw
-        assert key == original["id"]
+        assert key == currents_dedupe_key(original["event_type"], original["id"])
 
 
 def test_currents_fixture_events_decode() -> None:
@@ -441,7 +447,7 @@ def test_currents_broken_event_does_not_fail_its_batch(change: str) -> None:
     good = event()
     other = {**event(), "id": "e-2"}
     batch = split_currents(body({"events": [good, _broken(change), other]}))
-    assert [key for key, _, _ in batch.events] == ["e-1", "e-2"]
+    assert [key for key, _, _ in batch.events] == [key_of("e-1"), key_of("e-2")]
     assert (batch.ignored, batch.invalid) == (0, 1)
 
 
@@ -451,7 +457,7 @@ def test_currents_broken_event_does_not_fail_its_batch(change: str) -> None:
 def test_currents_items_that_are_not_events_are_invalid(item: Any) -> None:
     """Array items that are not events at all are counted invalid, never fatal."""
     batch = split_currents(body({"events": [item, event()]}))
-    assert ([key for key, _, _ in batch.events], batch.invalid) == (["e-1"], 1)
+    assert ([key for key, _, _ in batch.events], batch.invalid) == ([key_of("e-1")], 1)
 
 
 def test_currents_other_event_types_are_ignored_and_counted() -> None:

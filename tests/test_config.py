@@ -617,6 +617,24 @@ def test_batch_size_above_75_is_refused(tmp_path: Path) -> None:
         assert load_config(ok, {}).braze.batch_size == size
 
 
+def test_delete_prioritization_takes_only_the_orders_braze_allows(tmp_path: Path) -> None:
+    """braze.delete_prioritization defaults to Braze's documented example order; an empty list,
+    an unknown value, a repeat, or identified with unidentified is an error on its line."""
+    assert BrazeConfig().delete_prioritization == ["identified", "most_recently_updated"]
+    for bad in (
+        "[]",
+        '["newest"]',
+        '["identified", "identified"]',
+        '["identified", "unidentified"]',
+    ):
+        path = write(tmp_path, MINIMAL + f"delete_prioritization = {bad}\n", name="bad.toml")
+        [problem] = lines(problems_of(path))
+        assert problem.startswith(f"{path}:{line_of(path, 'delete_prioritization')}: ")
+        assert "braze.delete_prioritization" in problem
+    ok = write(tmp_path, MINIMAL + 'delete_prioritization = ["unidentified"]\n', name="ok.toml")
+    assert load_config(ok, {}).braze.delete_prioritization == ["unidentified"]
+
+
 def test_non_positive_numbers_are_refused(tmp_path: Path) -> None:
     """Counts and durations that must be positive are errors at zero, each on its line."""
     path = write(

@@ -422,7 +422,8 @@ async def test_an_update_then_a_deletion_in_one_batch_are_sent_in_order(
 async def test_erasure_by_email_sends_email_addresses(
     fake: FakeBraze, harness: Any, tmp_path: Path
 ) -> None:
-    """With an email identity, on_user_deleted = "delete" erases by email_addresses."""
+    """With an email identity, on_user_deleted = "delete" erases by email_addresses, each an
+    object with the configured prioritization, which Braze (and the fake) accept."""
     folder = tmp_path / "email-mappings"
     folder.mkdir()
     (folder / "a.toml").write_text(
@@ -437,5 +438,15 @@ async def test_erasure_by_email_sends_email_addresses(
         await h.put(user_deleted("ann@example.com"), user_deleted("bob@example.com"))
         await h.settle()
     deletes = [r.body for r in fake.requests if r.path == "/users/delete"]
-    assert deletes == [{"email_addresses": ["ann@example.com", "bob@example.com"]}]
+    # Braze takes objects naming which profile an address means (fake Braze refuses strings).
+    order = ["identified", "most_recently_updated"]  # braze.delete_prioritization's default
+    assert deletes == [
+        {
+            "email_addresses": [
+                {"email": "ann@example.com", "prioritization": order},
+                {"email": "bob@example.com", "prioritization": order},
+            ]
+        }
+    ]
+    assert [r.status for r in fake.requests if r.path == "/users/delete"] == [201]
     assert "email:ann@example.com" not in fake.users

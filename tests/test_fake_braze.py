@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.testing import INVALID_DATA, FakeBraze
+from gateway.testing import EMAIL_OBJECTS_REQUIRED, INVALID_DATA, FakeBraze
 
 KEY = "test-braze-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -451,3 +451,34 @@ async def test_refuse_with_400_fails_the_whole_call(
     assert fake.users == {}
     status, _, _ = await track(http, fake, attrs({"external_id": "ok"}))
     assert status == 201
+
+
+async def test_users_delete_by_email_takes_objects_and_refuses_plain_strings(
+    http: aiohttp.ClientSession, fake: FakeBraze
+) -> None:
+    """/users/delete by email takes `{"email", "prioritization"}` objects, as Braze documents;
+    plain strings, or a prioritization Braze does not allow, are a 400 and delete nobody."""
+    await track(http, fake, attrs({"email": "ann@example.com"}, {"email": "bob@example.com"}))
+    url = f"{fake.url}/users/delete"
+    plain = {"email_addresses": ["ann@example.com"]}
+    async with http.post(url, json=plain, headers=AUTH) as resp:
+        assert resp.status == 400
+        assert await resp.json() == {"message": EMAIL_OBJECTS_REQUIRED}
+    for bad in ([], ["identified", "unidentified"], ["newest"], "identified"):
+        wrong = {"email_addresses": [{"email": "ann@example.com", "prioritization": bad}]}
+        async with http.post(url, json=wrong, headers=AUTH) as resp:
+            assert resp.status == 400, bad
+    assert set(fake.users) == {"email:ann@example.com", "email:bob@example.com"}
+    good = {
+        "email_addresses": [
+            {
+                "email": "ann@example.com",
+                "prioritization": ["unidentified", "most_recently_updated"],
+            }
+        ]
+    }
+    async with http.post(url, json=good, headers=AUTH) as resp:
+        assert resp.status == 201
+        assert await resp.json() == {"deleted": 1, "message": "success"}
+    assert set(fake.users) == {"email:bob@example.com"}
+    assert fake.deleted == ["email:ann@example.com"]
