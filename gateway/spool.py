@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     body BLOB NOT NULL,
     -- 0: Didomi's webhooks, to Braze; 1: Braze's reports, to Didomi. Indexed with the id, so
     -- either direction reads its own rows only, however many of the other's wait.
-    direction INTEGER NOT NULL DEFAULT 0
+    direction INTEGER NOT NULL DEFAULT 0,
+    -- Set by a dead letter's replay, which keeps `received_at` (the choice's dating).
+    replayed_at REAL
 );
 CREATE TABLE IF NOT EXISTS seen (     -- duplicate deliveries, within the dedupe window
     key TEXT PRIMARY KEY,
@@ -206,6 +208,8 @@ class SpoolDB(SpoolBase):
                 db.execute(f"UPDATE inbox SET direction = 1 WHERE {TO_DIDOMI}")  # noqa: S608 - a constant
 
             self._tx(add)
+        if "replayed_at" not in columns:
+            self.db.execute("ALTER TABLE inbox ADD COLUMN replayed_at REAL")
         self.db.execute(_DIRECTION_INDEX)
 
     def close(self) -> None:
@@ -436,11 +440,11 @@ class SpoolDB(SpoolBase):
         """The oldest pending webhooks going `direction` with an id above `after_id`."""
         with self._reading("pending webhooks"):
             rows = self.db.execute(
-                "SELECT id, received_at, type, body FROM inbox"
+                "SELECT id, received_at, type, body, replayed_at FROM inbox"
                 " WHERE direction = ? AND id > ? ORDER BY id LIMIT ?",
                 (CODES[direction], after_id, limit),
             ).fetchall()
-        return [Pending(*row) for row in rows]
+        return [Pending(i, at, kind, body, replayed_at=again) for i, at, kind, body, again in rows]
 
     def _by_person(
         self, what: str, columns: str, table: str, persons: Iterable[str]
@@ -551,7 +555,12 @@ class SpoolDB(SpoolBase):
     # -- dead letters -------------------------------------------------------------------------
 
     def replay(self, ids: Sequence[int] | None = None) -> int:
-        """Move dead letters back into the inbox, as if just received; returns how many."""
+        """Move dead letters back into the inbox; returns how many.
+
+        A replayed row keeps its `received_at`: an undated or clamped choice is dated at it,
+        and dated at the replay it would overwrite the person's newer choices. Only
+        `give_up_after_s` starts again, from `replayed_at`.
+        """
         now = self.clock()
 
         def work(db: sqlite3.Connection) -> int:
@@ -566,8 +575,8 @@ class SpoolDB(SpoolBase):
             if cost + max(0, cost - reusable) > disk:
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
-                f"INSERT INTO inbox(received_at, type, body, direction) SELECT ?, type, body,"  # noqa: S608 - only placeholders are interpolated
-                f" CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END"
+                "INSERT INTO inbox(received_at, type, body, direction, replayed_at)"  # noqa: S608 - only placeholders are interpolated
+                f" SELECT received_at, type, body, CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END, ?"
                 f" FROM dead_letters {where} ORDER BY id",
                 (now, *params),
             ).rowcount
