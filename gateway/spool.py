@@ -93,6 +93,7 @@ SQLITE_IOERR = 10
 SQLITE_FULL = 13
 # What a stored row costs beyond its bytes: its cell, its key in `seen` and the index on it.
 ROW_OVERHEAD_BYTES = 512
+WAL_FRAME_HEADER = 24  # bytes a WAL frame adds to its page
 
 
 def _row_cost(key: str | None, body: bytes) -> int:
@@ -328,11 +329,14 @@ class SpoolDB(SpoolBase):
         with self._reading("the erasure state"):
             if not erasure.pending(self.db):
                 return True
-        self.db.execute("PRAGMA secure_delete=ON")
-        try:
-            done = self._tx(erasure.zero_free_pages)
-        finally:
-            self.db.execute("PRAGMA secure_delete=FAST")
+        # A step writes its pages to the WAL (truncated after it), so it takes at most the
+        # room above half the reserve: acknowledgements keep the other half, whatever happens.
+        with self._reading("the spool's free space"):
+            room = self._room()[0] + self.min_free_bytes // 2
+        pages = min(erasure.FILL_PAGES, room // (self._page_size + WAL_FRAME_HEADER))
+        if pages <= 0:
+            return False  # no room now; the background tries again
+        done = self._tx(lambda db: erasure.zero_free_pages(db, pages))
         self._truncate_after_erasure()
         with self._reading("the erasure state"):
             return done and not erasure.pending(self.db)
@@ -446,6 +450,9 @@ class SpoolDB(SpoolBase):
             ).fetchall()
         return [Pending(i, at, kind, body, replayed_at=again) for i, at, kind, body, again in rows]
 
+    def _hash(self, person: str) -> str:
+        return trail.person_hash(self.person_key, person)
+
     def _by_person(
         self, what: str, columns: str, table: str, persons: Iterable[str]
     ) -> list[tuple[Any, ...]]:
@@ -508,23 +515,26 @@ class SpoolDB(SpoolBase):
                 sent,
             )
             trail.write(db, self.person_key, audit)
-            for person in erase:
-                removed += erasure.scrub(db, person, trail.person_hash(self.person_key, person))
             if erase:
-                erasure.zero_free_pages(db)  # a bounded chunk; finish_erasures does the rest
+                # The scrub's deleted cells and pages are zeroed, not only unlinked: its own
+                # rows are few. The rest of the batch was deleted under FAST (under ON, the
+                # acknowledgement would write as many bytes as it deletes); the pages that
+                # freed are zeroed after the commit, in steps of their own (`erasure.mark`).
+                db.execute("PRAGMA secure_delete=ON")
+                try:
+                    removed += erasure.scrub(db, erase, self._hash, max(ids, default=0))
+                finally:
+                    db.execute("PRAGMA secure_delete=FAST")
+                erasure.mark(db)
             return removed
 
-        if erase:
-            # Deleted cells and pages are zeroed, not only unlinked, so no byte of the person
-            # stays in the file; the checkpoint below then empties the WAL that held them.
-            self.db.execute("PRAGMA secure_delete=ON")
-        try:
-            removed = self._tx(work)
-        finally:
-            if erase:
-                self.db.execute("PRAGMA secure_delete=FAST")
+        removed = self._tx(work)
         if erase:
             self._truncate_after_erasure()
+            try:
+                self.finish_erasures()  # a first step now, if the disk has room for it
+            except SpoolError as exc:  # the acknowledgement is committed: the rest can wait
+                log.warning("could not zero the erased person's free pages yet: %s", exc)
             self.pending_to_didomi = self.count_pending("to_didomi")
         self.pending = max(0, self.pending - removed)
         if direction == "to_didomi":

@@ -465,11 +465,9 @@ class PgSpoolDB(SpoolBase):
                 sent,
             )
             trail.write(db, self.person_key, audit)
-            for person in erase:
-                hashed = trail.person_hash(self.person_key, person)
-                removed += erasure.scrub(
-                    db, person, hashed, erasure.POSTGRESQL_CONTAINS, erasure.escaped(person)
-                )
+            if erase:
+                hash_of = functools.partial(trail.person_hash, self.person_key)
+                removed += erasure.scrub(db, erase, hash_of, max(ids, default=0))
             return int(removed)
 
         removed = self._tx(work)
