@@ -420,7 +420,7 @@ class Dispatcher(Worker):
                 )
             if answer.verdict is not Verdict.OK:
                 attempt += 1
-            oldest = min(row.received_at for item in items for row in item.rows)
+            oldest = min(row.queued_at for item in items for row in item.rows)
             decision = decide(
                 answer,
                 attempt=attempt,
@@ -487,7 +487,7 @@ class Dispatcher(Worker):
             if item.changes or item.delete:
                 delivered += 1
             for row in item.rows:
-                self.flow.latency.observe(max(0.0, now - row.received_at))
+                self.flow.latency.observe(max(0.0, now - row.queued_at))
         # The states sent, only when Braze's changes come back (to tell our echoes apart).
         sent = (
             [

@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     body BLOB NOT NULL,
     -- 0: Didomi's webhooks, to Braze; 1: Braze's reports, to Didomi. Indexed with the id, so
     -- either direction reads its own rows only, however many of the other's wait.
-    direction INTEGER NOT NULL DEFAULT 0
+    direction INTEGER NOT NULL DEFAULT 0,
+    -- Set by a dead letter's replay, which keeps `received_at` (the choice's dating).
+    replayed_at REAL
 );
 CREATE TABLE IF NOT EXISTS seen (     -- duplicate deliveries, within the dedupe window
     key TEXT PRIMARY KEY,
@@ -91,6 +93,7 @@ SQLITE_IOERR = 10
 SQLITE_FULL = 13
 # What a stored row costs beyond its bytes: its cell, its key in `seen` and the index on it.
 ROW_OVERHEAD_BYTES = 512
+WAL_FRAME_HEADER = 24  # bytes a WAL frame adds to its page
 
 
 def _row_cost(key: str | None, body: bytes) -> int:
@@ -206,6 +209,8 @@ class SpoolDB(SpoolBase):
                 db.execute(f"UPDATE inbox SET direction = 1 WHERE {TO_DIDOMI}")  # noqa: S608 - a constant
 
             self._tx(add)
+        if "replayed_at" not in columns:
+            self.db.execute("ALTER TABLE inbox ADD COLUMN replayed_at REAL")
         self.db.execute(_DIRECTION_INDEX)
 
     def close(self) -> None:
@@ -324,11 +329,14 @@ class SpoolDB(SpoolBase):
         with self._reading("the erasure state"):
             if not erasure.pending(self.db):
                 return True
-        self.db.execute("PRAGMA secure_delete=ON")
-        try:
-            done = self._tx(erasure.zero_free_pages)
-        finally:
-            self.db.execute("PRAGMA secure_delete=FAST")
+        # A step writes its pages to the WAL (truncated after it), so it takes at most the
+        # room above half the reserve: acknowledgements keep the other half, whatever happens.
+        with self._reading("the spool's free space"):
+            room = self._room()[0] + self.min_free_bytes // 2
+        pages = min(erasure.FILL_PAGES, room // (self._page_size + WAL_FRAME_HEADER))
+        if pages <= 0:
+            return False  # no room now; the background tries again
+        done = self._tx(lambda db: erasure.zero_free_pages(db, pages))
         self._truncate_after_erasure()
         with self._reading("the erasure state"):
             return done and not erasure.pending(self.db)
@@ -436,11 +444,14 @@ class SpoolDB(SpoolBase):
         """The oldest pending webhooks going `direction` with an id above `after_id`."""
         with self._reading("pending webhooks"):
             rows = self.db.execute(
-                "SELECT id, received_at, type, body FROM inbox"
+                "SELECT id, received_at, type, body, replayed_at FROM inbox"
                 " WHERE direction = ? AND id > ? ORDER BY id LIMIT ?",
                 (CODES[direction], after_id, limit),
             ).fetchall()
-        return [Pending(*row) for row in rows]
+        return [Pending(i, at, kind, body, replayed_at=again) for i, at, kind, body, again in rows]
+
+    def _hash(self, person: str) -> str:
+        return trail.person_hash(self.person_key, person)
 
     def _by_person(
         self, what: str, columns: str, table: str, persons: Iterable[str]
@@ -504,23 +515,26 @@ class SpoolDB(SpoolBase):
                 sent,
             )
             trail.write(db, self.person_key, audit)
-            for person in erase:
-                removed += erasure.scrub(db, person, trail.person_hash(self.person_key, person))
             if erase:
-                erasure.zero_free_pages(db)  # a bounded chunk; finish_erasures does the rest
+                # The scrub's deleted cells and pages are zeroed, not only unlinked: its own
+                # rows are few. The rest of the batch was deleted under FAST (under ON, the
+                # acknowledgement would write as many bytes as it deletes); the pages that
+                # freed are zeroed after the commit, in steps of their own (`erasure.mark`).
+                db.execute("PRAGMA secure_delete=ON")
+                try:
+                    removed += erasure.scrub(db, erase, self._hash, max(ids, default=0))
+                finally:
+                    db.execute("PRAGMA secure_delete=FAST")
+                erasure.mark(db)
             return removed
 
-        if erase:
-            # Deleted cells and pages are zeroed, not only unlinked, so no byte of the person
-            # stays in the file; the checkpoint below then empties the WAL that held them.
-            self.db.execute("PRAGMA secure_delete=ON")
-        try:
-            removed = self._tx(work)
-        finally:
-            if erase:
-                self.db.execute("PRAGMA secure_delete=FAST")
+        removed = self._tx(work)
         if erase:
             self._truncate_after_erasure()
+            try:
+                self.finish_erasures()  # a first step now, if the disk has room for it
+            except SpoolError as exc:  # the acknowledgement is committed: the rest can wait
+                log.warning("could not zero the erased person's free pages yet: %s", exc)
             self.pending_to_didomi = self.count_pending("to_didomi")
         self.pending = max(0, self.pending - removed)
         if direction == "to_didomi":
@@ -551,7 +565,12 @@ class SpoolDB(SpoolBase):
     # -- dead letters -------------------------------------------------------------------------
 
     def replay(self, ids: Sequence[int] | None = None) -> int:
-        """Move dead letters back into the inbox, as if just received; returns how many."""
+        """Move dead letters back into the inbox; returns how many.
+
+        A replayed row keeps its `received_at`: an undated or clamped choice is dated at it,
+        and dated at the replay it would overwrite the person's newer choices. Only
+        `give_up_after_s` starts again, from `replayed_at`.
+        """
         now = self.clock()
 
         def work(db: sqlite3.Connection) -> int:
@@ -566,8 +585,8 @@ class SpoolDB(SpoolBase):
             if cost + max(0, cost - reusable) > disk:
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
-                f"INSERT INTO inbox(received_at, type, body, direction) SELECT ?, type, body,"  # noqa: S608 - only placeholders are interpolated
-                f" CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END"
+                "INSERT INTO inbox(received_at, type, body, direction, replayed_at)"  # noqa: S608 - only placeholders are interpolated
+                f" SELECT received_at, type, body, CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END, ?"
                 f" FROM dead_letters {where} ORDER BY id",
                 (now, *params),
             ).rowcount

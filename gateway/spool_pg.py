@@ -117,6 +117,8 @@ MIGRATIONS: tuple[str, ...] = (
         blocked_until double precision NOT NULL DEFAULT 0
     );
     """,
+    # 2: a replayed dead letter keeps its `received_at` (its dating); this restarts give-up.
+    "ALTER TABLE inbox ADD COLUMN replayed_at double precision;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -392,7 +394,7 @@ class PgSpoolDB(SpoolBase):
             return []
         parts = "" if owned is None else " AND part = ANY(?)"
         sql = (
-            "SELECT id, received_at, type, body, part FROM inbox"  # noqa: S608 - a constant
+            "SELECT id, received_at, type, body, part, replayed_at FROM inbox"  # noqa: S608 - a constant
             f" WHERE direction = ? AND id > ?{parts} ORDER BY id LIMIT ?"
         )
         params: tuple[Any, ...] = (CODES[direction], after_id)
@@ -400,7 +402,10 @@ class PgSpoolDB(SpoolBase):
             params += (sorted(owned),)
         with self._reading("pending webhooks") as db:
             rows = db.execute(sql, (*params, limit)).fetchall()
-        return [Pending(i, at, kind, bytes(body), part) for i, at, kind, body, part in rows]
+        return [
+            Pending(i, at, kind, bytes(body), part, again)
+            for i, at, kind, body, part, again in rows
+        ]
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
         """As `SpoolBase.applied_times`, with the retention floors read afresh: they move when
@@ -460,11 +465,9 @@ class PgSpoolDB(SpoolBase):
                 sent,
             )
             trail.write(db, self.person_key, audit)
-            for person in erase:
-                hashed = trail.person_hash(self.person_key, person)
-                removed += erasure.scrub(
-                    db, person, hashed, erasure.POSTGRESQL_CONTAINS, erasure.escaped(person)
-                )
+            if erase:
+                hash_of = functools.partial(trail.person_hash, self.person_key)
+                removed += erasure.scrub(db, erase, hash_of, max(ids, default=0))
             return int(removed)
 
         removed = self._tx(work)
@@ -497,23 +500,23 @@ class PgSpoolDB(SpoolBase):
     # -- dead letters -------------------------------------------------------------------------
 
     def replay(self, ids: Sequence[int] | None = None) -> int:
-        """Move dead letters back into the inbox, as if just received; returns how many."""
+        """Move dead letters back into the inbox, keeping their dating (`SpoolDB.replay`)."""
         now = self.clock()
 
         def work(db: Conn) -> int:
             db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))  # as intake does
             where, params = _which(ids)
             letters = db.execute(
-                f"DELETE FROM dead_letters {where} RETURNING id, type, body, part",  # noqa: S608 - placeholders only
+                f"DELETE FROM dead_letters {where} RETURNING id, received_at, type, body, part",  # noqa: S608 - placeholders only
                 params,
             ).fetchall()
             letters.sort()
             db.executemany(
-                "INSERT INTO inbox(received_at, type, body, direction, part)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO inbox(received_at, type, body, direction, part, replayed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (now, kind, body, CODES[direction_of(kind)], part)
-                    for _, kind, body, part in letters
+                    (received, kind, body, CODES[direction_of(kind)], part, now)
+                    for _, received, kind, body, part in letters
                 ],
             )
             return len(letters)

@@ -60,13 +60,20 @@ class Pending:
     """One accepted webhook waiting for delivery."""
 
     id: int
-    received_at: float
+    received_at: float  # when the gateway first accepted it: what undated choices are dated at
     type: str
     body: bytes
     part: int = 0  # the partition of its person (`PARTITIONS`); always 0 on SQLite
+    # When `gateway dead-letters replay` put it back; None for a row never replayed.
+    replayed_at: float | None = None
     # The webhook as intake decoded it, when the row came from intake in memory (`Handoff`),
     # so delivery need not decode it again; None when read from the spool.
     decoded: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def queued_at(self) -> float:
+        """When it (last) entered the inbox: `give_up_after_s` and latency count from here."""
+        return self.received_at if self.replayed_at is None else self.replayed_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +275,11 @@ class SpoolBase:
             return int(db.execute(sql).fetchone()[0])
 
     def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
-        """When the oldest webhook still waiting to go `direction` was received, or None."""
+        """When the oldest webhook still waiting to go `direction` was queued, or None."""
         with self._reading("the oldest pending webhook") as db:
+            where = inbox_where(direction)
             row = db.execute(
-                f"SELECT received_at FROM inbox{inbox_where(direction)} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
+                f"SELECT coalesce(replayed_at, received_at) FROM inbox{where} ORDER BY id LIMIT 1"  # noqa: S608 - a constant
             ).fetchone()
         return None if row is None else float(row[0])
 

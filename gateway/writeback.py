@@ -274,7 +274,7 @@ class Writeback(Worker):
             decision = decide(
                 answer,
                 attempt=attempt,
-                oldest_age_s=self.clock() - report.row.received_at,
+                oldest_age_s=self.clock() - report.row.queued_at,
                 can_split=False,
                 delivery=self.config.delivery,
             )
@@ -431,7 +431,7 @@ class Writeback(Worker):
             self.flow.skipped(skipped)
             return
         self.flow.delivered.inc()
-        self.flow.latency.observe(max(0.0, self.clock() - report.row.received_at))
+        self.flow.latency.observe(max(0.0, self.clock() - report.row.queued_at))
         log.info(
             "Braze change written back to Didomi",
             extra={"outcome": "delivered", "direction": "to_didomi", "targets": len(written)},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import msgspec
 import pytest
 from conftest import MakeConfig, choice
 from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
+from test_reliability import fill, small_disk  # noqa: F401 - a fixture
 
 from gateway import erasure, trace
 from gateway.audit import Record, person_hash
@@ -351,3 +353,138 @@ def test_a_spool_refuses_another_person_key_than_it_was_written_with(tmp_path: P
     with pytest.raises(SpoolError, match="person_key"):
         SpoolDB(path, person_key="configured-later")
     SpoolDB(path).close()  # still fine without it
+
+
+EMILE = "\u00c9mile-42"  # an external id with a capital outside ASCII
+OZTURK = "\u00f6zt\u00fcrk-7@ex\u00e4mple.org"  # an email address, erased in lower case
+OZTURK_SPELLINGS = (
+    "\u00d6ZT\u00dcRK-7@EX\u00c4MPLE.ORG",
+    "\u00d6zt\u00fcrk-7@Ex\u00e4mple.org",
+    "\u00d6ZT\u00dcRK-7@ex\u00e4mple.org",
+    OZTURK,
+)
+
+
+def _store(spool_url: str) -> Any:
+    from gateway.spool_pg import PgSpoolDB
+    from gateway.store import is_postgresql
+
+    return PgSpoolDB(spool_url) if is_postgresql(spool_url) else SpoolDB(spool_url)
+
+
+def _left(db: Any, needles: list[bytes]) -> list[bytes]:
+    """The needles still found in the spool: its file and WAL, or every table's values."""
+    if isinstance(db, SpoolDB):
+        path = db.path
+        data = b"".join(
+            name.read_bytes()
+            for name in (path, path.with_name(path.name + "-wal"))
+            if name.exists()
+        )
+    else:
+        tables = ("inbox", "dead_letters", "applied", "sent", "audit", "seen", "meta")
+        values = [
+            value
+            for table in tables
+            for row in db.db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
+            for value in row
+        ]
+        data = b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
+    return [needle for needle in needles if needle in data]
+
+
+def test_an_erasure_scrubs_every_spelling_the_gateway_matches_outside_ascii(
+    spool_url: str,
+) -> None:
+    """Erasing "Émile-42" and "öztürk-7@exämple.org" scrubs their pending Braze reports (raw
+    UTF-8 or JSON escapes), Didomi webhooks received before, dead letters, applied and sent
+    rows and audit, under every case of the email; "émile-42", another external id, stays."""
+    db = _store(spool_url)
+    try:
+        step = msgspec.json.encode({"external_id": EMILE, "time": "1"})  # raw UTF-8
+        currents = json.dumps({"user": {"external_user_id": EMILE}}).encode()  # \u00c9mile
+        other = json.dumps({"external_id": EMILE.lower(), "time": "1"}, ensure_ascii=False)
+        shouty = json.dumps({"email": OZTURK_SPELLINGS[0], "time": "1"}, ensure_ascii=False)
+        didomi = webhook(
+            "event.created",
+            {"id": "ev-1", "user": {"organization_user_id": EMILE}, "status": "confirmed"},
+        )
+        metadata = {"organization_user_id": "u-7", "metadata": {"email": OZTURK_SPELLINGS[1]}}
+        pending = webhook("event.created", {"id": "ev-2", "user": metadata})
+        db.put_many(
+            [
+                (None, "braze.step", step),
+                (None, "braze.currents", currents),
+                (None, "braze.step", other.encode()),
+                (None, "braze.step", shouty.encode()),
+                (None, "event.created", didomi),
+            ]
+        )
+        db.put_many([(None, "event.created", pending)])
+        db.put_many([(None, "user.deleted", webhook("user.deleted", {"id": "u-del"}))])
+        rows = db.fetch(0, 10)
+        letter, erasure_row = rows[0].id, rows[-1].id
+        assert [r.body for r in rows] == [didomi, pending, rows[-1].body]
+        db.ack([], dead=[Dead(letter, "refused", EMILE)])
+        spelled = OZTURK_SPELLINGS[2]
+        db.ack(
+            [],
+            [(spelled, "email_subscribe", 1.0)],
+            sent=[(spelled, "email_subscribe", "opted_in", 1.0)],
+            audit=[Record(spelled, "to_braze", "delivered", 1.0)],
+        )
+        db.ack([erasure_row], [(OZTURK, "erased", 2.0)], erase=[EMILE, OZTURK])
+        if isinstance(db, SpoolDB):
+            for _ in range(100):
+                if db.finish_erasures():
+                    break
+            else:
+                raise AssertionError("the erasure never finished")
+        assert [r.body for r in db.fetch(0, 10, "to_didomi")] == [other.encode()]
+        assert db.fetch(0, 10) == []
+        assert db.count_dead() == 0
+        needles = [s.encode() for s in (EMILE, *OZTURK_SPELLINGS)] + [
+            json.dumps(s).encode()[1:-1] for s in (EMILE, *OZTURK_SPELLINGS)
+        ]
+        assert _left(db, needles) == []
+        assert db.trail(spelled) == []
+        # Kept under the spelling's hash: a late retry under that spelling is still stale.
+        assert db.applied_times([spelled]) == {(spelled, "email_subscribe"): 1.0}
+    finally:
+        db.close()
+
+
+def test_an_erasures_acknowledgement_commits_on_a_disk_down_to_its_reserve(
+    small_disk: Path,  # noqa: F811 - the imported fixture
+) -> None:
+    """With megabytes of unzeroed free pages and the disk filled to just above min_free_bytes,
+    the erasure's acknowledgement commits, and the zeroing finishes in steps that fit the disk:
+    then no byte of the person is left."""
+    path = small_disk / "s.db"
+    db = SpoolDB(path, min_free_bytes=1024 * 1024)
+    person = "erase-me-on-a-full-disk"
+    try:
+        db.put_many(
+            [(None, "braze.step", msgspec.json.encode({"external_id": person, "time": "1"}))]
+        )
+        for _ in range(12):  # 3.6 MB of their old bodies, the WAL emptied as it grows
+            db.put_many([(None, "event.created", person.encode() + b"x" * 100_000)] * 3)
+            db.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.ack([r.id for r in db.fetch(0, 100)], [])  # freed under FAST: pages keep old bytes
+        db.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert db.db.execute("PRAGMA freelist_count").fetchone()[0] > 800
+        ballast = fill(small_disk)
+        os.truncate(ballast, ballast.stat().st_size - 1_300_000)  # 1.3 MB left: the reserve
+        db.ack([], [(person, "erased", 1.0)], erase=[person])
+        assert db.fetch(0, 10, "to_didomi") == []
+        for _ in range(200):
+            if db.finish_erasures():
+                break
+        else:
+            raise AssertionError("the zeroing never finished on the nearly full disk")
+        assert db.low_on_disk is None
+        for name in (path, path.with_name(path.name + "-wal")):
+            if name.exists():
+                assert person.encode() not in name.read_bytes(), name
+    finally:
+        db.close()

@@ -7,6 +7,7 @@ delivery context that `gateway run` uses (reloads included).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -458,6 +459,80 @@ async def test_dead_letters_replayed_from_the_cli_while_the_server_runs(
     await gw.settle()
     assert fake.users["user-123"].email_subscribe == "opted_in"
     assert gw.app[SPOOL].db.count_dead() == 0
+
+
+def dateless(person: str, enabled: bool, n: int, updated_at: str | None = None) -> bytes:
+    """A choice of `person` with no date (or the one given), dated at arrival by the gateway."""
+    entity: dict[str, Any] = {
+        "id": f"ev-dateless-{person}-{n}",
+        "status": "confirmed",
+        "user": {"organization_user_id": person},
+        "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
+    }
+    if updated_at is not None:
+        entity["updated_at"] = updated_at
+    return json.dumps({"type": "event.created", "parameters": {"entity": entity}}).encode()
+
+
+async def test_a_replayed_dead_letter_keeps_its_dating_and_never_beats_a_newer_choice(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """An undated (or clamped, future-dated) opt-in dead-lettered, then the person's newer
+    opt-out delivered: replaying the old opt-in leaves Braze at the opt-out."""
+    people = {"undated-1": None, "clamped-1": "2999-01-01T00:00:00Z"}
+    refusing = True
+    fake.reject_objects(lambda o: "invalid_user" if refusing else None)
+    gw = await start_gateway()
+    for n, (person, stamp) in enumerate(people.items()):
+        assert await gw.post(dateless(person, True, n, stamp), auth_headers) == 202
+    await gw.settle()
+    spool = gw.app[SPOOL]
+    assert spool.db.count_dead() == 2
+    refusing = False
+    for n, (person, stamp) in enumerate(people.items(), start=10):
+        assert await gw.post(dateless(person, False, n, stamp), auth_headers) == 202
+    await gw.settle()
+    assert {p: fake.users[p].email_subscribe for p in people} == dict.fromkeys(
+        people, "unsubscribed"
+    )
+    tracked = len(fake.objects_sent())
+    assert await spool.run(spool.db.replay) == 2
+    gw.app[DISPATCHER].wake()
+    await gw.settle()
+    assert {p: fake.users[p].email_subscribe for p in people} == dict.fromkeys(
+        people, "unsubscribed"
+    )
+    assert len(fake.objects_sent()) == tracked  # refused as stale: nothing sent at all
+    assert spool.db.count_dead() == 0
+
+
+async def test_a_replayed_dead_letter_gets_its_full_give_up_after_s(
+    start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
+) -> None:
+    """A dead letter that first arrived longer than give_up_after_s ago, replayed while Braze
+    answers 500s, is retried (its give-up clock starts at the replay) and delivered once Braze
+    is back."""
+    refusing = True
+    fake.reject_objects(lambda o: "invalid_user" if refusing else None)
+    gw = await start_gateway(delivery={"give_up_after_s": 3600.0})
+    assert await gw.post(choice("late-1", True), auth_headers) == 202
+    await gw.settle()
+    spool = gw.app[SPOOL]
+    assert spool.db.count_dead() == 1
+    # The letter's first arrival two days ago: far older than give_up_after_s.
+    await spool.run(
+        spool.db.db.execute,
+        "UPDATE dead_letters SET received_at = received_at - ?",
+        (2 * 86_400.0,),
+    )
+    refusing = False
+    fake.fail_next(500, count=3)
+    assert await spool.run(spool.db.replay) == 1
+    gw.app[DISPATCHER].wake()
+    await gw.settle()
+    assert fake.users["late-1"].email_subscribe == "opted_in"
+    assert spool.db.count_dead() == 0
+    assert sum(1 for r in fake.requests if r.status == 500) == 3
 
 
 async def test_delivery_takes_intakes_rows_from_memory_not_from_the_spool(

@@ -380,7 +380,9 @@ def test_replay_and_purge_dead_letters(db: SpoolDB, clock: Clock) -> None:
     clock.now = T0 + 60
     assert db.replay([letters[0].id]) == 1
     (back,) = db.fetch(0, 10)
-    assert (back.body, back.received_at) == (rows[0].body, T0 + 60)
+    # Its dating stays the first arrival's; only the give-up clock starts again.
+    assert (back.body, back.received_at, back.queued_at) == (rows[0].body, T0, T0 + 60)
+    assert db.oldest_pending_at() == T0 + 60
     assert back.id > rows[-1].id  # ids are never reused, so a dispatcher cursor never skips it
     assert db.pending == 1
 
