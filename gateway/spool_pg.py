@@ -117,6 +117,11 @@ MIGRATIONS: tuple[str, ...] = (
         blocked_until double precision NOT NULL DEFAULT 0
     );
     """,
+    # 2: `sent` keeps every state sent per person and target (its latest time each), not only
+    # the last: Currents reports each write, in any order, and each must be known as an echo.
+    """
+    ALTER TABLE sent DROP CONSTRAINT sent_pkey, ADD PRIMARY KEY (person, target, state);
+    """,
 )
 VERSION = len(MIGRATIONS)
 
@@ -455,8 +460,8 @@ class PgSpoolDB(SpoolBase):
             )
             db.executemany(
                 "INSERT INTO sent(person, target, state, at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (person, target) DO UPDATE SET state = excluded.state,"
-                " at = excluded.at",
+                " ON CONFLICT (person, target, state) DO UPDATE"
+                " SET at = greatest(sent.at, excluded.at)",
                 sent,
             )
             trail.write(db, self.person_key, audit)
