@@ -144,9 +144,7 @@ class Store(Protocol):
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]: ...
 
-    def sent_states(
-        self, persons: Iterable[str]
-    ) -> dict[tuple[str, str], dict[str, float]]: ...
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], dict[str, float]]: ...
 
     def ack(
         self,

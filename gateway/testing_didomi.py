@@ -21,10 +21,10 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.client import responses
-from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import msgspec

@@ -71,7 +71,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.writeback")
 
 FETCH_LIMIT = 500
-MAX_IN_FLIGHT = 4  # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting
+# Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting. Each report
+# takes two round trips, so 4 left reports queueing behind slow answers under load.
+MAX_IN_FLIGHT = 16
 RECOUNT_S = 5.0
 LOOP_PAUSE_S = 1.0
 OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered

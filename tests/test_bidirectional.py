@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
-from gateway.testing import FakeBraze, FakeDidomi
+from gateway.testing import FakeBraze, FakeDidomi, User
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -691,3 +692,115 @@ async def test_a_spool_error_while_looking_for_earlier_didomi_rows_gives_the_rep
     assert failures["left"] == 0
     assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["sol"]
     assert gw.app[WRITEBACK].idle
+
+
+async def test_people_acting_in_both_systems_at_once_end_at_their_newest_act_without_a_loop(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """Sixty people act three times each, a moment apart, at random in Didomi (its webhook) or
+    in Braze (Currents); both fakes report every change back, the gateway's own writes too. At
+    the end both systems hold each person's newest act, and the writes are bounded (no loop)."""
+    gw = await start_both()
+    rng = random.Random(20)
+    tasks: set[asyncio.Task[None]] = set()
+    braze_acts: dict[str, list[tuple[float, str]]] = {}  # person -> (time, state) acted in Braze
+
+    async def post(path: str, body: Any, headers: dict[str, str]) -> None:
+        for _ in range(50):  # a 503 (not ready, spool busy) is retried, as both senders do
+            if (await gw.post(path, body, headers))[0] < 500:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} kept refusing")
+
+    def report(event: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(
+            post("/webhooks/braze/currents", currents(event), CURRENTS)
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    serial = iter(range(1_000_000))
+
+    def braze_changed(key: str, group: str | None, state: str) -> None:
+        # Braze reports the gateway's own /users/track writes, with their source.
+        event = global_change(f"rest-{next(serial)}", key, state, time.time(), "REST API")
+        event["time"] = time.time()
+        report(event)
+
+    async def didomi_webhook(body: dict[str, Any]) -> None:
+        await post("/webhooks/didomi", body, auth_headers)
+
+    fake.on_change = braze_changed
+    fake_didomi.on_webhook = didomi_webhook
+    people = [f"p{n:02d}" for n in range(60)]
+    newest: dict[str, tuple[float, bool]] = {}
+    didomi_at: list[tuple[float, str]] = []  # (time.monotonic(), person) of each Didomi act
+    acts: list[tuple[float, str, bool, str]] = []  # (offset s, person, opt in?, where)
+    for person in people:
+        start = rng.uniform(0, 1.0)
+        for n in range(3):
+            acts.append((start + n * 0.8, person, rng.random() < 0.5, rng.choice("DB")))
+    acts.sort()
+    began = time.monotonic()
+    for offset, person, opted, where in acts:
+        await asyncio.sleep(max(0.0, began + offset - time.monotonic()))
+        at = time.time()
+        newest[person] = (at, opted)
+        if where == "D":
+            didomi_at.append((time.monotonic(), person))
+            fake_didomi.act(person, [{"id": "marketing_email", "enabled": opted}])
+            continue
+        state = "opted_in" if opted else "unsubscribed"
+        fake.users.setdefault(person, User()).email_subscribe = state  # the subscription page
+        braze_acts.setdefault(person, []).append((at, state))
+        event = global_change(f"page-{next(serial)}", person, state, at, "Subscription Page")
+        event["time"] = at
+        report(event)
+    deadline = time.monotonic() + 60
+    while True:
+        await fake_didomi.reported()
+        await asyncio.gather(*list(tasks), return_exceptions=True)
+        await gw.settle(timeout=60)
+        if not tasks and not fake_didomi._reporting:
+            break
+        assert time.monotonic() < deadline, "the two directions never settled"
+    wrong = []
+    for person, (_, opted) in newest.items():
+        braze = fake.users[person].email_subscribe
+        didomi = fake_didomi.user(person)
+        enabled = didomi["consents"]["purposes"][0]["enabled"] if didomi else None
+        if braze != ("opted_in" if opted else "unsubscribed") or enabled is not opted:
+            wrong.append((person, opted, braze, enabled))
+    assert wrong == []
+    didomi_acts = sum(1 for _, _, _, where in acts if where == "D")
+    written = [e for e in fake_didomi.events]
+    assert len(written) <= len(acts) - didomi_acts  # at most one write per Braze act
+    assert len(fake.objects_sent()) <= didomi_acts  # at most one object per Didomi act
+    # Figures, not asserts: how long a Braze act took to reach Didomi.
+    delays = sorted(
+        event.at
+        - max(
+            at for at, _ in braze_acts[event.body["user"]["organization_user_id"]] if at <= event.at
+        )
+        for event in written
+    )
+    tracked = [
+        (r.at, o["external_id"])
+        for r in fake.requests
+        if r.path == "/users/track" and isinstance(r.body, dict)
+        for o in r.body.get("attributes") or []
+    ]
+    forward = sorted(
+        min(sent for sent, who in tracked if who == person and sent >= acted) - acted
+        for acted, person in didomi_at
+        if any(who == person and sent >= acted for sent, who in tracked)
+    )
+    if delays and forward:
+        print(
+            f"\n{len(written)} Braze act(s) reached Didomi: median {delays[len(delays) // 2]:.3f}"
+            f" s, max {delays[-1]:.3f} s; {len(forward)} Didomi act(s) reached Braze: median"
+            f" {forward[len(forward) // 2]:.3f} s, max {forward[-1]:.3f} s"
+        )
