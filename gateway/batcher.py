@@ -123,6 +123,13 @@ class Batcher:
         """The partitions with a row in flight or in the backlog."""
         return set(self._flying) | {entry.row.part for entry in self._backlog}
 
+    def waiting(self, before: int) -> Iterator[Entry]:
+        """The backlog's rows stored before row id `before`."""
+        for entry in self._backlog:
+            if entry.row.id >= before:
+                return  # the backlog is in spool order
+            yield entry
+
     def drop(self, keep: Callable[[int], bool]) -> int:
         """Forget backlog rows whose partition `keep` refuses (another replica has it now);
         returns how many. Rows in flight finish as they are."""

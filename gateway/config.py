@@ -115,7 +115,9 @@ class DidomiApiConfig(Strict, frozen=True):
     regulation: str = "gdpr"
     disable_integrations: bool = False  # sends $disable_integrations=true with every event
     timeout_s: float = 10.0
-    requests_per_second: float = 10.0
+    # Didomi does not limit /consents/* (developers.didomi.io, "Rate limiting"), and each
+    # Braze report costs two calls (read first, then write): 10 made reports queue for seconds.
+    requests_per_second: float = 100.0
 
 
 class BrazeWebhooksConfig(Strict, frozen=True):

@@ -75,6 +75,12 @@ class _Claims(Lenient, frozen=True):
     exp: float | None = None
 
 
+class _Created(Lenient, frozen=True):
+    """The event Didomi answers a write with: only its date (Didomi's clock) is read."""
+
+    created_at: datetime | None = None
+
+
 class _Error(Lenient, frozen=True):
     """Didomi's error body: `{"code": 400, "name": "BadRequest", "message": "..."}`."""
 
@@ -86,6 +92,7 @@ _users_page = msgspec.json.Decoder(_UsersPage)
 _session = msgspec.json.Decoder(_Session)
 _claims = msgspec.json.Decoder(_Claims)
 _error = msgspec.json.Decoder(_Error)
+_created = msgspec.json.Decoder(_Created)
 _encoder = msgspec.json.Encoder()
 
 # Didomi documents that it refuses an event id it already has, not how: a 409 Conflict, or a
@@ -168,8 +175,14 @@ class DidomiClient:
         organization_user_id: str,
         purposes: list[dict[str, Any]],
         regulation: str | None = None,
+        *,
+        on_created: Callable[[float], None] | None = None,
     ) -> Answer:
-        """Record one consent event under `event_id`; an id Didomi already has counts as done."""
+        """Record one consent event under `event_id`; an id Didomi already has counts as done.
+
+        `on_created` gets the event's `created_at` (epoch seconds, Didomi's clock) when Didomi
+        answers with it: the writeback tells its own writes from others' by it.
+        """
         query = {"organization_id": self.config.organization_id}
         if self.config.disable_integrations:
             query["$disable_integrations"] = "true"
@@ -180,7 +193,12 @@ class DidomiClient:
             "consents": {"purposes": purposes},
             "metadata": {"source": SOURCE},
         }
-        answer, _ = await self._call("POST", EVENTS, query, _encoder.encode(body))
+        answer, payload = await self._call("POST", EVENTS, query, _encoder.encode(body))
+        if on_created is not None and answer.verdict is Verdict.OK and payload:
+            with contextlib.suppress(msgspec.DecodeError):
+                created = _created.decode(payload).created_at
+                if created is not None:
+                    on_created(created.timestamp())
         return answer
 
     # -----------------------------------------------------------------------

@@ -215,6 +215,18 @@ class Dispatcher(Worker):
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
 
+    @property
+    def cursor(self) -> int:
+        """The spool id up to which Didomi's rows have been fetched (or acknowledged unsent)."""
+        return self._cursor
+
+    def unsettled(self, person: str, before: int) -> bool:
+        """Whether a fetched row about `person`, stored before row `before`, is not settled yet
+        (the writeback holds Braze's reports of that person until Braze has it)."""
+        if any(entry.mapped.person == person for entry in self.batcher.waiting(before)):
+            return True
+        return any(key.partition(":")[2] == person for key in self.batcher.in_flight)
+
     def _ours(self, item: Item) -> bool:
         """Whether every row of `item` is of a partition this replica delivers now."""
         owned = self.spool.db.owned

@@ -201,8 +201,8 @@ def _forget(db: Conn, person: str, hashed: str) -> None:
     db.execute("DELETE FROM applied WHERE person = ?", (person,))
     db.execute(
         "INSERT INTO sent(person, target, state, at) SELECT ?, target, state, at FROM sent"
-        " WHERE person = ? ON CONFLICT (person, target) DO UPDATE"
-        " SET state = excluded.state, at = excluded.at WHERE excluded.at >= sent.at",
+        " WHERE person = ? ON CONFLICT (person, target, state) DO UPDATE"
+        " SET at = excluded.at WHERE excluded.at >= sent.at",
         (hashed, person),
     )
     db.execute("DELETE FROM sent WHERE person = ?", (person,))

@@ -83,8 +83,9 @@ def prune(
             [(target, at) for _, target, at in old],
         )
     db.executemany(
-        f"DELETE FROM {table} WHERE person = ? AND target = ?",  # noqa: S608 - a constant
-        [(p, t) for p, t, _ in old],
+        # `at` too: `sent` keeps a row per state, and only the old ones go.
+        f"DELETE FROM {table} WHERE person = ? AND target = ? AND at < ?",  # noqa: S608 - a constant
+        [(p, t, cutoff) for p, t, _ in old],
     )
     return len(old), ((rows[-1][0], rows[-1][1]) if len(rows) == limit else None)
 

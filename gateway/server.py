@@ -251,6 +251,7 @@ def delivery(live: LiveRules) -> Context:
             if back is not None:
                 state.degraded_checks.append(back.degraded_reason)
                 state.on_wake_to_didomi = back.wake
+                back.forward = dispatcher  # Braze's reports wait for earlier Didomi rows
                 await back.start()
             loop = asyncio.get_running_loop()
 

@@ -38,6 +38,17 @@ from .errors import SpoolError, SpoolFull, SpoolLocked
 from .store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
 from .webhooks import Direction, direction_of
 
+_SENT = """
+CREATE TABLE IF NOT EXISTS sent (     -- the states sent to Braze, to know Braze's echoes of them
+    person TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,                 -- when Braze last acknowledged that state
+    -- One row per state, not per target: Currents reports each write, in any order, so every
+    -- state sent within the echo window must be known (at most three rows per target).
+    PRIMARY KEY (person, target, state)
+) WITHOUT ROWID;
+"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
     -- AUTOINCREMENT: ids never come back after a delete, so the dispatcher's cursor never
@@ -63,13 +74,7 @@ CREATE TABLE IF NOT EXISTS applied (  -- time of the last choice applied, per pe
     at REAL NOT NULL,
     PRIMARY KEY (person, target)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sent (     -- the state last sent to Braze, to know Braze's echo of it
-    person TEXT NOT NULL,
-    target TEXT NOT NULL,
-    state TEXT NOT NULL,
-    at REAL NOT NULL,                 -- when Braze acknowledged it
-    PRIMARY KEY (person, target)
-) WITHOUT ROWID;
+{sent}
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- an id the CLI printed never names another letter
     created_at REAL NOT NULL,
@@ -79,7 +84,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     person TEXT,
     reason TEXT NOT NULL
 );
-"""
+""".replace("{sent}", _SENT.strip())
 
 T = TypeVar("T")
 # Dead letters of Braze's reports (the reverse path) are told apart by their type.
@@ -94,6 +99,14 @@ SQLITE_FULL = 13
 # What a stored row costs beyond its bytes: its cell, its key in `seen` and the index on it.
 ROW_OVERHEAD_BYTES = 512
 WAL_FRAME_HEADER = 24  # bytes a WAL frame adds to its page
+
+
+def _sent_history(db: sqlite3.Connection) -> None:
+    """Rebuild an older spool's `sent` (one state per target) keyed by its state too."""
+    db.execute("ALTER TABLE sent RENAME TO sent_one_state")
+    db.execute(_SENT)
+    db.execute("INSERT INTO sent SELECT person, target, state, at FROM sent_one_state")
+    db.execute("DROP TABLE sent_one_state")
 
 
 def _row_cost(key: str | None, body: bytes) -> int:
@@ -212,6 +225,10 @@ class SpoolDB(SpoolBase):
         if "replayed_at" not in columns:
             self.db.execute("ALTER TABLE inbox ADD COLUMN replayed_at REAL")
         self.db.execute(_DIRECTION_INDEX)
+        keyed = [row[1] for row in self.db.execute("PRAGMA table_info(sent)") if row[5]]
+        if "state" not in keyed:
+            # A key of (person, target) kept one state per target: rebuilt with the state in it.
+            self._tx(_sent_history)
 
     def close(self) -> None:
         """Close the file; a WAL checkpoint folds the log back in."""
@@ -511,7 +528,7 @@ class SpoolDB(SpoolBase):
             )
             db.executemany(
                 "INSERT INTO sent(person, target, state, at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT DO UPDATE SET state = excluded.state, at = excluded.at",
+                " ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
                 sent,
             )
             trail.write(db, self.person_key, audit)

@@ -119,6 +119,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: a replayed dead letter keeps its `received_at` (its dating); this restarts give-up.
     "ALTER TABLE inbox ADD COLUMN replayed_at double precision;",
+    # 3: `sent` keeps every state sent per person and target (its latest time each), not only
+    # the last: Currents reports each write, in any order, and each must be known as an echo.
+    """
+    ALTER TABLE sent DROP CONSTRAINT sent_pkey, ADD PRIMARY KEY (person, target, state);
+    """,
 )
 VERSION = len(MIGRATIONS)
 
@@ -460,8 +465,8 @@ class PgSpoolDB(SpoolBase):
             )
             db.executemany(
                 "INSERT INTO sent(person, target, state, at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (person, target) DO UPDATE SET state = excluded.state,"
-                " at = excluded.at",
+                " ON CONFLICT (person, target, state) DO UPDATE"
+                " SET at = greatest(sent.at, excluded.at)",
                 sent,
             )
             trail.write(db, self.person_key, audit)

@@ -151,7 +151,7 @@ class Store(Protocol):
 
     def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]: ...
 
-    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]: ...
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], dict[str, float]]: ...
 
     def ack(
         self,
@@ -247,13 +247,14 @@ class SpoolBase:
             out[(person, target)] = max(at, out.get((person, target), at))
         return out
 
-    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], tuple[str, float]]:
-        """The state last sent to Braze, and when, per (person, target), for the given persons."""
-        out: dict[tuple[str, str], tuple[str, float]] = {}
+    def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], dict[str, float]]:
+        """Every state sent to Braze and when it was last, per (person, target), for the given
+        persons (an erased person's rows, kept under their hash, merged in)."""
+        out: dict[tuple[str, str], dict[str, float]] = {}
         rows = self._by_person("the states sent to Braze", "target, state, at", "sent", persons)
         for person, target, state, at in rows:
-            if (person, target) not in out or out[(person, target)][1] < at:
-                out[(person, target)] = (state, at)
+            states = out.setdefault((person, target), {})
+            states[state] = max(at, states.get(state, at))
         return out
 
     def pending_of(self, direction: Direction) -> int:

@@ -122,6 +122,9 @@ class FakeBraze(Served):
         self.ignored: list[Json] = []  # objects for unknown users in update-only mode
         # When set, one matching attributes object makes the whole call a 400, nothing applied.
         self.refuse_with_400: Callable[[Json], bool] | None = None
+        # Called for each subscription state a /users/track changed: (user key, group id or
+        # None for email_subscribe, new state), as Braze reports changes through Currents.
+        self.on_change: Callable[[str, str | None, str], None] | None = None
         self.stats = {"requests": 0, "objects": 0, "ignored": 0, "deleted": 0, "rate_limited": 0}
         self._faults: deque[tuple[int, Json, dict[str, str]]] = deque()
         self._rejecters: list[Callable[[Json], str | None]] = []
@@ -349,12 +352,18 @@ class FakeBraze(Served):
                 return
             self.known_users.add(key)
         user = self.users.setdefault(key, User())
+        report = self.on_change
         for name, value in obj.items():
             if name == "email_subscribe":
+                if report is not None and user.email_subscribe != value:
+                    report(key, None, value)
                 user.email_subscribe = value
             elif name == "subscription_groups":
                 # Merged: a group the object does not name keeps its state.
                 groups = {g["subscription_group_id"]: g["subscription_state"] for g in value}
+                for group, state in groups.items():
+                    if report is not None and user.subscription_groups.get(group) != state:
+                        report(key, group, state)
                 user.subscription_groups.update(groups)
             elif name in NOT_ATTRIBUTES:
                 continue

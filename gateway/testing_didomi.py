@@ -6,6 +6,11 @@ and secret for a JWT-shaped token, `POST /v1/consents/events` records an event a
 into the user's current status, `GET /v1/consents/users` returns that status. Errors carry
 Didomi's body, `{"code", "name", "message", "errors"}`. It records the traffic and injects
 faults on demand. Clients use `fake.url + "/v1"` as `didomi_api.base_url`.
+
+As Didomi does, a user carries the `updated_at` of the last event merged into it (the time the
+event was recorded), and, with `on_webhook` set, every event recorded (the gateway's own too,
+unless `$disable_integrations=true`) is reported as the `event.created` webhook Didomi sends its
+integrations. `act()` records a person's own choice, as Didomi's preference centre would.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.client import responses
@@ -61,6 +67,7 @@ class AcceptedEvent:
 
     body: Json
     disable_integrations: bool
+    at: float = 0.0  # time.time() when it was recorded
 
 
 @dataclass(slots=True)
@@ -114,6 +121,9 @@ class FakeDidomi(Served):
         self._users: dict[tuple[str, str], _User] = {}  # (regulation, organization_user_id)
         self._event_ids: set[str] = set()
         self._faults: deque[_Fault] = deque()
+        # Called with each webhook body Didomi would send for an event it recorded.
+        self.on_webhook: Callable[[Json], Coroutine[Any, Any, None]] | None = None
+        self._reporting: set[asyncio.Task[None]] = set()
         self._decoder = msgspec.json.Decoder()
         self.app = web.Application()
         self.app.router.add_post(f"{PREFIX}/sessions", self._sessions)
@@ -152,6 +162,19 @@ class FakeDidomi(Served):
         """Preset a user's current status, as if earlier events had recorded `purposes`."""
         user = self._user(regulation, organization_user_id)
         _merge(user, purposes)
+        user.updated_at = _now()
+
+    def act(
+        self, organization_user_id: str, purposes: list[Json], regulation: str = DEFAULT_REGULATION
+    ) -> Json:
+        """Record a person's own choice (Didomi's preference centre) and report it; the event."""
+        body = {"user": {"organization_user_id": organization_user_id}, "regulation": regulation}
+        return self._record({**body, "consents": {"purposes": purposes}}, purposes, report=True)
+
+    async def reported(self) -> None:
+        """Wait until every webhook reported so far has been answered."""
+        while self._reporting:
+            await asyncio.gather(*list(self._reporting), return_exceptions=True)
 
     def user(self, organization_user_id: str, regulation: str = DEFAULT_REGULATION) -> Json | None:
         """The user's current status as `GET /consents/users` shows it, or None if unknown."""
@@ -198,21 +221,9 @@ class FakeDidomi(Served):
         if event_id in self._event_ids:
             message = f"An event with ID {event_id} already exists"
             return await self._error(request, path, self.duplicate_status, message)
-        self._event_ids.add(event_id)
-        regulation = body.get("regulation") or DEFAULT_REGULATION
         disable = request.query.get("$disable_integrations") == "true"
-        self.events.append(AcceptedEvent(body, disable))
-        stored = self._user(regulation, person)
-        _merge(stored, purposes)
-        created = {
-            **body,
-            "id": event_id,
-            "organization_id": self.organization_id,
-            "regulation": regulation,
-            "status": "confirmed",
-            "created_at": _now(),
-            "user": {**body["user"], "id": stored.id},
-        }
+        self.events.append(AcceptedEvent(body, disable, time.time()))
+        created = self._record({**body, "id": event_id}, purposes, report=not disable)
         return await self._answer(request, path, 200, created)
 
     async def _query_users(self, request: web.Request) -> web.StreamResponse:
@@ -232,6 +243,33 @@ class FakeDidomi(Served):
 
     # -----------------------------------------------------------------------
     # Helpers.
+
+    def _record(self, body: Json, purposes: list[Json], *, report: bool) -> Json:
+        """Merge one event into its user and, if `report`, send Didomi's webhook for it."""
+        event_id = body.get("id") or str(uuid.uuid4())
+        self._event_ids.add(event_id)
+        regulation = body.get("regulation") or DEFAULT_REGULATION
+        stored = self._user(regulation, body["user"]["organization_user_id"])
+        _merge(stored, purposes)
+        now = _now()
+        stored.updated_at = now  # the user's status changed when the event was recorded
+        created = {
+            **body,
+            "id": event_id,
+            "organization_id": self.organization_id,
+            "regulation": regulation,
+            "status": "confirmed",
+            # Didomi keeps a created_at the caller gives (its schema says so), else its clock.
+            "created_at": body.get("created_at") or now,
+            "updated_at": now,
+            "user": {**body["user"], "id": stored.id},
+        }
+        if report and self.on_webhook is not None:
+            webhook = {"type": "event.created", "parameters": {"entity": created}}
+            task = asyncio.get_running_loop().create_task(self.on_webhook(webhook))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
+        return created
 
     def _refuse(self, request: web.Request, path: str) -> tuple[int, Json, dict[str, str]] | None:
         """A queued fault, a missing or expired token, or a wrong organization, in that order."""
@@ -273,9 +311,7 @@ class FakeDidomi(Served):
         if key not in self._users:
             now = _now()
             self._users[key] = _User(str(uuid.uuid4()), organization_user_id, now, now)
-        user = self._users[key]
-        user.updated_at = _now()
-        return user
+        return self._users[key]
 
     def _render(self, user: _User, regulation: str) -> Json:
         return {

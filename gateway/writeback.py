@@ -5,15 +5,27 @@ one consent event per request, so there is nothing to batch. Per person, reports
 order (one in flight per person); before every try each is filtered, then written with an id
 derived from the row and what is written, so a retry is recorded once however often it is sent:
 
+0. a report waits while a Didomi row of its person stored before it is not settled (sent to
+   Braze or dead-lettered): until Braze has that choice, the gateway cannot tell whether the
+   report already reflects it (a webhook step's snapshot never does);
 1. a date past arrival plus `didomi.max_clock_skew_s` is replaced by the arrival (counted);
-2. a state equal to the one Braze holds as far as the gateway knows (sent there forward, or
-   written back from Braze) is dropped: a webhook step renders every target, changed or not,
-   and Braze reports the gateway's own writes back (`echo` within `echo_window_s`, from the
-   REST API or a step; else `unchanged`);
-3. stale changes dropped: older than the last choice applied to that target either way, or
-   than the person's erasure;
+2. a state the gateway itself sent to Braze is dropped: any state sent within
+   `echo_window_s` is `echo` when the REST API (or a step) reports it, since Currents reports
+   each of the gateway's writes, in any order; a state equal to the last one sent is
+   `unchanged` (a webhook step renders every target, changed or not);
+3. stale changes dropped: older than the last choice applied to that target either way, than
+   the person's erasure, or than the gateway's last write of that target to Braze (Braze has
+   held a later state since: a step's snapshot, or an act the Didomi choice sent after it
+   replaced, must not win in Didomi only);
 4. the rest read backwards (`reverse.ReverseRules`) against the person's current Didomi
-   choices, read first, so the values a person chose for other groups are kept.
+   choices, read first, so the values a person chose for other groups are kept. If Didomi's
+   user was updated after the report's time by someone other than the gateway, the report
+   waits (up to `DIDOMI_NEWER_WAIT_S`) for Didomi's webhook of that change, then is filtered
+   again: a Braze act is never written over a newer Didomi choice.
+
+Which source wins: the newest act, by the time each system gives it; where the gateway cannot
+date an act (a step's snapshot, a Braze state it overwrote since), the Didomi choice already
+received wins, because Braze will hold that choice once it is sent and both then agree.
 
 The same retry policy as the Braze direction applies (`retry.decide`): `5xx`, timeouts and
 `429` retried, a refused key or URL held, other `4xx` and `give_up_after_s` dead-lettered.
@@ -32,14 +44,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from .audit import Record, state_text
 from .braze import Answer, Verdict
 from .braze_webhooks import BrazeChange, BrazeWebhookError, decode_currents_event, decode_step
-from .didomi import DidomiClient
+from .didomi import DidomiClient, DidomiUser
 from .errors import SpoolError
 from .health import DeliveryHealth
 from .mappings import ERASED, RuleSet, braze_side
@@ -59,11 +71,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.writeback")
 
 FETCH_LIMIT = 500
-MAX_IN_FLIGHT = 4  # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting
+# Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting. Each report
+# takes two round trips, so 4 left reports queueing behind slow answers under load.
+MAX_IN_FLIGHT = 16
 RECOUNT_S = 5.0
 LOOP_PAUSE_S = 1.0
+OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
 REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
+HOLD_POLL_S = 0.05  # how often a held report looks again
+# How long a report waits for Didomi's webhook of a newer change Didomi's user shows; after
+# it, the change is taken for one that did not touch the report's targets (another purpose).
+DIDOMI_NEWER_WAIT_S = 10.0
+# Didomi's user `updated_at` and the `created_at` of the event that set it may differ a little.
+OWN_WRITE_SLACK_S = 1.0
+
+
+class Forward(Protocol):
+    """What the writeback asks of the dispatcher (the other direction) in this process."""
+
+    @property
+    def cursor(self) -> int: ...
+
+    def unsettled(self, person: str, before: int) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -75,6 +105,9 @@ class Report:
     person: str
     dropped: list[tuple[BrazeChange, str]] = field(default_factory=list)  # and why, for the audit
     event_id: str | None = None  # the id of the consent event last sent to Didomi for it
+    not_before: float = 0.0  # time.monotonic() before which it waits (held)
+    clamped: bool = False  # its date was clamped to its arrival (and counted)
+    newer_since: float | None = None  # since when it waits for a newer Didomi change's webhook
 
 
 class Writeback(Worker):
@@ -105,6 +138,11 @@ class Writeback(Worker):
         self._generation = spool.db.generation
         self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
+        # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
+        self.forward: Forward | None = None
+        # Per person, the `created_at` (Didomi's clock) of the last event the gateway wrote:
+        # Didomi's user `updated_at` up to it is the gateway's own doing.
+        self._own: dict[str, float] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -128,7 +166,7 @@ class Writeback(Worker):
                 self._wake.clear()
                 await self._refill()
                 self._start_ready()
-                await self._sleep(RECOUNT_S if not self._backlog else LOOP_PAUSE_S)
+                await self._sleep(self._nap())
             except Exception:
                 log.exception("the writeback loop failed; resuming in a second")
                 await self._sleep(LOOP_PAUSE_S)
@@ -172,6 +210,14 @@ class Writeback(Worker):
             self.flow.failed("unmappable", len(dead))
             self.flow.dead_letters.inc(len(dead))
 
+    def _nap(self) -> float:
+        """How long the loop may sleep: until the first held report's turn, at most."""
+        if not self._backlog:
+            return RECOUNT_S
+        now = time.monotonic()
+        soonest = min(report.not_before for report in self._backlog)
+        return min(LOOP_PAUSE_S, max(0.0, soonest - now)) if soonest > now else LOOP_PAUSE_S
+
     def _follow_partitions(self) -> None:
         """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
         db = self.spool.db
@@ -187,11 +233,12 @@ class Writeback(Worker):
         """Start a task for each report whose person has nothing in flight or waiting before it."""
         kept: deque[Report] = deque()
         held: set[str] = set()
+        now = time.monotonic()
         for report in self._backlog:
             if not self._owns(report):
                 continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
-            busy = person in self._in_flight or person in held
+            busy = person in self._in_flight or person in held or report.not_before > now
             if busy or len(self._tasks) >= MAX_IN_FLIGHT:
                 held.add(person)
                 kept.append(report)
@@ -255,6 +302,9 @@ class Writeback(Worker):
                 # reports, which are forgotten with it unless the partition comes back.
                 self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
                 return
+            if await self._waits_for_braze(report):
+                self._hold(report)
+                return
             # Filtered afresh before every try: a Didomi choice applied while this one waited
             # may have made it stale.
             edit, live, dropped = await self._prepare(report)
@@ -265,6 +315,11 @@ class Writeback(Worker):
             unwritten = [c for c in live if c.target not in edit.targets]
             sent_at = self.clock()
             answer = await self._send(report, edit)
+            if answer is _HOLD:
+                self._hold(report)
+                return
+            if answer is _AGAIN:
+                continue  # a Didomi choice was applied meanwhile: filter again
             if answer is None:  # Didomi already holds these choices: nothing to write
                 self.health.ok()
                 await self._settle(report, written, skipped="unchanged", unwritten=unwritten)
@@ -309,13 +364,56 @@ class Writeback(Worker):
         edit = self._reverse_rules().edit(live) if live else None
         return edit, live, dropped
 
+    async def _waits_for_braze(self, report: Report) -> bool:
+        """Whether a Didomi row of the report's person, stored before it, is not settled yet."""
+        forward = self.forward
+        if forward is None:
+            return False
+        if forward.unsettled(report.person, report.row.id):
+            return True
+        # Rows the dispatcher has not fetched yet may be about this person too.
+        db = self.spool.db
+        first = await self.spool.run(db.fetch, forward.cursor, 1, "to_braze")
+        return bool(first) and first[0].id < report.row.id
+
+    def _hold(self, report: Report) -> None:
+        """Back to the backlog, in spool order, to be tried again in a moment."""
+        report.not_before = time.monotonic() + HOLD_POLL_S
+        self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
+
+    def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: DidomiUser) -> bool:
+        """Whether Didomi's user changed after the report's act, not by the gateway's hand,
+        and the report should still wait for that change's webhook."""
+        if user.updated_at is None:
+            return False
+        updated = user.updated_at.timestamp()
+        own = self._own.get(report.person, -math.inf)
+        if updated <= edit.at or updated <= own + OWN_WRITE_SLACK_S:
+            report.newer_since = None
+            return False
+        now = time.monotonic()
+        if report.newer_since is None:
+            report.newer_since = now
+        if now - report.newer_since < DIDOMI_NEWER_WAIT_S:
+            return True
+        # No webhook made it stale meanwhile: the change touched none of its targets.
+        log.info("Didomi changed after a Braze report without touching its targets; writing it")
+        return False
+
     async def _send(self, report: Report, edit: ConsentEdit) -> Answer | None:
         """Read the person's current choices, then write the edit against them (None: no
-        need, Didomi already holds them)."""
+        need, Didomi already holds them; `_HOLD`: wait; `_AGAIN`: filter again)."""
         api = self.config.didomi_api
         answer, user = await self.client.current_user(report.person, regulation=api.regulation)
         if answer.verdict is not Verdict.OK:
             return answer
+        # Dates, not only values: a Didomi choice newer than the act must never be overwritten.
+        if user is not None and self._newer_in_didomi(report, edit, user):
+            return _HOLD
+        # Reading may have waited: a Didomi choice applied meanwhile may have made it stale.
+        again, _, _ = await self._prepare(report)
+        if again is None or again.targets != edit.targets:
+            return _AGAIN
         current = list(user.purposes.values()) if user is not None else None
         purposes = edit.apply(current)
         if not purposes:
@@ -329,7 +427,19 @@ class Writeback(Worker):
         report.event_id = event_id
         if not self._owns(report):  # reading took long: it may be another replica's now
             return Answer(Verdict.RETRY, None, "its partition is another replica's now")
-        return await self.client.write_event(event_id, report.person, purposes, api.regulation)
+        return await self.client.write_event(
+            event_id,
+            report.person,
+            purposes,
+            api.regulation,
+            on_created=functools.partial(self._wrote, report.person),
+        )
+
+    def _wrote(self, person: str, created_at: float) -> None:
+        """Remember Didomi's date of the gateway's own write (its user's `updated_at` then)."""
+        if len(self._own) >= OWN_WRITES_KEPT:
+            self._own.clear()  # forgetting costs at most a wait; it is never wrong
+        self._own[person] = max(created_at, self._own.get(person, created_at))
 
     def _owns(self, report: Report) -> bool:
         """Whether the report's partition is one this replica delivers now."""
@@ -340,15 +450,17 @@ class Writeback(Worker):
         self,
         report: Report,
         applied: dict[tuple[str, str], float],
-        known: dict[tuple[str, str], tuple[str, float]],
+        known: dict[tuple[str, str], dict[str, float]],
     ) -> tuple[list[BrazeChange], str | None]:
         """The changes to write back, and why the others were dropped.
 
-        `known` is Braze's state as the gateway last knew it with Didomi agreeing (sent there
-        by the forward path, or written back from Braze). A report of that same state tells
-        Didomi nothing: a webhook step renders every target, changed or not, and Braze echoes
-        the gateway's own writes. It is `echo` when it may be the gateway's own write coming
-        back (the REST API, or a step, within `echo_window_s`), else `unchanged`.
+        `known` holds, per target, every state Braze was given with Didomi agreeing (sent
+        there by the forward path, or written back from Braze) and when it last was. Braze
+        reports each of the gateway's writes through Currents, in any order: any of those
+        states within `echo_window_s`, from the REST API (or a step), is an `echo`. A report of
+        the last state is `unchanged`: a webhook step renders every target, changed or not.
+        A report older than the last state sent is `stale`: Braze has held that later state
+        since, so the report is a snapshot from before it (a step) or an act it replaced.
         """
         person = report.person
         hooks = self.config.braze_webhooks
@@ -365,14 +477,24 @@ class Writeback(Worker):
                 # Braze's clock (or a `time` rendered in milliseconds) must not freeze the
                 # person's later Didomi choices: dated at arrival, as forward.
                 change = dataclasses.replace(change, at=report.row.received_at)
-                self.metrics.event_dates_clamped.inc()
+                if not report.clamped:  # filtered again before every try: counted once
+                    report.clamped = True
+                    self.metrics.event_dates_clamped.inc()
             target = change.target
-            last = known.get((person, target))
-            if last is not None and last[0] == change.state:
-                own = change.source in (None, REST_API) and now - last[1] <= window
-                why = "echo" if own else "unchanged"
+            states = known.get((person, target), {})
+            sent_at = states.get(change.state)
+            last = max(states.items(), key=lambda item: item[1]) if states else None
+            own = change.source in (None, REST_API)
+            if sent_at is not None and (
+                (own and now - sent_at <= window) or (last is not None and last[0] == change.state)
+            ):
+                why = "echo" if own and now - sent_at <= window else "unchanged"
                 reason = reason or why
                 report.dropped.append((change, f"skipped:{why}"))
+                continue
+            if last is not None and change.at < last[1]:
+                reason = "stale"
+                report.dropped.append((change, "stale"))
                 continue
             side = braze_side(target)
             floor = max(
@@ -415,7 +537,9 @@ class Writeback(Worker):
             if why == "skipped:unchanged" and c.source is not None
         ]
         now = self.clock()
-        known = [(report.person, str(c.target), c.state, now) for c in written]
+        # Dated by the act, as the forward path's rows are by Braze's acknowledgement: the time
+        # from which Braze holds the state, so an older report of that target is stale.
+        known = [(report.person, str(c.target), c.state, c.at) for c in written]
         at = sent_at if sent_at is not None else now
         status = answer.status if answer is not None else None
         outcome = f"skipped:{skipped}" if skipped is not None else "delivered"
@@ -486,6 +610,11 @@ class Writeback(Worker):
     async def _record(self, write: Callable[..., None], *args: object) -> None:
         bound = functools.partial(write, direction="to_didomi")
         await self.spool.record(bound, *args, stopping=lambda: self.stopping)
+
+
+# What `_send` answers besides Didomi's answers: compared by identity.
+_HOLD = Answer(Verdict.RETRY, None, "held: a newer Didomi change is on its way")
+_AGAIN = Answer(Verdict.RETRY, None, "a Didomi choice was applied meanwhile")
 
 
 def _decode(row: Pending) -> list[BrazeChange]:

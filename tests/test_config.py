@@ -828,7 +828,7 @@ def test_reverse_path_defaults(tmp_path: Path) -> None:
     assert (api.disable_integrations, api.timeout_s, api.requests_per_second) == (
         False,
         10.0,
-        10.0,
+        100.0,
     )
     assert BrazeWebhooksConfig() == BrazeWebhooksConfig(tokens=[], echo_window_s=3600.0)
 
