@@ -20,6 +20,7 @@ import pytest
 from conftest import BRAZE_API_KEY, choice, free_port, write_config
 from test_reliability import STATES, GatewayProcess, at, eventually
 
+from gateway.braze import RateLimiter
 from gateway.config import DeliveryConfig
 from gateway.errors import SpoolError
 from gateway.replicas import Budget, Replicas
@@ -268,6 +269,40 @@ async def test_a_budget_without_its_database_is_a_spool_error(pg_url: str) -> No
             await budget.take(10.0)
     finally:
         await budget.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("down", ["refused", "silent"])
+async def test_without_its_database_a_replica_sends_at_its_share_of_the_rate(down: str) -> None:
+    """With the budget's database refusing connections or never answering, eight concurrent
+    requesters of one of two replicas alive at a deployment rate of 20 send at most 10 a second
+    over any 3 s window (README: `1 / rate` x the replicas alive), and still send."""
+    held: list[asyncio.StreamWriter] = []  # a server that accepts and never says anything
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1] if down == "silent" else free_port()
+    budget = Budget(f"postgresql://gateway@127.0.0.1:{port}/gateway")
+    limiter = RateLimiter(20.0)
+    limiter.shared = budget
+    limiter.replicas = lambda: 2
+    sent: list[float] = []
+    deadline = time.monotonic() + 8.0
+
+    async def requester() -> None:
+        while time.monotonic() < deadline:
+            await limiter.acquire()
+            sent.append(time.monotonic())
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(requester() for _ in range(8))), 30.0)
+    finally:
+        await budget.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+    window = 3.0
+    assert _windows(sent, window) <= 10 * window + 2, sorted(sent)
+    assert len(sent) >= 10, sent  # paced, not stopped
 
 
 # ---------------------------------------------------------------------------
