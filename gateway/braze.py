@@ -84,6 +84,7 @@ class Verdict(enum.Enum):
     AUTH = "auth"  # 401/403, or 404/405/3xx from a wrong server: keep everything, retry slowly
     SPLIT = "split"  # 400/413: some object is bad or the body too big; halve and resend
     REFUSED = "refused"  # another 4xx: Braze will never take this request
+    MOVED = "moved"  # not sent: the rows' partitions are another replica's now
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,11 +351,12 @@ class BrazeClient:
 
         `allowed`, asked once the turn has come (the wait may be long), says whether the
         request may still leave: on a shared spool, whether its partitions are still this
-        replica's. If not, nothing is sent and the answer is a retry, which finds them gone.
+        replica's. If not, nothing is sent and the answer is `MOVED`: the rows are the new
+        owner's, not a failed attempt.
         """
         number = await self.limiter.acquire()
         if allowed is not None and not allowed():
-            return Answer(Verdict.RETRY, None, "its partitions are another replica's now")
+            return Answer(Verdict.MOVED, None, "its partitions are another replica's now")
         data = _encoder.encode(body)
         # Server, key and timeout are read together, with no await between: a reload never
         # sends one server the key meant for another.
