@@ -101,6 +101,7 @@ SQLITE_FULL = 13
 ROW_OVERHEAD_BYTES = 512
 # What an acknowledgement writes per audit record, applied time or state sent, with indexes.
 RECORD_BYTES = 320
+AUDIT_RECORD_BYTES = 300  # one audit record with its two index entries (bench/spool_size.py)
 SHED_BATCHES = 64  # at most this many shedding transactions per write: the rest at the next
 SHED_LOG_S = 60.0
 _SHED = "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?)"  # oldest first
