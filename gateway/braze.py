@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Verdict(enum.Enum):
     AUTH = "auth"  # 401/403, or 404/405/3xx from a wrong server: keep everything, retry slowly
     SPLIT = "split"  # 400/413: some object is bad or the body too big; halve and resend
     REFUSED = "refused"  # another 4xx: Braze will never take this request
+    MOVED = "moved"  # not sent: the rows' partitions are another replica's now
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,7 @@ class RateLimiter:
     ) -> None:
         self.interval = 1.0 / requests_per_second
         self.clock = clock
-        self._next = 0.0
+        self._last = -math.inf  # when the last turn was granted
         self._blocked_until = 0.0
         self.remaining: int | None = None
         self._sent = 0  # requests let through so far; `acquire` returns each one's number
@@ -158,21 +160,23 @@ class RateLimiter:
 
     async def acquire(self) -> int:
         """Wait for this request's turn; returns its number, for `observe`."""
-        number = await self._local()
-        shared = self.shared
-        if shared is not None and self.clock() < self._shared_down_until:
-            shared = None  # it failed a moment ago: do not queue behind a hung database
-            await asyncio.sleep(self.interval * max(1, self.replicas()))
-        while shared is not None:
+        number, alone = await self._local()
+        while self.shared is not None and not alone:
             try:
-                wait = await asyncio.wait_for(shared.take(1.0 / self.interval), SHARED_TIMEOUT_S)
+                wait = await asyncio.wait_for(
+                    self.shared.take(1.0 / self.interval), SHARED_TIMEOUT_S
+                )
             except (GatewayError, TimeoutError) as exc:
-                # Without the database, pace as if every replica alive sent as fast as this one.
-                reason = str(exc) or "no answer"
-                log.warning("the shared Braze budget cannot be read (pacing locally): %s", reason)
+                if self.clock() >= self._shared_down_until:  # once per outage, not per request
+                    reason = str(exc) or "no answer"
+                    log.warning(
+                        "the shared Braze budget cannot be read (pacing locally): %s", reason
+                    )
                 self._shared_down_until = self.clock() + SHARED_RETRY_S
-                await asyncio.sleep(self.interval * max(1, self.replicas()))
-                break
+                # A turn of the local pace: its spacing, not a sleep of each request's own, is
+                # what holds several requests waiting at once to this replica's share.
+                _, alone = await self._local(count=False)
+                continue
             if wait <= 0:
                 break  # this request's turn: it leaves now
             await asyncio.sleep(wait)
@@ -183,19 +187,30 @@ class RateLimiter:
             await asyncio.sleep(left)
         return number
 
-    async def _local(self) -> int:
+    async def _local(self, *, count: bool = True) -> tuple[int, bool]:
+        """A turn of this replica's own pace: (its number, whether it stands for the shared one).
+
+        While the shared budget has just failed, turns are spaced as if every replica alive
+        sent as fast as this one (`1 / rate` x replicas), and such a turn is the request's
+        whole wait: it does not queue behind a hung database again.
+        """
         while True:
             now = self.clock()
             if self._budget is not None and now >= self._window_ends:
                 self._budget = None  # a new window: Braze's next answer tells its budget
-            spent = self._budget is not None and self._budget <= 0
-            start = max(now, self._next, self._blocked_until, self._window_ends if spent else 0)
+            spent = count and self._budget is not None and self._budget <= 0
+            alone = self.shared is not None and now < self._shared_down_until
+            spacing = self.interval * (max(1, self.replicas()) if alone else 1)
+            start = max(
+                now, self._last + spacing, self._blocked_until, self._window_ends if spent else 0
+            )
             if start <= now:
-                self._next = now + self.interval
-                if self._budget is not None:
-                    self._budget -= 1
-                self._sent += 1
-                return self._sent
+                self._last = now
+                if count:
+                    if self._budget is not None:
+                        self._budget -= 1
+                    self._sent += 1
+                return self._sent, alone
             await asyncio.sleep(start - now)
 
     def observe(
@@ -362,11 +377,12 @@ class BrazeClient:
 
         `allowed`, asked once the turn has come (the wait may be long), says whether the
         request may still leave: on a shared spool, whether its partitions are still this
-        replica's. If not, nothing is sent and the answer is a retry, which finds them gone.
+        replica's. If not, nothing is sent and the answer is `MOVED`: the rows are the new
+        owner's, not a failed attempt.
         """
         number = await self.limiter.acquire()
         if allowed is not None and not allowed():
-            return Answer(Verdict.RETRY, None, "its partitions are another replica's now")
+            return Answer(Verdict.MOVED, None, "its partitions are another replica's now")
         data = _encoder.encode(body)
         # Server, key and timeout are read together, with no await between: a reload never
         # sends one server the key meant for another.

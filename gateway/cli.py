@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from .mappings import (
     options_of,
 )
 from .reverse import ConsentEdit, ReverseRules
+from .spool import AUDIT_RECORD_BYTES
+from .store import is_postgresql
 from .webhooks import WebhookError, decode
 
 DEFAULT_CONFIG = "gateway.toml"
@@ -72,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     check = command("check", "validate the config and every mapping file")
+    check.add_argument(
+        "--changes-per-day",
+        type=int,
+        metavar="N",
+        help="also say whether the spool's volume holds retention.audit_days of audit records"
+        " at N consent changes a day (a warning, never an error)",
+    )
     check.set_defaults(func=_check)
 
     render = command(
@@ -156,7 +166,49 @@ def _check(args: argparse.Namespace) -> int:
     # optional, so these never change the exit status.
     for origin, reason in ReverseRules.from_ruleset(rules).unreversible:
         print(f"{origin}: not reversible (Braze -> Didomi): {reason}")
+    if args.changes_per_day is not None:
+        print(f"{args.config}: {_capacity(config, rules, args.changes_per_day)}")
     return 0
+
+
+def _capacity(config: Config, rules: RuleSet, per_day: int) -> str:
+    """Whether the spool's volume holds the audit trail `retention.audit_days` asks for."""
+    spool = config.delivery.spool
+    if is_postgresql(spool):
+        return "--changes-per-day not checked: a PostgreSQL spool's disk is the database's"
+    folder = Path(spool).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the spool is created at the first start
+    disk = os.statvfs(folder)
+    volume = disk.f_blocks * disk.f_frsize
+    # At most one record per target a change can reach (every target of the rules).
+    per_change = max(1, len({rule.target for rule in rules.rules}))
+    days = config.retention.audit_days
+    needed = days * per_day * per_change * AUDIT_RECORD_BYTES + config.delivery.min_free_bytes
+    said = (
+        f"the spool's volume ({_size(volume)} at {folder}) {{}} retention.audit_days = {days:g}"
+        f" of audit records at {per_day} consent changes a day: {_size(needed)} with"
+        f" delivery.min_free_bytes, at {per_change} record(s) of about {AUDIT_RECORD_BYTES} bytes"
+        " a change"
+    )
+    if needed <= volume:
+        return said.format("holds")
+    return (
+        "warning: "
+        + said.format("cannot hold")
+        + (
+            "; the oldest will be shed under disk pressure (gateway_audit_shed_total): make the"
+            " volume larger or lower retention.audit_days"
+        )
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _mappings_dir(config_path: str, config: Config | None) -> Path:

@@ -430,7 +430,7 @@ class Dispatcher(Worker):
                     ],
                     allowed,
                 )
-            if answer.verdict is not Verdict.OK:
+            if answer.verdict not in (Verdict.OK, Verdict.MOVED):
                 attempt += 1
             oldest = min(row.queued_at for item in items for row in item.rows)
             decision = decide(
@@ -453,6 +453,8 @@ class Dispatcher(Worker):
             if action is Action.DEAD_LETTER:
                 await self._dead(items, decision.reason, answer, sent_at, delete=delete)
                 return
+            if action is Action.GIVE_BACK:
+                continue  # the loop's first step gives the moved rows back, sends the rest
             self.flow.retried(decision.reason)
             if action is Action.HOLD:
                 self.health.block(answer)

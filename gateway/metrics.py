@@ -224,6 +224,12 @@ class Metrics:
             registry=r,
         )
         _touch(self.retention_pruned, ("audit", "dead_letters", "applied", "sent"))
+        self.audit_shed = Counter(
+            "gateway_audit_shed",
+            "Audit records deleted before their retention to keep room for consent on a nearly"
+            " full spool disk (SQLite).",
+            registry=r,
+        )
 
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(

@@ -3,6 +3,7 @@
 A pure function of the answer, the attempt, the age of the oldest row and the delivery config,
 so every branch is testable without a server. Holding (a wrong key, a wrong URL) never gives up
 and never dead-letters: it is the operator's to fix, and the updates must still be there then.
+Nor does a request withheld because its partition moved: it was never tried.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Action(enum.Enum):
     DEAD_LETTER = "dead_letter"  # Braze will never take these: move them, with the reason
     RETRY = "retry"  # transient: wait `delay_s`, send the same objects again
     HOLD = "hold"  # configuration (key, URL): keep everything, wait, send again
+    GIVE_BACK = "give_back"  # not sent, the partition moved: the rows are the new owner's
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ def decide(
     verdict = answer.verdict
     if verdict is Verdict.OK:
         return Decision(Action.ACK)
+    if verdict is Verdict.MOVED:
+        # Nothing was tried, so nothing failed: however old, the rows are left in the spool for
+        # the replica that owns them now, never given up on here.
+        return Decision(Action.GIVE_BACK, reason="moved")
     if verdict is Verdict.SPLIT:
         if can_split:
             return Decision(Action.SPLIT)

@@ -62,7 +62,7 @@ from .metrics import Metrics, metrics_handler
 from .reload import LiveRules
 from .replicas import Budget, Replicas, replica_name
 from .retention import Retention
-from .spool import Spool, SpoolLock
+from .spool import Spool, SpoolDB, SpoolLock
 from .spool_pg import PgSpoolDB, redact
 from .store import Store, is_postgresql, open_store
 from .webhooks import WebhookError, decode, direction_of
@@ -134,6 +134,8 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     lock, db = await asyncio.to_thread(_open_spool, config.delivery, config.retention.person_key)
     spool = Spool(db)
     app[SPOOL] = spool
+    if isinstance(db, SpoolDB):
+        db.on_shed = app[METRICS].audit_shed.inc  # called from the spool thread; thread-safe
     for direction in ("to_braze", "to_didomi"):
         app[METRICS].flow(direction).pending.set(spool.db.pending_of(direction))
     replicas: Replicas | None = None

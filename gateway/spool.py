@@ -13,6 +13,13 @@ own. So intake stops (`SpoolFull`, a 503) while taking a webhook would leave les
 owes and crediting the free pages inserts reuse. Acknowledgements ignore that reserve. While
 intake is short of room, writes also run a truncating checkpoint, which hands the WAL's space
 back to the disk, and `low_on_disk` keeps readiness at 503 until there is room again.
+
+The file never shrinks, so what acknowledgements write (audit records, applied times, dedupe
+keys) would hold the reserve for ever after a full disk. Free pages of the file count towards
+the reserve (acknowledgements fill them before the file grows), up to half of it: the other
+half stays free disk, for the WAL frames every write needs. And consent comes before records:
+under disk pressure the oldest audit records are shed (`shed_audit`), before a webhook is
+refused and before an acknowledgement grows the file into the reserve.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import dataclasses
 import fcntl
 import itertools
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -99,6 +107,12 @@ SQLITE_FULL = 13
 # What a stored row costs beyond its bytes: its cell, its key in `seen` and the index on it.
 ROW_OVERHEAD_BYTES = 512
 WAL_FRAME_HEADER = 24  # bytes a WAL frame adds to its page
+# What an acknowledgement writes per audit record, applied time or state sent, with indexes.
+RECORD_BYTES = 320
+AUDIT_RECORD_BYTES = 300  # one audit record with its two index entries (bench/spool_size.py)
+SHED_BATCHES = 64  # at most this many shedding transactions per write: the rest at the next
+SHED_LOG_S = 60.0
+_SHED = "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?)"  # oldest first
 
 
 def _sent_history(db: sqlite3.Connection) -> None:
@@ -187,6 +201,9 @@ class SpoolDB(SpoolBase):
         # Why intake is refused for lack of disk space, while it is; None when there is room.
         self.low_on_disk: str | None = None
         self.committed_at = 0.0  # time.monotonic() of the last commit, to prove the file writable
+        self.on_shed: Callable[[int], None] = lambda count: None  # told of audit records shed
+        self._shed_logged_at = -math.inf  # monotonic: shedding is warned about once a minute
+        self._shed_unlogged = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.
@@ -271,7 +288,7 @@ class SpoolDB(SpoolBase):
         if code == SQLITE_IOERR:
             # ENOSPC may surface as an I/O error (growing the WAL index, say): look at the disk.
             with contextlib.suppress(SpoolError, sqlite3.Error):
-                if self._room()[0] <= 0:
+                if self._above_reserve(*self._room()) <= 0:
                     self.low_on_disk = self._short_of_room()
                     self._give_back()
                     return SpoolFull(f"{self.low_on_disk} ({exc})")
@@ -292,7 +309,7 @@ class SpoolDB(SpoolBase):
     # -- disk room ----------------------------------------------------------------------------
 
     def _room(self) -> tuple[int, int]:
-        """(bytes writes may still add above the reserve, bytes of free pages inserts reuse)."""
+        """(free disk once the next checkpoint is done, bytes of free pages inserts reuse)."""
         try:
             disk = os.statvfs(self.path.parent)
             size = self.path.stat().st_size
@@ -303,7 +320,51 @@ class SpoolDB(SpoolBase):
         # Pages so far only in the WAL: the next checkpoint grows the file by this much.
         owed = max(0, pages * self._page_size - size)
         free = disk.f_bavail * disk.f_frsize
-        return free - owed - self.min_free_bytes, free_pages * self._page_size
+        return free - owed, free_pages * self._page_size
+
+    def _above_reserve(self, disk: int, reusable: int) -> int:
+        """Bytes intake may still add: `min_free_bytes` stays for acknowledgements, as free
+        disk or free pages of the file (which their records fill first), half at least as disk
+        (their WAL frames need it until the checkpoint)."""
+        reserve = self.min_free_bytes
+        return min(disk - reserve // 2, disk + reusable - reserve)
+
+    def shed_audit(self, needed: int) -> int:
+        """Delete the oldest audit records until `needed` bytes more fit above the reserve, or
+        the file's free pages cover them; returns how many went (consent before records)."""
+        shed = 0
+        # Small transactions: each deleted record touches a page of each of the two indexes,
+        # and those WAL frames must fit in the disk the reserve keeps.
+        batch = max(16, self.min_free_bytes // (16 * self._page_size))
+        enough = needed + self.min_free_bytes // 8  # not again at the very next write
+        try:
+            for _ in range(SHED_BATCHES):
+                disk, reusable = self._room()
+                # Free pages help only up to half the reserve: past that, shedding cannot help.
+                if self._above_reserve(disk, reusable) >= enough or reusable >= enough:
+                    break
+                deleted = self._tx(lambda db: db.execute(_SHED, (batch,)).rowcount)
+                if not deleted:
+                    break
+                shed += deleted
+                self._give_back()  # the WAL frames of the delete, back to the disk
+        except (SpoolError, sqlite3.Error) as exc:
+            log.warning("could not shed audit records to make room: %s", exc)
+        if shed:
+            self.on_shed(shed)
+            self._shed_unlogged += shed
+        now = time.monotonic()
+        if self._shed_unlogged and now - self._shed_logged_at >= SHED_LOG_S:
+            log.warning(
+                "the disk of the spool %s is short of room: deleted the %d oldest audit record(s)"
+                " so consent can still be taken and delivered (make the disk larger, or lower"
+                " retention.audit_days)",
+                self.path,
+                self._shed_unlogged,
+                extra={"audit_shed": self._shed_unlogged},
+            )
+            self._shed_logged_at, self._shed_unlogged = now, 0
+        return shed
 
     def _short_of_room(self) -> str:
         return (
@@ -358,15 +419,40 @@ class SpoolDB(SpoolBase):
         with self._reading("the erasure state"):
             return done and not erasure.pending(self.db)
 
+    def _shed_for(self, needed: int, *, ack: bool = False) -> None:
+        """Shed audit records when `needed` more bytes would not fit above the reserve (for an
+        acknowledgement: nor in the file's free pages, so it would grow the file into it)."""
+        try:
+            disk, reusable = self._room()
+        except (SpoolError, sqlite3.Error):
+            return  # the write reports it
+        short = self._above_reserve(disk, reusable) < needed
+        if short and (not ack or reusable < needed) and disk > needed:
+            self.shed_audit(needed)
+
+    def _watch_room(self) -> None:
+        """After an acknowledgement: short of room, hand the WAL back (its frames would grow up
+        to the next automatic checkpoint, eating the reserve), and refuse intake until there is
+        room again."""
+        try:
+            room = self._above_reserve(*self._room())
+            if room <= 0 or self.low_on_disk is not None:
+                self._give_back()
+                room = self._above_reserve(*self._room())
+        except (SpoolError, sqlite3.Error) as exc:
+            log.debug("could not measure the spool's free space: %s", exc)
+            return
+        self.low_on_disk = self._short_of_room() if room <= 0 else None
+
     def _refresh_room(self) -> None:
         """While intake is short of room: give the WAL back, and see whether room returned."""
         self._give_back()
         try:
-            room, _ = self._room()
+            room = self._room()
         except (SpoolError, sqlite3.Error) as exc:
             log.debug("could not measure the spool's free space: %s", exc)
             return
-        if room > 0:
+        if self._above_reserve(*room) > 0:
             self.low_on_disk = None
 
     # -- intake -------------------------------------------------------------------------------
@@ -400,6 +486,7 @@ class SpoolDB(SpoolBase):
         room = self.max_pending - self.pending
         if self.low_on_disk is not None:
             self._give_back()
+        self._shed_for(sum(_row_cost(key, body) for key, _, body, *_ in items))
         short = False
         reverse = 0
 
@@ -424,7 +511,8 @@ class SpoolDB(SpoolBase):
                 cost = _row_cost(key, body)
                 # Its WAL frames, then the pages the checkpoint adds where no free page is left.
                 needed = cost + max(0, cost - reusable)
-                if stored >= room or needed > disk:
+                left = max(0, reusable - cost)
+                if stored >= room or self._above_reserve(disk - needed, left) < 0:
                     if key is not None:
                         db.execute("DELETE FROM seen WHERE key = ?", (key,))
                     if stored >= room:
@@ -441,10 +529,10 @@ class SpoolDB(SpoolBase):
                 if direction_of(kind) == "to_didomi":
                     reverse += 1
                 disk -= needed
-                reusable = max(0, reusable - cost)
+                reusable = left
                 stored += 1
                 results.append(True)
-            if disk <= 0:
+            if self._above_reserve(disk, reusable) <= 0:
                 short = True
             return results, stored
 
@@ -504,6 +592,8 @@ class SpoolDB(SpoolBase):
         to Braze, when the reverse path needs them), move refused rows, write the audit trail,
         and scrub the persons whose erasure this acknowledges (`erasure.scrub`)."""
         now = self.clock()
+        # What it adds must not grow the file into the reserve while old records hold it.
+        self._shed_for((len(audit) + len(applied) + len(sent)) * RECORD_BYTES, ack=True)
 
         def work(db: sqlite3.Connection) -> int:
             for item in dead:
@@ -556,8 +646,7 @@ class SpoolDB(SpoolBase):
         self.pending = max(0, self.pending - removed)
         if direction == "to_didomi":
             self.pending_to_didomi = max(0, self.pending_to_didomi - removed)
-        if self.low_on_disk is not None:
-            self._refresh_room()
+        self._watch_room()
 
     def prune(
         self, table: str, cutoff: float, limit: int, after: retention.Cursor = None
@@ -599,7 +688,8 @@ class SpoolDB(SpoolBase):
             # Replayed rows are intake too: they must not eat the room acknowledgements need.
             disk, reusable = self._room()
             cost = size + size // 32 + count * ROW_OVERHEAD_BYTES
-            if cost + max(0, cost - reusable) > disk:
+            left = max(0, reusable - cost)
+            if self._above_reserve(disk - cost - max(0, cost - reusable), left) < 0:
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
                 "INSERT INTO inbox(received_at, type, body, direction, replayed_at)"  # noqa: S608 - only placeholders are interpolated

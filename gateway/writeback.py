@@ -324,7 +324,7 @@ class Writeback(Worker):
                 self.health.ok()
                 await self._settle(report, written, skipped="unchanged", unwritten=unwritten)
                 return
-            if answer.verdict is not Verdict.OK:
+            if answer.verdict not in (Verdict.OK, Verdict.MOVED):
                 attempt += 1
             decision = decide(
                 answer,
@@ -339,6 +339,8 @@ class Writeback(Worker):
                     report, written, unwritten=unwritten, answer=answer, sent_at=sent_at
                 )
                 return
+            if decision.action is Action.GIVE_BACK:
+                continue  # the loop's first step hands it to the partition's new owner
             if decision.action is Action.DEAD_LETTER:
                 self.health.failing = None  # nothing is retrying any more
                 detail = f"{decision.reason}: {answer.reason}"
@@ -426,7 +428,7 @@ class Writeback(Worker):
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         report.event_id = event_id
         if not self._owns(report):  # reading took long: it may be another replica's now
-            return Answer(Verdict.RETRY, None, "its partition is another replica's now")
+            return Answer(Verdict.MOVED, None, "its partition is another replica's now")
         return await self.client.write_event(
             event_id,
             report.person,

@@ -226,10 +226,10 @@ async def test_a_request_whose_partitions_went_elsewhere_during_its_wait_is_not_
     fake: FakeBraze,
 ) -> None:
     """`allowed` is asked after the rate limiter's wait: when it says no, nothing reaches
-    Braze and the answer is a retry (which then finds the rows another replica's)."""
+    Braze and the answer is `MOVED` (the rows are given back to their new owner)."""
     async with open_client(BrazeConfig(server=fake.url, api_key=BRAZE_API_KEY), Metrics()) as c:
         answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: False)
-        assert answer.verdict is Verdict.RETRY
+        assert answer.verdict is Verdict.MOVED
         assert fake.requests == []
         answer = await c.track([{"external_id": "p", "email_subscribe": "opted_in"}], lambda: True)
         assert answer.verdict is Verdict.OK

@@ -197,6 +197,33 @@ def test_dead_letters_list_replay_purge(setup: Path, capsys: pytest.CaptureFixtu
 # The reverse path: Braze bodies rendered into Didomi requests.
 
 BRAZE = EVENTS / "braze"
+
+
+def test_check_warns_when_the_spool_volume_cannot_hold_the_audit_retention(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --changes-per-day, check says on stdout whether the spool's volume holds
+    retention.audit_days of audit records at that rate; short, a line labelled `warning:`
+    that leaves the exit status 0, like the other information check prints."""
+    assert main(["check", "--config", str(setup), "--changes-per-day", "1"]) == 0
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.out.splitlines() if "retention.audit_days" in x]
+    assert line.startswith(f"{setup}: the spool's volume (")
+    assert " holds " in line
+    assert captured.err == ""
+    volume = os.statvfs(setup.parent)
+    rate = volume.f_blocks * volume.f_frsize // 1000  # more than any volume holds in a day
+    assert main(["check", "--config", str(setup), "--changes-per-day", str(rate)]) == 0
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.out.splitlines() if "retention.audit_days" in x]
+    assert line.startswith(f"{setup}: warning: the spool's volume (")
+    assert "cannot hold retention.audit_days = 400 of audit records" in line
+    assert "gateway_audit_shed_total" in line
+    assert captured.err == ""
+    assert main(["check", "--config", str(setup)]) == 0  # without the flag: no such line
+    assert "retention.audit_days" not in capsys.readouterr().out
+
+
 ASSUMES = "# assumes no other Didomi choices; the gateway reads the person's current ones first"
 
 

@@ -48,6 +48,7 @@ REQUIRED_ALERTS = {
     "SpoolGrowing",
     "DeadLettersAppearing",
     "ConfigReloadFailed",
+    "AuditRecordsShed",
 }
 
 

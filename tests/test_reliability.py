@@ -816,6 +816,54 @@ async def test_a_full_disk_delivers_every_accepted_webhook_and_accepts_again(
     assert failed_acks == []  # the reserve left room for every acknowledgement
 
 
+@pytest.mark.slow
+async def test_after_a_full_disk_drains_intake_takes_webhooks_again_without_anyone_acting(
+    small_disk: Path,  # first: unmounted only after the gateway has closed the spool
+    start_gateway: StartGateway,
+    auth_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Small webhooks fill a 6 MB spool disk while Braze is down; draining them writes more
+    audit records, applied times and dedupe keys than their bodies freed. Consent comes before
+    records: the oldest audit records are shed (counted, and warned about), and intake answers
+    202 again by itself, with nothing refused for good and nothing dead-lettered."""
+    port = free_port()
+    fake = FakeBraze(api_key=BRAZE_API_KEY)  # not started: connections are refused
+    gw = await start_gateway(
+        f"http://127.0.0.1:{port}",
+        delivery={"spool": str(small_disk / "gateway.db"), "min_free_bytes": 1_500_000},
+    )
+    accepted: list[str] = []
+    try:
+        for wave in range(100):
+            people = [f"small-{wave}-{n}" for n in range(200)]
+            answers = await post_all(gw, [choice(p, True, at(wave)) for p in people], auth_headers)
+            assert set(answers) <= {202, 503}
+            accepted += [p for p, s in zip(people, answers, strict=True) if s == 202]
+            if 202 not in answers:
+                break  # the disk refuses whole waves now
+        assert accepted, "nothing was accepted: the test proves less"
+        assert (await gw.readyz())[0] == 503, "the disk never filled: the test proves less"
+
+        await fake.start(port=port)
+        await gw.settle(timeout=60)
+        later = iter(range(10**6))
+
+        async def taken() -> bool:
+            return await gw.post(choice(f"later-{next(later)}", True, at(1)), auth_headers) == 202
+
+        await eventually(taken, 20, "intake to take a webhook again after the drain", every=0.2)
+        assert (await gw.readyz())[0] == 200
+        await gw.settle()
+    finally:
+        await fake.stop()
+    assert set(accepted) <= set(fake.users)
+    assert gw.dead() == 0
+    assert gw.sample("gateway_audit_shed_total") > 0
+    shed = [r for r in caplog.records if r.levelname == "WARNING" and "audit record" in r.message]
+    assert shed, "shedding audit records is logged as a warning"
+
+
 async def test_an_acknowledgement_waits_out_a_disk_another_program_filled(
     small_disk: Path, start_gateway: StartGateway, fake: FakeBraze, auth_headers: dict[str, str]
 ) -> None:

@@ -20,9 +20,11 @@ import pytest
 from conftest import BRAZE_API_KEY, choice, free_port, write_config
 from test_reliability import STATES, GatewayProcess, at, eventually
 
+from gateway.braze import RateLimiter
 from gateway.config import DeliveryConfig
 from gateway.errors import SpoolError
 from gateway.replicas import Budget, Replicas
+from gateway.spool import SpoolDB
 from gateway.spool_pg import PgSpoolDB, partition
 from gateway.store import PARTITIONS, open_store
 from gateway.testing import FakeBraze, FakeDidomi
@@ -268,6 +270,40 @@ async def test_a_budget_without_its_database_is_a_spool_error(pg_url: str) -> No
             await budget.take(10.0)
     finally:
         await budget.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("down", ["refused", "silent"])
+async def test_without_its_database_a_replica_sends_at_its_share_of_the_rate(down: str) -> None:
+    """With the budget's database refusing connections or never answering, eight concurrent
+    requesters of one of two replicas alive at a deployment rate of 20 send at most 10 a second
+    over any 3 s window (README: `1 / rate` x the replicas alive), and still send."""
+    held: list[asyncio.StreamWriter] = []  # a server that accepts and never says anything
+    silent = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1] if down == "silent" else free_port()
+    budget = Budget(f"postgresql://gateway@127.0.0.1:{port}/gateway")
+    limiter = RateLimiter(20.0)
+    limiter.shared = budget
+    limiter.replicas = lambda: 2
+    sent: list[float] = []
+    deadline = time.monotonic() + 8.0
+
+    async def requester() -> None:
+        while time.monotonic() < deadline:
+            await limiter.acquire()
+            sent.append(time.monotonic())
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(requester() for _ in range(8))), 30.0)
+    finally:
+        await budget.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+    window = 3.0
+    assert _windows(sent, window) <= 10 * window + 2, sorted(sent)
+    assert len(sent) >= 10, sent  # paced, not stopped
 
 
 # ---------------------------------------------------------------------------
@@ -700,3 +736,175 @@ async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
         finally:
             await back.stop(grace_s=2.0)
             await spool.close()
+
+
+# ---------------------------------------------------------------------------
+# A request withheld because its partition moved
+
+
+class _MovingSqlite(SpoolDB):
+    """A SQLite spool whose partitions can be taken away as a lost lease does on PostgreSQL.
+
+    One gateway owns a SQLite spool, so its partitions never move; this stands in for
+    `Replicas` to prove that the rows a move withholds stay in this backend's inbox too.
+    """
+
+    _moved: frozenset[int] | None = None
+    _moves = 0
+
+    @property
+    def owned(self) -> frozenset[int] | None:
+        return self._moved
+
+    @property
+    def generation(self) -> int:
+        return self._moves
+
+    def set_owned(self, owned: frozenset[int] | None) -> None:
+        if owned != self._moved:
+            self._moved, self._moves = owned, self._moves + 1
+
+
+class _MovingBudget:
+    """A shared budget whose first turn hands every partition to another replica, as a lease
+    running out while a request waited for its turn would."""
+
+    def __init__(self, db: _MovingSqlite | PgSpoolDB) -> None:
+        self.db = db
+        self.turns = 0
+
+    async def take(self, rate: float) -> float:
+        self.turns += 1
+        if self.turns == 1:
+            self.db.set_owned(frozenset())
+        return 0.0
+
+    async def block(self, seconds: float) -> None:
+        return None
+
+
+def _moving_db(spool_url: str) -> _MovingSqlite | PgSpoolDB:
+    db = PgSpoolDB(spool_url) if spool_url.startswith("postgresql") else _MovingSqlite(spool_url)
+    db.set_owned(frozenset(range(PARTITIONS)))
+    return db
+
+
+async def test_rows_withheld_because_their_partition_moved_go_to_its_owner_not_the_dead_letters(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """Updates older than give_up_after_s whose partition moves while they wait for their turn
+    are not sent, not dead-lettered and not counted as a failure: they stay in the spool for
+    the new owner, and are delivered once each when the partition comes back."""
+    from conftest import build_config
+
+    from gateway.braze import open_client
+    from gateway.dispatcher import Dispatcher
+    from gateway.mappings import load_rules
+    from gateway.metrics import Metrics
+    from gateway.spool import Spool
+
+    config = build_config(
+        tmp_path,
+        braze={"server": fake.url, "flush_interval_ms": 10},
+        delivery={"spool": spool_url, "give_up_after_s": 0.3, "retry_initial_ms": 10},
+    )
+    rules = load_rules(config.mappings.dir)
+    people = [f"moved-{n}" for n in range(3)]
+    db = _moving_db(spool_url)
+    for n, person in enumerate(people):
+        db.put_many([(None, "event.created", choice(person, False, at(n)), person)])
+    await asyncio.sleep(0.5)  # older than give_up_after_s, as after a Braze 401 hold
+    spool = Spool(db)
+    metrics = Metrics()
+    async with open_client(config.braze, metrics) as client:
+        budget = _MovingBudget(db)
+        client.limiter.shared = budget
+        dispatcher = Dispatcher(config, spool, lambda: rules, client, metrics)
+        await dispatcher.start()
+        try:
+            await eventually(lambda: _async(budget.turns >= 1), 10, "a request to take its turn")
+            await asyncio.sleep(0.5)
+            assert fake.requests == []
+            assert db.dead_letters() == []
+            assert await spool.run(db.count_pending) == len(people)
+            assert not dispatcher.busy_partitions()  # nothing held back from the new owner
+            failed = metrics.registry.get_sample_value(
+                "gateway_delivery_failures_total", {"direction": "to_braze", "reason": "gave_up"}
+            )
+            assert not failed
+            db.set_owned(frozenset(range(PARTITIONS)))  # the partitions come back
+            dispatcher.wake()
+
+            async def drained() -> bool:
+                return await spool.run(db.count_pending) == 0
+
+            await eventually(drained, 10, "the rows to be delivered by their owner")
+            assert db.dead_letters() == []
+        finally:
+            await dispatcher.stop(grace_s=2.0)
+            await spool.close()
+    assert sorted(o["external_id"] for o in fake.objects_sent()) == people  # once each
+
+
+async def test_reports_withheld_because_their_partition_moved_go_to_its_owner_not_the_dead_letters(
+    spool_url: str, tmp_path: Path, fake_didomi: FakeDidomi
+) -> None:
+    """The writeback likewise: a Braze report older than give_up_after_s whose partition moves
+    while it is being written stays in the spool for the new owner, never a dead letter."""
+    from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
+
+    from gateway.didomi import open_didomi_client
+    from gateway.mappings import load_rules
+    from gateway.metrics import Metrics
+    from gateway.spool import Spool
+    from gateway.writeback import Writeback
+
+    config = build_config(
+        tmp_path,
+        delivery={"spool": spool_url, "give_up_after_s": 0.3, "retry_initial_ms": 10},
+        braze_webhooks={"tokens": ["t"]},
+        didomi_api={
+            "enabled": True,
+            "base_url": fake_didomi.url + "/v1",
+            "organization_id": DIDOMI_ORG,
+            "key": DIDOMI_API_KEY,
+            "secret": DIDOMI_API_SECRET,
+        },
+    )
+    rules = load_rules(config.mappings.dir)
+    db = _moving_db(spool_url)
+    body = {
+        "external_id": "moved-rev",
+        "email_subscribe": "unsubscribed",
+        "time": str(int(time.time())),
+    }
+    db.put_many([("s1", "braze.step", json.dumps(body).encode(), "moved-rev")])
+    await asyncio.sleep(0.5)  # older than give_up_after_s
+    spool = Spool(db)
+    async with open_didomi_client(config.didomi_api) as client:
+        budget = _MovingBudget(db)
+        client.limiter.shared = budget
+        back = Writeback(config, spool, lambda: rules, client, Metrics())
+        await back.start()
+        try:
+            await eventually(lambda: _async(budget.turns >= 1), 10, "a call to take its turn")
+            await asyncio.sleep(0.5)
+            assert fake_didomi.events == []
+            assert db.dead_letters() == []
+            assert await spool.run(db.count_pending, "to_didomi") == 1
+            assert not back.busy_partitions()
+            db.set_owned(frozenset(range(PARTITIONS)))
+            back.wake()
+
+            async def written() -> bool:
+                return len(fake_didomi.events) == 1
+
+            await eventually(written, 10, "the report to be written by its owner")
+            assert db.dead_letters() == []
+        finally:
+            await back.stop(grace_s=2.0)
+            await spool.close()
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -35,6 +35,7 @@ def step(
         (Answer(Verdict.RETRY, 503, "down"), (Action.RETRY, "server_error")),
         (Answer(Verdict.RETRY, None, "timeout"), (Action.RETRY, "timeout")),
         (Answer(Verdict.RETRY, None, "connection: X"), (Action.RETRY, "connection")),
+        (Answer(Verdict.MOVED, None, "another's"), (Action.GIVE_BACK, "moved")),
     ],
 )
 def test_each_answer_has_one_next_step(answer: Answer, expected: tuple[Action, str]) -> None:
@@ -55,11 +56,13 @@ def test_a_single_object_that_cannot_be_split_is_dead_lettered() -> None:
 
 
 def test_transient_failures_give_up_after_the_configured_age_but_holds_never_do() -> None:
-    """Past give_up_after_s a 5xx dead-letters; a 401 or a 429 keeps the update however old."""
+    """Past give_up_after_s a 5xx dead-letters; a 401, a 429 or a request withheld because its
+    partition moved keeps the update however old."""
     old = DELIVERY.give_up_after_s + 1
     assert step(Answer(Verdict.RETRY, 500, "x"), age=old) == (Action.DEAD_LETTER, "gave_up")
     assert step(Answer(Verdict.AUTH, 401, "x"), age=old)[0] is Action.HOLD
     assert step(Answer(Verdict.RATE_LIMITED, 429, "x"), age=old)[0] is Action.RETRY
+    assert step(Answer(Verdict.MOVED, None, "x"), age=old)[0] is Action.GIVE_BACK
 
 
 def test_backoff_doubles_up_to_the_ceiling_with_jitter() -> None:
