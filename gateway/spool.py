@@ -410,7 +410,7 @@ class SpoolDB(SpoolBase):
         # A step writes its pages to the WAL (truncated after it), so it takes at most the
         # room above half the reserve: acknowledgements keep the other half, whatever happens.
         with self._reading("the spool's free space"):
-            room = self._room()[0] + self.min_free_bytes // 2
+            room = self._room()[0] - self.min_free_bytes // 2  # disk above half the reserve
         pages = min(erasure.FILL_PAGES, room // (self._page_size + WAL_FRAME_HEADER))
         if pages <= 0:
             return False  # no room now; the background tries again
