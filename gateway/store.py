@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import audit as trail
@@ -299,8 +300,17 @@ class SpoolBase:
             return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
 
 
-def open_store(delivery: DeliveryConfig, person_key: str = "") -> Store:
-    """Open the spool `delivery.spool` names (creating or migrating its schema)."""
+def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool = True) -> Store:
+    """Open the spool `delivery.spool` names (creating or migrating its schema).
+
+    With `create=False` (the commands that read or edit what a gateway stored), a SQLite file
+    that does not exist is an error: a new empty spool would answer "0 records" for a typo.
+    """
+    if not create and not is_postgresql(delivery.spool) and not Path(delivery.spool).exists():
+        raise SpoolError(
+            f"no spool at {delivery.spool}: no gateway has run with this delivery.spool yet,"
+            " or --config names another gateway's config"
+        )
     if is_postgresql(delivery.spool):
         from .spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
 

@@ -268,6 +268,7 @@ def test_trace_without_records_says_the_key_may_differ(
 ) -> None:
     """An empty trace on a spool's own key warns that a server's person_key would hash apart."""
     config = make_config(tmp_path)
+    SpoolDB(config.delivery.spool).close()  # a spool a gateway made, with nobody's records
     assert trace.command(config, "nobody") == 0
     captured = capsys.readouterr()
     assert "0 record(s)" in captured.out

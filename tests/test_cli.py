@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -399,3 +400,131 @@ async def test_one_gateway_per_spool_while_dead_letters_works_beside_it(
     await after.start()  # the lock went with the first gateway
     assert await after.stop() == 0
     assert spool_counts(spool) == (1, 0)  # the webhook the first gateway stored is still there
+
+
+# ---------------------------------------------------------------------------
+# The command line's edges: what a newcomer gets wrong, answered with what to do.
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trace", "user-123"],
+        ["trace", "--event", "ev-1"],
+        ["dead-letters", "list"],
+        ["dead-letters", "replay"],
+        ["dead-letters", "purge"],
+    ],
+    ids=["trace", "trace-event", "list", "replay", "purge"],
+)
+def test_commands_on_a_missing_spool_say_so_and_create_nothing(
+    setup: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """trace and dead-letters on a SQLite spool that does not exist say "no spool at PATH" and
+    exit 1, leaving no file (nor its folder) behind, rather than answer "0 records"."""
+    spool = setup.parent / "var" / "gateway.db"
+    assert main([*args, "--config", str(setup)]) == 1
+    captured = capsys.readouterr()
+    assert f"no spool at {spool}" in captured.err
+    assert "record(s)" not in captured.out
+    assert "dead letter(s)" not in captured.out
+    assert not spool.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://gateway@127.0.0.1/gateway",
+        "mysql://gateway:hunter22@db.example/gateway",
+        "sqlite:///var/gateway.db",
+    ],
+)
+def test_a_spool_url_of_another_scheme_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """delivery.spool with a URL scheme other than postgresql:// is refused by `check` at its
+    line, rather than taken for a file path; a password in it is never echoed."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    path = write_config(tmp_path, delivery={"spool": url})
+    line = next(
+        n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("spool")
+    )
+    assert main(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:{line}: delivery.spool" in err
+    assert "postgresql://" in err
+    assert "hunter22" not in err
+    assert not any(p.name.endswith(":") for p in tmp_path.iterdir())
+
+
+def test_trace_without_a_person_says_what_to_give(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway trace` with neither a person nor --event says what to give, not "not both"."""
+    assert main(["trace", "--config", str(setup)]) == 1
+    err = capsys.readouterr().err
+    assert "give a PERSON" in err
+    assert "not both" not in err
+    assert main(["trace", "someone", "--event", "ev-1", "--config", str(setup)]) == 1
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["", "\n", "   \n"], ids=["nothing", "empty-line", "blanks"])
+def test_trace_dash_refuses_an_empty_person(
+    setup: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """`printf '' | gateway trace -` refuses to search for an empty person and exits 1."""
+    SpoolDB(setup.parent / "var" / "gateway.db").close()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(given))
+    assert main(["trace", "-", "--config", str(setup)]) == 1
+    captured = capsys.readouterr()
+    assert "standard input" in captured.err
+    assert "record(s)" not in captured.out
+
+
+def test_render_dash_reads_the_event_from_standard_input(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway render -` reads the body from standard input, as `trace -` reads the person."""
+    body = (EVENTS / "consent_given.json").read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(body)))
+    assert main(["render", "-", "--mappings", str(ROOT / "mappings")]) == 0
+    [request] = json.loads(capsys.readouterr().out)
+    assert request["attributes"][0]["email_subscribe"] == "opted_in"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"{")))
+    assert main(["render", "-", "--mappings", str(ROOT / "mappings")]) == 1
+    assert "gateway: standard input:" in capsys.readouterr().err
+
+
+def test_replay_or_purge_of_an_unknown_id_says_it_does_not_exist(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dead-letters replay --id 999` names the id that does not exist, exits 1 and moves
+    nothing, not even the ids given beside it that do exist."""
+    spool = setup.parent / "var" / "gateway.db"
+    db = SpoolDB(spool)
+    db.put_many([("a", "event.created", (EVENTS / "consent_given.json").read_bytes())])
+    [row] = db.fetch(0, 10)
+    db.ack([], [], [Dead(row.id, "gave_up: timeout", "user-123")])
+    [letter] = db.dead_letters()
+    db.close()
+    for action in ("replay", "purge"):
+        args = ["dead-letters", action, "--id", str(letter.id), "--id", "999"]
+        assert main([*args, "--config", str(setup)]) == 1
+        captured = capsys.readouterr()
+        assert "no dead letter 999" in captured.err
+        assert "moved back" not in captured.out
+        assert spool_counts(spool) == (0, 1)
+
+
+def test_migrate_says_created_for_a_new_spool_file(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway migrate` on a SQLite path with no file says it created it; then, up to date."""
+    spool = setup.parent / "var" / "gateway.db"
+    assert main(["migrate", "--config", str(setup)]) == 0
+    assert capsys.readouterr().out.strip() == f"the spool {spool} was created"
+    assert spool.exists()
+    assert main(["migrate", "--config", str(setup)]) == 0
+    assert capsys.readouterr().out.strip() == f"the spool {spool} is up to date"
