@@ -40,8 +40,8 @@ DEFAULT_CONFIG = "gateway.toml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, run one command, return its exit status."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         status: int = args.func(args)
     except ConfigError as exc:
         _problems(exc.problems)
@@ -152,7 +152,7 @@ def _check(args: argparse.Namespace) -> int:
     # Information, not a problem: a forward-only rule is legitimate, and the reverse path is
     # optional, so these never change the exit status.
     for origin, reason in ReverseRules.from_ruleset(rules).unreversible:
-        print(f"{origin}: not reversible (Braze -> Didomi): {reason}")
+        print(f"{origin}: warning: not reversible (Braze -> Didomi): {reason}")
     return 0
 
 
@@ -354,10 +354,30 @@ def _show(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .logs import configure_logging
     from .server import serve  # the server pulls in aiohttp; check/render/test need not
 
-    config = load_config(args.config)
-    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
+    log_format: Literal["text", "json"] = args.log_format or (
+        "text" if sys.stderr.isatty() else "json"
+    )
+    # Logging first: a server's stderr is read by a log collector, so even the problems that
+    # keep it from starting are log lines in its format (JSON lines), not plain text.
+    try:
+        configure_logging(log_format, args.log_level)
+    except ValueError as exc:
+        configure_logging(log_format)
+        logging.getLogger("gateway.server").error("cannot start: %s", exc)
+        return 1
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log = logging.getLogger("gateway.server")
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
+        log.error("cannot start: %d problem(s) found", len(exc.problems))
+        return 1
     return serve(config, config_path=args.config, log_format=log_format, log_level=args.log_level)
 
 

@@ -882,7 +882,8 @@ async def test_sigterm_drains_and_keeps_every_accepted_webhook(
 async def test_gateway_run_exits_1_when_the_port_is_taken(
     tmp_path: Path, make_config: MakeConfig, secrets_env: dict[str, str]
 ) -> None:
-    """`gateway run` on a port another socket holds logs why and exits 1, without a traceback."""
+    """`gateway run` on a port another socket holds logs why and exits 1, without a traceback,
+    and never says `ready` (nor `draining`): it is ready only once its port is bound."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -902,3 +903,6 @@ async def test_gateway_run_exits_1_when_the_port_is_taken(
     assert proc.returncode == 1, output
     assert f"cannot serve on 127.0.0.1:{port}" in output
     assert "Traceback" not in output
+    said = [line.split(": ", 1)[1] for line in output.splitlines() if ": " in line]
+    assert "ready" not in said
+    assert not any(line.startswith("draining") for line in said)
