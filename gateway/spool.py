@@ -171,6 +171,7 @@ class SpoolDB(SpoolBase):
         # Why intake is refused for lack of disk space, while it is; None when there is room.
         self.low_on_disk: str | None = None
         self.committed_at = 0.0  # time.monotonic() of the last commit, to prove the file writable
+        self._data_version: int | None = None  # as `written_elsewhere` last read it
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.
@@ -536,6 +537,15 @@ class SpoolDB(SpoolBase):
         if table == "applied" and result[0]:
             self.floors = retention.floors(self.db)
         return result
+
+    def written_elsewhere(self) -> bool:
+        """Whether another connection committed since last asked (SQLite's data_version moves
+        only for those): a CLI replay, found by one cheap pragma instead of a read of the inbox."""
+        with self._reading("the spool's data version"):
+            version = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        moved = version != self._data_version
+        self._data_version = version
+        return moved
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
         """Re-read (pending, dead) of `direction` from the file: another process may replay.

@@ -171,6 +171,9 @@ class Store(Protocol):
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]: ...
 
+    def written_elsewhere(self) -> bool:
+        """Whether another process may have written rows since last asked (a CLI replay)."""
+
     def pending_of(self, direction: Direction) -> int: ...
 
     def count_pending(self, direction: Direction | None = None) -> int: ...
@@ -249,6 +252,11 @@ class SpoolBase:
             if (person, target) not in out or out[(person, target)][1] < at:
                 out[(person, target)] = (state, at)
         return out
+
+    def written_elsewhere(self) -> bool:
+        """Whether another process may have written rows since last asked: by default, always
+        (PostgreSQL's replicas all write; SQLite knows better)."""
+        return True
 
     def pending_of(self, direction: Direction) -> int:
         """Rows waiting to go `direction`, as this process counts them."""

@@ -48,7 +48,7 @@ from .reverse import ConsentEdit, ReverseRules
 from .spool import Spool
 from .store import Dead, Pending
 from .webhooks import gateway_event_id
-from .worker import Worker
+from .worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode
 
@@ -128,7 +128,7 @@ class Writeback(Worker):
                 self._wake.clear()
                 await self._refill()
                 self._start_ready()
-                await self._sleep(RECOUNT_S if not self._backlog else LOOP_PAUSE_S)
+                await self._sleep(IDLE_POLL_S if not self._backlog else LOOP_PAUSE_S)
             except Exception:
                 log.exception("the writeback loop failed; resuming in a second")
                 await self._sleep(LOOP_PAUSE_S)

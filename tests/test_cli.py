@@ -10,15 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 from conftest import SECRETS, choice, free_port, write_config
-from test_reliability import GatewayProcess, spool_counts
+from test_reliability import (  # noqa: F401 - start_gateway is a fixture
+    GatewayProcess,
+    StartGateway,
+    eventually,
+    spool_counts,
+    start_gateway,
+)
 
 from gateway.cli import main
+from gateway.server import SPOOL
 from gateway.spool import Dead, SpoolDB
+from gateway.testing import FakeBraze
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"
@@ -604,3 +613,39 @@ def test_ctrl_c_in_the_first_half_second_never_prints_a_traceback(
         assert proc.returncode in (0, 99, 130, -signal.SIGINT), f"after {delay} s:\n{err}"
         reached += proc.returncode != 99
     assert reached >= len(delays) // 2, "most signals came before the gateway even started"
+
+
+async def test_a_replay_from_the_cli_reaches_braze_from_the_idle_server_promptly(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each dead letter `gateway dead-letters replay` moves back beside a running, idle gateway
+    reaches Braze within a couple of seconds (the server looks for another process's writes
+    twice a second while idle), not after its 5 s re-read."""
+    refused = {"replay-0", "replay-1", "replay-2"}
+    fake.reject_objects(lambda o: "invalid_user" if o.get("external_id") in refused else None)
+    gw = await start_gateway(fake.url)
+    when = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for person in sorted(refused):
+        assert await gw.post(choice(person, True, when), auth_headers) == 202
+    await gw.settle()
+    letters = gw.app[SPOOL].db.dead_letters()
+    assert len(letters) == 3
+    refused.clear()
+    config = str(tmp_path / "gateway.toml")
+    for letter in letters:
+        await asyncio.sleep(1.0)  # idle: the dispatcher is asleep in its loop
+        args = ["dead-letters", "replay", "--id", str(letter.id), "--config", config]
+        assert await asyncio.to_thread(main, args) == 0
+        replayed = time.monotonic()
+
+        async def sent(person: str | None = letter.person) -> bool:
+            return person in {o["external_id"] for o in fake.objects_sent()}
+
+        await eventually(sent, 30, f"{letter.person} to reach Braze")
+        took = time.monotonic() - replayed
+        assert took < 2.5, f"{letter.person} reached Braze {took:.1f} s after the replay"
+    capsys.readouterr()
