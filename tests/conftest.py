@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -183,6 +184,17 @@ async def fake_didomi() -> AsyncIterator[FakeDidomi]:
 def make_event() -> Callable[..., bytes]:
     """`make_event(n, kind="event.created", user=None)`: a valid webhook body, unique per n."""
     return consent_event
+
+
+# Midnight UTC two days before the test run: choices dated from it are younger than any
+# retention floor (`retention.applied_days`) and never in the future (`max_clock_skew_s`),
+# whenever the suite runs. One value per run, so a test's choices keep their order.
+DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+
+
+def recent(minutes: float = 0.0) -> str:
+    """A Didomi timestamp `minutes` after `DAY`: a recent past, whatever the date today."""
+    return (DAY + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def choice(
