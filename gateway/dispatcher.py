@@ -28,6 +28,7 @@ from .braze import Answer, BrazeClient, Verdict, track_object
 from .errors import SpoolError
 from .health import DeliveryHealth
 from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
+from .retention import OLDER_THAN_RETENTION
 from .retry import Action, backoff, decide
 from .spool import Spool
 from .store import Dead, Pending
@@ -341,35 +342,41 @@ class Dispatcher(Worker):
         by_person: dict[str, dict[str, float]] = {}
         for (person, target), at in applied.items():
             by_person.setdefault(person, {})[target] = at
+        expired_people = 0
         for item in items:
             times = by_person.get(item.person, {})
             if not times and not floors:
                 continue
-            erased = max(times.get(ERASED, -math.inf), floors.get(ERASED, -math.inf))
             latest = max(times.values(), default=-math.inf)
             if item.erased_at is not None:
                 item.erased_at = max(item.erased_at, latest)
-            stale = []
+            stale, expired = [], []
             for target, change in item.changes.items():
                 if change.erasure:
                     change.at = max(change.at, latest)
-                else:
-                    # Older than the last choice applied either way (a Braze-side change
-                    # written back to Didomi counts too), or than the person's erasure.
-                    side = braze_side(target)
-                    floor = max(
-                        times.get(target, -math.inf),
-                        floors.get(target, -math.inf),
-                        erased,
-                        times.get(side, -math.inf),
-                        floors.get(side, -math.inf),
-                    )
-                    if change.at < floor:
-                        stale.append(target)
-            for target in stale:
+                    continue
+                # Older than the last choice applied either way (a Braze-side change written
+                # back to Didomi counts too), or than the person's erasure: stale. Else older
+                # than what retention pruned of those: refused as too old to tell.
+                keys = (target, braze_side(target), ERASED)
+                if change.at < max(times.get(key, -math.inf) for key in keys):
+                    stale.append(target)
+                elif change.at < max(floors.get(key, -math.inf) for key in keys):
+                    expired.append(target)
+            for target in (*stale, *expired):
                 item.stale[target] = item.changes.pop(target)
+            item.expired.update(expired)
             if stale:
                 self.flow.skipped("stale")  # once per person, not target
+            if expired:
+                self.flow.skipped(OLDER_THAN_RETENTION)
+                expired_people += 1
+        if expired_people:
+            log.warning(
+                "%d person(s) had a choice older than the retention floor (retention.applied_days"
+                " pruned the applied times it would be checked against): not sent",
+                expired_people,
+            )
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
@@ -601,7 +608,8 @@ def _trail(
         if change.entry is not None:
             rule = change.entry.mapped.origins.get(target)
             state = state_text(change.state)
-            records.append(record(change.entry, "stale", target, state, rule, sent=False))
+            why = OLDER_THAN_RETENTION if target in item.expired else "stale"
+            records.append(record(change.entry, why, target, state, rule, sent=False))
     for entry in item.entries:
         if entry.row.id not in used:
             records.append(record(entry, "skipped:superseded", sent=False))

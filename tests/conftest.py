@@ -148,8 +148,8 @@ def consent_event(n: int, *, kind: str = "event.created", user: str | None = Non
     """A minimal valid Didomi webhook body whose entity id (so dedupe key) depends on `n`."""
     entity = {
         "id": f"evt-{n:08d}",
-        "created_at": "2025-03-14T09:26:53Z",
-        "updated_at": "2025-03-14T09:26:53Z",
+        "created_at": recent(566),
+        "updated_at": recent(566),
         "status": "confirmed",
         "user": {"organization_user_id": user or f"user-{n}"},
         "organization_user_id": user or f"user-{n}",
@@ -200,12 +200,14 @@ def recent(minutes: float = 0.0) -> str:
 def choice(
     person: str,
     enabled: bool,
-    at: str = "2025-03-14T09:26:53Z",
+    at: str | None = None,
     *,
     topics: str = "",
     event_id: str | None = None,
 ) -> bytes:
-    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
+    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`
+    (by default a recent one: `recent`)."""
+    at = at or recent(566)
     purpose: dict[str, Any] = {"id": "marketing_email", "enabled": enabled}
     if topics:
         purpose["values"] = {"topics": {"value": topics}}
