@@ -15,6 +15,7 @@ import itertools
 import random
 import re
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -34,12 +35,29 @@ _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _PERSON = re.compile(rb'"organization_user_id":"([^"]+)"')
 
 
+# The fixtures are dated from February to June 2025. A run dates them anew, all by one shift
+# that puts the latest a day before the run, so their order and spacing stay: left as they are,
+# a choice older than `retention.applied_days` would be refused for everyone once a prune pass
+# had raised the floor above it (942 of 6,000 persons of a `run.py --replicas` acknowledged so),
+# and one in the future would be dated at its arrival.
+_DATE = re.compile(rb'"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z)"')
+_LATEST = datetime(2025, 6, 12, 14, 3, 55, 731_000, tzinfo=UTC)  # tests/events' latest date
+_SHIFT = datetime.now(UTC) - timedelta(days=1) - _LATEST
+
+
+def redate(stamp: bytes) -> bytes:
+    """A fixture's Didomi timestamp, moved by this run's shift (millisecond precision)."""
+    moved = datetime.fromisoformat(stamp.decode().replace("Z", "+00:00")) + _SHIFT
+    return moved.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ" % (moved.microsecond // 1000)
+
+
 class Template:
-    """One fixture, compacted, with the byte strings that change per request."""
+    """One fixture, compacted and dated anew, with the byte strings that change per request."""
 
     def __init__(self, path: Path) -> None:
         self.name = path.stem
-        self.body = msgspec.json.encode(msgspec.json.decode(path.read_bytes()))
+        body = msgspec.json.encode(msgspec.json.decode(path.read_bytes()))
+        self.body = _DATE.sub(lambda m: b'"' + redate(m.group(1)) + b'"', body)
         self.ids = list(dict.fromkeys(_UUID.findall(self.body)))
         self.persons = list(dict.fromkeys(_PERSON.findall(self.body)))
 
@@ -69,8 +87,9 @@ def bodies(tag: int | None = None) -> Iterator[bytes]:
 
 # The two choices of `pairs`, and the date that makes the opt-in the later one.
 GIVEN, WITHDRAWN = "consent_given.json", "consent_withdrawn.json"
-GIVEN_AT, WITHDRAWN_AT = b"2025-03-14T09:26:53.589Z", b"2025-03-21T17:02:11.204Z"
-LATER_AT = b"2025-03-28T09:26:53.589Z"
+GIVEN_AT = redate(b"2025-03-14T09:26:53.589Z")  # as dated in the fixtures, then moved
+WITHDRAWN_AT = redate(b"2025-03-21T17:02:11.204Z")
+LATER_AT = redate(b"2025-03-28T09:26:53.589Z")
 
 
 def pair_person(tag: int, k: int) -> str:

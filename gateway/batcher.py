@@ -53,6 +53,7 @@ class Item:
     entries: list[Entry] = field(default_factory=list)
     erased_at: float | None = None  # the time an erasure in this item takes effect
     stale: dict[Target, Change] = field(default_factory=dict)  # dropped as stale, for the audit
+    expired: set[Target] = field(default_factory=set)  # of `stale`, those only a floor refused
     settled: bool = False  # acknowledged or dead-lettered: its rows have left the inbox
     returned: bool = False  # given back to the backlog after a failure
 

@@ -43,8 +43,8 @@ DEFAULT_CONFIG = "gateway.toml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, run one command, return its exit status."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         status: int = args.func(args)
     except ConfigError as exc:
         _problems(exc.problems)
@@ -90,7 +90,10 @@ def _parser() -> argparse.ArgumentParser:
         "Braze webhook step or Currents batch produces",
     )
     render.add_argument(
-        "event", type=Path, help="a Didomi webhook, Braze webhook step or Currents body (JSON)"
+        "event",
+        type=Path,
+        help="a Didomi webhook, Braze webhook step or Currents body (JSON); `-` reads it from"
+        " standard input",
     )
     render.add_argument("--mappings", type=Path, help="mapping folder; no gateway.toml needed")
     render.set_defaults(func=_render)
@@ -165,7 +168,7 @@ def _check(args: argparse.Namespace) -> int:
     # Information, not a problem: a forward-only rule is legitimate, and the reverse path is
     # optional, so these never change the exit status.
     for origin, reason in ReverseRules.from_ruleset(rules).unreversible:
-        print(f"{origin}: not reversible (Braze -> Didomi): {reason}")
+        print(f"{origin}: warning: not reversible (Braze -> Didomi): {reason}")
     if args.changes_per_day is not None:
         print(f"{args.config}: {_capacity(config, rules, args.changes_per_day)}")
     return 0
@@ -239,18 +242,20 @@ def _offline(args: argparse.Namespace) -> tuple[RuleSet, Config | None]:
 
 def _render(args: argparse.Namespace) -> int:
     rules, config = _offline(args)
+    # `-` is standard input, as for `trace -`: a body piped in needs no file.
+    source = "standard input" if str(args.event) == "-" else str(args.event)
     try:
-        body = args.event.read_bytes()
+        body = sys.stdin.buffer.read() if source == "standard input" else args.event.read_bytes()
     except OSError as exc:
-        print(f"gateway: cannot read {args.event}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"gateway: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     kind = _braze_kind(body)
     if kind is not None:
-        return _render_reverse(rules, body, kind, args.event)
+        return _render_reverse(rules, body, kind, source)
     try:
         webhook = decode(body)
     except WebhookError as exc:
-        print(f"gateway: {args.event}: {exc}", file=sys.stderr)
+        print(f"gateway: {source}: {exc}", file=sys.stderr)
         return 1
     result = rules.apply(webhook)
     if not isinstance(result, Mapped):
@@ -289,7 +294,7 @@ def _braze_kind(body: bytes) -> Literal["currents", "step"] | None:
 
 
 def _render_reverse(
-    rules: RuleSet, body: bytes, kind: Literal["currents", "step"], path: Path
+    rules: RuleSet, body: bytes, kind: Literal["currents", "step"], source: str
 ) -> int:
     """Print the Didomi requests a Braze body produces, for a person with no current choices."""
     reverse = ReverseRules.from_ruleset(rules)
@@ -307,7 +312,7 @@ def _render_reverse(
         else:
             reports = [decode_step(body)]
     except BrazeWebhookError as exc:
-        print(f"gateway: {path}: {exc}", file=sys.stderr)
+        print(f"gateway: {source}: {exc}", file=sys.stderr)
         return 1
     print(
         "# assumes no other Didomi choices; the gateway reads the person's current ones first",
@@ -408,10 +413,30 @@ def _show(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .logs import configure_logging
     from .server import serve  # the server pulls in aiohttp; check/render/test need not
 
-    config = load_config(args.config)
-    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
+    log_format: Literal["text", "json"] = args.log_format or (
+        "text" if sys.stderr.isatty() else "json"
+    )
+    # Logging first: a server's stderr is read by a log collector, so even the problems that
+    # keep it from starting are log lines in its format (JSON lines), not plain text.
+    try:
+        configure_logging(log_format, args.log_level)
+    except ValueError as exc:
+        configure_logging(log_format)
+        logging.getLogger("gateway.server").error("cannot start: %s", exc)
+        return 1
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log = logging.getLogger("gateway.server")
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
+        log.error("cannot start: %d problem(s) found", len(exc.problems))
+        return 1
     return serve(config, config_path=args.config, log_format=log_format, log_level=args.log_level)
 
 
@@ -423,10 +448,17 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .trace import command
+    from .trace import TraceError, command
 
     config = load_config(args.config, require_secrets=False)
-    person = sys.stdin.readline().strip() if args.person == "-" else args.person
+    person = args.person
+    if person == "-":
+        person = sys.stdin.readline().strip()
+        if not person:
+            raise TraceError(
+                "standard input gave no PERSON: pipe their external id or email into"
+                " `gateway trace -`"
+            )
     return command(config, person, event_id=args.event, since=args.since, as_json=args.json)
 
 
@@ -449,6 +481,7 @@ def _migrate(args: argparse.Namespace) -> int:
             print(f"the spool database {redact(spool)} migrated from version {before} to {VERSION}")
         return 0
     # SQLite migrates as it opens; opening beside a running server is safe (WAL mode).
+    existed = Path(spool).exists()
     open_store(config.delivery, config.retention.person_key).close()
-    print(f"the spool {spool} is up to date")
+    print(f"the spool {spool} {'is up to date' if existed else 'was created'}")
     return 0

@@ -207,6 +207,8 @@ def _url_password(url: str) -> str:
 # ---------------------------------------------------------------------------
 # Loading: TOML text -> environment interpolation -> located validation.
 
+# What makes delivery.spool a URL rather than a path (RFC 3986's scheme, then `://`).
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 _MSGSPEC_AT = re.compile(r" - at `\$(.*)`$")
@@ -554,6 +556,14 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
+    scheme = _URL_SCHEME.match(delivery.spool)
+    if scheme is not None and not is_postgresql(delivery.spool):
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        located.add(
+            ("delivery", "spool"),
+            f"delivery.spool: {scheme.group(0)} is not a spool the gateway opens: write a"
+            " PostgreSQL URL as postgresql://user@host/db, a SQLite spool as a file path",
+        )
     if delivery.min_free_bytes < MIN_FREE_FLOOR:
         located.add(
             ("delivery", "min_free_bytes"),

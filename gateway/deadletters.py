@@ -16,8 +16,20 @@ def command(
 ) -> int:
     """Run one dead-letters action on the configured spool; returns the exit status."""
     out = out or sys.stdout
-    db = open_store(config.delivery, config.retention.person_key)
+    db = open_store(config.delivery, config.retention.person_key, create=False)
     try:
+        if ids and action != "list":
+            # Checked before anything moves: a typo among the ids must not act on the others.
+            found = {letter.id for letter in db.dead_letters(ids)}
+            missing = sorted(set(ids) - found)
+            if missing:
+                shown = ", ".join(str(i) for i in missing)
+                print(
+                    f"gateway: no dead letter {shown}; nothing was done"
+                    " (`gateway dead-letters list` shows the ids)",
+                    file=sys.stderr,
+                )
+                return 1
         if action == "list":
             letters = db.dead_letters(ids)
             for letter in letters:
@@ -36,5 +48,5 @@ def command(
             print(f"{count} dead letter(s) deleted", file=out)
     finally:
         db.close()
-    # An id named on the command line that did not exist is an error: a typo must not pass.
+    # An id gone between the check and the move (another purge beside this one) is an error too.
     return 1 if ids and count != len(set(ids)) else 0

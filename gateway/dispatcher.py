@@ -28,11 +28,12 @@ from .braze import Answer, BrazeClient, Verdict, track_object
 from .errors import SpoolError
 from .health import DeliveryHealth
 from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
+from .retention import OLDER_THAN_RETENTION
 from .retry import Action, backoff, decide
 from .spool import Spool
 from .store import Dead, Pending
 from .webhooks import Webhook, WebhookError, decode
-from .worker import Worker
+from .worker import IDLE_POLL_S, Worker
 
 if TYPE_CHECKING:
     from .config import Config
@@ -109,7 +110,7 @@ class Dispatcher(Worker):
         await self._refill()
         self._recount()
         if not self.batcher:
-            await self._sleep(RECOUNT_S)
+            await self._sleep(IDLE_POLL_S)
             return
         await self._slots.acquire()
         try:
@@ -181,8 +182,8 @@ class Dispatcher(Worker):
         """The rows after the cursor, and the cursor once they are mapped.
 
         From intake's hand-off when it holds them all; else read from the spool: at start,
-        after another process wrote rows, and every few seconds when nothing else arrives
-        (which is how a CLI's replay is found then).
+        after another process wrote rows (a CLI's replay: found within `IDLE_POLL_S` when
+        idle), and every few seconds when nothing else arrives.
         """
         handoff = self.spool.handoff
         complete = 0
@@ -190,7 +191,13 @@ class Dispatcher(Worker):
             rows = handoff.take(self._cursor, FETCH_LIMIT)
             if rows:
                 return rows, rows[-1].id
-            if rows is not None and time.monotonic() - self._read_at < RECOUNT_S:
+            # Idle, a replay from the CLI is what there is to find: looked for at once, by a
+            # pragma that costs less than the read it saves.
+            if (
+                rows is not None
+                and time.monotonic() - self._read_at < RECOUNT_S
+                and not (self.idle and await self.spool.run(self.spool.db.written_elsewhere))
+            ):
                 return [], self._cursor
             complete = handoff.complete_after
         held = set(self.batcher.ids)  # before reading: what is acked meanwhile left the inbox
@@ -347,35 +354,41 @@ class Dispatcher(Worker):
         by_person: dict[str, dict[str, float]] = {}
         for (person, target), at in applied.items():
             by_person.setdefault(person, {})[target] = at
+        expired_people = 0
         for item in items:
             times = by_person.get(item.person, {})
             if not times and not floors:
                 continue
-            erased = max(times.get(ERASED, -math.inf), floors.get(ERASED, -math.inf))
             latest = max(times.values(), default=-math.inf)
             if item.erased_at is not None:
                 item.erased_at = max(item.erased_at, latest)
-            stale = []
+            stale, expired = [], []
             for target, change in item.changes.items():
                 if change.erasure:
                     change.at = max(change.at, latest)
-                else:
-                    # Older than the last choice applied either way (a Braze-side change
-                    # written back to Didomi counts too), or than the person's erasure.
-                    side = braze_side(target)
-                    floor = max(
-                        times.get(target, -math.inf),
-                        floors.get(target, -math.inf),
-                        erased,
-                        times.get(side, -math.inf),
-                        floors.get(side, -math.inf),
-                    )
-                    if change.at < floor:
-                        stale.append(target)
-            for target in stale:
+                    continue
+                # Older than the last choice applied either way (a Braze-side change written
+                # back to Didomi counts too), or than the person's erasure: stale. Else older
+                # than what retention pruned of those: refused as too old to tell.
+                keys = (target, braze_side(target), ERASED)
+                if change.at < max(times.get(key, -math.inf) for key in keys):
+                    stale.append(target)
+                elif change.at < max(floors.get(key, -math.inf) for key in keys):
+                    expired.append(target)
+            for target in (*stale, *expired):
                 item.stale[target] = item.changes.pop(target)
+            item.expired.update(expired)
             if stale:
                 self.flow.skipped("stale")  # once per person, not target
+            if expired:
+                self.flow.skipped(OLDER_THAN_RETENTION)
+                expired_people += 1
+        if expired_people:
+            log.warning(
+                "%d person(s) had a choice older than the retention floor (retention.applied_days"
+                " pruned the applied times it would be checked against): not sent",
+                expired_people,
+            )
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
@@ -609,7 +622,8 @@ def _trail(
         if change.entry is not None:
             rule = change.entry.mapped.origins.get(target)
             state = state_text(change.state)
-            records.append(record(change.entry, "stale", target, state, rule, sent=False))
+            why = OLDER_THAN_RETENTION if target in item.expired else "stale"
+            records.append(record(change.entry, why, target, state, rule, sent=False))
     for entry in item.entries:
         if entry.row.id not in used:
             records.append(record(entry, "skipped:superseded", sent=False))

@@ -37,6 +37,7 @@ class State:
     def __init__(self) -> None:
         self.starting = True
         self.draining = False
+        self.listening = False  # `serve` bound the port: only then are requests to drain
         self.drain_started: float | None = None  # time.monotonic() when shutdown began
         # Each returns None when all is well, or the reason the gateway is not ready.
         self.ready_checks: list[Callable[[], str | None]] = []

@@ -52,6 +52,7 @@ RELOAD_OUTCOMES = ("success", "error")
 SKIP_REASONS = (
     "no_identity",
     "stale",
+    "older_than_retention",
     "regulation",
     "not_confirmed",
     "deleted",

@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS floors (   -- per target, the newest applied time pru
 ) WITHOUT ROWID;
 """
 TABLES = ("audit", "dead_letters", "applied", "sent")
+# Why a choice below a floor, and above the person's own applied time, is refused: its own
+# reason (metrics, audit, log), since "stale" would say a newer choice of theirs exists.
+OLDER_THAN_RETENTION = "older_than_retention"
 DAY_S = 86_400.0
 FINISH_S = 5.0  # how soon an unfinished erasure (zeroing, WAL truncation) is taken up again
 Cursor = tuple[str, str] | None  # where a pass over `applied` (by its key) has reached

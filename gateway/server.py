@@ -168,9 +168,9 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ready_context(app: web.Application) -> AsyncIterator[None]:
+    # Ready to take webhooks; `serve` logs `ready` only once the port is bound as well.
     app[STATE].starting = False
     _publish_ready(app)
-    log.info("ready")
     yield
     await _drain(app)
 
@@ -182,7 +182,8 @@ async def _drain(app: web.Application) -> None:
         state.draining = True
         state.drain_started = time.monotonic()
         app[METRICS].ready.set(0)
-        log.info("draining: finishing in-flight requests")
+        if state.listening:  # a port that could not be bound served nothing to drain
+            log.info("draining: finishing in-flight requests")
 
 
 def _spool_room(app: web.Application) -> str | None:
@@ -395,6 +396,13 @@ def serve(
         redact(config.delivery.spool),
         extra={"host": server.host, "port": server.port, "auth_mode": config.auth.mode},
     )
+
+    def listening(_banner: str) -> None:
+        # run_app prints its banner once every site listens: the start's last step. `ready`
+        # before it would be a lie when the port is taken.
+        app[STATE].listening = True
+        log.info("ready")
+
     try:
         web.run_app(
             app,
@@ -402,7 +410,7 @@ def serve(
             port=server.port,
             shutdown_timeout=server.shutdown_timeout_s,
             handle_signals=True,
-            print=None,
+            print=listening,
             access_log=None,
         )
     except SpoolError as exc:  # most often: another gateway owns the spool file

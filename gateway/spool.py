@@ -204,6 +204,7 @@ class SpoolDB(SpoolBase):
         self.on_shed: Callable[[int], None] = lambda count: None  # told of audit records shed
         self._shed_logged_at = -math.inf  # monotonic: shedding is warned about once a minute
         self._shed_unlogged = 0
+        self._data_version: int | None = None  # as `written_elsewhere` last read it
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.
@@ -656,6 +657,15 @@ class SpoolDB(SpoolBase):
         if table == "applied" and result[0]:
             self.floors = retention.floors(self.db)
         return result
+
+    def written_elsewhere(self) -> bool:
+        """Whether another connection committed since last asked (SQLite's data_version moves
+        only for those): a CLI replay, found by one cheap pragma instead of a read of the inbox."""
+        with self._reading("the spool's data version"):
+            version = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        moved = version != self._data_version
+        self._data_version = version
+        return moved
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
         """Re-read (pending, dead) of `direction` from the file: another process may replay.

@@ -170,7 +170,8 @@ def connect(
     if psycopg is None:
         raise SpoolError(
             "delivery.spool names a PostgreSQL database, but psycopg is not installed:"
-            " pip install 'didomi-braze-gateway[postgresql]'"
+            " install the postgresql extra, pip install 'didomi-braze-gateway[postgresql]'"
+            " (from a clone, pip install '.[postgresql]')"
         )
     # PGOPTIONS and the like stay the operator's, but for the short statements asked for.
     extra: dict[str, Any] = {}

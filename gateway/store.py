@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import audit as trail
@@ -177,6 +178,9 @@ class Store(Protocol):
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]: ...
 
+    def written_elsewhere(self) -> bool:
+        """Whether another process may have written rows since last asked (a CLI replay)."""
+
     def pending_of(self, direction: Direction) -> int: ...
 
     def count_pending(self, direction: Direction | None = None) -> int: ...
@@ -257,6 +261,11 @@ class SpoolBase:
             states[state] = max(at, states.get(state, at))
         return out
 
+    def written_elsewhere(self) -> bool:
+        """Whether another process may have written rows since last asked: by default, always
+        (PostgreSQL's replicas all write; SQLite knows better)."""
+        return True
+
     def pending_of(self, direction: Direction) -> int:
         """Rows waiting to go `direction`, as this process counts them."""
         if direction == "to_didomi":
@@ -308,8 +317,17 @@ class SpoolBase:
             return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
 
 
-def open_store(delivery: DeliveryConfig, person_key: str = "") -> Store:
-    """Open the spool `delivery.spool` names (creating or migrating its schema)."""
+def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool = True) -> Store:
+    """Open the spool `delivery.spool` names (creating or migrating its schema).
+
+    With `create=False` (the commands that read or edit what a gateway stored), a SQLite file
+    that does not exist is an error: a new empty spool would answer "0 records" for a typo.
+    """
+    if not create and not is_postgresql(delivery.spool) and not Path(delivery.spool).exists():
+        raise SpoolError(
+            f"no spool at {delivery.spool}: no gateway has run with this delivery.spool yet,"
+            " or --config names another gateway's config"
+        )
     if is_postgresql(delivery.spool):
         from .spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
 

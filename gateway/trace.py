@@ -34,10 +34,17 @@ def command(
 ) -> int:
     """Print a person's (or one event's) history, newest first; returns the exit status."""
     out = out or sys.stdout
-    if (person is None) == (event_id is None):
-        raise TraceError("name a PERSON or an --event ID, not both")
+    if person is None and event_id is None:
+        raise TraceError(
+            "give a PERSON (their external id or email; `-` reads it from standard input)"
+            " or --event ID"
+        )
+    if person is not None and event_id is not None:
+        raise TraceError("give a PERSON or an --event ID, not both")
+    if person is not None and not person.strip():
+        raise TraceError("the PERSON is empty: give their external id or email")
     since_at = _parse_since(since) if since is not None else None
-    db = open_store(config.delivery, config.retention.person_key)
+    db = open_store(config.delivery, config.retention.person_key, create=False)
     try:
         entries = db.trail(person, event_id=event_id, since=since_at)
     finally:

@@ -14,6 +14,10 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+# How often an idle loop looks for rows another process wrote (a CLI replay, another replica's
+# intake): its own intake wakes it at once, the others are found this long after at most.
+IDLE_POLL_S = 0.5
+
 
 class Worker:
     """A delivery loop with its helper loops and in-flight tasks; subclasses name the loops."""

@@ -55,12 +55,13 @@ from .didomi import DidomiClient, DidomiUser
 from .errors import SpoolError
 from .health import DeliveryHealth
 from .mappings import ERASED, RuleSet, braze_side
+from .retention import OLDER_THAN_RETENTION
 from .retry import Action, backoff, decide
 from .reverse import ConsentEdit, ReverseRules
 from .spool import Spool
 from .store import Dead, Pending
 from .webhooks import gateway_event_id
-from .worker import Worker
+from .worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode
 
@@ -213,7 +214,7 @@ class Writeback(Worker):
     def _nap(self) -> float:
         """How long the loop may sleep: until the first held report's turn, at most."""
         if not self._backlog:
-            return RECOUNT_S
+            return IDLE_POLL_S  # a replay from the CLI is seen within this
         now = time.monotonic()
         soonest = min(report.not_before for report in self._backlog)
         return min(LOOP_PAUSE_S, max(0.0, soonest - now)) if soonest > now else LOOP_PAUSE_S
@@ -470,7 +471,6 @@ class Writeback(Worker):
         bound = report.row.received_at + self.config.didomi.max_clock_skew_s
         now = self.clock()
         floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
-        erased = max(applied.get((person, ERASED), -math.inf), floors.get(ERASED, -math.inf))
         live: list[BrazeChange] = []
         reason: str | None = None
         report.dropped = []
@@ -498,17 +498,20 @@ class Writeback(Worker):
                 reason = "stale"
                 report.dropped.append((change, "stale"))
                 continue
-            side = braze_side(target)
-            floor = max(
-                applied.get((person, target), -math.inf),
-                floors.get(target, -math.inf),
-                applied.get((person, side), -math.inf),
-                floors.get(side, -math.inf),
-                erased,
-            )
-            if change.at < floor:
+            # As forward: below the person's own applied times (or erasure) is stale; below
+            # only what retention pruned of them is too old to tell, said apart.
+            keys = (target, braze_side(target), ERASED)
+            if change.at < max(applied.get((person, key), -math.inf) for key in keys):
                 reason = "stale"
                 report.dropped.append((change, "stale"))
+                continue
+            if change.at < max(floors.get(key, -math.inf) for key in keys):
+                reason = reason if reason == "stale" else OLDER_THAN_RETENTION
+                report.dropped.append((change, OLDER_THAN_RETENTION))
+                log.warning(
+                    "a Braze change older than the retention floor (retention.applied_days"
+                    " pruned the applied times it would be checked against): not written back"
+                )
                 continue
             live.append(change)
         return live, reason

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -147,8 +148,8 @@ def consent_event(n: int, *, kind: str = "event.created", user: str | None = Non
     """A minimal valid Didomi webhook body whose entity id (so dedupe key) depends on `n`."""
     entity = {
         "id": f"evt-{n:08d}",
-        "created_at": "2025-03-14T09:26:53Z",
-        "updated_at": "2025-03-14T09:26:53Z",
+        "created_at": recent(566),
+        "updated_at": recent(566),
         "status": "confirmed",
         "user": {"organization_user_id": user or f"user-{n}"},
         "organization_user_id": user or f"user-{n}",
@@ -185,15 +186,28 @@ def make_event() -> Callable[..., bytes]:
     return consent_event
 
 
+# Midnight UTC two days before the test run: choices dated from it are younger than any
+# retention floor (`retention.applied_days`) and never in the future (`max_clock_skew_s`),
+# whenever the suite runs. One value per run, so a test's choices keep their order.
+DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+
+
+def recent(minutes: float = 0.0) -> str:
+    """A Didomi timestamp `minutes` after `DAY`: a recent past, whatever the date today."""
+    return (DAY + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def choice(
     person: str,
     enabled: bool,
-    at: str = "2025-03-14T09:26:53Z",
+    at: str | None = None,
     *,
     topics: str = "",
     event_id: str | None = None,
 ) -> bytes:
-    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`."""
+    """An event.created body: `person` chooses `enabled` on marketing_email at time `at`
+    (by default a recent one: `recent`)."""
+    at = at or recent(566)
     purpose: dict[str, Any] = {"id": "marketing_email", "enabled": enabled}
     if topics:
         purpose["values"] = {"topics": {"value": topics}}

@@ -6,17 +6,20 @@ and read the spool file afterwards, as an operator's `gateway trace` would.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
 import msgspec
 import pytest
-from conftest import MakeConfig, choice
+from conftest import MakeConfig, choice, recent
 from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
 from test_reliability import fill, small_disk  # noqa: F401 - a fixture
 
@@ -270,6 +273,7 @@ def test_trace_without_records_says_the_key_may_differ(
 ) -> None:
     """An empty trace on a spool's own key warns that a server's person_key would hash apart."""
     config = make_config(tmp_path)
+    SpoolDB(config.delivery.spool).close()  # a spool a gateway made, with nobody's records
     assert trace.command(config, "nobody") == 0
     captured = capsys.readouterr()
     assert "0 record(s)" in captured.out
@@ -488,3 +492,60 @@ def test_an_erasures_acknowledgement_commits_on_a_disk_down_to_its_reserve(
                 assert person.encode() not in name.read_bytes(), name
     finally:
         db.close()
+@contextlib.contextmanager
+def warnings_of(name: str) -> Iterator[list[str]]:
+    """The WARNING (and above) messages logger `name` emits inside the block."""
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_choice_older_than_the_retention_floor_is_counted_apart_from_stale(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """A choice refused only because it is older than what retention pruned is counted under
+    `older_than_retention` (metric, audit record, a warning), never folded into `stale`; one a
+    person's own later choice beats is still `stale`."""
+    gw = await start_gateway()
+    assert await gw.post(choice("p-old", True, recent(600), topics="offers"), auth_headers) == 202
+    await gw.settle()
+    spool = gw.app[SPOOL]
+    # applied_days=1: the choice of two days ago is pruned, its time the floor for everyone.
+    await Retention(spool, RetentionConfig(applied_days=1, pause_s=0), gw.metrics).run_once()
+    assert spool.db.applied_times(["p-old"]) == {}
+    assert spool.db.floors
+    sent = len(fake.requests)
+    with warnings_of("gateway.dispatcher") as said:
+        assert await gw.post(choice("p-late", False, recent(540)), auth_headers) == 202
+        await gw.settle()
+    assert len(fake.requests) == sent
+    assert "p-late" not in fake.users
+
+    def skipped(reason: str) -> float:
+        return gw.sample("gateway_events_skipped_total", direction="to_braze", reason=reason)
+
+    assert skipped("older_than_retention") == 1
+    assert skipped("stale") == 0
+    assert {r["outcome"] for r in traced(gw.config, "p-late")} == {"older_than_retention"}
+    assert any("retention" in line for line in said), said
+
+    # A person's own newer choice still makes an older one `stale`, above the floor as well.
+    assert await gw.post(choice("p-own", True, recent(700)), auth_headers) == 202
+    await gw.settle()
+    assert await gw.post(choice("p-own", False, recent(650)), auth_headers) == 202
+    await gw.settle()
+    assert skipped("stale") == 1
+    assert skipped("older_than_retention") == 1
+    assert "stale" in {r["outcome"] for r in traced(gw.config, "p-own")}

@@ -804,3 +804,36 @@ async def test_people_acting_in_both_systems_at_once_end_at_their_newest_act_wit
             f" s, max {delays[-1]:.3f} s; {len(forward)} Didomi act(s) reached Braze: median"
             f" {forward[len(forward) // 2]:.3f} s, max {forward[-1]:.3f} s"
         )
+async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_from_stale(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
+) -> None:
+    """A Braze change refused only because it is older than what retention pruned is counted
+    under `older_than_retention` (metric, audit record, a warning), never folded into `stale`."""
+    from test_audit import warnings_of
+
+    from gateway.config import RetentionConfig
+    from gateway.retention import Retention
+
+    gw = await start_gateway()
+    floor = time.time() - 2 * 86_400
+    opted_in = choice("fay", True, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor)))
+    assert (await gw.post("/webhooks/didomi", json.loads(opted_in), auth_headers))[0] == 202
+    await gw.settle()
+    spool = gw.app[SPOOL]
+    # applied_days=1: fay's choice of two days ago is pruned, its time the floor for everyone.
+    await Retention(spool, RetentionConfig(applied_days=1, pause_s=0), gw.metrics).run_once()
+    assert spool.db.applied_times(["fay"]) == {}
+    with warnings_of("gateway.writeback") as said:
+        older = step("gus", floor - 3600, email="unsubscribed")
+        assert (await gw.post("/webhooks/braze", older, BRAZE))[0] == 202
+        await gw.settle()
+    assert fake_didomi.events == []
+
+    def skipped(reason: str) -> float:
+        return gw.sample("gateway_events_skipped_total", direction="to_didomi", reason=reason)
+
+    assert skipped("older_than_retention") == 1
+    assert skipped("stale") == 0
+    records = [trace.as_dict(e) for e in spool.db.trail("gus")]
+    assert {r["outcome"] for r in records} == {"older_than_retention"}
+    assert any("retention" in line for line in said), said

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, write_config
+from conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 
 from gateway.config import Config
 from gateway.metrics import Metrics
@@ -163,7 +163,7 @@ async def test_shuffled_deliveries_end_in_each_persons_latest_choice(
     rng = random.Random(11)
     bodies, expected = [], {}
     for person in (f"p{i}" for i in range(15)):
-        times = [f"2025-03-14T10:{m:02d}:00Z" for m in range(8)]
+        times = [recent(600 + m) for m in range(8)]
         picks = [rng.random() < 0.5 for _ in times]
         expected[person] = "opted_in" if picks[-1] else "unsubscribed"
         bodies += [choice(person, enabled, at) for at, enabled in zip(times, picks, strict=True)]
@@ -181,11 +181,12 @@ async def test_applied_times_survive_a_restart(
 ) -> None:
     """After a restart on the same spool, an older choice still loses to the one applied."""
     gw = await start_gateway()
-    assert await gw.post(choice("rex", False, "2025-03-14T12:00:00Z"), auth_headers) == 202
+    # Recent dates: the restarted gateway's prune pass must leave rex's applied time in place.
+    assert await gw.post(choice("rex", False, recent(12 * 60)), auth_headers) == 202
     await gw.settle()
     await gw.client.close()
     again = await start_gateway()
-    assert await again.post(choice("rex", True, "2025-03-14T11:00:00Z"), auth_headers) == 202
+    assert await again.post(choice("rex", True, recent(11 * 60)), auth_headers) == 202
     await again.settle()
     assert again.sample("gateway_events_skipped_total", direction="to_braze", reason="stale") == 1
     assert fake.users["rex"].email_subscribe == "unsubscribed"

@@ -379,7 +379,9 @@ async def post_steps(base: str, people: list[str]) -> None:
     headers = {"Authorization": f"Bearer {BRAZE_WEBHOOK_TOKEN}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
         for person in people:
-            body = {"external_id": person, "email_subscribe": "unsubscribed", "time": "1800000000"}
+            # An hour ago: neither in the future (dated at arrival) nor below a retention floor.
+            when = str(int(time.time()) - 3600)
+            body = {"external_id": person, "email_subscribe": "unsubscribed", "time": when}
             async with session.post(f"{base}/webhooks/braze", json=body, headers=headers) as resp:
                 assert resp.status == 202
 

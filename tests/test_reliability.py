@@ -28,7 +28,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, write_config
+from conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Config
@@ -48,8 +48,9 @@ STATES = {True: "opted_in", False: "unsubscribed"}
 
 
 def at(minute: int) -> str:
-    """A Didomi timestamp, `minute` minutes into a fixed day."""
-    return f"2025-03-14T{minute // 60:02d}:{minute % 60:02d}:00Z"
+    """A Didomi timestamp, `minute` minutes into a recent day: younger than any retention
+    floor, so a prune pass of the restarted gateway never refuses it (`conftest.DAY`)."""
+    return recent(minute)
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -380,6 +381,14 @@ async def test_kill_9_under_load_loses_no_accepted_webhook(
             return spool_counts(spool) == (0, 0)
 
         await eventually(drained, 30, "the spool to drain after the restart")
+        # The restart's prune pass raised no floor above these choices: they are recent.
+        skipped = metric(
+            await again.metrics(),
+            "gateway_events_skipped_total",
+            direction="to_braze",
+            reason="older_than_retention",
+        )
+        assert skipped == 0
         assert await again.stop() == 0, again.log()
     finally:
         await fake.stop()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,17 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
-from conftest import free_port
+from conftest import BRAZE_API_KEY, choice, free_port, recent
+from test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture
 
+from gateway import health
+from gateway.braze import Answer, Verdict
 from gateway.config import Config
+from gateway.health import DeliveryHealth
 from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.spool import Pending, SpoolDB
+from gateway.testing import FakeBraze
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -882,7 +888,8 @@ async def test_sigterm_drains_and_keeps_every_accepted_webhook(
 async def test_gateway_run_exits_1_when_the_port_is_taken(
     tmp_path: Path, make_config: MakeConfig, secrets_env: dict[str, str]
 ) -> None:
-    """`gateway run` on a port another socket holds logs why and exits 1, without a traceback."""
+    """`gateway run` on a port another socket holds logs why and exits 1, without a traceback,
+    and never says `ready` (nor `draining`): it is ready only once its port is bound."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -902,3 +909,114 @@ async def test_gateway_run_exits_1_when_the_port_is_taken(
     assert proc.returncode == 1, output
     assert f"cannot serve on 127.0.0.1:{port}" in output
     assert "Traceback" not in output
+    said = [line.split(": ", 1)[1] for line in output.splitlines() if ": " in line]
+    assert "ready" not in said
+    assert not any(line.startswith("draining") for line in said)
+
+
+# ---------------------------------------------------------------------------
+# An unreachable peer: said in the log at once, then at a bounded pace, and when it is back.
+
+
+@pytest.fixture
+def delivery_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record the gateway.delivery logger emits during the test."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("gateway.delivery")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+async def test_an_unreachable_braze_is_logged_at_once_then_at_a_bounded_pace(
+    start_gateway: StartGateway,  # noqa: F811 - the imported fixture
+    auth_headers: dict[str, str],
+    delivery_log: list[logging.LogRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Braze that refuses connections is a warning on the first failed request, then one per
+    `LOG_EVERY_S` however often delivery retries, and a line once Braze answers again."""
+    monkeypatch.setattr(health, "LOG_EVERY_S", 0.5)
+    port = free_port()  # nothing listens: every connection is refused
+    gw = await start_gateway(f"http://127.0.0.1:{port}", delivery={"retry_max_ms": 50})
+    started = time.monotonic()
+    assert await gw.post(choice("unreached", True, recent()), auth_headers) == 202
+
+    def retries() -> float:
+        return gw.sample("gateway_retries_total", direction="to_braze", reason="connection")
+
+    async def retried_a_while() -> bool:
+        return retries() >= 20 and time.monotonic() - started >= 1.5
+
+    await eventually(retried_a_while, 60, lambda: f"20 retries ({retries()} so far)")
+    elapsed = time.monotonic() - started
+    warnings = [r.getMessage() for r in delivery_log if r.levelno == logging.WARNING]
+    assert warnings, "nothing said about an unreachable Braze"
+    assert "Braze" in warnings[0]
+    assert "connection" in warnings[0]
+    assert 2 <= len(warnings) <= elapsed / 0.5 + 2, warnings
+    assert len(warnings) < retries() / 2
+
+    fake = FakeBraze(api_key=BRAZE_API_KEY)
+    await fake.start(port=port)
+    try:
+        await gw.settle(timeout=60)
+    finally:
+        await fake.stop()
+    assert [o["external_id"] for o in fake.objects_sent()] == ["unreached"]
+    back = [r.getMessage() for r in delivery_log if r.levelno == logging.INFO]
+    assert any(line.startswith("Braze answers again after") for line in back), back
+
+
+def test_a_failing_peer_is_logged_at_first_then_once_a_minute_and_on_recovery(
+    delivery_log: list[logging.LogRecord],
+) -> None:
+    """For Didomi as for Braze (one DeliveryHealth each): the first failure is a warning, the
+    next ones within a minute are silent, one a minute later says how long it has lasted, and
+    the first success after them says it is over; Braze's 429 pacing is never one of them, and
+    short spells soon after a line wait for the next one."""
+    now = [1000.0]
+    flow = Metrics().flow("to_didomi")
+    peer = DeliveryHealth(flow, peer="Didomi", clock=lambda: now[0])
+    refused = Answer(Verdict.RETRY, None, "connection: ClientConnectorError")
+    for _ in range(30):  # 30 s of a retry a second
+        peer.retrying(refused)
+        now[0] += 1.0
+    assert [r.getMessage() for r in delivery_log] == [
+        "cannot deliver to Didomi (connection: ClientConnectorError); retrying with backoff,"
+        " updates wait in the spool"
+    ]
+    for _ in range(40):
+        peer.retrying(refused)
+        now[0] += 1.0
+    assert len(delivery_log) == 2
+    assert delivery_log[1].levelno == logging.WARNING
+    assert delivery_log[1].getMessage() == (
+        "still cannot deliver to Didomi after 60 s (61 failed request(s); last:"
+        " connection: ClientConnectorError)"
+    )
+    peer.ok()
+    assert delivery_log[2].levelno == logging.INFO
+    assert delivery_log[2].getMessage() == (
+        "Didomi answers again after 70 s (70 failed request(s))"
+    )
+    peer.retrying(Answer(Verdict.RATE_LIMITED, 429, "rate limited"))
+    now[0] += 1.0
+    peer.ok()
+    assert len(delivery_log) == 3
+    # A brief failure soon after the last line is not said, nor is its end: a peer failing
+    # now and then is logged no more often than one that stays down.
+    peer.retrying(refused)
+    peer.ok()
+    now[0] += 60.0
+    peer.retrying(refused)
+    assert len(delivery_log) == 4
+    assert delivery_log[3].getMessage().startswith("cannot deliver to Didomi")
