@@ -492,6 +492,8 @@ def test_an_erasures_acknowledgement_commits_on_a_disk_down_to_its_reserve(
                 assert person.encode() not in name.read_bytes(), name
     finally:
         db.close()
+
+
 @contextlib.contextmanager
 def warnings_of(name: str) -> Iterator[list[str]]:
     """The WARNING (and above) messages logger `name` emits inside the block."""

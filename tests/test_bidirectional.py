@@ -804,6 +804,8 @@ async def test_people_acting_in_both_systems_at_once_end_at_their_newest_act_wit
             f" s, max {delays[-1]:.3f} s; {len(forward)} Didomi act(s) reached Braze: median"
             f" {forward[len(forward) // 2]:.3f} s, max {forward[-1]:.3f} s"
         )
+
+
 async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_from_stale(
     start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
 ) -> None:
