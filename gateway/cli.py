@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also say whether the spool's volume holds retention.audit_days of audit records"
         " at N consent changes a day (a warning, never an error)",
     )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask Braze and Didomi, reading only, whether the keys, permissions,"
+        " subscription group ids, purpose ids and preference value ids exist",
+    )
     check.set_defaults(func=_check)
 
     render = command(
@@ -168,6 +174,23 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{origin}: not reversible (Braze -> Didomi): {reason}")
     if args.changes_per_day is not None:
         print(f"{args.config}: {_capacity(config, rules, args.changes_per_day)}")
+    if args.online:
+        return _check_online(config, rules, args.config)
+    return 0
+
+
+def _check_online(config: Config, rules: RuleSet, config_path: str) -> int:
+    """`check --online`: what Braze and Didomi say; warnings never change the exit status."""
+    from .online import run  # aiohttp and the probes: only when asked for
+
+    report = run(config, rules, config_path)
+    for warning in report.warnings:
+        print(warning, file=sys.stderr)
+    if report.errors:
+        _problems(report.errors)
+        return 1
+    for line in report.summary:
+        print(f"online: {line}")
     return 0
 
 
