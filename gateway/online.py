@@ -69,6 +69,8 @@ class Report:
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
+    # A service that did not answer (connection, timeout, 429, 5xx): says nothing of the config.
+    unreachable: list[Problem] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,16 @@ class _Checker:
         where = None if line is not None else format_path(path)
         problem = Problem(self.file, message, line=line, path=where)
         self._add(problem, warning)
+
+    def down(self, path: KeyPath, message: str) -> None:
+        """A service that could not answer now, said at the key naming where it is."""
+        line = self.lines.line(path)
+        where = None if line is not None else format_path(path)
+        self.report.unreachable.append(Problem(self.file, message, line=line, path=where))
+
+    def said(self, answer: _Answer, path: KeyPath, message: str) -> None:
+        """An unexpected answer: the service's trouble (429, 5xx), or the config's."""
+        (self.down if _busy(answer) else self.at_key)(path, message)
 
     def at_rule(self, ref: Reference, message: str, *, warning: bool = False) -> None:
         self._add(Problem(ref.file, message, line=ref.line), warning)
@@ -171,7 +183,7 @@ class _Checker:
         body = {"attributes": [{"external_id": self.probe, "_update_existing_only": True}]}
         answer = await self.call("POST", base + "/users/track", timeout, headers=headers, json=body)
         if isinstance(answer, str):
-            self.at_key(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
+            self.down(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
             return
         if answer.status == 401:
             self.at_key(
@@ -195,7 +207,7 @@ class _Checker:
                 " create a key with users.track (Braze keys cannot be edited)",
             )
         elif not 200 <= answer.status < 300:
-            self.at_key(("braze", "server"), f"Braze at {host} answered {answer.said()}")
+            self.said(answer, ("braze", "server"), f"Braze at {host} answered {answer.said()}")
             return
         else:
             self.report.summary.append(f"Braze {host}: the key works, with users.track")
@@ -236,7 +248,7 @@ class _Checker:
                 "GET", url, self.config.braze.timeout_s, headers=headers, params=params
             )
             if isinstance(answer, str):
-                self.at_key(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
+                self.down(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
                 return
             if answer.status == 403:
                 self._reconcile_only(
@@ -258,7 +270,8 @@ class _Checker:
                             " page (the group must be in this key's workspace)",
                         )
             else:
-                self.at_key(
+                self.said(
+                    answer,
                     ("braze", "server"),
                     f"Braze at {host} answered {answer.said()} for subscription group {group}",
                 )
@@ -272,11 +285,12 @@ class _Checker:
             json=body,
         )  # fmt: skip
         if isinstance(answer, str):
-            self.at_key(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
+            self.down(("braze", "server"), f"cannot reach Braze at {host}: {answer}")
         elif answer.status == 403:
             self._reconcile_only("users.export.ids", " to read Braze's state", answer)
         elif not 200 <= answer.status < 300:
-            self.at_key(
+            self.said(
+                answer,
                 ("braze", "server"),
                 f"Braze at {host} answered {answer.said()} on /users/export/ids",
             )
@@ -299,7 +313,7 @@ class _Checker:
         login = {"type": "api-key", "key": api.key, "secret": api.secret}
         answer = await self.call("POST", base + "/sessions", api.timeout_s, json=login)
         if isinstance(answer, str):
-            self.at_key(("didomi_api", "base_url"), f"cannot reach Didomi at {host}: {answer}")
+            self.down(("didomi_api", "base_url"), f"cannot reach Didomi at {host}: {answer}")
             return
         token = None
         if 200 <= answer.status < 300:
@@ -307,6 +321,9 @@ class _Checker:
                 token = msgspec.json.decode(answer.body).get("access_token")
             except (msgspec.DecodeError, AttributeError):
                 token = None
+        if _busy(answer):
+            self.down(("didomi_api", "base_url"), f"Didomi at {host} answered {answer.said()}")
+            return
         if not isinstance(token, str) or not token:
             hint = (
                 "check didomi_api.key and didomi_api.secret (a private API key of the"
@@ -345,7 +362,7 @@ class _Checker:
                 "GET", base + path, api.timeout_s, headers=headers, params=params
             )
             if isinstance(answer, str):
-                self.at_key(("didomi_api", "base_url"), f"cannot reach Didomi at {host}: {answer}")
+                self.down(("didomi_api", "base_url"), f"cannot reach Didomi at {host}: {answer}")
                 return None
             if answer.status in (401, 403):
                 self.at_key(
@@ -360,7 +377,8 @@ class _Checker:
             except msgspec.DecodeError:
                 page = None
             if page is None:
-                self.at_key(
+                self.said(
+                    answer,
                     ("didomi_api", "base_url"),
                     f"Didomi at {host} answered {answer.said()} on {path}",
                 )
@@ -430,7 +448,13 @@ async def check_online(config: Config, rules: RuleSet, config_path: str) -> Repo
         report.errors.extend(part.errors)
         report.warnings.extend(part.warnings)
         report.summary.extend(part.summary)
+        report.unreachable.extend(part.unreachable)
     return report
+
+
+def _busy(answer: _Answer) -> bool:
+    """An answer that says the service is busy or failing now, not that the config is wrong."""
+    return answer.status == 429 or answer.status >= 500
 
 
 def run(config: Config, rules: RuleSet, config_path: str) -> Report:

@@ -285,11 +285,12 @@ async def test_an_unreachable_service_is_named_by_its_host(
     """A closed port on either side is an error naming the host and port, at its URL's key."""
     closed = f"http://127.0.0.1:{free_port()}"
     report, path = await run_check(tmp_path, closed, closed)
-    by_line = {p.line: p.message for p in report.errors}
+    assert report.errors == []  # nothing is known of the config itself
+    by_line = {p.line: p.message for p in report.unreachable}
     host = closed.removeprefix("http://")
     assert by_line[line_of(path, "server =")].startswith(f"cannot reach Braze at {host}: ")
     assert by_line[line_of(path, "base_url")].startswith(f"cannot reach Didomi at {host}: ")
-    assert len(report.errors) == 2
+    assert len(report.unreachable) == 2
 
 
 async def test_a_didomi_that_never_answers_is_bounded_by_its_timeout(
@@ -320,7 +321,8 @@ async def test_a_didomi_that_never_answers_is_bounded_by_its_timeout(
             writer.close()
         server.close()
         await server.wait_closed()
-    problem = only(report.errors)
+    assert report.errors == []
+    problem = only(report.unreachable)
     assert problem.line == line_of(path, "base_url")
     assert problem.message == f"cannot reach Didomi at 127.0.0.1:{port}: no answer within 0.5 s"
     assert time.monotonic() - started < 30  # one timeout, not a hang (generous for busy hosts)
@@ -329,7 +331,8 @@ async def test_a_didomi_that_never_answers_is_bounded_by_its_timeout(
 async def test_the_command_prints_the_summary_or_the_problems(
     tmp_path: Path, braze: FakeBraze, didomi: FakeDidomi
 ) -> None:
-    """`gateway check --online`: exit 0 with `online:` lines, or 1 with file:line: message."""
+    """`gateway check --online`: exit 0 with `online:` lines, or 1 with file:line: message; an
+    unreachable service is an error, a warning under --allow-unreachable."""
     path = write_config(tmp_path, braze={"server": braze.url}, didomi_api=api(didomi.url))
     env = {**os.environ, **SECRETS}
 
@@ -353,6 +356,15 @@ async def test_the_command_prints_the_summary_or_the_problems(
     line = line_of(mapping(tmp_path), f'to = "{NEWS}"')
     assert f"{mapping(tmp_path)}:{line}: Braze at" in err
     assert err.splitlines()[-1] == "1 problem(s) found"
+    braze.groups.add(NEWS)
+    await didomi.stop()  # Didomi down: an error, or with --allow-unreachable a warning
+    status, out, err = await gateway("check", "--online")
+    assert status == 1
+    assert f"cannot reach Didomi at {didomi.url.removeprefix('http://')}" in err
+    status, out, err = await gateway("check", "--online", "--allow-unreachable")
+    assert status == 0
+    assert ": warning: cannot reach Didomi at " in err
+    assert "online: Braze" in out
     before = len(braze.requests)
     status, out, _ = await gateway("check")
     assert status == 0
