@@ -41,12 +41,23 @@ MAX_MESSAGE_CHARS = 200
 
 
 class _Item(Lenient, frozen=True):
+    """A purpose, or a preference value: only its id is read."""
+
+    id: str
+
+
+class _Preference(Lenient, frozen=True):
     id: str
     values: list[_Item] = msgspec.field(default_factory=list)
 
 
 class _Page(Lenient, frozen=True):
     data: list[_Item] = msgspec.field(default_factory=list)
+    total: int | None = None
+
+
+class _Preferences(Lenient, frozen=True):
+    data: list[_Preference] = msgspec.field(default_factory=list)
     total: int | None = None
 
 
@@ -58,7 +69,8 @@ class _Said(Lenient, frozen=True):
     error: str | None = None
 
 
-_page = msgspec.json.Decoder(_Page)
+_purposes = msgspec.json.Decoder(_Page)
+_preferences = msgspec.json.Decoder(_Preferences)
 _said = msgspec.json.Decoder(_Said)
 
 
@@ -206,6 +218,12 @@ class _Checker:
                 f"the Braze key lacks users.track ({answer.said()}): every update needs it;"
                 " create a key with users.track (Braze keys cannot be edited)",
             )
+        elif answer.status == 400:
+            # Inferred, not documented: Braze answers 401/403 for the key before it reads the
+            # body, so a 400 to our bare probe object still says the key and permission are right.
+            self.report.summary.append(
+                f"Braze {host}: the key works, with users.track (the probe got {answer.said()})"
+            )
         elif not 200 <= answer.status < 300:
             self.said(answer, ("braze", "server"), f"Braze at {host} answered {answer.said()}")
             return
@@ -337,21 +355,26 @@ class _Checker:
             )
             return
         headers = {"Authorization": f"Bearer {token}"}
-        listed = await self._list(base, host, "/metadata/purposes", headers)
+        listed = await self._list(base, host, "/metadata/purposes", headers, _purposes)
         if listed is None:
             return
         found = {item.id for item in listed}
-        prefs = await self._list(base, host, "/preferences", headers)
+        prefs = await self._list(base, host, "/preferences", headers, _preferences)
         if prefs is None:
             return
         self._compare(found, {p.id: {v.id for v in p.values} for p in prefs}, host)
 
     async def _list(
-        self, base: str, host: str, path: str, headers: Mapping[str, str]
-    ) -> list[_Item] | None:
+        self,
+        base: str,
+        host: str,
+        path: str,
+        headers: Mapping[str, str],
+        decoder: msgspec.json.Decoder[Any],
+    ) -> list[Any] | None:
         """Every item of one of Didomi's paged lists, or None after reporting why not."""
         api = self.config.didomi_api
-        items: list[_Item] = []
+        items: list[Any] = []
         for _ in range(MAX_PAGES):
             params = [
                 ("organization_id", api.organization_id),
@@ -373,7 +396,7 @@ class _Checker:
                 )
                 return None
             try:
-                page = _page.decode(answer.body) if 200 <= answer.status < 300 else None
+                page = decoder.decode(answer.body) if 200 <= answer.status < 300 else None
             except msgspec.DecodeError:
                 page = None
             if page is None:

@@ -120,6 +120,17 @@ async def test_all_good_writes_nothing_and_says_so(
     }
 
 
+async def test_a_400_to_the_bare_probe_still_proves_the_key(
+    tmp_path: Path, braze: FakeBraze, didomi: FakeDidomi
+) -> None:
+    """Should Braze refuse an object that sets nothing, its 400 comes after the key and the
+    permission passed: no error, and the summary says what Braze answered."""
+    braze.refuse_with_400 = lambda obj: True
+    report, _ = await run_check(tmp_path, braze.url, didomi.url)
+    assert report.errors == []
+    assert "with users.track (the probe got 400" in report.summary[0]
+
+
 async def test_didomi_lists_are_read_to_their_last_page(
     tmp_path: Path, braze: FakeBraze, didomi: FakeDidomi
 ) -> None:
