@@ -82,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also say whether the spool's volume holds retention.audit_days of audit records"
         " at N consent changes a day (a warning, never an error)",
     )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask Braze and Didomi, reading only, whether the keys, permissions,"
+        " subscription group ids, purpose ids and preference value ids exist",
+    )
+    check.add_argument(
+        "--allow-unreachable",
+        action="store_true",
+        help="with --online: a Braze or Didomi that does not answer (connection, timeout, 429,"
+        " 5xx) is a warning, not an error; what they do answer is still checked",
+    )
     check.set_defaults(func=_check)
 
     render = command(
@@ -171,6 +183,32 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{origin}: warning: not reversible (Braze -> Didomi): {reason}")
     if args.changes_per_day is not None:
         print(f"{args.config}: {_capacity(config, rules, args.changes_per_day)}")
+    if args.online:
+        return _check_online(config, rules, args.config, args.allow_unreachable)
+    return 0
+
+
+def _check_online(config: Config, rules: RuleSet, config_path: str, allow_unreachable: bool) -> int:
+    """`check --online`: what Braze and Didomi say; warnings never change the exit status."""
+    from .online import run  # aiohttp and the probes: only when asked for
+
+    report = run(config, rules, config_path)
+    errors = list(report.errors)
+    warnings = list(report.warnings)
+    if allow_unreachable:
+        # An outage must not keep replicas from starting: they spool webhooks until it ends.
+        warnings += [
+            Problem(p.file, f"warning: {p.message}", p.line, p.path) for p in report.unreachable
+        ]
+    else:
+        errors += report.unreachable
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if errors:
+        _problems(errors)
+        return 1
+    for line in report.summary:
+        print(f"online: {line}")
     return 0
 
 

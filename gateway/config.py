@@ -147,6 +147,14 @@ class RetentionConfig(Strict, frozen=True):
     pause_s: float = 0.05  # between two batches, so intake never waits long
 
 
+class CheckConfig(Strict, frozen=True):
+    """What `gateway check --online` demands of the credentials beyond the running gateway's."""
+
+    # true: `gateway reconcile` is used, so a Braze key without users.export.ids or
+    # subscription.status.get is an error, not a warning.
+    reconcile: bool = False
+
+
 class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -157,6 +165,7 @@ class Config(Strict, frozen=True):
     didomi_api: DidomiApiConfig = DidomiApiConfig()
     braze_webhooks: BrazeWebhooksConfig | None = None
     retention: RetentionConfig = RetentionConfig()
+    check: CheckConfig = CheckConfig()
 
 
 DEFAULT_LEASE_S = 20.0

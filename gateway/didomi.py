@@ -309,7 +309,9 @@ class DidomiClient:
             return Answer(Verdict.OK, status, "already recorded")
         if status == 429:
             return Answer(Verdict.RATE_LIMITED, status, "rate limited")
-        if status in (401, 403):
+        # Didomi refuses a wrong key or secret with a 400 ("Authentication"): held, never a
+        # refused (dead-lettered) change.
+        if status in (401, 403) or (path == SESSIONS and status == 400):
             return Answer(Verdict.AUTH, status, _auth_reason(path, status, retried=retried))
         if status in (404, 405) or 300 <= status < 400:
             return Answer(Verdict.AUTH, status, f"Didomi answered {status} on {path}: {_WRONG_URL}")

@@ -145,6 +145,18 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Reference:
+    """One id a rule names in Braze or Didomi, at the line that names it (for check --online)."""
+
+    kind: Literal["group", "purpose", "preference", "value"]
+    id: str
+    file: str
+    line: int
+    purpose: str | None = None  # a preference's or value's purpose
+    preference: str | None = None  # a value's preference
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedTest:
     """A `[[test]]` table with the folder its relative event path starts from."""
 
@@ -204,6 +216,7 @@ class RuleSet:
     tests: list[LoadedTest] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
 
     @property
     def groups(self) -> list[str]:
@@ -489,11 +502,34 @@ def _add_rule(
     seen[key] = origin
     compiled_rule = Rule(target, chosen, refused, rule.value, origin)
     ruleset.rules.append(compiled_rule)
+    ruleset.references.extend(_references(rule, target, where, located))
     if rule.preference is None:
         ruleset.by_purpose.setdefault(rule.purpose, []).append(compiled_rule)
     else:
         prefs = ruleset.by_preference.setdefault(rule.purpose, {})
         prefs.setdefault(rule.preference, []).append(compiled_rule)
+
+
+def _references(
+    rule: MapRule, target: Target, where: tuple[str, int], located: Located
+) -> list[Reference]:
+    """The ids a compiled rule names, each at its own key's line."""
+
+    def at(key: str) -> int:
+        return located.index.line((*where, key)) or 1
+
+    assert rule.purpose is not None  # _add_rule refused a rule without one
+    refs = [Reference("purpose", rule.purpose, located.file, at("purpose"))]
+    if target.kind == "group":  # the id as the gateway sends it (lower case)
+        refs.append(Reference("group", target.name, located.file, at("to")))
+    if rule.preference is not None and rule.value is not None:
+        refs.append(
+            Reference("preference", rule.preference, located.file, at("preference"), rule.purpose)
+        )
+        refs.append(
+            Reference("value", rule.value, located.file, at("value"), rule.purpose, rule.preference)
+        )
+    return refs
 
 
 def _target(

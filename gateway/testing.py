@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from http.client import responses
 from typing import Any, Literal
@@ -59,6 +59,22 @@ BAD_PRIORITIZATION = (
     "'prioritization' must be a non-empty array of 'identified' or 'unidentified' (not both) "
     "and 'most_recently_updated'"
 )
+
+# Per-key permissions and the read-only routes (`gateway check --online`, reconcile). Braze's
+# permission names per endpoint ("API keys", and each endpoint's "Prerequisites"); errors.md says
+# a key without one gets "403 Access Denied" and a key of another instance a 401. The exact JSON
+# words of both, and the answer to an unknown subscription group id, are not documented: ours.
+PERMISSIONS = {
+    "/users/track": "users.track",
+    "/users/delete": "users.delete",
+    "/users/export/ids": "users.export.ids",
+    "/subscription/status/get": "subscription.status.get",
+}
+ALL_PERMISSIONS = frozenset(PERMISSIONS.values())
+INVALID_KEY = "Invalid API key"
+ACCESS_DENIED = "Access Denied"
+UNKNOWN_GROUP = "Invalid subscription_group_id"
+GROUP_STATUS = {"subscribed": "Subscribed", "unsubscribed": "Unsubscribed"}
 
 PRIMARY_IDS = ("external_id", "user_alias", "braze_id")
 EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
@@ -105,9 +121,15 @@ class FakeBraze(Served):
         known_users: set[str] | None = None,
         record: bool = True,
         max_objects: int = MAX_TRACK_OBJECTS,
+        instance: str = "US-01",
+        groups: set[str] | None = None,
     ) -> None:
         super().__init__()
-        self.api_key = api_key
+        self.api_key = api_key  # this instance's key with every permission
+        self.instance = instance
+        # Other keys: key -> (the instance that issued it, its permissions); see `grant`.
+        self.keys: dict[str, tuple[str, frozenset[str]]] = {}
+        self.groups = groups  # the workspace's subscription group ids; None: any id exists
         self.latency_s = latency_s
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
@@ -136,6 +158,8 @@ class FakeBraze(Served):
         routes = self.app.router
         routes.add_post("/users/track", functools.partial(self._serve, self._apply_track))
         routes.add_post("/users/delete", functools.partial(self._serve, self._apply_delete))
+        routes.add_post("/users/export/ids", functools.partial(self._serve, self._apply_export))
+        routes.add_get("/subscription/status/get", self._status_get)
         routes.add_get("/_stats", self._stats)
         # What a person's Braze profile now holds, for the demo and for people reading along.
         routes.add_get("/fake/users", self._all_users)
@@ -236,9 +260,10 @@ class FakeBraze(Served):
         if self._faults:
             status, payload, headers = self._faults.popleft()
             return status, payload, {**self._limit(consume=False)[1], **headers}, 0
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        refused = self._authorize(request)
+        if refused is not None:
             # No workspace is known yet, so nothing is counted against its rate limit.
-            return 401, {"message": "Invalid API key"}, self._limit(consume=False)[1], 0
+            return *refused, self._limit(consume=False)[1], 0
         allowed, headers = self._limit(consume=True)
         if not allowed:
             self.stats["rate_limited"] += 1
@@ -403,6 +428,87 @@ class FakeBraze(Served):
         self.stats["deleted"] += len(ids)
         # Braze counts the ids queued for deletion, known or not.
         return 201, {"deleted": len(ids), "message": "success"}, len(ids)
+
+    # -----------------------------------------------------------------------
+    # Keys and their permissions; the read-only routes.
+
+    def grant(self, key: str, permissions: Collection[str], *, instance: str | None = None) -> None:
+        """Issue `key` with these permissions, on this instance or (`instance`) another one."""
+        self.keys[key] = (instance or self.instance, frozenset(permissions))
+
+    def _authorize(self, request: web.Request) -> tuple[int, Json] | None:
+        """Braze's 401 for a key it does not know here, its 403 for a missing permission."""
+        auth = request.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+        entry = self.keys.get(key) if key is not None else None
+        if entry is None and key is not None and key == self.api_key:
+            entry = (self.instance, ALL_PERMISSIONS)
+        if entry is None or entry[0] != self.instance:
+            return 401, {"message": INVALID_KEY}  # a key of another instance is unknown here
+        needed = PERMISSIONS.get(request.path)
+        if needed is not None and needed not in entry[1]:
+            return 403, {"message": ACCESS_DENIED, "errors": [f"the key lacks {needed}"]}
+        return None
+
+    def _apply_export(self, body: Json) -> tuple[int, Json, int]:
+        ids = body.get("external_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return 400, {"message": "'external_ids' must be an array of strings"}, 0
+        if len(ids) > MAX_DELETE_IDS:
+            return 400, {"message": TOO_MANY_IDS}, len(ids)
+        users = []
+        for external_id in ids:
+            user = self.users.get(external_id)
+            if user is not None:
+                users.append(
+                    {
+                        "external_id": external_id,
+                        "email_subscribe": user.email_subscribe,
+                        "custom_attributes": dict(user.attributes),
+                    }
+                )
+        invalid = [i for i in ids if i not in self.users]
+        answer: Json = {"users": users, "message": "success"}
+        if invalid:
+            answer["invalid_user_ids"] = invalid
+        return 201, answer, len(ids)
+
+    async def _status_get(self, request: web.Request) -> web.Response:
+        """`GET /subscription/status/get`: each named user's state in one group."""
+        at = time.monotonic()
+        self.stats["requests"] += 1
+        query = request.query
+        status, payload, headers = self._status_answer(request)
+        if self.record:
+            self.requests.append(Recorded(request.path, status, dict(query), at, 0))
+        return _json(status, payload, headers)
+
+    def _status_answer(self, request: web.Request) -> tuple[int, Json, dict[str, str]]:
+        if self._faults:
+            status, payload, headers = self._faults.popleft()
+            return status, payload, {**self._limit(consume=False)[1], **headers}
+        refused = self._authorize(request)
+        if refused is not None:
+            return *refused, self._limit(consume=False)[1]
+        allowed, headers = self._limit(consume=True)
+        if not allowed:
+            self.stats["rate_limited"] += 1
+            return 429, {"message": "Rate Limited"}, headers
+        group = request.query.get("subscription_group_id", "")
+        ids = request.query.getall("external_id[]", []) or request.query.getall("external_id", [])
+        if not group or not ids:
+            message = "'subscription_group_id' and an 'external_id' are required"
+            return 400, {"message": message}, headers
+        if len(ids) > MAX_DELETE_IDS:
+            return 400, {"message": TOO_MANY_IDS}, headers
+        if self.groups is not None and group.lower() not in {g.lower() for g in self.groups}:
+            return 400, {"message": UNKNOWN_GROUP}, headers
+        states = {}
+        for external_id in ids:
+            user = self.users.get(external_id)
+            state = user.subscription_groups.get(group) if user is not None else None
+            states[external_id] = GROUP_STATUS.get(state or "", "Unknown")
+        return 200, {"status": states, "message": "success"}, headers
 
 
 def _identify(obj: Json) -> tuple[str | None, str | None]:

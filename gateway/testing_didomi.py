@@ -3,7 +3,8 @@
 It answers as developers.didomi.io ("Authentication", "Consents API", "Errors") and Didomi's
 API reference (api.didomi.io/docs) say the real one does: `POST /v1/sessions` trades the API key
 and secret for a JWT-shaped token, `POST /v1/consents/events` records an event and merges it
-into the user's current status, `GET /v1/consents/users` returns that status. Errors carry
+into the user's current status, `GET /v1/consents/users` returns that status, and
+`GET /v1/metadata/purposes` and `GET /v1/preferences` list the ids `define()` made. Errors carry
 Didomi's body, `{"code", "name", "message", "errors"}`. It records the traffic and injects
 faults on demand. Clients use `fake.url + "/v1"` as `didomi_api.base_url`.
 
@@ -35,6 +36,7 @@ from .testing_server import Served
 PREFIX = "/v1"
 DEFAULT_REGULATION = "gdpr"
 PAGE_LIMIT = 100
+INVALID_LOGIN = "Invalid authentication information"
 
 Json = dict[str, Any]
 
@@ -129,6 +131,12 @@ class FakeDidomi(Served):
         self.app.router.add_post(f"{PREFIX}/sessions", self._sessions)
         self.app.router.add_post(f"{PREFIX}/consents/events", self._events)
         self.app.router.add_get(f"{PREFIX}/consents/users", self._query_users)
+        # The Data Manager's read routes (`gateway check --online`): what ids exist.
+        self.purposes: list[Json] = []  # {"id", "description", ...} as /metadata/purposes lists
+        self.preferences: list[Json] = []  # {"id", "name", "values": [{"id", ...}]}
+        self.list_limit = PAGE_LIMIT  # the most a page of those lists holds
+        self.app.router.add_get(f"{PREFIX}/metadata/purposes", self._list_purposes)
+        self.app.router.add_get(f"{PREFIX}/preferences", self._list_preferences)
 
     def fail_next(
         self,
@@ -192,7 +200,9 @@ class FakeDidomi(Served):
         if not isinstance(body, dict) or body.get("type") != "api-key":
             return await self._error(request, "/sessions", 400, 'type must be "api-key"')
         if body.get("key") != self.key or body.get("secret") != self.secret:
-            return await self._error(request, "/sessions", 401, "Invalid authentication")
+            # Didomi's "Authentication" page: "If there is a problem authenticating you, a 400
+            # error is returned"; its "Errors" page shows this very body.
+            return await self._error(request, "/sessions", 400, INVALID_LOGIN)
         self.sessions += 1
         token = self._issue()
         return await self._answer(
@@ -240,6 +250,43 @@ class FakeDidomi(Served):
         ]
         page = {"data": users[:PAGE_LIMIT], "limit": PAGE_LIMIT, "cursor": None}
         return await self._answer(request, path, 200, page)
+
+    # -----------------------------------------------------------------------
+    # The Data Manager: purposes and the preferences library, paged by $limit and $skip
+    # (developers.didomi.io, "Pagination": `{total, limit, skip, data}`).
+
+    def define(self, purposes: list[str], preferences: dict[str, list[str]]) -> None:
+        """Create these purposes, and these preferences with their value ids."""
+        self.purposes = [{"id": p, "description": {"en": p}} for p in purposes]
+        self.preferences = [
+            {
+                "id": pref,
+                "organization_id": self.organization_id,
+                "type": "multi",
+                "name": {"en": pref},
+                "values": [{"id": v, "name": {"en": v}, "order": i} for i, v in enumerate(vals)],
+            }
+            for pref, vals in preferences.items()
+        ]
+
+    async def _list_purposes(self, request: web.Request) -> web.StreamResponse:
+        return await self._list(request, "/metadata/purposes", self.purposes)
+
+    async def _list_preferences(self, request: web.Request) -> web.StreamResponse:
+        return await self._list(request, "/preferences", self.preferences)
+
+    async def _list(self, request: web.Request, path: str, items: list[Json]) -> web.Response:
+        refused = self._refuse(request, path)
+        if refused is not None:
+            return await self._answer(request, path, *refused)
+        try:
+            limit = min(int(request.query.get("$limit", self.list_limit)), self.list_limit)
+            skip = max(0, int(request.query.get("$skip", 0)))
+        except ValueError:
+            return await self._error(request, path, 400, "$limit and $skip must be integers")
+        page = items[skip : skip + max(limit, 0)]
+        body = {"total": len(items), "limit": limit, "skip": skip, "data": page}
+        return await self._answer(request, path, 200, body)
 
     # -----------------------------------------------------------------------
     # Helpers.

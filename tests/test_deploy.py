@@ -572,6 +572,21 @@ def test_kubernetes_migrates_and_runs_on_the_mounted_config() -> None:
     assert config_mount["readOnly"] is True
 
 
+def test_kubernetes_checks_the_credentials_online_before_the_replicas_start() -> None:
+    """The first init container runs `gateway check --online` (an outage allowed) on the mounted
+    config, with the server's image, variables and mounts, so a wrong key, group or purpose
+    stops the rollout before any replica starts."""
+    first = pod()["initContainers"][0]
+    gateway = k8s_gateway()
+    args = _parser().parse_args(first["args"])
+    assert (args.command, args.config) == ("check", str(CONFIG_PATH))
+    assert args.online is True
+    assert args.allow_unreachable is True  # an outage must not keep replicas from spooling
+    assert first["image"] == gateway["image"]
+    for key in ("env", "envFrom", "volumeMounts"):
+        assert first[key] == gateway[key], key
+
+
 def test_kubernetes_pods_run_non_root_read_only_with_small_resources() -> None:
     """Non-root, read-only root filesystem, no capabilities; requests and limits everywhere."""
     context = pod()["securityContext"]

@@ -178,14 +178,20 @@ async def test_a_second_401_is_held_after_exactly_one_retry(
 async def test_a_refused_login_is_held_as_a_wrong_key_or_secret(
     make_didomi: MakeDidomi, http: aiohttp.ClientSession
 ) -> None:
-    """A 401 from /sessions is AUTH naming didomi_api.key and secret; no API call is made."""
+    """Didomi's 400 from /sessions (its answer to a wrong key or secret) is AUTH, held, naming
+    didomi_api.key and secret; no API call is made, and a 401 there is held the same."""
     fake = await make_didomi()
     config = api_config(fake, secret="not-the-secret")
     client = DidomiClient(http, config, limiter=RateLimiter(1000.0))
     answer = await client.write_event("ev-1", "u1", OPT_IN)
-    assert (answer.verdict, answer.status) == (Verdict.AUTH, 401)
+    assert (answer.verdict, answer.status) == (Verdict.AUTH, 400)
     assert "didomi_api.key and didomi_api.secret" in answer.reason
     assert [r.path for r in fake.requests] == [SESSIONS]
+    fake.fail_next(401, path=SESSIONS)
+    answer = await client.write_event("ev-1", "u1", OPT_IN)
+    assert (answer.verdict, answer.status) == (Verdict.AUTH, 401)
+    assert "didomi_api.key and didomi_api.secret" in answer.reason
+    assert [r.path for r in fake.requests] == [SESSIONS, SESSIONS]
 
 
 def test_token_expiry_reads_the_exp_claim_or_assumes_an_hour() -> None:

@@ -45,16 +45,22 @@ async def post_event(
 async def test_login_issues_a_jwt_whose_exp_is_its_ttl(
     http: aiohttp.ClientSession, fake_didomi: FakeDidomi
 ) -> None:
-    """The right key and secret get a header.payload.sig token with exp; wrong ones get a 401."""
+    """The right key and secret get a header.payload.sig token with exp; wrong ones get Didomi's
+    400 "Invalid authentication information" (developers.didomi.io, "Authentication")."""
     auth = await login(http, fake_didomi)
     _, payload, _ = auth["Authorization"].removeprefix("Bearer ").split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert time.time() < claims["exp"] <= time.time() + fake_didomi.token_ttl_s
     wrong = {**LOGIN, "secret": "nope"}
     async with http.post(f"{fake_didomi.url}/v1/sessions", json=wrong) as resp:
-        assert resp.status == 401
+        assert resp.status == 400
         body = await resp.json()
-    assert (body["code"], body["name"]) == (401, "NotAuthenticated")
+    assert body == {
+        "code": 400,
+        "name": "BadRequest",
+        "message": "Invalid authentication information",
+        "errors": {},
+    }
     assert fake_didomi.sessions == 1
 
 
