@@ -89,7 +89,7 @@ class Dispatcher(Worker):
     @property
     def idle(self) -> bool:
         """Nothing fetched is waiting and nothing is in flight."""
-        return not self.batcher and not self._tasks
+        return not self.batcher and not self._tasks and not self._reading
 
     # -- forming batches ----------------------------------------------------------------------
 
@@ -125,7 +125,7 @@ class Dispatcher(Worker):
             return
         self._spawn(self._deliver(batch))
 
-    async def _refill(self) -> None:
+    async def _read_page(self) -> None:
         """Fetch and map more rows; rows that change nothing are acknowledged at once.
 
         The cursor moves past a page only once all of it is mapped and its no-op rows are

@@ -29,6 +29,7 @@ class Worker:
         self._running: list[asyncio.Task[None]] = []
         self._cursor = 0  # the spool id up to which rows have been read
         self._generation = 0  # of the spool's partitions (`Store.generation`), as last seen
+        self._reading = 0  # pages being read and handled: fetched rows not yet in the backlog
 
     def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The background loops, by task name."""
@@ -52,6 +53,19 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _read_page(self) -> None:
+        """Fetch the next page of rows into the backlog (acknowledging those that need nothing)."""
+        raise NotImplementedError
+
+    async def _refill(self) -> None:
+        """`_read_page`, counted: until its rows are in the backlog or acknowledged (and their
+        outcomes counted), the worker is not idle, so nobody takes it for finished meanwhile."""
+        self._reading += 1
+        try:
+            await self._read_page()
+        finally:
+            self._reading -= 1
 
     def _partitions_moved(self, generation: int) -> bool:
         """Whether this replica's partitions changed since last seen (PostgreSQL); if so the

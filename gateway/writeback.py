@@ -157,7 +157,7 @@ class Writeback(Worker):
     @property
     def idle(self) -> bool:
         """Nothing fetched is waiting and nothing is in flight."""
-        return not self._backlog and not self._tasks
+        return not self._backlog and not self._tasks and not self._reading
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class Writeback(Worker):
                 log.exception("the writeback loop failed; resuming in a second")
                 await self._sleep(LOOP_PAUSE_S)
 
-    async def _refill(self) -> None:
+    async def _read_page(self) -> None:
         """Fetch and decode more reports; the cursor moves only once the page is handled."""
         self._follow_partitions()
         if len(self._backlog) >= FETCH_LIMIT:
