@@ -69,6 +69,7 @@ class Pending:
     # The webhook as intake decoded it, when the row came from intake in memory (`Handoff`),
     # so delivery need not decode it again; None when read from the spool.
     decoded: Any = field(default=None, compare=False, repr=False)
+    backfill: bool = False  # from `gateway backfill`'s lane (`lane.CODE`), not a live webhook
 
     @property
     def queued_at(self) -> float:
@@ -190,6 +191,22 @@ class Store(Protocol):
     def replay(self, ids: Sequence[int] | None = None) -> int: ...
 
     def purge(self, ids: Sequence[int] | None = None) -> int: ...
+
+    def put_backfill(
+        self,
+        rows: Sequence[tuple[str, bytes, str]],
+        source: str,
+        position: str,
+        counts: dict[str, int],
+        *,
+        finished: bool = False,
+    ) -> int: ...
+
+    def backfill_progress(self, source: str) -> Any: ...
+
+    def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]: ...
+
+    def count_backfill(self) -> int: ...
 
 
 class SpoolBase:
