@@ -294,3 +294,47 @@ async def test_wait_exits_2_when_no_gateway_delivers(tmp_path: Path) -> None:
     out = io.StringIO()
     assert await run(config, [str(path)], wait=True, out=out, stall_s=0.5) == 2
     assert "no gateway delivers" in out.getvalue()
+
+
+async def test_kill_9_of_the_gateway_mid_backfill_loses_nobody(
+    tmp_path: Path, fake: FakeBraze, processes: list[Any]
+) -> None:
+    """A gateway killed with kill -9 while it delivers the lane delivers the rest after its
+    restart: every backfilled user reaches Braze and the lane ends empty."""
+    from conftest import free_port
+    from test_reliability import GatewayProcess
+
+    braze = fake
+    braze.latency_s = 0.05
+    if True:
+        port = free_port()
+        config = build_config(
+            tmp_path,
+            server={"host": "127.0.0.1", "port": port},
+            braze={"server": braze.url, "flush_interval_ms": 10, "batch_size": 10},
+            delivery={"spool": str(tmp_path / "spool.db")},
+        )
+        total = 600
+        path = tmp_path / "u.json"
+        path.write_bytes(export([user(f"g{n}", True, ago(days=4)) for n in range(total)]))
+        assert await run(config, [str(path)], out=io.StringIO()) == 0
+        gateway = GatewayProcess(tmp_path, port, SECRETS)
+        processes.append(gateway)
+        try:
+            await gateway.start()
+            await eventually(
+                lambda: _true(len(braze.objects_sent()) >= 50), 30, "some users delivered"
+            )
+            await gateway.kill()
+            db = open_store(config.delivery, config.retention.person_key)
+            assert db.count_backfill() > 0  # killed mid-lane
+            db.close()
+            await gateway.start()
+            db = open_store(config.delivery, config.retention.person_key)
+            try:
+                await drained(db, timeout=60)
+            finally:
+                db.close()
+        finally:
+            gateway.cleanup()
+    assert {obj["external_id"] for obj in braze.objects_sent()} == {f"g{n}" for n in range(total)}
