@@ -336,5 +336,6 @@ async def test_kill_9_of_the_gateway_mid_backfill_loses_nobody(
             finally:
                 db.close()
         finally:
-            gateway.cleanup()
+            if gateway.proc is not None and gateway.proc.returncode is None:
+                await gateway.stop()
     assert {obj["external_id"] for obj in braze.objects_sent()} == {f"g{n}" for n in range(total)}
