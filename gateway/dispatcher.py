@@ -353,6 +353,7 @@ class Dispatcher(Worker):
                 log.warning("could not count the backfilled users waiting (will retry): %s", exc)
             else:
                 self.metrics.backfill_pending.set(waiting)
+                self.spool.db.pending_backfill = waiting  # kept out of to_braze's pending
                 self._lane_more = self._lane_more or waiting > 0
             await self._pause(RECOUNT_S)
 

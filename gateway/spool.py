@@ -225,6 +225,7 @@ class SpoolDB(SpoolBase):
             self.floors = retention.floors(self.db)  # per target; refreshed by each prune
             self.pending = self.count_pending()
             self.pending_to_didomi = self.count_pending("to_didomi")
+            self.pending_backfill = self.count_backfill()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
 
@@ -665,6 +666,7 @@ class SpoolDB(SpoolBase):
         """
         self.pending = self.count_pending()
         self.pending_to_didomi = self.count_pending("to_didomi")
+        self.pending_backfill = self.count_backfill()
         if self.low_on_disk is not None:
             self._refresh_room()  # room may come back from outside: an operator freeing space
         return self.pending_of(direction), self.count_dead(direction)

@@ -268,6 +268,7 @@ class PgSpoolDB(SpoolBase):
                 self.floors = retention.floors(self._conn)
             self.pending = self.count_pending()
             self.pending_to_didomi = self.count_pending("to_didomi")
+            self.pending_backfill = self.count_backfill()
         except BaseException:
             self._conn.raw.close()
             raise
@@ -502,6 +503,7 @@ class PgSpoolDB(SpoolBase):
         """Re-read (pending, dead) of `direction`: other replicas take and deliver too."""
         self.pending = self.count_pending()
         self.pending_to_didomi = self.count_pending("to_didomi")
+        self.pending_backfill = self.count_backfill()
         return self.pending_of(direction), self.count_dead(direction)
 
     # -- dead letters -------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class Store(Protocol):
     low_on_disk: str | None
     committed_at: float
     pending: int
+    pending_backfill: int
 
     @property
     def owned(self) -> frozenset[int] | None:
@@ -215,6 +216,9 @@ class SpoolBase:
 
     pending = 0
     pending_to_didomi = 0
+    # Backfilled users (`lane`), as last counted: not live webhooks, so not in to_braze's
+    # pending (its backlog alert must not fire for a backfill); gateway_backfill_pending has them.
+    pending_backfill = 0
     dedupe_window_s = 0.0
     clock: Callable[[], float]
     person_key: bytes
@@ -278,7 +282,7 @@ class SpoolBase:
         """Rows waiting to go `direction`, as this process counts them."""
         if direction == "to_didomi":
             return self.pending_to_didomi
-        return max(0, self.pending - self.pending_to_didomi)
+        return max(0, self.pending - self.pending_to_didomi - self.pending_backfill)
 
     def count_pending(self, direction: Direction | None = None) -> int:
         """Rows waiting in the inbox, read afresh (another process may have replayed)."""

@@ -70,11 +70,11 @@ def configure(tmp_path: Path, spool_url: str, braze_url: str, **backfill: Any) -
 
 
 @contextlib.asynccontextmanager
-async def delivering(config: Config) -> AsyncIterator[Store]:
+async def delivering(config: Config, metrics: Metrics | None = None) -> AsyncIterator[Store]:
     """A dispatcher delivering the spool to Braze, as a running gateway does."""
     db = open_store(config.delivery, config.retention.person_key)
     spool = Spool(db)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     rules = load_rules(config.mappings.dir, options_of(config))
     async with open_client(config.braze, metrics) as client:
         dispatcher = Dispatcher(config, spool, lambda: rules, client, metrics)
@@ -339,3 +339,29 @@ async def test_kill_9_of_the_gateway_mid_backfill_loses_nobody(
             if gateway.proc is not None and gateway.proc.returncode is None:
                 await gateway.stop()
     assert {obj["external_id"] for obj in braze.objects_sent()} == {f"g{n}" for n in range(total)}
+
+
+async def test_the_lane_has_its_own_metrics_and_stays_out_of_live_pending(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """Backfilled users count in gateway_backfill_pending, not in the live backlog (whose alert
+    must not fire for a backfill), and gateway_backfill_users_total counts them delivered."""
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user(f"m{n}", True, ago(days=2)) for n in range(30)]))
+    assert await run(config, [str(path)], out=io.StringIO()) == 0
+    db = open_store(config.delivery, config.retention.person_key)
+    assert db.pending_of("to_braze") == 0
+    assert db.count_backfill() == 30
+    db.close()
+    metrics = Metrics()
+    async with delivering(config, metrics) as db:
+        await drained(db)
+
+        async def counted() -> bool:
+            done = metrics.registry.get_sample_value(
+                "gateway_backfill_users_total", {"outcome": "delivered"}
+            )
+            return done == 30
+
+        await eventually(counted, 20, "30 backfilled users counted as delivered")
