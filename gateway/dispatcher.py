@@ -79,6 +79,7 @@ class Dispatcher(Worker):
         # The backfill lane (`lane`): its own cursor, and its share of Braze's rate in objects.
         self._lane_cursor = 0
         self._lane_more = False  # the lane has rows this loop could not take yet
+        self._lane_read_at = -math.inf  # monotonic: when the lane was last read
         braze = config.braze
         share = config.backfill.share * braze.requests_per_second * braze.batch_size
         self._lane_budget = lane.Budget(share, time.monotonic)
@@ -228,12 +229,17 @@ class Dispatcher(Worker):
         """Backfilled rows after the lane's cursor, as many as its share allows now.
 
         Only while the backlog is short, so a live webhook arriving meanwhile waits behind at
-        most a batch or two of backfilled users.
+        most one round of requests; an empty lane is read again when `_watch_age` counts rows.
         """
         braze = self.config.braze
-        self._lane_more = False
-        if len(self.batcher) >= braze.batch_size * 2:
+        now = time.monotonic()
+        if not self._lane_more and now - self._lane_read_at < RECOUNT_S:
+            return [], self._lane_cursor  # empty when last read: `_watch_age` says when not
+        # Enough for every request slot, no more: a live row arriving waits one round at most.
+        if len(self.batcher) >= braze.batch_size * braze.max_in_flight:
             return [], self._lane_cursor
+        self._lane_read_at = now
+        self._lane_more = False
         allowed = self._lane_budget.take(FETCH_LIMIT)
         if allowed <= 0:
             self._lane_more = True  # unknown: looked at again once the share refills
@@ -244,7 +250,7 @@ class Dispatcher(Worker):
         self._lane_budget.refund(allowed - len(rows))
         if self.spool.db.generation != generation:
             return [], self._lane_cursor
-        self._lane_more = len(rows) == allowed
+        self._lane_more = bool(rows)  # the command may still be storing: read again soon
         cursor = rows[-1].id if rows else self._lane_cursor
         return [row for row in rows if row.id not in held], cursor
 
