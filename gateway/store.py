@@ -70,6 +70,7 @@ class Pending:
     # The webhook as intake decoded it, when the row came from intake in memory (`Handoff`),
     # so delivery need not decode it again; None when read from the spool.
     decoded: Any = field(default=None, compare=False, repr=False)
+    backfill: bool = False  # from `gateway backfill`'s lane (`lane.CODE`), not a live webhook
 
     @property
     def queued_at(self) -> float:
@@ -129,6 +130,7 @@ class Store(Protocol):
     low_on_disk: str | None
     committed_at: float
     pending: int
+    pending_backfill: int
 
     @property
     def owned(self) -> frozenset[int] | None:
@@ -195,6 +197,22 @@ class Store(Protocol):
 
     def purge(self, ids: Sequence[int] | None = None) -> int: ...
 
+    def put_backfill(
+        self,
+        rows: Sequence[tuple[str, bytes, str]],
+        source: str,
+        position: str,
+        counts: dict[str, int],
+        *,
+        finished: bool = False,
+    ) -> int: ...
+
+    def backfill_progress(self, source: str) -> Any: ...
+
+    def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]: ...
+
+    def count_backfill(self) -> int: ...
+
 
 class SpoolBase:
     """What both backends do alike, above their SQL: counts, clean-up cadence, and the reads
@@ -202,6 +220,9 @@ class SpoolBase:
 
     pending = 0
     pending_to_didomi = 0
+    # Backfilled users (`lane`), as last counted: not live webhooks, so not in to_braze's
+    # pending (its backlog alert must not fire for a backfill); gateway_backfill_pending has them.
+    pending_backfill = 0
     dedupe_window_s = 0.0
     clock: Callable[[], float]
     person_key: bytes
@@ -270,7 +291,7 @@ class SpoolBase:
         """Rows waiting to go `direction`, as this process counts them."""
         if direction == "to_didomi":
             return self.pending_to_didomi
-        return max(0, self.pending - self.pending_to_didomi)
+        return max(0, self.pending - self.pending_to_didomi - self.pending_backfill)
 
     def count_pending(self, direction: Direction | None = None) -> int:
         """Rows waiting in the inbox, read afresh (another process may have replayed)."""

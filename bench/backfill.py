@@ -1,0 +1,232 @@
+"""Backfill throughput: a generated Didomi export through `gateway backfill` into Braze.
+
+The fake Braze (in this process, 10 ms latency) counts the objects it receives; the gateway
+(`python -m gateway run`, requests_per_second = 1000, backfill.share = 0.5) delivers the lane
+while `python -m gateway backfill FILE` stores it, and a live webhook every 100 ms measures
+live latency (POSTed to the gateway -> seen by Braze). Then the same kind of users go through
+the webhook path, for comparison. RSS of each process from /proc (peak, VmHWM).
+
+    python bench/backfill.py --users 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from procs import HOST, PYTHON, ROOT, Procs, free_port, memory_kb, wait_for
+
+from gateway.testing import FakeBraze
+
+TOKEN = "bench-backfill-token"  # the benchmark gateway's own bearer token
+API_KEY = "bench-backfill-key"
+
+
+class CountingBraze(FakeBraze):
+    """Records nothing but counts: backfilled objects, and when each live person arrived."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(api_key=API_KEY, record=False, **kw)
+        self.backfilled = 0
+        self.webhooked = 0
+        self.live_seen: dict[str, float] = {}
+
+    def _answer(self, request: Any, raw: Any, body: Any, apply: Any) -> Any:
+        now = time.time()
+        for obj in (body or {}).get("attributes") or [] if isinstance(body, dict) else []:
+            ext = str(obj.get("external_id", ""))
+            if ext.startswith("live-"):
+                self.live_seen.setdefault(ext, now)
+            elif ext.startswith("hook-"):
+                self.webhooked += 1
+            else:
+                self.backfilled += 1
+        return super()._answer(request, raw, body, apply)
+
+
+def generate(path: Path, users: int) -> None:
+    """Didomi batch-export lines: the user wrapped with its events, dates over three years."""
+    now = datetime.now(UTC)
+    with path.open("w") as out:
+        for n in range(users):
+            when = (now - timedelta(minutes=n % 1_500_000)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            enabled = "true" if n % 3 else "false"
+            out.write(
+                f'{{"user":{{"id":"d-{n}","organization_id":"acme","organization_user_id":'
+                f'"u{n}","updated_at":"{when}","created_at":"{when}","consents":{{"purposes":'
+                f'[{{"id":"marketing_email","enabled":{enabled},"values":{{"topics":{{"value":'
+                f'"product_news"}}}}}}],"channels":[],"vendors":{{}}}}}},"events":[]}}\n'
+            )
+
+
+def webhook(person: str, enabled: bool) -> bytes:
+    """A user.updated webhook as Didomi sends it, dated now."""
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    entity = {
+        "id": f"d-{person}",
+        "organization_user_id": person,
+        "updated_at": at,
+        "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
+    }
+    return json.dumps({"type": "user.updated", "parameters": {"new_entity": entity}}).encode()
+
+
+def post(base: str, body: bytes) -> int:
+    """POST one webhook with the bench's bearer token."""
+    request = urllib.request.Request(  # noqa: S310 - loopback only
+        base + "/webhooks/didomi",
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        return int(response.status)
+
+
+def config(path: Path, port: int, braze_url: str, spool: Path, args: argparse.Namespace) -> None:
+    path.write_text(
+        f"""[server]
+host = "{HOST}"
+port = {port}
+[auth]
+mode = "bearer"
+tokens = ["{TOKEN}"]
+[braze]
+server = "{braze_url}"
+api_key = "{API_KEY}"
+requests_per_second = {args.rps}
+[delivery]
+spool = "{spool}"
+[mappings]
+dir = "{ROOT / "mappings"}"
+[backfill]
+share = {args.share}
+"""
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--webhook-users", type=int, default=10_000)
+    parser.add_argument("--latency-ms", type=float, default=10.0)
+    parser.add_argument("--rps", type=float, default=1000.0)
+    parser.add_argument("--share", type=float, default=0.5)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+    export = tmp / "users.json"
+    started = time.monotonic()
+    generate(export, args.users)
+    print(f"generated {args.users:,} users in {time.monotonic() - started:.1f} s", flush=True)
+
+    loop = asyncio.new_event_loop()
+    braze = CountingBraze(latency_s=args.latency_ms / 1000)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    braze_url = asyncio.run_coroutine_threadsafe(braze.start(HOST, 0), loop).result()
+
+    procs = Procs(tmp)
+    port = free_port()
+    toml = tmp / "gateway.toml"
+    config(toml, port, braze_url, tmp / "spool.db", args)
+    base = f"http://{HOST}:{port}"
+    try:
+        gateway = procs.start("gateway", [PYTHON, "-m", "gateway", "run", "--config", str(toml)])
+
+        def ready() -> bool:
+            with urllib.request.urlopen(base + "/readyz", timeout=1) as r:  # noqa: S310
+                return bool(r.status == 200)
+
+        wait_for("the gateway", gateway, ready)
+        live_sent: dict[str, float] = {}
+        stop = threading.Event()
+
+        def live() -> None:
+            n = 0
+            while not stop.is_set():
+                person = f"live-{n}"
+                live_sent[person] = time.time()
+                post(base, webhook(person, n % 2 == 0))
+                n += 1
+                stop.wait(0.1)
+
+        sender = threading.Thread(target=live, daemon=True)
+        sender.start()
+        t0 = time.monotonic()
+        command = procs.start(
+            "backfill", [PYTHON, "-m", "gateway", "backfill", str(export), "--config", str(toml)]
+        )
+        rss = {"gateway": 0, "backfill": 0}
+        stored_at = None
+        while True:
+            for name, proc in (("gateway", gateway), ("backfill", command)):
+                if proc.popen.poll() is None:
+                    rss[name] = max(rss[name], memory_kb(proc.pid).get("VmHWM", 0))
+            if stored_at is None and command.popen.poll() is not None:
+                stored_at = time.monotonic()
+            if stored_at is not None and braze.backfilled >= args.users:
+                break
+            if time.monotonic() - t0 > 3600:
+                raise RuntimeError(f"not delivered after an hour: {braze.backfilled:,}")
+            time.sleep(0.2)
+        delivered_at = time.monotonic()
+        stop.set()
+        sender.join()
+        time.sleep(1.0)
+        latencies = sorted(
+            braze.live_seen[p] - at for p, at in live_sent.items() if p in braze.live_seen
+        )
+        p99 = latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan")
+        summary = command.out.read_text() + command.err.read_text()
+
+        # The same kind of users through the webhook path, 64 at a time.
+        hook_t0 = time.monotonic()
+        bodies = [webhook(f"hook-{n}", n % 3 != 0) for n in range(args.webhook_users)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(64) as pool:
+            list(pool.map(lambda b: post(base, b), bodies))
+        while braze.webhooked < args.webhook_users and time.monotonic() - hook_t0 < 600:
+            time.sleep(0.05)
+        hook_rate = braze.webhooked / (time.monotonic() - hook_t0)
+        rss["gateway"] = max(rss["gateway"], memory_kb(gateway.pid).get("VmHWM", 0))
+    finally:
+        procs.stop_all()
+        asyncio.run_coroutine_threadsafe(braze.stop(), loop).result()
+
+    assert stored_at is not None
+    result = {
+        "users": args.users,
+        "stored_per_s": round(args.users / (stored_at - t0)),
+        "end_to_end_per_s": round(args.users / (delivered_at - t0)),
+        "webhook_path_per_s": round(hook_rate),
+        "rss_mb": {k: round(v / 1024) for k, v in rss.items()},
+        "live_p99_s": round(p99, 3),
+        "live_median_s": round(statistics.median(latencies), 3) if latencies else None,
+        "live_count": len(latencies),
+    }
+    print(summary.strip().splitlines()[-4:] if summary.strip() else "")
+    print(json.dumps(result, indent=2))
+    print(
+        "| users | stored/s | delivered end to end/s | webhook path/s | RSS backfill | RSS gateway"
+        " | live p99 |\n|---|---|---|---|---|---|---|\n"
+        f"| {args.users:,} | {result['stored_per_s']:,} | {result['end_to_end_per_s']:,} |"
+        f" {result['webhook_path_per_s']:,} | {result['rss_mb']['backfill']} MB |"
+        f" {result['rss_mb']['gateway']} MB | {result['live_p99_s']} s |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    sys.exit(main())
