@@ -169,6 +169,22 @@ class DidomiClient:
                 return answer, user
         return answer, None
 
+    async def users_page(
+        self, cursor: str | None, *, regulation: str | None = None
+    ) -> tuple[Answer, bytes]:
+        """One page of every user of the organization (`GET /consents/users`), undecoded.
+
+        Didomi pages them 100 at a time; `cursor` is the previous page's (None for the first),
+        and a page whose `cursor` is null is the last (developers.didomi.io, "Query users").
+        """
+        query = {
+            "organization_id": self.config.organization_id,
+            "regulation": regulation or self.config.regulation,
+        }
+        if cursor is not None:
+            query["$cursor"] = cursor
+        return await self._call("GET", USERS, query)
+
     async def write_event(
         self,
         event_id: str,

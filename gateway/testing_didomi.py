@@ -158,11 +158,12 @@ class FakeDidomi(Served):
         purposes: list[Json],
         *,
         regulation: str = DEFAULT_REGULATION,
+        updated_at: str | None = None,
     ) -> None:
         """Preset a user's current status, as if earlier events had recorded `purposes`."""
         user = self._user(regulation, organization_user_id)
         _merge(user, purposes)
-        user.updated_at = _now()
+        user.updated_at = updated_at or _now()
 
     def act(
         self, organization_user_id: str, purposes: list[Json], regulation: str = DEFAULT_REGULATION
@@ -238,7 +239,13 @@ class FakeDidomi(Served):
             for (reg, person), user in self._users.items()
             if reg == regulation and (wanted is None or person == wanted)
         ]
-        page = {"data": users[:PAGE_LIMIT], "limit": PAGE_LIMIT, "cursor": None}
+        # Didomi pages every user 100 at a time with an opaque `$cursor`, null after the last.
+        start = _offset(request.query.get("$cursor"))
+        if start is None:
+            return await self._error(request, path, 400, "Invalid $cursor")
+        end = start + PAGE_LIMIT
+        cursor = _b64(str(end).encode()) if end < len(users) else None
+        page = {"data": users[start:end], "limit": PAGE_LIMIT, "cursor": cursor}
         return await self._answer(request, path, 200, page)
 
     # -----------------------------------------------------------------------
@@ -370,6 +377,16 @@ def _merge(user: _User, purposes: list[Json]) -> None:
         for preference, chosen in (purpose.get("values") or {}).items():
             if isinstance(chosen, dict) and chosen.get("value") is not None:
                 current["values"][preference] = {"value": chosen["value"]}
+
+
+def _offset(cursor: str | None) -> int | None:
+    """Where a page starts: 0 without a cursor, None for a cursor this fake never issued."""
+    if cursor is None:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:
+        return None
 
 
 def _copy(purpose: Json) -> Json:
