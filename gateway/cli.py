@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, render, test, dead-letters, trace."""
+"""The `gateway` command: run, check, render, test, dead-letters, trace, backfill."""
 
 from __future__ import annotations
 
@@ -148,7 +148,37 @@ def _parser() -> argparse.ArgumentParser:
         "--show-persons", action="store_true", help="name persons in --json instead of hashing"
     )
     reconcile.set_defaults(func=_reconcile)
+
+    # -- backfill (issue 24) ----------------------------------------------------------------
+    backfill = command(
+        "backfill",
+        "store the consents people gave before the gateway ran, for the gateway to deliver",
+    )
+    backfill.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a Didomi batch-export file (.json, .json.gz) or folder, - for standard input,"
+        " or didomi-api (every user through GET /consents/users)",
+    )
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="store nothing; print what would change in Braze"
+    )
+    backfill.add_argument(
+        "--wait", action="store_true", help="then follow delivery to the end (exit 2: none runs)"
+    )
+    backfill.set_defaults(func=_backfill)
     return parser
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .backfill import run  # the readers and the spool load only for this command
+
+    # Didomi's key and secret are needed only to read through its API.
+    config = load_config(args.config, require_secrets="didomi-api" in args.sources)
+    return asyncio.run(run(config, args.sources, dry_run=args.dry_run, wait=args.wait))
 
 
 def _problems(problems: Sequence[Problem], out: TextIO | None = None) -> None:

@@ -150,6 +150,25 @@ class RetentionConfig(Strict, frozen=True):
     pause_s: float = 0.05  # between two batches, so intake never waits long
 
 
+# -- backfill (issue 24): `gateway backfill`'s lane in the spool ------------------------------
+class BackfillConfig(Strict, frozen=True):
+    """How the backfilled users share Braze with live webhooks (`gateway backfill`)."""
+
+    # Of braze.requests_per_second (in objects: that times braze.batch_size), at most; live
+    # webhooks always go first and take what they need.
+    share: float = 0.5
+    # Backfilled users waiting in the spool, at most: the command waits for delivery beyond
+    # it, so live webhooks keep their room (delivery.max_pending counts both).
+    max_pending: int = 100_000
+    users_per_transaction: int = 2000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError("backfill.share must be above 0 and at most 1 (of Braze's rate)")
+        if self.max_pending < 1 or self.users_per_transaction < 1:
+            raise ValueError("backfill.max_pending and users_per_transaction must be at least 1")
+
+
 class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -160,6 +179,7 @@ class Config(Strict, frozen=True):
     didomi_api: DidomiApiConfig = DidomiApiConfig()
     braze_webhooks: BrazeWebhooksConfig | None = None
     retention: RetentionConfig = RetentionConfig()
+    backfill: BackfillConfig = BackfillConfig()
 
 
 DEFAULT_LEASE_S = 20.0

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import lane
 from .audit import Record, state_text
 from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from .braze import Answer, BrazeClient, Verdict, track_object
@@ -44,6 +45,7 @@ FETCH_LIMIT = 1000
 RECOUNT_S = 5.0  # how often gauges are re-read from the spool file (the CLI may replay)
 LOOP_PAUSE_S = 1.0  # after an unexpected failure of the loop, before it tries again
 MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
+LANE_PAUSE_S = 0.05  # between two looks at the backfill lane while its share is spent
 
 
 class Dispatcher(Worker):
@@ -74,6 +76,12 @@ class Dispatcher(Worker):
         self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
+        # The backfill lane (`lane`): its own cursor, and its share of Braze's rate in objects.
+        self._lane_cursor = 0
+        self._lane_more = False  # the lane has rows this loop could not take yet
+        braze = config.braze
+        share = config.backfill.share * braze.requests_per_second * braze.batch_size
+        self._lane_budget = lane.Budget(share, time.monotonic)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -109,7 +117,7 @@ class Dispatcher(Worker):
         await self._refill()
         self._recount()
         if not self.batcher:
-            await self._sleep(RECOUNT_S)
+            await self._sleep(LANE_PAUSE_S if self._lane_more else RECOUNT_S)
             return
         await self._slots.acquire()
         try:
@@ -135,9 +143,15 @@ class Dispatcher(Worker):
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
         rows, cursor = await self._next_page()
+        backfill = False
         if not rows:
             self._cursor = cursor
-            return
+            # Live webhooks are caught up: the backfill lane may use its share.
+            rows, cursor = await self._lane_page()
+            if not rows:
+                self._lane_cursor = cursor
+                return
+            backfill = True
         rules = self.rules()  # each row is mapped by exactly one rule set, even across a reload
         entries: list[Entry] = []
         skipped: list[int] = []
@@ -166,7 +180,12 @@ class Dispatcher(Worker):
             await self._record(write, skipped, [], unmappable)
         for row in rows:
             self._map_failures.pop(row.id, None)
-        self._cursor = cursor
+        if backfill:
+            self._lane_cursor = cursor
+            if skipped:
+                self.metrics.backfill_users.labels("skipped").inc(len(skipped))
+        else:
+            self._cursor = cursor
         self.batcher.add(entries)
         for reason, count in reasons.items():
             self.flow.skipped(reason, count)
@@ -205,12 +224,39 @@ class Dispatcher(Worker):
             cursor = max(cursor, complete)
         return [row for row in rows if row.id not in held], cursor
 
+    async def _lane_page(self) -> tuple[list[Pending], int]:
+        """Backfilled rows after the lane's cursor, as many as its share allows now.
+
+        Only while the backlog is short, so a live webhook arriving meanwhile waits behind at
+        most a batch or two of backfilled users.
+        """
+        braze = self.config.braze
+        self._lane_more = False
+        if len(self.batcher) >= braze.batch_size * 2:
+            return [], self._lane_cursor
+        allowed = self._lane_budget.take(FETCH_LIMIT)
+        if allowed <= 0:
+            self._lane_more = True  # unknown: looked at again once the share refills
+            return [], self._lane_cursor
+        held = set(self.batcher.ids)
+        generation = self.spool.db.generation
+        rows = await self.spool.run(self.spool.db.fetch_backfill, self._lane_cursor, allowed)
+        self._lane_budget.refund(allowed - len(rows))
+        if self.spool.db.generation != generation:
+            return [], self._lane_cursor
+        self._lane_more = len(rows) == allowed
+        cursor = rows[-1].id if rows else self._lane_cursor
+        return [row for row in rows if row.id not in held], cursor
+
     def _follow_partitions(self) -> None:
         """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
         it gave up, and read from the start again for those it took (older rows included)."""
         db = self.spool.db
         owned = db.owned
-        if self._partitions_moved(db.generation) and owned is not None:
+        moved = self._partitions_moved(db.generation)
+        if moved:
+            self._lane_cursor = 0
+        if moved and owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
@@ -301,6 +347,13 @@ class Dispatcher(Worker):
             else:
                 age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
                 self.flow.oldest_age.set(age)
+            try:
+                waiting = await self.spool.run(self.spool.db.count_backfill)
+            except SpoolError as exc:
+                log.warning("could not count the backfilled users waiting (will retry): %s", exc)
+            else:
+                self.metrics.backfill_pending.set(waiting)
+                self._lane_more = self._lane_more or waiting > 0
             await self._pause(RECOUNT_S)
 
     async def _form(self) -> Batch | None:
@@ -352,6 +405,7 @@ class Dispatcher(Worker):
             if not times and not floors:
                 continue
             erased = max(times.get(ERASED, -math.inf), floors.get(ERASED, -math.inf))
+            own_erasure = times.get(ERASED, -math.inf)
             latest = max(times.values(), default=-math.inf)
             if item.erased_at is not None:
                 item.erased_at = max(item.erased_at, latest)
@@ -363,19 +417,31 @@ class Dispatcher(Worker):
                     # Older than the last choice applied either way (a Braze-side change
                     # written back to Didomi counts too), or than the person's erasure.
                     side = braze_side(target)
-                    floor = max(
-                        times.get(target, -math.inf),
-                        floors.get(target, -math.inf),
-                        erased,
-                        times.get(side, -math.inf),
-                        floors.get(side, -math.inf),
-                    )
+                    if change.entry is not None and change.entry.row.backfill:
+                        # A backfilled snapshot is refused only by what is known of this
+                        # person: the retention's floors are everyone's, and a status unchanged
+                        # for years would never reach Braze (DESIGN.md section 10).
+                        floor = max(
+                            times.get(target, -math.inf),
+                            own_erasure,
+                            times.get(side, -math.inf),
+                        )
+                    else:
+                        floor = max(
+                            times.get(target, -math.inf),
+                            floors.get(target, -math.inf),
+                            erased,
+                            times.get(side, -math.inf),
+                            floors.get(side, -math.inf),
+                        )
                     if change.at < floor:
                         stale.append(target)
             for target in stale:
                 item.stale[target] = item.changes.pop(target)
             if stale:
                 self.flow.skipped("stale")  # once per person, not target
+                if not item.changes and all(row.backfill for row in item.rows):
+                    self.metrics.backfill_users.labels("stale").inc()
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
@@ -483,7 +549,7 @@ class Dispatcher(Worker):
         erase: list[str] = []
         status = answer.status if answer is not None else None
         endpoint = _endpoint(delete) if answer is not None else None
-        delivered = 0
+        delivered = lane_delivered = 0
         for index, item in enumerate(items):
             error = errors.get(index)
             if error is not None:
@@ -500,6 +566,8 @@ class Dispatcher(Worker):
                 applied.append((item.person, ERASED, item.erased_at))
             if item.changes or item.delete:
                 delivered += 1
+                if any(row.backfill for row in item.rows):
+                    lane_delivered += 1
             for row in item.rows:
                 self.flow.latency.observe(max(0.0, now - row.queued_at))
         # The states sent, only when Braze's changes come back (to tell our echoes apart).
@@ -519,6 +587,8 @@ class Dispatcher(Worker):
         for item in items:
             item.settled = True
         self.flow.delivered.inc(delivered)
+        if lane_delivered:
+            self.metrics.backfill_users.labels("delivered").inc(lane_delivered)
         log.debug(
             "Braze acknowledged %d object(s)",
             delivered,
@@ -550,6 +620,8 @@ class Dispatcher(Worker):
             item.settled = True
         self.flow.failed(reason, len(items))
         self.flow.dead_letters.inc(len(dead))
+        if lanes := sum(1 for item in items if any(row.backfill for row in item.rows)):
+            self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
         self.flow.pending.set(self.spool.db.pending_of("to_braze"))
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
 

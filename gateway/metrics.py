@@ -48,6 +48,7 @@ RETRY_REASONS = (
     "misconfigured",
 )
 RELOAD_OUTCOMES = ("success", "error")
+BACKFILL_OUTCOMES = ("delivered", "stale", "skipped", "dead_lettered")
 # The reasons `RuleSet.apply` and the dispatcher give for a webhook that changes nothing.
 SKIP_REASONS = (
     "no_identity",
@@ -228,6 +229,20 @@ class Metrics:
             "gateway_audit_shed",
             "Audit records deleted before their retention to keep room for consent on a nearly"
             " full spool disk (SQLite).",
+            registry=r,
+        )
+        # -- backfill (issue 24): the lane `gateway backfill` fills, as this gateway delivers it
+        self.backfill_users = Counter(
+            "gateway_backfill_users",
+            "Backfilled users this gateway settled, by outcome (delivered, stale: a newer choice"
+            " was known, skipped: the rules ask nothing, dead_lettered).",
+            ["outcome"],
+            registry=r,
+        )
+        _touch(self.backfill_users, BACKFILL_OUTCOMES)
+        self.backfill_pending = Gauge(
+            "gateway_backfill_pending",
+            "Backfilled users waiting in the spool for delivery.",
             registry=r,
         )
 

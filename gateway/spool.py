@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import audit as trail
-from . import erasure, retention
+from . import erasure, lane, retention
 from .errors import SpoolError, SpoolFull, SpoolLocked
 from .store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
 from .webhooks import Direction, direction_of
@@ -217,7 +217,7 @@ class SpoolDB(SpoolBase):
             # would write as many bytes as it deletes: on a full disk it could never commit.
             # FAST zeroes only what the delete rewrites anyway.
             self.db.execute("PRAGMA secure_delete=FAST")
-            self.db.executescript(_SCHEMA + trail.SCHEMA + retention.SCHEMA)
+            self.db.executescript(_SCHEMA + trail.SCHEMA + retention.SCHEMA + lane.SCHEMA)
             self._migrate()
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
             # Read outside a transaction: the CLI beside a server must not wait for its lock.
@@ -241,7 +241,8 @@ class SpoolDB(SpoolBase):
             self._tx(add)
         if "replayed_at" not in columns:
             self.db.execute("ALTER TABLE inbox ADD COLUMN replayed_at REAL")
-        self.db.execute(_DIRECTION_INDEX)
+        self.db.execute(_DIRECTION_INDEX)  # also serves the backfill lane (direction 2)
+        # backfill_progress: `lane.SCHEMA` creates it in older files too (IF NOT EXISTS).
         keyed = [row[1] for row in self.db.execute("PRAGMA table_info(sent)") if row[5]]
         if "state" not in keyed:
             # A key of (person, target) kept one state per target: rebuilt with the state in it.
@@ -711,6 +712,45 @@ class SpoolDB(SpoolBase):
         return self._tx(
             lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount  # noqa: S608 - only placeholders are interpolated
         )
+
+    # -- the backfill lane (`lane`) -----------------------------------------------------------
+
+    def put_backfill(
+        self,
+        rows: Sequence[tuple[str, bytes, str]],
+        source: str,
+        position: str,
+        counts: dict[str, int],
+        *,
+        finished: bool = False,
+    ) -> int:
+        """Store backfilled (key, body, person) rows and the source's progress, atomically."""
+        now = self.clock()
+
+        def work(db: sqlite3.Connection) -> int:
+            stored = lane.store(db, rows, now, self.dedupe_window_s, None)
+            total = {**counts, "stored": counts.get("stored", 0) + stored}
+            lane.save(db, source, position, total, now, finished)
+            return stored
+
+        stored = self._tx(work)
+        self._stored(stored, 0, len(rows))
+        return stored
+
+    def backfill_progress(self, source: str) -> lane.Progress | None:
+        """What the last backfill of `source` committed."""
+        with self._reading("the backfill progress"):
+            return lane.load(self.db, source)
+
+    def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]:
+        """The oldest backfilled rows after `after_id`."""
+        with self._reading("backfilled users"):
+            return lane.fetch(self.db, after_id, limit, None, with_part=False)
+
+    def count_backfill(self) -> int:
+        """Backfilled users waiting for delivery."""
+        with self._reading("the backfill count"):
+            return lane.count(self.db)
 
 
 def _code(kind: str) -> int:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from . import audit as trail
-from . import erasure, retention
+from . import erasure, lane, retention
 from .errors import SpoolError, SpoolFull
 from .store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
 from .webhooks import Direction, direction_of
@@ -124,6 +124,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sent DROP CONSTRAINT sent_pkey, ADD PRIMARY KEY (person, target, state);
     """,
+    # 4: `gateway backfill`'s progress per source (its rows are inbox rows, direction 2).
+    lane.PG_MIGRATION,
 )
 VERSION = len(MIGRATIONS)
 
@@ -537,6 +539,47 @@ class PgSpoolDB(SpoolBase):
         return int(
             self._tx(lambda db: db.execute(f"DELETE FROM dead_letters {where}", params).rowcount)  # noqa: S608 - placeholders only
         )
+
+    # -- the backfill lane (`lane`) -----------------------------------------------------------
+
+    def put_backfill(
+        self,
+        rows: Sequence[tuple[str, bytes, str]],
+        source: str,
+        position: str,
+        counts: dict[str, int],
+        *,
+        finished: bool = False,
+    ) -> int:
+        """Store backfilled (key, body, person) rows and the source's progress, atomically."""
+        now = self.clock()
+
+        def work(db: Conn) -> int:
+            # As intake: ids commit in their order, so no delivery cursor passes one unseen.
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))
+            stored = lane.store(db, rows, now, self.dedupe_window_s, partition)
+            total = {**counts, "stored": counts.get("stored", 0) + stored}
+            lane.save(db, source, position, total, now, finished)
+            return stored
+
+        stored = self._tx(work)
+        self._stored(stored, 0, len(rows))
+        return stored
+
+    def backfill_progress(self, source: str) -> lane.Progress | None:
+        """What the last backfill of `source` committed."""
+        with self._reading("the backfill progress") as db:
+            return lane.load(db, source)
+
+    def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]:
+        """The oldest backfilled rows after `after_id`, of the partitions owned."""
+        with self._reading("backfilled users") as db:
+            return lane.fetch(db, after_id, limit, self._owned, with_part=True)
+
+    def count_backfill(self) -> int:
+        """Backfilled users waiting for delivery."""
+        with self._reading("the backfill count") as db:
+            return lane.count(db)
 
 
 def _which(ids: Sequence[int] | None) -> tuple[str, tuple[Any, ...]]:

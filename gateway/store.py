@@ -69,6 +69,7 @@ class Pending:
     # The webhook as intake decoded it, when the row came from intake in memory (`Handoff`),
     # so delivery need not decode it again; None when read from the spool.
     decoded: Any = field(default=None, compare=False, repr=False)
+    backfill: bool = False  # from `gateway backfill`'s lane (`lane.CODE`), not a live webhook
 
     @property
     def queued_at(self) -> float:
@@ -194,6 +195,22 @@ class Store(Protocol):
     def meta(self, key: str) -> bytes | None: ...
 
     def set_meta(self, key: str, value: bytes) -> None: ...
+
+    def put_backfill(
+        self,
+        rows: Sequence[tuple[str, bytes, str]],
+        source: str,
+        position: str,
+        counts: dict[str, int],
+        *,
+        finished: bool = False,
+    ) -> int: ...
+
+    def backfill_progress(self, source: str) -> Any: ...
+
+    def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]: ...
+
+    def count_backfill(self) -> int: ...
 
 
 class SpoolBase:

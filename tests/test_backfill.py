@@ -1,0 +1,296 @@
+"""gateway backfill: users read, mapped, stored once in the spool lane, delivered behind live."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import SECRETS, build_config, choice
+from test_reliability import eventually
+
+from gateway.backfill import run
+from gateway.braze import open_client
+from gateway.config import Config
+from gateway.dispatcher import Dispatcher
+from gateway.mappings import load_rules, options_of
+from gateway.metrics import Metrics
+from gateway.spool import Spool
+from gateway.store import Store, open_store
+from gateway.testing import FakeBraze
+from gateway.testing_didomi import FakeDidomi
+
+
+def iso(when: datetime) -> str:
+    """Didomi's date spelling."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ago(**delta: float) -> str:
+    """A date this long before now (fixtures never depend on a fixed calendar date)."""
+    return iso(datetime.now(UTC) - timedelta(**delta))
+
+
+def user(person: str | None, enabled: bool, updated_at: str) -> dict[str, Any]:
+    """A Didomi user entity choosing `enabled` on marketing_email."""
+    entity: dict[str, Any] = {
+        "id": f"didomi-{person}",
+        "updated_at": updated_at,
+        "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},
+    }
+    if person is not None:
+        entity["organization_user_id"] = person
+    return entity
+
+
+def export(users: list[dict[str, Any]]) -> bytes:
+    """Batch-export lines: each user wrapped with its events."""
+    return b"".join(msgspec.json.encode({"user": u, "events": []}) + b"\n" for u in users)
+
+
+def configure(tmp_path: Path, spool_url: str, braze_url: str, **backfill: Any) -> Config:
+    """A gateway.toml for these tests: the given spool and Braze, a quick flush."""
+    return build_config(
+        tmp_path,
+        braze={"server": braze_url, "flush_interval_ms": 10},
+        delivery={"spool": spool_url, "retry_initial_ms": 10, "retry_max_ms": 100},
+        backfill=backfill or None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def delivering(config: Config) -> AsyncIterator[Store]:
+    """A dispatcher delivering the spool to Braze, as a running gateway does."""
+    db = open_store(config.delivery, config.retention.person_key)
+    spool = Spool(db)
+    metrics = Metrics()
+    rules = load_rules(config.mappings.dir, options_of(config))
+    async with open_client(config.braze, metrics) as client:
+        dispatcher = Dispatcher(config, spool, lambda: rules, client, metrics)
+        await dispatcher.start()
+        try:
+            yield db
+        finally:
+            await dispatcher.stop()
+            await spool.close()
+
+
+async def drained(db: Store, timeout: float = 30.0) -> None:
+    """Wait until no backfilled user is left in the spool."""
+
+    async def empty() -> bool:
+        return await asyncio.to_thread(db.count_backfill) == 0
+
+    await eventually(empty, timeout, "the backfill lane to drain")
+
+
+async def test_a_file_is_stored_once_and_delivered_with_counts(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """Users of an export file reach Braze; no identity and a malformed line are counted and
+    skipped; reading the file again stores nobody twice."""
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "users.json"
+    good = [user(f"p{n}", n % 2 == 0, ago(days=3)) for n in range(20)]
+    path.write_bytes(export(good[:10]) + b"{oops\n" + export([user(None, True, ago(days=1))]))
+    path.write_bytes(path.read_bytes() + export(good[10:]))
+    out = io.StringIO()
+    assert await run(config, [str(path)], out=out) == 0
+    text = out.getvalue()
+    assert "22 users read, 20 stored" not in text  # the malformed line is not a user
+    assert "21 users read, 20 stored" in text
+    assert "1 skipped: no_identity" in text
+    assert "users.json:11" in text
+    again = io.StringIO()
+    assert await run(config, [str(path)], out=again) == 0
+    assert "0 stored" in again.getvalue()
+    assert "20 already stored before" in again.getvalue()
+    async with delivering(config) as db:
+        await drained(db)
+    sent = {obj["external_id"]: obj["email_subscribe"] for obj in fake.objects_sent()}
+    assert sent == {f"p{n}": "opted_in" if n % 2 == 0 else "unsubscribed" for n in range(20)}
+
+
+async def test_folder_gzip_and_stdin_sources(tmp_path: Path, fake: FakeBraze) -> None:
+    """A folder of .json.gz files and standard input are read as Didomi export lines."""
+    config = configure(tmp_path, str(tmp_path / "spool.db"), fake.url)
+    folder = tmp_path / "export" / "users"
+    folder.mkdir(parents=True)
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / "a.json.gz").write_bytes(gzip.compress(export([user("g1", True, ago(days=2))])))
+    (folder / "b.json.gz").write_bytes(gzip.compress(export([user("g2", True, ago(days=2))])))
+    stdin = io.BytesIO(export([user("s1", False, ago(days=2))]))
+    out = io.StringIO()
+    assert await run(config, [str(tmp_path / "export"), "-"], out=out, stdin=stdin) == 0
+    assert "3 users read, 3 stored" in out.getvalue()
+
+
+async def test_api_source_reads_every_page(
+    tmp_path: Path, fake: FakeBraze, fake_didomi: FakeDidomi
+) -> None:
+    """didomi-api reads every user of the organization, page after page."""
+    for n in range(230):
+        fake_didomi.seed_user(
+            f"a{n}", [{"id": "marketing_email", "enabled": True}], updated_at=ago(days=9)
+        )
+    config = build_config(
+        tmp_path,
+        braze={"server": fake.url},
+        delivery={"spool": str(tmp_path / "spool.db")},
+        didomi_api={
+            "enabled": True,
+            "base_url": fake_didomi.url + "/v1",
+            "organization_id": fake_didomi.organization_id,
+            "key": fake_didomi.key,
+            "secret": fake_didomi.secret,
+        },
+    )
+    fake_didomi.fail_next(503, path="/consents/users")
+    out = io.StringIO()
+    assert await run(config, ["didomi-api"], out=out) == 0
+    assert "230 users read, 230 stored" in out.getvalue()
+
+
+async def test_dry_run_stores_nothing_and_says_what_would_change(tmp_path: Path) -> None:
+    """--dry-run prints the changes per Braze target and state, and writes no spool."""
+    config = configure(tmp_path, str(tmp_path / "spool.db"), "http://127.0.0.1:1")
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user("d1", True, ago(days=1)), user("d2", False, ago(days=1))]))
+    out = io.StringIO()
+    assert await run(config, [str(path)], dry_run=True, out=out) == 0
+    text = out.getvalue()
+    assert "2 would be stored" in text
+    assert "email_subscribe: opted_in -> 1" in text
+    assert "email_subscribe: unsubscribed -> 1" in text
+    assert not (tmp_path / "spool.db").exists()
+
+
+async def test_a_three_year_old_status_passes_the_retention_floor(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """A snapshot three years old reaches Braze although the retention floor (pruned applied
+    times) refuses a live choice that old, since nothing newer is known of that person."""
+    config = configure(tmp_path, spool_url, fake.url)
+    db = open_store(config.delivery, config.retention.person_key)
+    floor = (datetime.now(UTC) - timedelta(days=30)).timestamp()
+    db._tx(  # type: ignore[attr-defined]
+        lambda c: c.execute(
+            "INSERT INTO floors(target, at) VALUES (?, ?), (?, ?)",
+            ("email_subscribe", floor, "attr:consent_marketing", floor),
+        )
+    )
+    old = ago(days=3 * 365)
+    db.put_many([(None, "event.created", choice("live-old", True, old), "live-old")])
+    db.close()
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user("old-person", True, old)]))
+    assert await run(config, [str(path)], out=io.StringIO()) == 0
+    async with delivering(config) as db:
+        await drained(db)
+        await eventually(lambda: _true(db.count_pending() == 0), 20, "the live row to settle")
+    sent = {obj["external_id"] for obj in fake.objects_sent()}
+    assert "old-person" in sent
+    assert "live-old" not in sent  # the floor still refuses an old live choice
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize("live_first", [True, False])
+async def test_a_newer_live_choice_wins_whichever_arrives_first(
+    spool_url: str, tmp_path: Path, fake: FakeBraze, live_first: bool
+) -> None:
+    """A live webhook newer than the snapshot decides Braze's state, whether it is delivered
+    before the backfilled user or after it."""
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user("racer", True, ago(days=10))]))
+    live = choice("racer", False, ago(days=1))
+    if live_first:
+        db = open_store(config.delivery, config.retention.person_key)
+        db.put_many([(None, "event.created", live, "racer")])
+        db.close()
+        async with delivering(config) as db:
+            await eventually(lambda: _true(db.count_pending() == 0), 20, "the live choice")
+        assert await run(config, [str(path)], out=io.StringIO()) == 0
+        async with delivering(config) as db:
+            await drained(db)
+    else:
+        assert await run(config, [str(path)], out=io.StringIO()) == 0
+        async with delivering(config) as db:
+            await drained(db)
+            db.put_many([(None, "event.created", live, "racer")])
+            await eventually(lambda: _true(db.count_pending() == 0), 20, "the live choice")
+    assert fake.user_state("racer")["email_subscribe"] == "unsubscribed"  # type: ignore[index]
+
+
+def _cli(config_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "backfill", *args, "--config", str(config_path)],
+        env={**os.environ, **SECRETS},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=config_path.parent,
+    )
+
+
+async def test_kill_9_of_the_command_then_rerun_stores_everyone_exactly_once(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """After kill -9 of `gateway backfill` mid-file, the same command goes on where it stopped:
+    every user stored once, and the counts equal those of one uninterrupted run."""
+    total = 30_000
+    config = configure(
+        tmp_path, spool_url, "http://127.0.0.1:1", users_per_transaction=500, max_pending=1_000_000
+    )
+    path = tmp_path / "users.json.gz"
+    path.write_bytes(
+        gzip.compress(export([user(f"k{n}", True, ago(days=5)) for n in range(total)]))
+    )
+    db = open_store(config.delivery, config.retention.person_key)
+    try:
+        proc = _cli(tmp_path / "gateway.toml", str(path))
+
+        async def some() -> bool:
+            return db.count_backfill() >= 2_000
+
+        await eventually(some, 60, "the first batches to be stored", every=0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        assert db.count_backfill() < total  # it was stopped mid-file
+        again = _cli(tmp_path / "gateway.toml", str(path))
+        output = again.communicate(timeout=120)[0].decode()
+        assert again.returncode == 0, output
+        assert "going on after" in output
+        assert f"{total:,} users read, {total:,} stored" in output
+        assert db.count_backfill() == total
+        bodies = [row.body for row in db.fetch_backfill(0, total + 10)]
+        persons = [
+            msgspec.json.decode(b)["parameters"]["new_entity"]["organization_user_id"]
+            for b in bodies
+        ]
+        assert len(set(persons)) == len(persons) == total
+    finally:
+        db.close()
+
+
+async def test_wait_exits_2_when_no_gateway_delivers(tmp_path: Path) -> None:
+    """--wait gives up with exit 2 when the lane does not move and no gateway holds the spool."""
+    config = configure(tmp_path, str(tmp_path / "spool.db"), "http://127.0.0.1:1")
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user("w1", True, ago(days=1))]))
+    out = io.StringIO()
+    assert await run(config, [str(path)], wait=True, out=out, stall_s=0.5) == 2
+    assert "no gateway delivers" in out.getvalue()
