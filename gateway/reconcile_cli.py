@@ -17,6 +17,7 @@ import msgspec
 
 from . import audit as trail
 from . import drift
+from .backfill import body_of  # the lane's row: the same bytes backfill stores
 from .braze_export import EXPORT, STATUS, BrazeReader
 from .config import Config
 from .errors import GatewayError
@@ -77,7 +78,7 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
     report = Report(
         missing_is_drift=not config.braze.update_existing_only, sampled=options.sample is not None
     )
-    fixes = _fixer(config, store, rules) if options.fix else None
+    fixes = _fixer(store) if options.fix else None
     show = _shower(store, options)
 
     async def on_difference(difference: Difference) -> None:
@@ -137,11 +138,33 @@ def _shower(store: Store, options: Options) -> Callable[[Difference], str]:
     return show
 
 
-def _fixer(
-    config: Config, store: Store, rules: RuleSet
-) -> Callable[[Person | None], Awaitable[None]]:
-    """Stores each drifting person's Didomi state through the backfill lane (None: flush)."""
-    raise GatewayError("--fix is not built yet: it needs the backfill lane of issue 24")
+FIX_SOURCE = "reconcile --fix"  # the lane's progress row of the corrections (never resumed)
+FIX_BATCH = 500  # corrections a transaction
+
+
+def _fixer(store: Store) -> Callable[[Person | None], Awaitable[None]]:
+    """Stores each drifting person's Didomi status through the backfill lane (None: flush).
+
+    The row is the `user.updated` webhook backfill stores, so delivery maps and dates it as
+    any backfilled user: by Didomi's `updated_at`, never over a newer choice applied since.
+    Its key names this run, so a snapshot backfilled (or fixed) before does not hide it.
+    """
+    run_id = f"{time.time():.6f}"
+    rows: list[tuple[str, bytes, str]] = []
+
+    async def fix(found: Person | None) -> None:
+        if found is not None:
+            user_id = found.record.user.id or ""
+            key = f"reconcile|{run_id}|{found.person}|{user_id}|{found.at:.3f}"
+            rows.append((key, body_of(found.record.raw), found.person))
+        if rows and (found is None or len(rows) >= FIX_BATCH):
+            batch = list(rows)
+            rows.clear()
+            await asyncio.to_thread(
+                store.put_backfill, batch, FIX_SOURCE, "", {"fixed": len(batch)}, finished=True
+            )
+
+    return fix
 
 
 def _print(report: Report, options: Options) -> None:

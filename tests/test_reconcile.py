@@ -374,3 +374,53 @@ def test_report_ratio_counts_missing_only_when_it_is_drift() -> None:
     assert report.ratio(EMAIL) == pytest.approx(0.1)
     report.missing_is_drift = True
     assert report.ratio(EMAIL) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------
+# --fix, through the backfill lane.
+
+
+async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """Users backfilled and delivered, then Braze drifts (email, groups, attribute, a deleted
+    profile): --fix stores Didomi's state in the lane (not deduped against the backfill, not
+    stale at the same date), delivery applies it, and a second run finds no drift (both
+    backends; the ratios reach the spool's meta there too)."""
+    from test_backfill import configure, delivering, drained
+
+    from gateway.backfill import run as backfill
+
+    config = configure(tmp_path, spool_url, fake.url)
+    config = msgspec_struct_replace(config, update_existing_only=False)
+    count = 120
+    export = write_export(tmp_path / "users.json", count)
+    async with delivering(config) as db:
+        assert await backfill(config, [str(export)], out=io.StringIO()) == 0
+        await drained(db)
+        first = await run(config, options(export))
+        assert first.drifting == 0
+        fake.users["user-0"].email_subscribe = "unsubscribed"
+        fake.users["user-4"].subscription_groups[NEWS] = "unsubscribed"
+        fake.users["user-5"].subscription_groups[OFFERS] = "unsubscribed"
+        fake.users["user-6"].attributes["consent_marketing"] = True
+        del fake.users["user-7"]
+        drifted = await run(config, options(export, fix=True))
+        assert drifted.drifting == 5
+        await drained(db)
+        again = await run(config, options(export))
+    assert again.drifting == 0, again
+    assert again.missing == 0
+    store = open_store(config.delivery, config.retention.person_key)
+    try:
+        last = drift.load(store)
+    finally:
+        store.close()
+    assert last is not None
+    assert last.ratios["any"] == 0.0
+
+
+def msgspec_struct_replace(config: Config, **braze: Any) -> Config:
+    import msgspec
+
+    return msgspec.structs.replace(config, braze=msgspec.structs.replace(config.braze, **braze))
