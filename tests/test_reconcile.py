@@ -424,3 +424,31 @@ def msgspec_struct_replace(config: Config, **braze: Any) -> Config:
     import msgspec
 
     return msgspec.structs.replace(config, braze=msgspec.structs.replace(config.braze, **braze))
+
+
+async def test_exit_status_tells_no_drift_drift_and_failure(
+    tmp_path: Path, fake: FakeBraze, reconcile_config: Config
+) -> None:
+    """`gateway reconcile` exits 0 without drift, 1 with drift, 2 when Braze refuses the key
+    (the message names the permission or key to fix); `--sample 0` is refused with 2."""
+    import msgspec
+
+    from gateway.cli import main
+    from gateway.reconcile_cli import command
+
+    export = write_export(tmp_path / "users.json", 10)
+    seed_agreeing(fake, reconcile_config, 10)
+    assert await asyncio.to_thread(command, reconcile_config, options(export)) == 0
+    fake.users["user-2"].attributes["consent_marketing"] = True
+    assert await asyncio.to_thread(command, reconcile_config, options(export)) == 1
+    fake.permissions = {"subscription.status.get"}
+    refused = options(export)
+    assert await asyncio.to_thread(command, reconcile_config, refused) == 2
+    assert "users.export.ids" in refused.err.getvalue()  # type: ignore[attr-defined]
+    wrong = msgspec.structs.replace(
+        reconcile_config, braze=msgspec.structs.replace(reconcile_config.braze, api_key="nope")
+    )
+    refused = options(export)
+    assert await asyncio.to_thread(command, wrong, refused) == 2
+    assert "API key is wrong" in refused.err.getvalue()  # type: ignore[attr-defined]
+    assert main(["reconcile", str(export), "--sample", "0"]) == 2
