@@ -138,6 +138,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(func=_migrate)
 
+    # -- reconcile (issue 25) --------------------------------------------------------------
+    reconcile = command(
+        "reconcile",
+        "compare what the rules make of Didomi's status with what Braze holds; exit 1 on drift",
+    )
+    reconcile.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a Didomi export file (.json, .json.gz), a folder of them, - (standard input) or"
+        " didomi-api",
+    )
+    reconcile.add_argument(
+        "--sample", type=int, metavar="N", help="compare a uniform random sample of N persons"
+    )
+    reconcile.add_argument(
+        "--fix", action="store_true", help="store Didomi's state for each person in drift"
+    )
+    reconcile.add_argument(
+        "--json", action="store_true", help="one JSON line per person in drift, on stdout"
+    )
+    reconcile.add_argument(
+        "--show-persons", action="store_true", help="name persons in --json instead of hashing"
+    )
+    reconcile.set_defaults(func=_reconcile)
+
     # -- backfill (issue 24) ----------------------------------------------------------------
     backfill = command(
         "backfill",
@@ -528,6 +554,23 @@ def _trace(args: argparse.Namespace) -> int:
                 " `gateway trace -`"
             )
     return command(config, person, event_id=args.event, since=args.since, as_json=args.json)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from .reconcile_cli import Options, command  # aiohttp and the sources: only when run
+
+    if args.sample is not None and args.sample < 1:
+        print("gateway reconcile: --sample takes a number of persons, 1 or more", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    options = Options(
+        args.sources,
+        sample=args.sample,
+        fix=args.fix,
+        as_json=args.json,
+        show_persons=args.show_persons,
+    )
+    return command(config, options)
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -67,6 +67,9 @@ class BrazeConfig(Strict, frozen=True):
     delete_prioritization: list[str] = msgspec.field(
         default_factory=lambda: ["identified", "most_recently_updated"]
     )
+    # `gateway reconcile` reads through /users/export/ids, which Braze limits per minute: 250
+    # for workspaces onboarded on or after 2024-08-22, 2,500 before. Reconcile uses this much.
+    export_requests_per_minute: int = 250
 
 
 # The values /users/delete takes in `prioritization` (Braze's "Delete users" docs), and the
@@ -592,6 +595,12 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
             ("delivery", "spool"),
             f"delivery.spool: {scheme.group(0)} is not a spool the gateway opens: write a"
             " PostgreSQL URL as postgresql://user@host/db, a SQLite spool as a file path",
+        )
+    if braze.export_requests_per_minute <= 0:
+        located.add(
+            ("braze", "export_requests_per_minute"),
+            "braze.export_requests_per_minute must be positive (Braze's: 250, or 2,500 for"
+            " workspaces onboarded before 2024-08-22)",
         )
     if delivery.min_free_bytes < MIN_FREE_FLOOR:
         located.add(

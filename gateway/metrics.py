@@ -247,6 +247,15 @@ class Metrics:
             registry=r,
         )
 
+        # Set from the spool, where the last `gateway reconcile` left its ratios (drift.py).
+        self.drift_ratio = Gauge(
+            "gateway_drift_ratio",
+            "Share of the persons compared by the last `gateway reconcile` whose Braze state"
+            " differs from what Didomi's status gives, by Braze target ('any': any target).",
+            ["target"],
+            registry=r,
+        )
+
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200.", registry=r)
         self.braze_auth_ok = Gauge(
             "gateway_braze_auth_ok", "0 while Braze answers 401 or 403 to the API key.", registry=r

@@ -43,6 +43,7 @@ from .config import (
 )
 from .didomi import open_didomi_client
 from .dispatcher import Dispatcher
+from .drift import follow as follow_drift
 from .errors import ConfigError, GatewayError, SpoolError, SpoolFull
 from .intake import (
     CONFIG,
@@ -267,9 +268,13 @@ def delivery(live: LiveRules) -> Context:
             watcher = asyncio.create_task(live.watch()) if config.mappings.watch else None
             retention = Retention(spool, config.retention, metrics)
             retention.start()
+            # The last reconcile's drift, for /metrics: a read of one row a minute.
+            drift_ratios = asyncio.create_task(follow_drift(spool, metrics))
             try:
                 yield
             finally:
+                drift_ratios.cancel()
+                await asyncio.gather(drift_ratios, return_exceptions=True)
                 await retention.stop()
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signal.SIGHUP)

@@ -197,6 +197,10 @@ class Store(Protocol):
 
     def purge(self, ids: Sequence[int] | None = None) -> int: ...
 
+    def meta(self, key: str) -> bytes | None: ...
+
+    def set_meta(self, key: str, value: bytes) -> None: ...
+
     def put_backfill(
         self,
         rows: Sequence[tuple[str, bytes, str]],
@@ -327,6 +331,22 @@ class SpoolBase:
             for i, created, received, kind, person, reason, body in rows
             if wanted is None or i in wanted
         ]
+
+    def meta(self, key: str) -> bytes | None:
+        """A value of the spool's `meta` table (written by a command, read by the server)."""
+        with self._reading(f"the spool's {key}") as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        """Write a value of the spool's `meta` table, replacing the one before."""
+        self._tx(
+            lambda db: db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+        )
 
     def trail(
         self, person: str | None = None, *, event_id: str | None = None, since: float | None = None

@@ -158,12 +158,16 @@ class FakeBraze(Served):
         routes = self.app.router
         routes.add_post("/users/track", functools.partial(self._serve, self._apply_track))
         routes.add_post("/users/delete", functools.partial(self._serve, self._apply_delete))
-        routes.add_post("/users/export/ids", functools.partial(self._serve, self._apply_export))
-        routes.add_get("/subscription/status/get", self._status_get)
         routes.add_get("/_stats", self._stats)
         # What a person's Braze profile now holds, for the demo and for people reading along.
         routes.add_get("/fake/users", self._all_users)
         routes.add_get("/fake/users/{key}", self._one_user)
+        # Reconcile's reads (Braze's "Export users by identifier" and "List user's subscription
+        # group status"), each limited in its own window as Braze limits them apart.
+        self.export_limit = ExportLimits()
+        self.permissions: set[str] | None = None  # None: the key has every permission
+        routes.add_post("/users/export/ids", self._export_ids)
+        routes.add_get("/subscription/status/get", self._subscription_status)
 
     def fail_next(
         self,
@@ -430,7 +434,8 @@ class FakeBraze(Served):
         return 201, {"deleted": len(ids), "message": "success"}, len(ids)
 
     # -----------------------------------------------------------------------
-    # Keys and their permissions; the read-only routes.
+    # Keys and their permissions; the reads of `gateway reconcile` and `check --online`:
+    # /users/export/ids and /subscription/status/get.
 
     def grant(self, key: str, permissions: Collection[str], *, instance: str | None = None) -> None:
         """Issue `key` with these permissions, on this instance or (`instance`) another one."""
@@ -450,65 +455,217 @@ class FakeBraze(Served):
             return 403, {"message": ACCESS_DENIED, "errors": [f"the key lacks {needed}"]}
         return None
 
-    def _apply_export(self, body: Json) -> tuple[int, Json, int]:
+
+    def seed(
+        self,
+        key: str,
+        *,
+        email_subscribe: str | None = None,
+        groups: dict[str, str] | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> User:
+        """Put a profile in Braze as a campaign or an import would, behind the gateway's back."""
+        user = self.users.setdefault(key, User())
+        if email_subscribe is not None:
+            user.email_subscribe = email_subscribe
+        user.subscription_groups.update({g.lower(): s for g, s in (groups or {}).items()})
+        user.attributes.update(attributes or {})
+        if self.known_users is not None:
+            self.known_users.add(key)
+        return user
+
+    def _reading(self, request: web.Request, window: Window, permission: str) -> Any:
+        """The refusal a read gets before its body is looked at (key, permission, limit),
+        with the rate-limit headers to send, as (status, payload) or None to go on."""
+        self.stats["requests"] += 1
+        refused = self._authorize(request)
+        if refused is None and self.permissions is not None and permission not in self.permissions:
+            refused = 403, {"message": ACCESS_DENIED}
+        if refused is not None:
+            return refused, window.headers(consume=False)[1]
+        allowed, headers = window.headers(consume=True)
+        if not allowed:
+            self.stats["rate_limited"] += 1
+            return (429, {"message": "Rate Limited"}), headers
+        return None, headers
+
+    async def _export_ids(self, request: web.Request) -> web.Response:
+        refused, headers = self._reading(request, self.export_limit.export, "users.export.ids")
+        raw = await request.read()
+        if refused is None:
+            try:
+                body = self._decoder.decode(raw) if raw else None
+            except msgspec.DecodeError:
+                body = None
+            refused = self._export_answer(body)
+        status, payload = refused
+        self._record(request.path, status, None, 0)
+        return await self._late(_json(status, payload, headers))
+
+    def _export_answer(self, body: Any) -> tuple[int, Json]:
+        if not isinstance(body, dict):
+            return 400, {"message": PARSE_ERROR}
+        fields = body.get("fields_to_export")
+        if fields is None and self.export_limit.fields_required:
+            return 400, {"message": FIELDS_REQUIRED}
+        if fields is not None and not (
+            isinstance(fields, list) and all(isinstance(f, str) for f in fields)
+        ):
+            return 400, {"message": "'fields_to_export' must be an array of strings"}
+        single = [k for k in ONE_AT_A_TIME if body.get(k) is not None]
         ids = body.get("external_ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return 400, {"message": "'external_ids' must be an array of strings"}, 0
-        if len(ids) > MAX_DELETE_IDS:
-            return 400, {"message": TOO_MANY_IDS}, len(ids)
-        users = []
-        for external_id in ids:
-            user = self.users.get(external_id)
-            if user is not None:
-                users.append(
-                    {
-                        "external_id": external_id,
-                        "email_subscribe": user.email_subscribe,
-                        "custom_attributes": dict(user.attributes),
-                    }
-                )
-        invalid = [i for i in ids if i not in self.users]
+        if (ids is not None) + len(single) != 1:
+            return 400, {"message": ONE_IDENTIFIER}
+        if single:
+            value = body[single[0]]
+            if not isinstance(value, str):
+                return 400, {"message": ONE_IDENTIFIER}
+            keys = [self._by_email(value)] if single[0] == "email_address" else [None]
+            asked = [value]
+        else:
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                return 400, {"message": "'external_ids' must be an array of strings"}
+            if len(ids) > MAX_EXPORT_IDS:
+                return 400, {"message": TOO_MANY_IDS}
+            keys, asked = list(ids), ids
+        users, invalid = [], []
+        for key, name in zip(keys, asked, strict=True):
+            user = self.users.get(key) if key is not None else None
+            if user is None or key is None:
+                invalid.append(name)
+            else:
+                users.append(_exported(key, user, fields or EXPORT_DEFAULT_FIELDS))
         answer: Json = {"users": users, "message": "success"}
         if invalid:
             answer["invalid_user_ids"] = invalid
-        return 201, answer, len(ids)
+        return 201, answer
 
-    async def _status_get(self, request: web.Request) -> web.Response:
-        """`GET /subscription/status/get`: each named user's state in one group."""
-        at = time.monotonic()
-        self.stats["requests"] += 1
-        query = request.query
-        status, payload, headers = self._status_answer(request)
-        if self.record:
-            self.requests.append(Recorded(request.path, status, dict(query), at, 0))
-        return _json(status, payload, headers)
+    def _by_email(self, address: str) -> str | None:
+        if f"email:{address}" in self.users:
+            return f"email:{address}"
+        for key, user in self.users.items():
+            if user.attributes.get("email") == address:
+                return key
+        return None
 
-    def _status_answer(self, request: web.Request) -> tuple[int, Json, dict[str, str]]:
-        if self._faults:
-            status, payload, headers = self._faults.popleft()
-            return status, payload, {**self._limit(consume=False)[1], **headers}
-        refused = self._authorize(request)
-        if refused is not None:
-            return *refused, self._limit(consume=False)[1]
-        allowed, headers = self._limit(consume=True)
-        if not allowed:
-            self.stats["rate_limited"] += 1
-            return 429, {"message": "Rate Limited"}, headers
-        group = request.query.get("subscription_group_id", "")
-        ids = request.query.getall("external_id[]", []) or request.query.getall("external_id", [])
-        if not group or not ids:
-            message = "'subscription_group_id' and an 'external_id' are required"
-            return 400, {"message": message}, headers
-        if len(ids) > MAX_DELETE_IDS:
-            return 400, {"message": TOO_MANY_IDS}, headers
+    async def _subscription_status(self, request: web.Request) -> web.Response:
+        refused, headers = self._reading(
+            request, self.export_limit.status, "subscription.status.get"
+        )
+        if refused is None:
+            refused = self._status_answer(request.query)
+        status, payload = refused
+        self._record(request.path, status, None, 0)
+        return await self._late(_json(status, payload, headers))
+
+    def _status_answer(self, query: Any) -> tuple[int, Json]:
+        group = query.get("subscription_group_id")
+        if not group:
+            return 400, {"message": "'subscription_group_id' is required"}
+        ids = query.getall("external_id[]", [])
+        emails = query.getall("email[]", [])
+        phones = query.getall("phone[]", [])
+        if not ids and emails and phones:
+            return 400, {"message": "give an email or a phone, not both"}
+        # With external ids, Braze applies those alone; else the emails (or phones).
+        asked, prefix = (ids, "") if ids else ((emails, "email:") if emails else (phones, "phone:"))
+        if not asked:
+            return 400, {"message": "at least one external_id, email or phone is required"}
+        if len(asked) > MAX_STATUS_IDS:
+            return 400, {"message": TOO_MANY_IDS}
         if self.groups is not None and group.lower() not in {g.lower() for g in self.groups}:
-            return 400, {"message": UNKNOWN_GROUP}, headers
-        states = {}
-        for external_id in ids:
-            user = self.users.get(external_id)
-            state = user.subscription_groups.get(group) if user is not None else None
-            states[external_id] = GROUP_STATUS.get(state or "", "Unknown")
-        return 200, {"status": states, "message": "success"}, headers
+            return 400, {"message": UNKNOWN_GROUP}
+        out: dict[str, str] = {}
+        for name in asked:
+            key = self._by_email(name) if prefix == "email:" else prefix + name
+            user = self.users.get(key) if key is not None else None
+            # The last state the user had in the group, even after a global unsubscribe.
+            state = user.subscription_groups.get(group.lower()) if user is not None else None
+            out[name] = GROUP_STATUS.get(state or "", "Unknown")
+        return 200, {"status": out, "message": "success"}
+
+    def _record(self, path: str, status: int, body: Any, count: int) -> None:
+        if self.record:
+            self.requests.append(Recorded(path, status, body, time.monotonic(), count))
+
+    async def _late(self, response: web.Response) -> web.Response:
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        return response
+
+
+# Braze's reads: at most 50 external ids a request; email, phone, device or Braze id one at a time.
+MAX_EXPORT_IDS = 50
+MAX_STATUS_IDS = 50
+ONE_AT_A_TIME = ("email_address", "phone", "device_id", "braze_id")
+# Braze requires the field for workspaces onboarded on or after 2024-08-22; its words are not
+# documented, these are ours.
+FIELDS_REQUIRED = "'fields_to_export' is required"
+ONE_IDENTIFIER = (
+    "give up to 50 'external_ids', or exactly one 'email_address', 'phone', 'device_id' or"
+    " 'braze_id'"
+)
+EXPORT_DEFAULT_FIELDS = ("external_id", "email", "email_subscribe", "custom_attributes")
+KEY_KINDS = ("email:", "phone:", "alias:", "braze:")  # `users` keys that are no external id
+
+
+class Window:
+    """One endpoint's fixed rate-limit window, with Braze's X-RateLimit-* headers.
+
+    The window opens with the first request after the last one closed, as `FakeBraze._limit`'s
+    does. A scaled-down minute scales Braze's clock too: the reset is rounded up to the
+    window's own second (a sixtieth of it), as Braze rounds a real minute's to whole seconds.
+    """
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.used = 0
+        self.started = -math.inf
+
+    def headers(self, *, consume: bool) -> tuple[bool, dict[str, str]]:
+        """Count one request if it fits; say whether it did, and the headers to answer with."""
+        now = time.monotonic()
+        if now - self.started >= self.window_s:
+            self.started, self.used = now, 0
+        allowed = self.used < self.limit
+        if consume and allowed:
+            self.used += 1
+        second = self.window_s / 60
+        ends = time.time() + max(0.0, self.started + self.window_s - now)
+        reset = math.ceil(ends / second) * second
+        return allowed, {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(max(0, self.limit - self.used)),
+            "X-RateLimit-Reset": f"{reset:.3f}".rstrip("0").rstrip("."),
+        }
+
+
+@dataclass(slots=True)
+class ExportLimits:
+    """The limits of the reads: /users/export/ids per minute (250 for workspaces onboarded on
+    or after 2024-08-22, 2,500 before) and /subscription/status/get (250,000 an hour)."""
+
+    export: Window = field(default_factory=lambda: Window(250, 60.0))
+    status: Window = field(default_factory=lambda: Window(250_000, 3600.0))
+    fields_required: bool = True  # newer workspaces: a request without the field is a 400
+
+    def scale(self, minute_s: float, *, per_minute: int = 250) -> None:
+        """Make Braze's minute last `minute_s` (tests, benchmarks), at `per_minute` exports."""
+        self.export = Window(per_minute, minute_s)
+        self.status = Window(250_000, 60 * minute_s)
+
+
+def _exported(key: str, user: User, fields: Sequence[str]) -> Json:
+    """One profile as /users/export/ids lists it, with only the fields asked for."""
+    whole: Json = {
+        "external_id": None if key.startswith(KEY_KINDS) else key,
+        "email": key[6:] if key.startswith("email:") else user.attributes.get("email"),
+        # A profile is subscribed to email until it opts in or unsubscribes.
+        "email_subscribe": user.email_subscribe or "subscribed",
+        "custom_attributes": {k: v for k, v in user.attributes.items() if k != "email"},
+    }
+    return {name: whole[name] for name in fields if name in whole and whole[name] is not None}
 
 
 def _identify(obj: Json) -> tuple[str | None, str | None]:

@@ -856,3 +856,43 @@ def test_grafana_provisions_the_dashboard_and_a_default_prometheus() -> None:
     (variable,) = [v for v in data["templating"]["list"] if v["name"] == "DS_PROMETHEUS"]
     assert (variable["type"], variable["query"]) == ("datasource", datasource["type"])
     assert not variable.get("current")
+
+
+# ---------------------------------------------------------------------------
+# The nightly `gateway reconcile` CronJob (issue 25), beside gateway.yaml's Deployment.
+
+RECONCILE_K8S = DEPLOY / "kubernetes" / "reconcile.yaml"
+
+
+def reconcile_docs() -> dict[str, dict[str, Any]]:
+    docs = [doc for doc in yaml.safe_load_all(RECONCILE_K8S.read_text()) if doc is not None]
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_reconcile_cronjob_runs_the_reconcile_command_on_the_deployments_config() -> None:
+    """The CronJob runs `gateway reconcile` (args the CLI parses) on the mounted export folder,
+    with gateway.yaml's image, ConfigMap items and Secret, every variable the config needs,
+    never two runs at once, and no retry of a drift exit."""
+    cron = reconcile_docs()["CronJob"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0
+    spec = job["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    (container,) = spec["containers"]
+    assert container["image"] == k8s_gateway()["image"]
+    args = _parser().parse_args(container["args"])
+    assert args.command == "reconcile"
+    mounts_at = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert PurePosixPath(args.config) == PurePosixPath(mounts_at["config"]) / "gateway.toml"
+    assert args.sources == [mounts_at["exports"]]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (deployment_config,) = [v for v in pod()["volumes"] if v["name"] == "config"]
+    assert volumes["config"] == deployment_config
+    fetch = {m["name"]: m["mountPath"] for m in spec["initContainers"][0]["volumeMounts"]}
+    assert fetch["exports"] == mounts_at["exports"]
+    secrets = {s["secretRef"]["name"] for s in container["envFrom"]}
+    assert secrets == {k8s("Secret")["metadata"]["name"]}
+    given = k8s_env_names(container)
+    assert required_vars(k8s_config()) <= given
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
