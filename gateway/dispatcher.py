@@ -216,7 +216,11 @@ class Dispatcher(Worker):
             if (
                 rows is not None
                 and time.monotonic() - self._read_at < RECOUNT_S
-                and not (self.idle and await self.spool.run(self.spool.db.written_elsewhere))
+                and not (
+                    not self.batcher
+                    and not self._tasks
+                    and await self.spool.run(self.spool.db.written_elsewhere)
+                )
             ):
                 return [], self._cursor
             complete = handoff.complete_after

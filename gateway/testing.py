@@ -455,7 +455,6 @@ class FakeBraze(Served):
             return 403, {"message": ACCESS_DENIED, "errors": [f"the key lacks {needed}"]}
         return None
 
-
     def seed(
         self,
         key: str,
