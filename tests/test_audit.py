@@ -122,9 +122,9 @@ async def test_a_stale_choice_is_traced_as_stale(
 ) -> None:
     """A choice older than the one applied is traced as stale, with no request and no status."""
     gw = await start_gateway()
-    assert await gw.post(choice("p-1", True, "2025-03-14T10:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("p-1", True, recent(600)), auth_headers) == 202
     await gw.settle()
-    assert await gw.post(choice("p-1", False, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("p-1", False, recent(540)), auth_headers) == 202
     await gw.settle()
     newest = traced(gw.config, "p-1")[0]
     assert newest["outcome"] == "stale"
@@ -182,7 +182,7 @@ async def test_pruning_applied_rows_lets_no_stale_choice_through(
 ) -> None:
     """Once an applied row is pruned, a late choice older than it is still refused."""
     gw = await start_gateway()
-    given = choice("p-2", True, "2025-03-14T10:00:00Z", topics="offers")  # sets every target
+    given = choice("p-2", True, recent(600), topics="offers")  # sets every target
     assert await gw.post(given, auth_headers) == 202
     await gw.settle()
     spool = gw.app[SPOOL]
@@ -190,7 +190,7 @@ async def test_pruning_applied_rows_lets_no_stale_choice_through(
     await Retention(spool, config, gw.metrics).run_once()
     assert spool.db.applied_times(["p-2"]) == {}
     sent = len(fake.requests)
-    assert await gw.post(choice("p-2", False, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("p-2", False, recent(540)), auth_headers) == 202
     await gw.settle()
     assert len(fake.requests) == sent
     assert fake.users["p-2"].email_subscribe == "opted_in"
@@ -214,7 +214,7 @@ async def test_erasure_leaves_no_byte_of_the_person_in_the_spool(
                 # unzeroed under secure_delete=FAST; the scrub must zero them.
                 "notes": "x" * 9000,
                 "id": f"ev-erase-{n}",
-                "updated_at": f"2025-03-14T10:0{n}:00Z",
+                "updated_at": recent(600 + n),
                 "status": "confirmed",
                 "user": user,
                 "consents": {"purposes": [{"id": "marketing_email", "enabled": enabled}]},

@@ -260,7 +260,7 @@ async def test_reload_swaps_rules_and_a_bad_edit_keeps_the_last_good(
     mapping.write_text(mapping.read_text() + ATTRIBUTE_RULE)
     assert await live.reload_async() is True
     assert gw.sample("gateway_config_reloads_total", outcome="success") == 1
-    assert await gw.post(choice("sam", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("sam", True, recent(540)), auth_headers) == 202
     await gw.settle()
     assert fake.users["sam"].attributes["newsletter_ok"] is True
 
@@ -269,7 +269,7 @@ async def test_reload_swaps_rules_and_a_bad_edit_keeps_the_last_good(
     assert await live.reload_async() is False
     assert live.current() is good
     assert gw.sample("gateway_config_reloads_total", outcome="error") == 1
-    assert await gw.post(choice("tia", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("tia", True, recent(540)), auth_headers) == 202
     await gw.settle()
     assert fake.users["tia"].attributes["newsletter_ok"] is True
 
@@ -285,7 +285,7 @@ async def test_watch_reloads_when_a_mapping_file_changes(
     while gw.sample("gateway_config_reloads_total", outcome="success") < 1:
         assert time.monotonic() < deadline, "the watcher did not reload"
         await asyncio.sleep(0.1)
-    assert await gw.post(choice("uma", True, "2025-03-14T09:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("uma", True, recent(540)), auth_headers) == 202
     await gw.settle()
     assert fake.users["uma"].attributes["newsletter_ok"] is True
 
@@ -326,7 +326,7 @@ async def test_a_wrong_braze_server_holds_every_update_and_follows_no_redirect(
     gw = await start_gateway()
     people = {"wes": True, "xia": False, "yul": True}
     for person, enabled in people.items():
-        assert await gw.post(choice(person, enabled, "2025-03-14T09:00:00Z"), auth_headers) == 202
+        assert await gw.post(choice(person, enabled, recent(540)), auth_headers) == 202
 
     spool = gw.app[SPOOL].db
     deadline = time.monotonic() + 10

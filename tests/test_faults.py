@@ -27,6 +27,7 @@ from conftest import (
     DIDOMI_ORG,
     choice,
     free_port,
+    recent,
     write_config,
 )
 from test_reliability import GatewayProcess, eventually, spool_counts
@@ -41,7 +42,7 @@ start_gateway = test_end_to_end.start_gateway  # the same fixture: a gateway on 
 StartGateway = test_end_to_end.StartGateway
 
 
-def user_deleted(person: str, at: str | None = "2025-06-12T14:03:55Z", n: int = 0) -> bytes:
+def user_deleted(person: str, at: str | None = recent(843 + 55 / 60), n: int = 0) -> bytes:
     """A Didomi user.deleted body for `person`, dated `at` (or undated)."""
     entity: dict[str, Any] = {"id": f"didomi-{person}-{n}", "organization_user_id": person}
     if at is not None:
@@ -186,8 +187,8 @@ async def test_a_deletion_never_overtakes_the_same_persons_older_update(
     seed(
         spool_url,
         user_deleted("quinn"),
-        choice("pat", True, "2025-06-12T14:00:00Z"),
-        user_deleted("pat", "2025-06-12T14:05:00Z"),
+        choice("pat", True, recent(840)),
+        user_deleted("pat", recent(845)),
     )
     gw = await start_gateway(
         didomi={"on_user_deleted": "delete"},
@@ -211,14 +212,11 @@ async def test_erasure_in_unsubscribe_mode_wins_over_a_choice_dated_after_the_pr
     withdrawals beat the choice applied before it."""
     gw = await start_gateway(didomi={"on_user_deleted": "unsubscribe"})
     assert (
-        await gw.post(
-            choice("una", True, "2025-06-13T10:00:00Z", topics="product_news"), auth_headers
-        )
-        == 202
+        await gw.post(choice("una", True, recent(2040), topics="product_news"), auth_headers) == 202
     )
     await gw.settle()
     assert fake.users["una"].email_subscribe == "opted_in"
-    assert await gw.post(user_deleted("una", "2025-06-12T14:03:55Z"), auth_headers) == 202
+    assert await gw.post(user_deleted("una", recent(843 + 55 / 60)), auth_headers) == 202
     await gw.settle()
     user = fake.users["una"]
     assert user.email_subscribe == "unsubscribed"
@@ -231,7 +229,7 @@ async def test_an_undated_erasure_still_unsubscribes(
 ) -> None:
     """A user.deleted without any date is dated at its arrival, not at 1970."""
     gw = await start_gateway(didomi={"on_user_deleted": "unsubscribe"})
-    assert await gw.post(choice("undated", True, "2025-06-13T10:00:00Z"), auth_headers) == 202
+    assert await gw.post(choice("undated", True, recent(2040)), auth_headers) == 202
     await gw.settle()
     assert await gw.post(user_deleted("undated", None), auth_headers) == 202
     await gw.settle()

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import BRAZE_API_KEY, MakeConfig
+from conftest import BRAZE_API_KEY, MakeConfig, recent
 
 from gateway import drift
 from gateway.braze_export import BrazeReader, WindowLimiter
@@ -32,7 +32,7 @@ ATTR = Target.attribute("consent_marketing")
 KEY = {"Authorization": f"Bearer {BRAZE_API_KEY}"}
 
 
-def didomi_user(n: int, at: str = "2025-03-14T09:26:53Z") -> dict[str, Any]:
+def didomi_user(n: int, at: str = recent(566 + 53 / 60)) -> dict[str, Any]:
     """User n of four kinds: both topics; offers only; refused; opted in but `never`."""
     kind = n % 4
     purpose: dict[str, Any] = {"id": "marketing_email", "enabled": kind != 2}

@@ -32,6 +32,7 @@ from conftest import (
     MakeConfig,
     choice,
     free_port,
+    recent,
     write_config,
 )
 from test_reliability import GatewayProcess, eventually, metric, spool_counts
@@ -61,7 +62,7 @@ async def webhook(client: Client, token: str, n: int = 1) -> tuple[int, dict[str
     """POST one valid webhook with `Bearer token`: status, body, WWW-Authenticate."""
     headers = {**JSON, "Authorization": f"Bearer {token}"}
     resp = await client.post(
-        "/webhooks/didomi", data=choice(f"p{n}", True, "2025-03-14T09:00:00Z"), headers=headers
+        "/webhooks/didomi", data=choice(f"p{n}", True, recent(540)), headers=headers
     )
     return resp.status, await resp.json(), resp.headers.get("WWW-Authenticate", "")
 
@@ -235,7 +236,7 @@ async def test_allow_from_refuses_other_peers_and_admits_loopback(
     (a forged X-Forwarded-For changes nothing) but not on the probes; 127.0.0.1 is served."""
     config = make_config(tmp_path, server={"allow_from": ["127.0.0.1/32"]})
     client = await aiohttp_client(create_app(config))
-    body = choice("net-1", True, "2025-03-14T09:00:00Z")
+    body = choice("net-1", True, recent(540))
     spoofed = {**auth_headers, "X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"}
     status, answer = await from_address(
         client, "127.0.0.2", "POST", "/webhooks/didomi", data=body, headers=spoofed
@@ -322,14 +323,14 @@ async def test_a_full_run_logs_no_key_secret_token_or_email(
 
             # Wave 1 meets two 401s, then a 422 whose body echoes the addresses: dead letters.
             for n, email in enumerate(EMAILS[:2]):
-                body = choice(email, True, "2025-03-14T09:00:00Z", event_id=f"ev-{email}")
+                body = choice(email, True, recent(540), event_id=f"ev-{email}")
                 assert await post(body, tokens[n]) == 202
             await eventually(drained, 20, "wave 1 to be dead-lettered")
             # Wave 2 is delivered, except one object Braze refuses on its own.
             for n, email in enumerate(EMAILS[2:]):
-                body = choice(email, n == 0, "2025-03-14T09:30:00Z", event_id=f"ev-{email}")
+                body = choice(email, n == 0, recent(570), event_id=f"ev-{email}")
                 assert await post(body, tokens[n]) == 202
-            late = choice(EMAILS[0], False, "2025-03-14T10:00:00Z")
+            late = choice(EMAILS[0], False, recent(600))
             assert await post(late, "x" + tokens[0]) == 401
             assert await post(late, tokens[0]) == 202
             # Truncated JSON around an address: refused, and the refusal is logged without it.
@@ -433,7 +434,7 @@ async def test_unusual_addresses_echoed_by_braze_are_masked_in_the_logs(
         client = await aiohttp_client(app)
         resp = await client.post(
             "/webhooks/didomi",
-            data=choice("someone", True, "2025-03-14T09:00:00Z"),
+            data=choice("someone", True, recent(540)),
             headers=auth_headers,
         )
         assert resp.status == 202
