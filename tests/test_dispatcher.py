@@ -55,6 +55,16 @@ class Harness:
         if self.dispatcher:
             self.dispatcher.wake()
 
+    async def put_backlog(self, *bodies: bytes) -> None:
+        """Store the bodies in one transaction, as a backlog the dispatcher finds all at once
+        (after an outage, say), however fast this machine is at storing them one by one."""
+        from gateway.webhooks import decode
+
+        items = [(decode(body).dedupe_key(), decode(body).type, body) for body in bodies]
+        assert all(r is True for r in await self.spool.run(self.spool.db.put_many, items))
+        if self.dispatcher:
+            self.dispatcher.wake()
+
     async def settle(self, timeout: float = 20.0) -> None:
         """Wait until the spool is empty and nothing is in flight."""
         assert self.dispatcher is not None
@@ -130,7 +140,9 @@ async def test_coalesces_one_person_into_one_object(fake: FakeBraze, harness: An
 async def test_ten_thousand_events_batch_well_and_end_correct(
     fake: FakeBraze, harness: Any
 ) -> None:
-    """10,000 events through a 50 ms Braze average over 60 objects a request, all states right."""
+    """A backlog of 10,000 events through a 50 ms Braze averages over 60 objects a request,
+    all states right. (Stored one by one while delivery runs, batches are as full as intake is
+    fast: on a busy machine they leave half full at the flush interval, as they should.)"""
     fake.latency_s = 0.05
     rng = random.Random(7)
     persons = [f"user-{i}" for i in range(4000)]
@@ -143,7 +155,7 @@ async def test_ten_thousand_events_batch_well_and_end_correct(
         bodies.append(event(person, enabled, at=at))
         expected[person] = "opted_in" if enabled else "unsubscribed"
     async with harness(fake, braze__flush_interval_ms=100) as h:
-        await h.put(*bodies)
+        await h.put_backlog(*bodies)
         await h.settle(timeout=120)
     track = [r for r in fake.requests if r.path == "/users/track"]
     assert max(r.object_count for r in track) <= 75
