@@ -26,6 +26,7 @@ from typing import BinaryIO, TextIO
 from . import lane
 from .audit import state_text
 from .config import Config
+from .errors import SpoolFull
 from .mappings import Mapped, RuleSet, load_rules, options_of
 from .sources import Source, UserRecord, open_source
 from .store import Store, is_postgresql, open_store
@@ -143,13 +144,21 @@ class Backfill:
             if store is not None:
                 await self._room(source, counts)
                 before = counts["stored"]
-                counts["stored"] += await asyncio.to_thread(
-                    store.put_backfill,
-                    rows,
-                    source.identity,
-                    batch[-1].resume,
-                    {k: v for k, v in counts.items() if k != "stored"} | {"stored": before},
-                )
+                while True:
+                    try:
+                        counts["stored"] += await asyncio.to_thread(
+                            store.put_backfill,
+                            rows,
+                            source.identity,
+                            batch[-1].resume,
+                            {k: v for k, v in counts.items() if k != "stored"} | {"stored": before},
+                        )
+                        break
+                    except SpoolFull as exc:
+                        # The spool's disk keeps its reserve for acknowledgements: delivery
+                        # frees room (or an operator does), then this batch goes on.
+                        self.report.tick(source, counts, note=f", waiting for room: {exc}")
+                        await asyncio.sleep(1.0)
                 counts["duplicate"] += len(rows) - (counts["stored"] - before)
                 self._waiting_estimate += counts["stored"] - before
             self.report.tick(source, counts)

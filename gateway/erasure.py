@@ -29,7 +29,7 @@ delivered if it is newer than the erasure and refused as stale otherwise.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _FILL = "erasure-fill-"  # meta keys of the zero blobs that hold free pages while they are zeroed
 _MARK = "erasure-zero"  # set by an erasure's acknowledgement: free pages are still to be zeroed
 FILL_PAGES = 16_384  # per step at most: 64 MiB of 4 KiB pages, a few hundred milliseconds
+CHUNK_ROWS = 500  # rows decoded at a time while looking for an erased person
 
 
 # Only the fields that can name a person, per stored type: unknown fields are skipped as the
@@ -160,18 +161,19 @@ def scrub(
     gone: list[int] = []
     candidates = [
         ("SELECT id, type, body FROM inbox WHERE direction = 1", ()),
-        ("SELECT id, type, body FROM inbox WHERE direction = 0 AND id <= ?", (settled_upto,)),
+        # Live webhooks and backfilled snapshots (direction 2) received before the erasure.
+        ("SELECT id, type, body FROM inbox WHERE direction IN (0, 2) AND id <= ?", (settled_upto,)),
     ]
     for sql, params in candidates:
-        for row_id, kind, body in db.execute(sql, params).fetchall():
+        for row_id, kind, body in _chunks(db.execute(sql, params)):
             found = wanted.spellings(kind, bytes(body))
             if found:
                 gone.append(row_id)
                 spellings |= found
     dead: list[int] = []
-    for row_id, kind, body, who in db.execute(
-        "SELECT id, type, body, person FROM dead_letters"
-    ).fetchall():
+    for row_id, kind, body, who in _chunks(
+        db.execute("SELECT id, type, body, person FROM dead_letters")
+    ):
         found = wanted.spellings(kind, bytes(body))
         if wanted.match(who):
             found.add(who)
@@ -188,6 +190,12 @@ def scrub(
     for spelling in sorted(spellings):
         _forget(db, spelling, hash_of(spelling))
     return len(gone)
+
+
+def _chunks(cursor: Any) -> Iterator[Any]:
+    """The cursor's rows a few hundred at a time: a large backlog is never all in memory."""
+    while rows := cursor.fetchmany(CHUNK_ROWS):
+        yield from rows
 
 
 def _forget(db: Conn, person: str, hashed: str) -> None:

@@ -90,7 +90,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     type TEXT NOT NULL,
     body BLOB NOT NULL,
     person TEXT,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    -- The inbox direction it came from, so a replay puts a backfilled user back in its lane
+    -- (its type is a live webhook's); NULL in letters written before: told by their type.
+    direction INTEGER
 );
 """.replace("{sent}", _SENT.strip())
 
@@ -243,6 +246,9 @@ class SpoolDB(SpoolBase):
             self._tx(add)
         if "replayed_at" not in columns:
             self.db.execute("ALTER TABLE inbox ADD COLUMN replayed_at REAL")
+        letters = {row[1] for row in self.db.execute("PRAGMA table_info(dead_letters)")}
+        if "direction" not in letters:
+            self.db.execute("ALTER TABLE dead_letters ADD COLUMN direction INTEGER")
         self.db.execute(_DIRECTION_INDEX)  # also serves the backfill lane (direction 2)
         # backfill_progress: `lane.SCHEMA` creates it in older files too (IF NOT EXISTS).
         keyed = [row[1] for row in self.db.execute("PRAGMA table_info(sent)") if row[5]]
@@ -601,8 +607,9 @@ class SpoolDB(SpoolBase):
         def work(db: sqlite3.Connection) -> int:
             for item in dead:
                 db.execute(
-                    "INSERT INTO dead_letters(created_at, received_at, type, body, person, reason)"
-                    " SELECT ?, received_at, type, body, ?, ? FROM inbox WHERE id = ?",
+                    "INSERT INTO dead_letters(created_at, received_at, type, body, person, reason,"
+                    " direction) SELECT ?, received_at, type, body, ?, ?, direction FROM inbox"
+                    " WHERE id = ?",
                     (now, item.person, item.reason, item.id),
                 )
             ids = [*done, *(item.id for item in dead)]
@@ -706,7 +713,8 @@ class SpoolDB(SpoolBase):
                 raise SpoolFull(f"{self._short_of_room()}, or replay fewer letters with --id")
             moved = db.execute(
                 "INSERT INTO inbox(received_at, type, body, direction, replayed_at)"  # noqa: S608 - only placeholders are interpolated
-                f" SELECT received_at, type, body, CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END, ?"
+                f" SELECT received_at, type, body,"
+                f" coalesce(direction, CASE WHEN {TO_DIDOMI} THEN 1 ELSE 0 END), ?"
                 f" FROM dead_letters {where} ORDER BY id",
                 (now, *params),
             ).rowcount
@@ -736,10 +744,21 @@ class SpoolDB(SpoolBase):
         *,
         finished: bool = False,
     ) -> int:
-        """Store backfilled (key, body, person) rows and the source's progress, atomically."""
+        """Store backfilled (key, body, person) rows and the source's progress, atomically;
+        SpoolFull (nothing stored) while they would eat the reserve acknowledgements need."""
         now = self.clock()
+        cost = sum(_row_cost(key, body) for key, body, _ in rows)
+        if self.low_on_disk is not None:
+            self._give_back()
+        self._shed_for(cost)
 
         def work(db: sqlite3.Connection) -> int:
+            # As intake: the rows' WAL frames, then the pages the checkpoint adds where no
+            # free page is left, must leave `min_free_bytes` to acknowledgements.
+            disk, reusable = self._room()
+            needed = cost + max(0, cost - reusable)
+            if self._above_reserve(disk - needed, max(0, reusable - cost)) < 0:
+                raise SpoolFull(self._short_of_room())
             stored = lane.store(db, rows, now, self.dedupe_window_s, None)
             total = {**counts, "stored": counts.get("stored", 0) + stored}
             lane.save(db, source, position, total, now, finished)

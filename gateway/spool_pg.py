@@ -126,6 +126,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 4: `gateway backfill`'s progress per source (its rows are inbox rows, direction 2).
     lane.PG_MIGRATION,
+    # 5: a dead letter keeps the inbox direction it came from, so a replayed backfilled user
+    # goes back to its lane (its type is a live webhook's); NULL before: told by the type.
+    "ALTER TABLE dead_letters ADD COLUMN direction smallint;",
 )
 VERSION = len(MIGRATIONS)
 
@@ -454,7 +457,8 @@ class PgSpoolDB(SpoolBase):
         def work(db: Conn) -> int:
             db.executemany(
                 "INSERT INTO dead_letters(created_at, received_at, type, body, person, reason,"
-                " part) SELECT ?, received_at, type, body, ?, ?, part FROM inbox WHERE id = ?",
+                " part, direction) SELECT ?, received_at, type, body, ?, ?, part, direction"
+                " FROM inbox WHERE id = ?",
                 [(now, item.person, item.reason, item.id) for item in dead],
             )
             ids = [*done, *(item.id for item in dead)]
@@ -517,7 +521,8 @@ class PgSpoolDB(SpoolBase):
             db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))  # as intake does
             where, params = _which(ids)
             letters = db.execute(
-                f"DELETE FROM dead_letters {where} RETURNING id, received_at, type, body, part",  # noqa: S608 - placeholders only
+                f"DELETE FROM dead_letters {where}"  # noqa: S608 - placeholders only
+                " RETURNING id, received_at, type, body, part, direction",
                 params,
             ).fetchall()
             letters.sort()
@@ -525,8 +530,8 @@ class PgSpoolDB(SpoolBase):
                 "INSERT INTO inbox(received_at, type, body, direction, part, replayed_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (received, kind, body, CODES[direction_of(kind)], part, now)
-                    for _, received, kind, body, part in letters
+                    (received, kind, body, CODES[direction_of(kind)] if d is None else d, part, now)
+                    for _, received, kind, body, part, d in letters
                 ],
             )
             return len(letters)

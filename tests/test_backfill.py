@@ -365,3 +365,56 @@ async def test_the_lane_has_its_own_metrics_and_stays_out_of_live_pending(
             return done == 30
 
         await eventually(counted, 20, "30 backfilled users counted as delivered")
+
+
+def _lane_row(person: str, updated_at: str) -> tuple[str, bytes, str]:
+    """One lane row as the command stores it: (dedupe key, body, person)."""
+    body = msgspec.json.encode(
+        {"type": "user.updated", "parameters": {"new_entity": user(person, True, updated_at)}}
+    )
+    return f"backfill|{person}|{updated_at}", body, person
+
+
+def test_an_erasure_scrubs_the_persons_backfilled_snapshot(tmp_path: Path, spool_url: str) -> None:
+    """A backfilled snapshot of a person waiting in the lane is deleted with the rest of their
+    data when their erasure is acknowledged: no byte of them waits for delivery."""
+    config = configure(tmp_path, spool_url, "http://127.0.0.1:9")
+    store = open_store(config.delivery, config.retention.person_key)
+    try:
+        store.put_backfill(
+            [_lane_row("erase-me-77", ago(days=900)), _lane_row("keep-me-78", ago(days=900))],
+            "file:x",
+            "1",
+            {},
+        )
+        deletion = msgspec.json.encode(
+            {"type": "user.deleted", "parameters": {"entity": user("erase-me-77", False, ago())}}
+        )
+        store.put_many([(None, "user.deleted", deletion)])
+        live = store.fetch(0, 10)
+        store.ack([r.id for r in live], [("erase-me-77", "erased", 1.0)], erase=["erase-me-77"])
+        left = store.fetch_backfill(0, 10)
+        assert [b"erase-me-77" in row.body for row in left] == [False]
+        assert b"keep-me-78" in left[0].body
+    finally:
+        store.close()
+
+
+def test_a_replayed_backfilled_user_goes_back_to_its_lane(tmp_path: Path, spool_url: str) -> None:
+    """A backfilled user dead-lettered (after a long outage, say) and replayed returns to the
+    backfill lane, where the retention floor does not refuse an old snapshot, not to live."""
+    from gateway.store import Dead
+
+    config = configure(tmp_path, spool_url, "http://127.0.0.1:9")
+    store = open_store(config.delivery, config.retention.person_key)
+    try:
+        store.put_backfill([_lane_row("old-79", ago(days=1100))], "file:x", "1", {})
+        (row,) = store.fetch_backfill(0, 10)
+        store.ack([], dead=[Dead(row.id, "gave_up: an outage", "old-79")])
+        assert store.fetch_backfill(0, 10) == []
+        assert store.replay() == 1
+        assert store.fetch(0, 10) == []
+        (back,) = store.fetch_backfill(0, 10)
+        assert back.backfill and back.body == row.body and back.received_at == row.received_at
+    finally:
+        store.close()

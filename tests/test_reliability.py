@@ -991,3 +991,23 @@ async def test_delivery_survives_a_spool_error_while_skipping_rows(
 
     await eventually(delivered, 3, "delivery after the spool is writable again")
     assert fake.users["after-ro"].email_subscribe == "opted_in"
+
+
+def test_a_backfill_never_stores_into_the_reserve(small_disk: Path) -> None:
+    """On a nearly full disk the backfill lane refuses a batch (SpoolFull, nothing stored, its
+    progress unchanged) rather than eat the room acknowledgements need."""
+    from gateway.errors import SpoolFull
+    from gateway.spool import SpoolDB
+
+    db = SpoolDB(small_disk / "s.db", min_free_bytes=1024 * 1024)
+    try:
+        ballast = fill(small_disk)
+        os.truncate(ballast, ballast.stat().st_size - 1_500_000)  # 1.5 MB: the reserve and a bit
+        rows = [(f"k{n}", b"x" * 2_000, f"p{n}") for n in range(400)]  # 0.8 MB and more
+        with pytest.raises(SpoolFull):
+            db.put_backfill(rows, "file:x", "400", {})
+        assert db.count_backfill() == 0
+        assert db.backfill_progress("file:x") is None
+        assert db.put_backfill(rows[:10], "file:x", "10", {}) == 10  # a small batch still fits
+    finally:
+        db.close()
