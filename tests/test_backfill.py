@@ -415,6 +415,8 @@ def test_a_replayed_backfilled_user_goes_back_to_its_lane(tmp_path: Path, spool_
         assert store.replay() == 1
         assert store.fetch(0, 10) == []
         (back,) = store.fetch_backfill(0, 10)
-        assert back.backfill and back.body == row.body and back.received_at == row.received_at
+        assert back.backfill
+        assert back.body == row.body
+        assert back.received_at == row.received_at
     finally:
         store.close()
