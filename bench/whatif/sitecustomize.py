@@ -13,6 +13,8 @@ in the gateway itself):
 - `switch`: `sys.setswitchinterval(0.0005)`, to see whether the spool thread waits for the GIL.
 - `nolog`: the per-webhook `webhook accepted` line (logger `gateway.server`) is not written,
   to measure what it costs (the line is the audit of intake: not a change to make as is).
+- `syncnormal`: the spool's `PRAGMA synchronous=FULL` is run as `NORMAL` (no fsync per
+  commit in WAL mode), to see what durability costs; never a setting to ship.
 - `sqlcount`: every SQL statement SQLite runs is counted (a trace callback on each connection),
   with literals replaced by `?`; the counts go to the file BENCH_SQLCOUNT at exit. The callback
   costs time: a run with it measures counts, not speed (`bench/wrk.py --sql`).
@@ -75,3 +77,21 @@ if "sqlcount" in WHAT:
     def _dump() -> None:
         with open(os.environ["BENCH_SQLCOUNT"], "w") as out:
             json.dump(dict(_counts), out, indent=1)
+
+
+if "syncnormal" in WHAT:
+    import sqlite3
+
+    class _Normal(sqlite3.Connection):
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.replace(" ", "").upper() == "PRAGMASYNCHRONOUS=FULL":
+                sql = "PRAGMA synchronous=NORMAL"
+                print("whatif syncnormal: PRAGMA synchronous=NORMAL", file=sys.stderr)
+            return super().execute(sql, *args)  # type: ignore[arg-type]
+
+    _plain_connect = sqlite3.connect
+
+    def _normal(*args: object, **kwargs: object) -> sqlite3.Connection:
+        return _plain_connect(*args, factory=_Normal, **kwargs)  # type: ignore[arg-type,misc]
+
+    sqlite3.connect = _normal  # type: ignore[assignment]
