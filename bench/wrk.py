@@ -14,6 +14,8 @@ process per variant, all started once and kept up for the whole run:
 - `gateway`: `python -m gateway run` on a generated gateway.toml, every setting at its default
   (`synchronous=FULL` and every 202 on disk first, the audit trail, the per-person stale checks);
 - `NAME+uvloop`: the same on uvloop's event loop (the gateway through `bench/whatif`);
+- `bare+group`: the bare handler answering only after a group "commit" that stores nothing
+  (`ceiling.py --group`): the event loop's cost of waiting for the spool, without SQLite;
 - `gateway+nolog`: the gateway without its per-webhook `webhook accepted` log line (whatif);
 - `gateway+syncnormal`: the gateway with SQLite's `synchronous=NORMAL` (whatif: what the fsync
   of each commit costs; not a setting to ship, a 202 must survive power loss).
@@ -31,10 +33,10 @@ gateway also `µs/delivered`, its CPU from the load's start until the fake Braze
 accepted webhook's object and the gateway counts them delivered (the drain included), divided
 by them; `braze µs`, the fake Braze's CPU per webhook over the same window.
 
-`--profile DIR`: afterwards one more gateway run under py-spy (`pip install py-spy`, pinned with
-wrk), summarised with `bench/profile_top.py`. `--sql`: afterwards one gateway run with a sqlite3
-trace callback that counts the statements it runs (`bench/whatif`, `sqlcount`), printed per
-accepted webhook. Both slow the gateway down: their runs are not in the table.
+`--profile DIR`: afterwards one more bare and one more gateway run under py-spy (`pip install
+py-spy`, pinned with wrk), summarised with `bench/profile_top.py`. `--sql`: afterwards one
+gateway run with a sqlite3 trace callback that counts the statements it runs (`bench/whatif`,
+`sqlcount`), printed per accepted webhook. Both slow the server down: not in the table.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def parse_variant(name: str) -> Variant:
     base, *whatif = name.split("+")
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
-    allowed = {"uvloop"} | ({"nolog", "syncnormal"} if base == "gateway" else set())
+    allowed = {"uvloop"} | {"gateway": {"nolog", "syncnormal"}, "bare": {"group"}}.get(base, set())
     if set(whatif) - allowed:
         raise SystemExit(f"unknown variant {name!r}: {base} takes +{' +'.join(sorted(allowed))}")
     return Variant(name, base, whatif)
@@ -289,6 +291,8 @@ class Bench:
             argv = [PYTHON, str(script), "--host", HOST]
             if variant.base == "naive":
                 argv += ["--config", str(self.config)]
+            if "group" in whatif:
+                argv.append("--group")
             if "uvloop" in whatif:
                 env["BENCH_LOOP"] = "uvloop"
             proc = self.procs.start(name, self.pinned(1, argv), env)
@@ -442,23 +446,30 @@ class Bench:
         return {"accepted": accepted, "per_webhook": per, "run": row}
 
     def profile(self, folder: Path) -> dict[str, Any]:
-        """One gateway run under py-spy (on CPU 0, with wrk), then its summary."""
+        """One run of the bare handler and one of the gateway under py-spy, then their summary.
+
+        py-spy runs beside wrk (CPU 0). A thread waiting for a busy CPU counts as active to
+        it, so shares of samples are read against the /proc CPU of each thread."""
         spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
         if spy is None:
             raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
-        variant = next(v for v in self.variants if v.name == "gateway")
-        assert variant.proc is not None
         folder.mkdir(parents=True, exist_ok=True)
-        out = folder / "gateway.collapsed"
-        argv = [spy, "record", "--pid", str(variant.proc.pid), "--rate", "250", "--threads"]
-        argv += ["--nonblocking", "--format", "raw", "--output", str(out)]
-        spying = self.procs.start("py-spy", self.pinned(0, argv))
-        time.sleep(1.0)
-        row = self.load(variant, self.args.seconds)
-        self.procs.stop(spying, grace_s=30, sig=signal.SIGINT)
-        print(f"\nprofiled gateway run (not in the table): {line(row)}; {out}")
-        subprocess.run([PYTHON, str(BENCH / "profile_top.py"), str(out)], check=False)  # noqa: S603
-        return {"run": row, "collapsed": str(out)}
+        out: dict[str, Any] = {}
+        for name in ("bare", "gateway"):
+            variant = next(v for v in self.variants if v.name == name)
+            assert variant.proc is not None
+            collapsed = folder / f"{name}.collapsed"
+            argv = [spy, "record", "--pid", str(variant.proc.pid), "--rate", "250", "--threads"]
+            argv += ["--nonblocking", "--format", "raw", "--output", str(collapsed)]
+            spying = self.procs.start(f"py-spy-{name}", self.pinned(0, argv))
+            time.sleep(1.0)
+            row = self.load(variant, self.args.seconds)
+            self.procs.stop(spying, grace_s=30, sig=signal.SIGINT)
+            print(f"\nprofiled {name} run (not in the table): {line(row)}; {collapsed}")
+            top = [PYTHON, str(BENCH / "profile_top.py"), str(collapsed), "--top", "15"]
+            subprocess.run(top, check=False)  # noqa: S603 - our own script
+            out[name] = {"run": row, "collapsed": str(collapsed)}
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -534,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="",
-        help="more servers, comma-separated: bare+uvloop, naive+uvloop, gateway+uvloop, "
-        "gateway+nolog, gateway+syncnormal (combinations too: gateway+uvloop+nolog)",
+        help="more servers, comma-separated: bare+uvloop, bare+group, naive+uvloop, "
+        "gateway+uvloop, gateway+nolog, gateway+syncnormal (or combined: gateway+uvloop+nolog)",
     )
     parser.add_argument("--drain-timeout", type=float, default=90.0, help="seconds, at most")
     parser.add_argument("--no-pin", action="store_true", help="no taskset")
