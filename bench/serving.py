@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 from aiohttp import web
@@ -24,5 +25,9 @@ async def _serve(app: web.Application, name: str, host: str, port: int) -> None:
 
 
 def serve(app: web.Application, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
-    """Run `app` until SIGTERM or SIGINT; port 0 picks a free one."""
+    """Run `app` until SIGTERM or SIGINT; port 0 picks a free one (BENCH_LOOP=uvloop: on uvloop)."""
+    if os.environ.get("BENCH_LOOP") == "uvloop":
+        import uvloop  # only when asked: no extra of the gateway holds it
+
+        uvloop.install()
     asyncio.run(_serve(app, name, host, port))
