@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze, FakeDidomi, User
+from gateway.writeback import SCAN_LIMIT
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -679,7 +680,7 @@ async def test_a_spool_error_while_looking_for_earlier_didomi_rows_gives_the_rep
     failures = {"left": 2}
 
     def flaky(after: int, limit: int, direction: str = "to_braze") -> Any:
-        if limit == 1 and failures["left"]:
+        if limit == SCAN_LIMIT and direction == "to_braze" and failures["left"]:
             failures["left"] -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return real(after, limit, direction)  # type: ignore[arg-type]
@@ -839,3 +840,38 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
     records = [trace.as_dict(e) for e in spool.db.trail("gus")]
     assert {r["outcome"] for r in records} == {"older_than_retention"}
     assert any("retention" in line for line in said), said
+
+
+async def test_a_stalled_forward_path_holds_only_the_reports_of_people_it_holds_rows_of(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """While Braze refuses the key, Didomi rows of other people pile up unfetched: a Currents
+    report of an unrelated person still reaches Didomi promptly, while a report of a person
+    with an earlier Didomi row still pending waits for it."""
+    gw = await start_both(braze={"batch_size": 1, "max_in_flight": 1})
+    fake.fail_next(401, count=100_000)
+    for n in range(20):
+        body = json.loads(choice(f"other-{n}", True, iso(time.time() - 60)))
+        assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+    pending = json.loads(choice("uma", False, iso(time.time() - 30)))
+    assert (await gw.post("/webhooks/didomi", pending, auth_headers))[0] == 202
+    await asyncio.sleep(0.3)  # the forward path is held on its first batch
+    now = time.time()
+    held = global_change("cur-uma", "uma", "Opted In", now)
+    free = global_change("cur-val", "val", "Unsubscribed", now)
+    assert (await gw.post("/webhooks/braze/currents", currents(held, free), CURRENTS))[0] == 202
+    deadline = time.monotonic() + 10
+    while not fake_didomi.events and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    people = [e.body["user"]["organization_user_id"] for e in fake_didomi.events]
+    assert people == ["val"]  # Uma's report waits for her Didomi withdrawal to reach Braze
+    fake.heal()
+    await gw.settle(timeout=30)
+    # Braze took the withdrawal after Uma's act: it holds it since, so her act is stale.
+    assert fake.users["uma"].email_subscribe == "unsubscribed"
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["val"]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 1
