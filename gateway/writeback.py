@@ -10,9 +10,10 @@ derived from the row and what is written, so a retry is recorded once however of
    report already reflects it (a webhook step's snapshot never does);
 1. a date past arrival plus `didomi.max_clock_skew_s` is replaced by the arrival (counted);
 2. a state the gateway itself sent to Braze is dropped: any state sent within
-   `echo_window_s` is `echo` when the REST API (or a step) reports it, since Currents reports
-   each of the gateway's writes, in any order; a state equal to the last one sent is
-   `unchanged` (a webhook step renders every target, changed or not);
+   `echo_window_s` is `echo` when the REST API (or a step) reports it dated no later than the
+   write plus `didomi.max_clock_skew_s`, since Currents reports each of the gateway's writes,
+   in any order (a later act of that state is another system's); a state equal to the last
+   one sent is `unchanged` (a webhook step renders every target, changed or not);
 3. stale changes dropped: older than the last choice applied to that target either way, than
    the person's erasure, or than the gateway's last write of that target to Braze (Braze has
    held a later state since: a step's snapshot, or an act the Didomi choice sent after it
@@ -513,7 +514,8 @@ class Writeback(Worker):
         `known` holds, per target, every state Braze was given with Didomi agreeing (sent
         there by the forward path, or written back from Braze) and when it last was. Braze
         reports each of the gateway's writes through Currents, in any order: any of those
-        states within `echo_window_s`, from the REST API (or a step), is an `echo`. A report of
+        states within `echo_window_s`, from the REST API (or a step), dated no later than its
+        write (plus the clock skew allowed), is an `echo`. A report of
         the last state is `unchanged`: a webhook step renders every target, changed or not.
         A report older than the last state sent is `stale`: Braze has held that later state
         since, so the report is a snapshot from before it (a step) or an act it replaced.
@@ -521,7 +523,8 @@ class Writeback(Worker):
         person = report.person
         hooks = self.config.braze_webhooks
         window = hooks.echo_window_s if hooks is not None else 0.0
-        bound = report.row.received_at + self.config.didomi.max_clock_skew_s
+        skew = self.config.didomi.max_clock_skew_s
+        bound = report.row.received_at + skew
         now = self.clock()
         floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
         live: list[BrazeChange] = []
@@ -539,11 +542,16 @@ class Writeback(Worker):
             states = known.get((person, target), {})
             sent_at = states.get(change.state)
             last = max(states.items(), key=lambda item: item[1]) if states else None
-            own = change.source in (None, REST_API)
-            if sent_at is not None and (
-                (own and now - sent_at <= window) or (last is not None and last[0] == change.state)
-            ):
-                why = "echo" if own and now - sent_at <= window else "unchanged"
+            # An echo's act is Braze applying the write: never later than it (give or take the
+            # clocks). A later act of that state is someone else's (a CRM through the REST API).
+            echo = (
+                sent_at is not None
+                and change.source in (None, REST_API)
+                and now - sent_at <= window
+                and change.at <= sent_at + skew
+            )
+            if sent_at is not None and (echo or (last is not None and last[0] == change.state)):
+                why = "echo" if echo else "unchanged"
                 reason = reason or why
                 report.dropped.append((change, f"skipped:{why}"))
                 continue

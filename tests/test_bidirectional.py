@@ -875,3 +875,28 @@ async def test_a_stalled_forward_path_holds_only_the_reports_of_people_it_holds_
     assert fake.users["uma"].email_subscribe == "unsubscribed"
     assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["val"]
     assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 1
+
+
+async def test_a_braze_api_change_made_after_the_gateways_write_is_not_taken_for_its_echo(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """The gateway sends opted_in then unsubscribed; later another system opts the person in
+    through Braze's REST API: that act is dated after the gateway's write of that state (beyond
+    the clock skew allowed), so it is no echo of it and reaches Didomi."""
+    gw = await start_both(didomi={"max_clock_skew_s": 1})
+    now = time.time()
+    for n, enabled in enumerate((True, False)):
+        body = json.loads(choice("kim", enabled, iso(now - 20 + n)))
+        assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+        await gw.settle()
+    assert [o["email_subscribe"] for o in fake.objects_sent()] == ["opted_in", "unsubscribed"]
+    await asyncio.sleep(2.5)  # the other system acts well after the gateway's writes
+    crm = global_change("crm-kim", "kim", "Opted In", time.time(), source="REST API")
+    assert (await gw.post("/webhooks/braze/currents", currents(crm), CURRENTS))[0] == 202
+    await gw.settle()
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["kim"]
+    assert fake_didomi.user("kim")["consents"]["purposes"][0]["enabled"] is True  # type: ignore[index]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="echo") == 0
