@@ -603,8 +603,8 @@ class Writeback(Worker):
             if why == "skipped:unchanged" and c.source is not None
         ]
         now = self.clock()
-        # Dated by the act, as the forward path's rows are by Braze's acknowledgement: the time
-        # from which Braze holds the state, so an older report of that target is stale.
+        # Dated by the act, as the forward path's rows are by the sending of the request Braze
+        # applied: the time from which Braze holds the state, so an older report is stale.
         known = [(report.person, str(c.target), c.state, c.at) for c in written]
         at = sent_at if sent_at is not None else now
         status = answer.status if answer is not None else None

@@ -900,3 +900,31 @@ async def test_a_braze_api_change_made_after_the_gateways_write_is_not_taken_for
     assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["kim"]
     assert fake_didomi.user("kim")["consents"]["purposes"][0]["enabled"] is True  # type: ignore[index]
     assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="echo") == 0
+
+
+async def test_a_braze_act_while_braze_answers_the_gateways_write_is_not_stale(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """Braze applies the gateway's opt-in but answers late; the person unsubscribes in Braze
+    meanwhile. The gateway's write is dated when it was sent, not answered, so the later act
+    (Braze's final state) reaches Didomi rather than being dropped as stale."""
+    gw = await start_both()
+    fake.latency_s = 2.0
+    body = json.loads(choice("lea", True, iso(time.time() - 10)))
+    assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+    deadline = time.monotonic() + 10
+    while "lea" not in fake.users and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert fake.users["lea"].email_subscribe == "opted_in"  # applied; the answer is on its way
+    await asyncio.sleep(0.3)
+    act = global_change("cur-lea", "lea", "Unsubscribed", 0)
+    act["time"] = time.time()
+    assert (await gw.post("/webhooks/braze/currents", currents(act), CURRENTS))[0] == 202
+    fake.latency_s = 0.0
+    await gw.settle(timeout=30)
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["lea"]
+    assert fake_didomi.user("lea")["consents"]["purposes"][0]["enabled"] is False  # type: ignore[index]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 0
