@@ -117,6 +117,7 @@ class Report:
     clamped: bool = False  # its date was clamped to its arrival (and counted)
     newer_since: float | None = None  # since when it waits for a newer Didomi change's webhook
     hold_s: float = 0.0  # how long it waited when last held (backing off)
+    warned: bool = False  # its change older than the retention floor was logged (once)
 
 
 @dataclass(slots=True)
@@ -569,10 +570,12 @@ class Writeback(Worker):
             if change.at < max(floors.get(key, -math.inf) for key in keys):
                 reason = reason if reason == "stale" else OLDER_THAN_RETENTION
                 report.dropped.append((change, OLDER_THAN_RETENTION))
-                log.warning(
-                    "a Braze change older than the retention floor (retention.applied_days"
-                    " pruned the applied times it would be checked against): not written back"
-                )
+                if not report.warned:  # filtered again before every try: said once
+                    report.warned = True
+                    log.warning(
+                        "a Braze change older than the retention floor (retention.applied_days"
+                        " pruned the applied times it would be checked against): not written back"
+                    )
                 continue
             live.append(change)
         return live, reason

@@ -928,3 +928,29 @@ async def test_a_braze_act_while_braze_answers_the_gateways_write_is_not_stale(
     assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["lea"]
     assert fake_didomi.user("lea")["consents"]["purposes"][0]["enabled"] is False  # type: ignore[index]
     assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 0
+
+
+async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
+) -> None:
+    """A report filtered several times (before each try, again after reading Didomi) whose
+    change is older than the retention floor logs that warning once, not once per pass."""
+    from test_audit import warnings_of
+
+    from gateway.config import RetentionConfig
+    from gateway.retention import Retention
+
+    gw = await start_gateway()
+    floor = time.time() - 2 * 86_400
+    opted_in = choice("fay", True, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor)))
+    assert (await gw.post("/webhooks/didomi", json.loads(opted_in), auth_headers))[0] == 202
+    await gw.settle()
+    await Retention(
+        gw.app[SPOOL], RetentionConfig(applied_days=1, pause_s=0), gw.metrics
+    ).run_once()
+    with warnings_of("gateway.writeback") as said:
+        older = step("gus", floor - 3600, email="unsubscribed", news="subscribed")
+        assert (await gw.post("/webhooks/braze", older, BRAZE))[0] == 202
+        await gw.settle()
+    assert len(fake_didomi.events) == 1  # the group, which no floor covers, is written
+    assert sum("retention" in line for line in said) == 1, said
