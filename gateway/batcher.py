@@ -126,10 +126,9 @@ class Batcher:
 
     def waiting(self, before: int) -> Iterator[Entry]:
         """The backlog's rows stored before row id `before`."""
-        for entry in self._backlog:
-            if entry.row.id >= before:
-                return  # the backlog is in spool order
-            yield entry
+        # All of it: a backfill page (lower ids) is appended after live rows, and a partition
+        # taken over is read from its start, so the backlog is not in id order.
+        return (entry for entry in self._backlog if entry.row.id < before)
 
     def drop(self, keep: Callable[[int], bool]) -> int:
         """Forget backlog rows whose partition `keep` refuses (another replica has it now);

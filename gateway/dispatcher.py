@@ -589,9 +589,12 @@ class Dispatcher(Worker):
             for row in item.rows:
                 self.flow.latency.observe(max(0.0, now - row.queued_at))
         # The states sent, only when Braze's changes come back (to tell our echoes apart).
+        # Dated when the request that delivered them was sent, not answered: Braze may apply it
+        # at once, and a person's act in Braze while the answer is on its way is later, not
+        # stale (the writeback drops reports older than this).
         sent = (
             [
-                (item.person, t, str(c.state), now)
+                (item.person, t, str(c.state), sent_at)
                 for index, item in enumerate(items)
                 if index not in errors
                 for t, c in item.changes.items()

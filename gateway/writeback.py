@@ -10,9 +10,10 @@ derived from the row and what is written, so a retry is recorded once however of
    report already reflects it (a webhook step's snapshot never does);
 1. a date past arrival plus `didomi.max_clock_skew_s` is replaced by the arrival (counted);
 2. a state the gateway itself sent to Braze is dropped: any state sent within
-   `echo_window_s` is `echo` when the REST API (or a step) reports it, since Currents reports
-   each of the gateway's writes, in any order; a state equal to the last one sent is
-   `unchanged` (a webhook step renders every target, changed or not);
+   `echo_window_s` is `echo` when the REST API (or a step) reports it dated no later than the
+   write plus `didomi.max_clock_skew_s`, since Currents reports each of the gateway's writes,
+   in any order (a later act of that state is another system's); a state equal to the last
+   one sent is `unchanged` (a webhook step renders every target, changed or not);
 3. stale changes dropped: older than the last choice applied to that target either way, than
    the person's erasure, or than the gateway's last write of that target to Braze (Braze has
    held a later state since: a step's snapshot, or an act the Didomi choice sent after it
@@ -60,7 +61,7 @@ from .retry import Action, backoff, decide
 from .reverse import ConsentEdit, ReverseRules
 from .spool import Spool
 from .store import Dead, Pending
-from .webhooks import gateway_event_id
+from .webhooks import Webhook, WebhookError, decode, gateway_event_id
 from .worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode
@@ -80,7 +81,13 @@ LOOP_PAUSE_S = 1.0
 OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
 REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
-HOLD_POLL_S = 0.05  # how often a held report looks again
+HOLD_POLL_S = 0.05  # how soon a held report first looks again; doubled per look, to HOLD_MAX_S
+HOLD_MAX_S = 1.0
+# Unfetched Didomi rows read, per look, for one of a held report's person: SCAN_PAGES pages
+# of SCAN_LIMIT; a report behind more than that waits for the dispatcher to fetch them.
+SCAN_LIMIT = 400
+SCAN_PAGES = 5
+SCAN_KEPT_S = 0.2  # how long one reading serves every held report (rows only leave meanwhile)
 # How long a report waits for Didomi's webhook of a newer change Didomi's user shows; after
 # it, the change is taken for one that did not touch the report's targets (another purpose).
 DIDOMI_NEWER_WAIT_S = 10.0
@@ -109,6 +116,19 @@ class Report:
     not_before: float = 0.0  # time.monotonic() before which it waits (held)
     clamped: bool = False  # its date was clamped to its arrival (and counted)
     newer_since: float | None = None  # since when it waits for a newer Didomi change's webhook
+    hold_s: float = 0.0  # how long it waited when last held (backing off)
+    warned: bool = False  # its change older than the retention floor was logged (once)
+
+
+@dataclass(slots=True)
+class Unfetched:
+    """Who the Didomi rows the dispatcher has not fetched yet are about, as last read."""
+
+    cursor: int  # the dispatcher's cursor the reading started from
+    bound: int  # the last report id it was read for
+    upto: int  # rows up to this id were read (`bound`: all of those before it)
+    people: dict[str, int]  # each person's first unfetched row
+    at: float  # time.monotonic() of the reading
 
 
 class Writeback(Worker):
@@ -141,6 +161,7 @@ class Writeback(Worker):
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
         self.forward: Forward | None = None
+        self._scan: Unfetched | None = None
         # Per person, the `created_at` (Didomi's clock) of the last event the gateway wrote:
         # Didomi's user `updated_at` up to it is the gateway's own doing.
         self._own: dict[str, float] = {}
@@ -374,14 +395,48 @@ class Writeback(Worker):
             return False
         if forward.unsettled(report.person, report.row.id):
             return True
-        # Rows the dispatcher has not fetched yet may be about this person too.
-        db = self.spool.db
-        first = await self.spool.run(db.fetch, forward.cursor, 1, "to_braze")
-        return bool(first) and first[0].id < report.row.id
+        # Rows the dispatcher has not fetched yet may be about this person too; only theirs
+        # hold the report, or a stalled forward path (a refused key, a long backlog) would
+        # hold every person's.
+        scan = self._scan
+        if (
+            scan is None
+            or scan.cursor != forward.cursor
+            or scan.bound < report.row.id
+            or time.monotonic() - scan.at > SCAN_KEPT_S
+        ):
+            scan = self._scan = await self._read_unfetched(forward.cursor, report.row.id)
+        first = scan.people.get(report.person)
+        if first is not None and first < report.row.id:
+            return True
+        return scan.upto < report.row.id - 1  # rows before it were left unread: they may be
+
+    async def _read_unfetched(self, cursor: int, before: int) -> Unfetched:
+        """Who the Didomi rows after the dispatcher's cursor are about, up to the last report
+        waiting (a page at a time, at most SCAN_PAGES): read once for all held reports."""
+        bound = max((r.row.id for r in self._backlog), default=before)
+        bound = max(bound, before)
+        scan = Unfetched(cursor, bound, cursor, {}, time.monotonic())
+        rules = self.rules()
+        for _ in range(SCAN_PAGES):
+            rows = await self.spool.run(self.spool.db.fetch, scan.upto, SCAN_LIMIT, "to_braze")
+            for row in rows:
+                if row.id >= bound:
+                    scan.upto = bound
+                    return scan
+                if (person := _person(rules, row)) is not None:
+                    scan.people.setdefault(person, row.id)
+                scan.upto = row.id
+            if len(rows) < SCAN_LIMIT:
+                scan.upto = bound  # every Didomi row stored before the reports was read
+                return scan
+        return scan
 
     def _hold(self, report: Report) -> None:
         """Back to the backlog, in spool order, to be tried again in a moment."""
-        report.not_before = time.monotonic() + HOLD_POLL_S
+        # Backing off: a long hold (the forward path stalled) must not read the spool in a loop.
+        report.hold_s = min(HOLD_MAX_S, report.hold_s * 2) if report.hold_s else HOLD_POLL_S
+        report.not_before = time.monotonic() + report.hold_s
         self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
 
     def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: DidomiUser) -> bool:
@@ -460,7 +515,8 @@ class Writeback(Worker):
         `known` holds, per target, every state Braze was given with Didomi agreeing (sent
         there by the forward path, or written back from Braze) and when it last was. Braze
         reports each of the gateway's writes through Currents, in any order: any of those
-        states within `echo_window_s`, from the REST API (or a step), is an `echo`. A report of
+        states within `echo_window_s`, from the REST API (or a step), dated no later than its
+        write (plus the clock skew allowed), is an `echo`. A report of
         the last state is `unchanged`: a webhook step renders every target, changed or not.
         A report older than the last state sent is `stale`: Braze has held that later state
         since, so the report is a snapshot from before it (a step) or an act it replaced.
@@ -468,7 +524,8 @@ class Writeback(Worker):
         person = report.person
         hooks = self.config.braze_webhooks
         window = hooks.echo_window_s if hooks is not None else 0.0
-        bound = report.row.received_at + self.config.didomi.max_clock_skew_s
+        skew = self.config.didomi.max_clock_skew_s
+        bound = report.row.received_at + skew
         now = self.clock()
         floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
         live: list[BrazeChange] = []
@@ -486,11 +543,16 @@ class Writeback(Worker):
             states = known.get((person, target), {})
             sent_at = states.get(change.state)
             last = max(states.items(), key=lambda item: item[1]) if states else None
-            own = change.source in (None, REST_API)
-            if sent_at is not None and (
-                (own and now - sent_at <= window) or (last is not None and last[0] == change.state)
-            ):
-                why = "echo" if own and now - sent_at <= window else "unchanged"
+            # An echo's act is Braze applying the write: never later than it (give or take the
+            # clocks). A later act of that state is someone else's (a CRM through the REST API).
+            echo = (
+                sent_at is not None
+                and change.source in (None, REST_API)
+                and now - sent_at <= window
+                and change.at <= sent_at + skew
+            )
+            if sent_at is not None and (echo or (last is not None and last[0] == change.state)):
+                why = "echo" if echo else "unchanged"
                 reason = reason or why
                 report.dropped.append((change, f"skipped:{why}"))
                 continue
@@ -508,10 +570,12 @@ class Writeback(Worker):
             if change.at < max(floors.get(key, -math.inf) for key in keys):
                 reason = reason if reason == "stale" else OLDER_THAN_RETENTION
                 report.dropped.append((change, OLDER_THAN_RETENTION))
-                log.warning(
-                    "a Braze change older than the retention floor (retention.applied_days"
-                    " pruned the applied times it would be checked against): not written back"
-                )
+                if not report.warned:  # filtered again before every try: said once
+                    report.warned = True
+                    log.warning(
+                        "a Braze change older than the retention floor (retention.applied_days"
+                        " pruned the applied times it would be checked against): not written back"
+                    )
                 continue
             live.append(change)
         return live, reason
@@ -542,8 +606,8 @@ class Writeback(Worker):
             if why == "skipped:unchanged" and c.source is not None
         ]
         now = self.clock()
-        # Dated by the act, as the forward path's rows are by Braze's acknowledgement: the time
-        # from which Braze holds the state, so an older report of that target is stale.
+        # Dated by the act, as the forward path's rows are by the sending of the request Braze
+        # applied: the time from which Braze holds the state, so an older report is stale.
         known = [(report.person, str(c.target), c.state, c.at) for c in written]
         at = sent_at if sent_at is not None else now
         status = answer.status if answer is not None else None
@@ -620,6 +684,15 @@ class Writeback(Worker):
 # What `_send` answers besides Didomi's answers: compared by identity.
 _HOLD = Answer(Verdict.RETRY, None, "held: a newer Didomi change is on its way")
 _AGAIN = Answer(Verdict.RETRY, None, "a Didomi choice was applied meanwhile")
+
+
+def _person(rules: RuleSet, row: Pending) -> str | None:
+    """Who a Didomi row is about, as the dispatcher's mapping names people."""
+    try:
+        webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
+    except WebhookError:
+        return None  # the dispatcher drops it unsent: it holds no one
+    return rules.person(webhook)
 
 
 def _decode(row: Pending) -> list[BrazeChange]:

@@ -190,3 +190,13 @@ def test_a_returned_item_is_forgotten_with_the_later_rows_of_an_unowned_partitio
     batcher.release(batch)
     assert batcher.take(75, owned=frozenset({5})) is None
     assert (len(batcher), batcher.ids) == (0, set())
+
+
+def test_waiting_finds_an_earlier_row_appended_after_later_ones() -> None:
+    """A backfill page (lower ids) appended after live rows, or rows read again after a
+    partition move, still count as waiting before a later id: the backlog is not in id order."""
+    batcher = Batcher()
+    batcher.add([entry(100, "p", delete=False), entry(101, "q", delete=False)])
+    batcher.add([entry(40, "r", delete=False), entry(120, "s", delete=False)])
+    assert sorted(e.row.id for e in batcher.waiting(110)) == [40, 100, 101]
+    assert [e.mapped.person for e in batcher.waiting(90)] == ["r"]

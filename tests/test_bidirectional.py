@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze, FakeDidomi, User
+from gateway.writeback import SCAN_LIMIT
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -679,7 +680,7 @@ async def test_a_spool_error_while_looking_for_earlier_didomi_rows_gives_the_rep
     failures = {"left": 2}
 
     def flaky(after: int, limit: int, direction: str = "to_braze") -> Any:
-        if limit == 1 and failures["left"]:
+        if limit == SCAN_LIMIT and direction == "to_braze" and failures["left"]:
             failures["left"] -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return real(after, limit, direction)  # type: ignore[arg-type]
@@ -839,3 +840,117 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
     records = [trace.as_dict(e) for e in spool.db.trail("gus")]
     assert {r["outcome"] for r in records} == {"older_than_retention"}
     assert any("retention" in line for line in said), said
+
+
+async def test_a_stalled_forward_path_holds_only_the_reports_of_people_it_holds_rows_of(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """While Braze refuses the key, Didomi rows of other people pile up unfetched: a Currents
+    report of an unrelated person still reaches Didomi promptly, while a report of a person
+    with an earlier Didomi row still pending waits for it."""
+    gw = await start_both(braze={"batch_size": 1, "max_in_flight": 1})
+    fake.fail_next(401, count=100_000)
+    for n in range(20):
+        body = json.loads(choice(f"other-{n}", True, iso(time.time() - 60)))
+        assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+    pending = json.loads(choice("uma", False, iso(time.time() - 30)))
+    assert (await gw.post("/webhooks/didomi", pending, auth_headers))[0] == 202
+    await asyncio.sleep(0.3)  # the forward path is held on its first batch
+    now = time.time()
+    held = global_change("cur-uma", "uma", "Opted In", now)
+    free = global_change("cur-val", "val", "Unsubscribed", now)
+    assert (await gw.post("/webhooks/braze/currents", currents(held, free), CURRENTS))[0] == 202
+    deadline = time.monotonic() + 10
+    while not fake_didomi.events and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    people = [e.body["user"]["organization_user_id"] for e in fake_didomi.events]
+    assert people == ["val"]  # Uma's report waits for her Didomi withdrawal to reach Braze
+    fake.heal()
+    await gw.settle(timeout=30)
+    # Braze took the withdrawal after Uma's act: it holds it since, so her act is stale.
+    assert fake.users["uma"].email_subscribe == "unsubscribed"
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["val"]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 1
+
+
+async def test_a_braze_api_change_made_after_the_gateways_write_is_not_taken_for_its_echo(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """The gateway sends opted_in then unsubscribed; later another system opts the person in
+    through Braze's REST API: that act is dated after the gateway's write of that state (beyond
+    the clock skew allowed), so it is no echo of it and reaches Didomi."""
+    gw = await start_both(didomi={"max_clock_skew_s": 1})
+    now = time.time()
+    for n, enabled in enumerate((True, False)):
+        body = json.loads(choice("kim", enabled, iso(now - 20 + n)))
+        assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+        await gw.settle()
+    assert [o["email_subscribe"] for o in fake.objects_sent()] == ["opted_in", "unsubscribed"]
+    await asyncio.sleep(2.5)  # the other system acts well after the gateway's writes
+    crm = global_change("crm-kim", "kim", "Opted In", time.time(), source="REST API")
+    assert (await gw.post("/webhooks/braze/currents", currents(crm), CURRENTS))[0] == 202
+    await gw.settle()
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["kim"]
+    assert fake_didomi.user("kim")["consents"]["purposes"][0]["enabled"] is True  # type: ignore[index]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="echo") == 0
+
+
+async def test_a_braze_act_while_braze_answers_the_gateways_write_is_not_stale(
+    start_both: StartGateway,
+    fake: FakeBraze,
+    fake_didomi: FakeDidomi,
+    auth_headers: dict[str, str],
+) -> None:
+    """Braze applies the gateway's opt-in but answers late; the person unsubscribes in Braze
+    meanwhile. The gateway's write is dated when it was sent, not answered, so the later act
+    (Braze's final state) reaches Didomi rather than being dropped as stale."""
+    gw = await start_both()
+    fake.latency_s = 2.0
+    body = json.loads(choice("lea", True, iso(time.time() - 10)))
+    assert (await gw.post("/webhooks/didomi", body, auth_headers))[0] == 202
+    deadline = time.monotonic() + 10
+    while "lea" not in fake.users and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert fake.users["lea"].email_subscribe == "opted_in"  # applied; the answer is on its way
+    await asyncio.sleep(0.3)
+    act = global_change("cur-lea", "lea", "Unsubscribed", 0)
+    act["time"] = time.time()
+    assert (await gw.post("/webhooks/braze/currents", currents(act), CURRENTS))[0] == 202
+    fake.latency_s = 0.0
+    await gw.settle(timeout=30)
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["lea"]
+    assert fake_didomi.user("lea")["consents"]["purposes"][0]["enabled"] is False  # type: ignore[index]
+    assert gw.sample("gateway_events_skipped_total", direction="to_didomi", reason="stale") == 0
+
+
+async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, auth_headers: dict[str, str]
+) -> None:
+    """A report filtered several times (before each try, again after reading Didomi) whose
+    change is older than the retention floor logs that warning once, not once per pass."""
+    from test_audit import warnings_of
+
+    from gateway.config import RetentionConfig
+    from gateway.retention import Retention
+
+    gw = await start_gateway()
+    floor = time.time() - 2 * 86_400
+    opted_in = choice("fay", True, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor)))
+    assert (await gw.post("/webhooks/didomi", json.loads(opted_in), auth_headers))[0] == 202
+    await gw.settle()
+    await Retention(
+        gw.app[SPOOL], RetentionConfig(applied_days=1, pause_s=0), gw.metrics
+    ).run_once()
+    with warnings_of("gateway.writeback") as said:
+        older = step("gus", floor - 3600, email="unsubscribed", news="subscribed")
+        assert (await gw.post("/webhooks/braze", older, BRAZE))[0] == 202
+        await gw.settle()
+    assert len(fake_didomi.events) == 1  # the group, which no floor covers, is written
+    assert sum("retention" in line for line in said) == 1, said
