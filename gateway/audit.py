@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import SpoolError
+from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
-    from .store import Conn
+    from gateway.store import Conn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key

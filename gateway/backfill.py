@@ -23,14 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from . import lane
-from .audit import state_text
-from .config import Config
-from .errors import SpoolFull
-from .mappings import Mapped, RuleSet, load_rules, options_of
-from .sources import Source, UserRecord, open_source
-from .store import Store, is_postgresql, open_store
-from .webhooks import Parameters, Webhook
+from gateway import lane
+from gateway.audit import state_text
+from gateway.config import Config
+from gateway.errors import SpoolFull
+from gateway.mappings import Mapped, RuleSet, load_rules, options_of
+from gateway.sources import Source, UserRecord, open_source
+from gateway.store import Store, is_postgresql, open_store
+from gateway.webhooks import Parameters, Webhook
 
 PLAIN_EVERY_S = 10.0  # a progress line this often when not on a terminal
 BAR_EVERY_S = 0.25
@@ -232,7 +232,7 @@ def delivering(config: Config, store: Store) -> bool:
     """Whether some gateway holds the spool for delivery: the SQLite lock, or a live lease."""
     spool = config.delivery.spool
     if is_postgresql(spool):
-        from .spool_pg import PgSpoolDB
+        from gateway.spool_pg import PgSpoolDB
 
         assert isinstance(store, PgSpoolDB)
         with store._reading("the partition leases") as db:

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import msgspec
 
-from .config import BrazeConfig, braze_base_url
-from .errors import GatewayError
-from .logs import redact
-from .mappings import State, Target
+from gateway.config import BrazeConfig, braze_base_url
+from gateway.errors import GatewayError
+from gateway.logs import redact
+from gateway.mappings import State, Target
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.braze")
 

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from .config import BrazeConfig, braze_base_url
-from .errors import BrazeError
+from gateway.config import BrazeConfig, braze_base_url
+from gateway.errors import BrazeError
 
 log = logging.getLogger("gateway.reconcile")
 

@@ -22,9 +22,9 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .audit import Record
-from .auth import Authenticator, bearer_tokens
-from .braze_webhooks import (
+from gateway.audit import Record
+from gateway.auth import Authenticator, bearer_tokens
+from gateway.braze_webhooks import (
     CURRENTS_VERSION,
     CURRENTS_VERSION_HEADER,
     BrazeChange,
@@ -34,17 +34,9 @@ from .braze_webhooks import (
     split_currents,
     step_dedupe_key,
 )
-from .config import Config
-from .errors import SpoolError, SpoolFull
-from .intake import (
-    CONFIG,
-    METRICS,
-    SPOOL,
-    STATE,
-    json_answer,
-    read_capped,
-    refuse,
-)
+from gateway.config import Config
+from gateway.errors import SpoolError, SpoolFull
+from gateway.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
 
 log = logging.getLogger("gateway.server")
 

@@ -34,9 +34,9 @@ from typing import TypeVar
 
 import msgspec
 
-from .errors import GatewayError
-from .mappings import EMAIL, Target
-from .webhooks import MAX_DEPTH, nesting_depth
+from gateway.errors import GatewayError
+from gateway.mappings import EMAIL, Target
+from gateway.webhooks import MAX_DEPTH, nesting_depth
 
 GLOBAL_STATE_CHANGE = "users.behaviors.subscription.GlobalStateChange"
 GROUP_STATE_CHANGE = "users.behaviors.subscriptiongroup.StateChange"

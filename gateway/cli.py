@@ -11,17 +11,12 @@ from typing import Any, Literal, TextIO
 
 import msgspec
 
-from . import __version__
-from .braze import DEFAULT_PRIORITIZATION, delete_body, track_bodies, track_object
-from .braze_webhooks import (
-    BrazeChange,
-    BrazeWebhookError,
-    decode_step,
-    split_currents,
-)
-from .config import Config, braze_base_url, fake_braze_address, load_config
-from .errors import ConfigError, GatewayError, Problem
-from .mappings import (
+from gateway import __version__
+from gateway.braze import DEFAULT_PRIORITIZATION, delete_body, track_bodies, track_object
+from gateway.braze_webhooks import BrazeChange, BrazeWebhookError, decode_step, split_currents
+from gateway.config import Config, braze_base_url, fake_braze_address, load_config
+from gateway.errors import ConfigError, GatewayError, Problem
+from gateway.mappings import (
     EMAIL,
     LoadedTest,
     Mapped,
@@ -33,10 +28,10 @@ from .mappings import (
     load_rules,
     options_of,
 )
-from .reverse import ConsentEdit, ReverseRules
-from .spool import AUDIT_RECORD_BYTES
-from .store import is_postgresql
-from .webhooks import WebhookError, decode
+from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.spool import AUDIT_RECORD_BYTES
+from gateway.store import is_postgresql
+from gateway.webhooks import WebhookError, decode
 
 DEFAULT_CONFIG = "gateway.toml"
 
@@ -189,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
 def _backfill(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .backfill import run  # the readers and the spool load only for this command
+    from gateway.backfill import run  # the readers and the spool load only for this command
 
     # Didomi's key and secret are needed only to read through its API.
     config = load_config(args.config, require_secrets="didomi-api" in args.sources)
@@ -246,7 +241,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _check_online(config: Config, rules: RuleSet, config_path: str, allow_unreachable: bool) -> int:
     """`check --online`: what Braze and Didomi say; warnings never change the exit status."""
-    from .online import run  # aiohttp and the probes: only when asked for
+    from gateway.online import run  # aiohttp and the probes: only when asked for
 
     report = run(config, rules, config_path)
     errors = list(report.errors)
@@ -509,8 +504,8 @@ def _show(value: Any) -> str:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from .logs import configure_logging
-    from .server import serve  # the server pulls in aiohttp; check/render/test need not
+    from gateway.logs import configure_logging
+    from gateway.server import serve  # the server pulls in aiohttp; check/render/test need not
 
     log_format: Literal["text", "json"] = args.log_format or (
         "text" if sys.stderr.isatty() else "json"
@@ -535,14 +530,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from .deadletters import command
+    from gateway.deadletters import command
 
     config = load_config(args.config, require_secrets=False)
     return command(config, args.action, args.id)
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .trace import TraceError, command
+    from gateway.trace import TraceError, command
 
     config = load_config(args.config, require_secrets=False)
     person = args.person
@@ -557,7 +552,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from .reconcile_cli import Options, command  # aiohttp and the sources: only when run
+    from gateway.reconcile_cli import Options, command  # aiohttp and the sources: only when run
 
     if args.sample is not None and args.sample < 1:
         print("gateway reconcile: --sample takes a number of persons, 1 or more", file=sys.stderr)
@@ -574,12 +569,12 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .store import is_postgresql, open_store
+    from gateway.store import is_postgresql, open_store
 
     config = load_config(args.config, require_secrets=False)
     spool = config.delivery.spool
     if is_postgresql(spool):
-        from .spool_pg import VERSION, connect, migrate, redact
+        from gateway.spool_pg import VERSION, connect, migrate, redact
 
         conn = connect(spool)
         try:

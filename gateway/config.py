@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .errors import ConfigError, Problem
-from .store import is_postgresql
+from gateway.errors import ConfigError, Problem
+from gateway.store import is_postgresql
 
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

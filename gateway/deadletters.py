@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from .config import Config
-from .store import open_store
+from gateway.config import Config
+from gateway.store import open_store
 
 
 def command(

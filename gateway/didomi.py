@@ -27,10 +27,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from .braze import Answer, RateLimiter, Verdict
-from .config import DidomiApiConfig
-from .logs import REDACTED, redact
-from .webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
+from gateway.braze import Answer, RateLimiter, Verdict
+from gateway.config import DidomiApiConfig
+from gateway.logs import REDACTED, redact
+from gateway.webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
 
 SESSIONS = "/sessions"
 EVENTS = "/consents/events"

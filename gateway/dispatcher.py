@@ -22,23 +22,23 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import lane
-from .audit import Record, state_text
-from .batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
-from .braze import Answer, BrazeClient, Verdict, track_object
-from .errors import SpoolError
-from .health import DeliveryHealth
-from .mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
-from .retention import OLDER_THAN_RETENTION
-from .retry import Action, backoff, decide
-from .spool import Spool
-from .store import Dead, Pending
-from .webhooks import Webhook, WebhookError, decode
-from .worker import IDLE_POLL_S, Worker
+from gateway import lane
+from gateway.audit import Record, state_text
+from gateway.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
+from gateway.braze import Answer, BrazeClient, Verdict, track_object
+from gateway.errors import SpoolError
+from gateway.health import DeliveryHealth
+from gateway.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
+from gateway.retention import OLDER_THAN_RETENTION
+from gateway.retry import Action, backoff, decide
+from gateway.spool import Spool
+from gateway.store import Dead, Pending
+from gateway.webhooks import Webhook, WebhookError, decode
+from gateway.worker import IDLE_POLL_S, Worker
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .metrics import Metrics
+    from gateway.config import Config
+    from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.dispatcher")
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .errors import SpoolError
+from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-    from .spool import Spool
-    from .store import Store
+    from gateway.metrics import Metrics
+    from gateway.spool import Spool
+    from gateway.store import Store
 
 KEY = "reconcile.drift"
 REFRESH_S = 60.0

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .braze import Answer, Verdict
+from gateway.braze import Answer, Verdict
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
 
-    from .metrics import Flow
+    from gateway.metrics import Flow
 
 log = logging.getLogger("gateway.delivery")
 

@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .config import Config
-from .metrics import Metrics
-from .spool import Spool
-from .webhooks import Direction, Webhook
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.spool import Spool
+from gateway.webhooks import Direction, Webhook
 
 log = logging.getLogger("gateway.server")
 

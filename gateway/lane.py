@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from .store import Conn, Pending
+from gateway.store import Conn, Pending
 
 CODE = 2  # the inbox's `direction` for backfilled users (0: live to Braze, 1: to Didomi)
 KIND = "user.updated"  # each backfilled user is stored as the webhook that reports it

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from .config import Config, Located, Strict, convert, read_toml
-from .errors import ConfigError, Problem
-from .webhooks import Entity, Webhook
+from gateway.config import Config, Located, Strict, convert, read_toml
+from gateway.errors import ConfigError, Problem
+from gateway.webhooks import Entity, Webhook
 
 State = str | bool
 TargetKind = Literal["email", "group", "attribute"]

@@ -19,12 +19,12 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__
-from .braze import DELETE, TRACK
-from .didomi import EVENTS, SESSIONS, USERS
-from .health import BLOCKED_REASONS
-from .webhooks import BRAZE_TYPES, Direction, direction_of
-from .webhooks import EVENT_TYPES as WEBHOOK_TYPES
+from gateway import __version__
+from gateway.braze import DELETE, TRACK
+from gateway.didomi import EVENTS, SESSIONS, USERS
+from gateway.health import BLOCKED_REASONS
+from gateway.webhooks import BRAZE_TYPES, Direction, direction_of
+from gateway.webhooks import EVENT_TYPES as WEBHOOK_TYPES
 
 __all__ = [
     "EVENT_TYPES",

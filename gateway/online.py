@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from .config import Config, KeyPath, LineIndex, braze_base_url, format_path
-from .errors import Problem
-from .mappings import Reference, RuleSet
-from .webhooks import Lenient
+from gateway.config import Config, KeyPath, LineIndex, braze_base_url, format_path
+from gateway.errors import Problem
+from gateway.mappings import Reference, RuleSet
+from gateway.webhooks import Lenient
 
 PROBE_PREFIX = "gateway-check-"  # the random external id every Braze probe names
 PAGE = 100  # Didomi: "$limit ... usually has to be lower than 100"

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
-from .mappings import EMAIL, Mapped, RuleSet, State, Target
-from .sources import Source, UserRecord
-from .webhooks import Parameters, Webhook
+from gateway.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
+from gateway.mappings import EMAIL, Mapped, RuleSet, State, Target
+from gateway.sources import Source, UserRecord
+from gateway.webhooks import Parameters, Webhook
 
 CHUNK = MAX_EXPORT_IDS  # persons compared together: one export request by external id
 Z95 = 1.959963984540054

@@ -15,16 +15,16 @@ from typing import Any, BinaryIO, TextIO
 
 import msgspec
 
-from . import audit as trail
-from . import drift
-from .backfill import body_of  # the lane's row: the same bytes backfill stores
-from .braze_export import EXPORT, STATUS, BrazeReader
-from .config import Config
-from .errors import GatewayError
-from .mappings import RuleSet, load_rules, options_of
-from .reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
-from .sources import open_source
-from .store import Store, open_store
+from gateway import audit as trail
+from gateway import drift
+from gateway.backfill import body_of  # the lane's row: the same bytes backfill stores
+from gateway.braze_export import EXPORT, STATUS, BrazeReader
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.mappings import RuleSet, load_rules, options_of
+from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
+from gateway.sources import open_source
+from gateway.store import Store, open_store
 
 _encoder = msgspec.json.Encoder()
 

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .config import Config, load_config, secrets_of
-from .errors import ConfigError
-from .logs import register_secret
-from .mappings import RuleSet, load_rules, options_of
+from gateway.config import Config, load_config, secrets_of
+from gateway.errors import ConfigError
+from gateway.logs import register_secret
+from gateway.mappings import RuleSet, load_rules, options_of
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.reload")
 

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .errors import SpoolError
-from .spool_pg import Conn, PgSpoolDB, connect
-from .store import PARTITIONS
+from gateway.errors import SpoolError
+from gateway.spool_pg import Conn, PgSpoolDB, connect
+from gateway.store import PARTITIONS
 
 log = logging.getLogger("gateway.replicas")
 T = TypeVar("T")

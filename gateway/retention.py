@@ -17,13 +17,13 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from .errors import SpoolError
+from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
-    from .config import RetentionConfig
-    from .metrics import Metrics
-    from .spool import Spool
-    from .store import Conn
+    from gateway.config import RetentionConfig
+    from gateway.metrics import Metrics
+    from gateway.spool import Spool
+    from gateway.store import Conn
 
 log = logging.getLogger("gateway.retention")
 

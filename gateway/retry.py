@@ -12,8 +12,8 @@ import enum
 import random
 from dataclasses import dataclass
 
-from .braze import Answer, Verdict
-from .config import DeliveryConfig
+from gateway.braze import Answer, Verdict
+from gateway.config import DeliveryConfig
 
 
 class Action(enum.Enum):

@@ -35,9 +35,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .braze_webhooks import BrazeChange
-from .mappings import EMAIL, Rule, RuleSet, State, Target
-from .webhooks import GATEWAY_SOURCE, Purpose
+from gateway.braze_webhooks import BrazeChange
+from gateway.mappings import EMAIL, Rule, RuleSet, State, Target
+from gateway.webhooks import GATEWAY_SOURCE, Purpose
 
 # The tag every reverse write carries in its `metadata`, so the forward path can tell its own
 # echoes from a person's choices (DESIGN.md section 7): one constant, where the forward path

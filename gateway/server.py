@@ -30,10 +30,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from . import braze_intake
-from .auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
-from .braze import open_client
-from .config import (
+from gateway import braze_intake
+from gateway.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
+from gateway.braze import open_client
+from gateway.config import (
     Config,
     DeliveryConfig,
     fake_braze_address,
@@ -41,11 +41,11 @@ from .config import (
     request_bound_s,
     secrets_of,
 )
-from .didomi import open_didomi_client
-from .dispatcher import Dispatcher
-from .drift import follow as follow_drift
-from .errors import ConfigError, GatewayError, SpoolError, SpoolFull
-from .intake import (
+from gateway.didomi import open_didomi_client
+from gateway.dispatcher import Dispatcher
+from gateway.drift import follow as follow_drift
+from gateway.errors import ConfigError, GatewayError, SpoolError, SpoolFull
+from gateway.intake import (
     CONFIG,
     METRICS,
     RETRY_AFTER_S,
@@ -57,17 +57,17 @@ from .intake import (
     nothing,
     read_capped,
 )
-from .intake import refuse as intake_refuse
-from .logs import configure_logging, register_secret
-from .metrics import Metrics, metrics_handler
-from .reload import LiveRules
-from .replicas import Budget, Replicas, replica_name
-from .retention import Retention
-from .spool import Spool, SpoolDB, SpoolLock
-from .spool_pg import PgSpoolDB, redact
-from .store import Store, is_postgresql, open_store
-from .webhooks import WebhookError, decode, direction_of
-from .writeback import Writeback
+from gateway.intake import refuse as intake_refuse
+from gateway.logs import configure_logging, register_secret
+from gateway.metrics import Metrics, metrics_handler
+from gateway.reload import LiveRules
+from gateway.replicas import Budget, Replicas, replica_name
+from gateway.retention import Retention
+from gateway.spool import Spool, SpoolDB, SpoolLock
+from gateway.spool_pg import PgSpoolDB, redact
+from gateway.store import Store, is_postgresql, open_store
+from gateway.webhooks import WebhookError, decode, direction_of
+from gateway.writeback import Writeback
 
 __all__ = [
     "CONFIG",
@@ -303,7 +303,7 @@ async def _fake_braze(config: Config) -> AsyncIterator[None]:
     if address is None:
         yield
         return
-    from .testing import FakeBraze  # test code, and only a demo needs it
+    from gateway.testing import FakeBraze  # test code, and only a demo needs it
 
     fake = FakeBraze(api_key=config.braze.api_key)
     host, port = address

@@ -35,10 +35,10 @@ from typing import BinaryIO
 
 import msgspec
 
-from .braze import Verdict
-from .config import DidomiApiConfig
-from .errors import GatewayError
-from .webhooks import Entity, Lenient
+from gateway.braze import Verdict
+from gateway.config import DidomiApiConfig
+from gateway.errors import GatewayError
+from gateway.webhooks import Entity, Lenient
 
 API = "didomi-api"
 STDIN = "-"
@@ -261,7 +261,7 @@ class ApiSource(Source):
         self, size: int, resume: str | None = None
     ) -> AsyncIterator[list[UserRecord]]:
         """Records in lists of up to `size`, starting just after `resume`."""
-        from .didomi import open_didomi_client
+        from gateway.didomi import open_didomi_client
 
         start = _parse(resume)
         cursor, skip, number = start.cursor, start.skip, 0
@@ -294,7 +294,7 @@ class ApiSource(Source):
             yield batch
 
     async def _page(self, client: object, cursor: str | None) -> _Page:
-        from .didomi import DidomiClient
+        from gateway.didomi import DidomiClient
 
         assert isinstance(client, DidomiClient)
         wait = self.retry_s

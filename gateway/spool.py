@@ -40,11 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import audit as trail
-from . import erasure, lane, retention
-from .errors import SpoolError, SpoolFull, SpoolLocked
-from .store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
-from .webhooks import Direction, direction_of
+from gateway import audit as trail
+from gateway import erasure, lane, retention
+from gateway.errors import SpoolError, SpoolFull, SpoolLocked
+from gateway.store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
+from gateway.webhooks import Direction, direction_of
 
 _SENT = """
 CREATE TABLE IF NOT EXISTS sent (     -- the states sent to Braze, to know Braze's echoes of them

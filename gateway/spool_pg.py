@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from . import audit as trail
-from . import erasure, lane, retention
-from .errors import SpoolError, SpoolFull
-from .store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
-from .webhooks import Direction, direction_of
+from gateway import audit as trail
+from gateway import erasure, lane, retention
+from gateway.errors import SpoolError, SpoolFull
+from gateway.store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
+from gateway.webhooks import Direction, direction_of
 
 try:
     import psycopg

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import audit as trail
-from .errors import SpoolError
-from .webhooks import Direction
+from gateway import audit as trail
+from gateway.errors import SpoolError
+from gateway.webhooks import Direction
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from . import retention
-    from .config import DeliveryConfig
+    from gateway import retention
+    from gateway.config import DeliveryConfig
 
 log = logging.getLogger("gateway.spool")
 
@@ -370,7 +370,7 @@ def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool =
             " or --config names another gateway's config"
         )
     if is_postgresql(delivery.spool):
-        from .spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
+        from gateway.spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
 
         return PgSpoolDB(
             delivery.spool,
@@ -378,7 +378,7 @@ def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool =
             dedupe_window_s=delivery.dedupe_window_s,
             person_key=person_key,
         )
-    from .spool import SpoolDB
+    from gateway.spool import SpoolDB
 
     return SpoolDB(
         delivery.spool,

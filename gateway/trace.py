@@ -13,10 +13,10 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .audit import Entry
-from .config import Config
-from .errors import GatewayError
-from .store import open_store
+from gateway.audit import Entry
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.store import open_store
 
 
 class TraceError(GatewayError, ValueError):

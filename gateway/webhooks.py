@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import GatewayError
+from gateway.errors import GatewayError
 
 # The six types Didomi sends; one endpoint takes them all, routed on `type`.
 EVENT_TYPES = (

@@ -49,26 +49,31 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from .audit import Record, state_text
-from .braze import Answer, Verdict
-from .braze_webhooks import BrazeChange, BrazeWebhookError, decode_currents_event, decode_step
-from .didomi import DidomiClient, DidomiUser
-from .errors import SpoolError
-from .health import DeliveryHealth
-from .mappings import ERASED, RuleSet, braze_side
-from .retention import OLDER_THAN_RETENTION
-from .retry import Action, backoff, decide
-from .reverse import ConsentEdit, ReverseRules
-from .spool import Spool
-from .store import Dead, Pending
-from .webhooks import Webhook, WebhookError, decode, gateway_event_id
-from .worker import IDLE_POLL_S, Worker
+from gateway.audit import Record, state_text
+from gateway.braze import Answer, Verdict
+from gateway.braze_webhooks import (
+    BrazeChange,
+    BrazeWebhookError,
+    decode_currents_event,
+    decode_step,
+)
+from gateway.didomi import DidomiClient, DidomiUser
+from gateway.errors import SpoolError
+from gateway.health import DeliveryHealth
+from gateway.mappings import ERASED, RuleSet, braze_side
+from gateway.retention import OLDER_THAN_RETENTION
+from gateway.retry import Action, backoff, decide
+from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.spool import Spool
+from gateway.store import Dead, Pending
+from gateway.webhooks import Webhook, WebhookError, decode, gateway_event_id
+from gateway.worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .metrics import Metrics
+    from gateway.config import Config
+    from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.writeback")
 

@@ -19,9 +19,6 @@ from unittest.mock import patch
 
 import msgspec
 import pytest
-from conftest import MakeConfig, choice, recent
-from test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
-from test_reliability import fill, small_disk  # noqa: F401 - a fixture
 
 from gateway import erasure, trace
 from gateway.audit import Record, person_hash
@@ -33,6 +30,9 @@ from gateway.retention import Retention
 from gateway.server import SPOOL
 from gateway.spool import Dead, Spool, SpoolDB
 from gateway.testing import FakeBraze
+from tests.conftest import MakeConfig, choice, recent
+from tests.test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
+from tests.test_reliability import fill, small_disk  # noqa: F401 - a fixture
 
 WITHDRAWAL_ID = "3c9d1e4f-7a2b-4c5d-8e6f-0a1b2c3d4e5f"  # consent_withdrawn.json's event id
 DAY = 86_400.0

@@ -17,8 +17,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import SECRETS, build_config, choice
-from test_reliability import eventually
 
 from gateway.backfill import run
 from gateway.braze import open_client
@@ -30,6 +28,8 @@ from gateway.spool import Spool
 from gateway.store import Store, open_store
 from gateway.testing import FakeBraze
 from gateway.testing_didomi import FakeDidomi
+from tests.conftest import SECRETS, build_config, choice
+from tests.test_reliability import eventually
 
 
 def iso(when: datetime) -> str:
@@ -301,8 +301,8 @@ async def test_kill_9_of_the_gateway_mid_backfill_loses_nobody(
 ) -> None:
     """A gateway killed with kill -9 while it delivers the lane delivers the rest after its
     restart: every backfilled user reaches Braze and the lane ends empty."""
-    from conftest import free_port
-    from test_reliability import GatewayProcess
+    from tests.conftest import free_port
+    from tests.test_reliability import GatewayProcess
 
     braze = fake
     braze.latency_s = 0.05

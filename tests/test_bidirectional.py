@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_end_to_end
-from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 
 from gateway import trace
 from gateway.config import Config
@@ -30,6 +28,8 @@ from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze, FakeDidomi, User
 from gateway.writeback import SCAN_LIMIT
+from tests import test_end_to_end
+from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -812,10 +812,9 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
 ) -> None:
     """A Braze change refused only because it is older than what retention pruned is counted
     under `older_than_retention` (metric, audit record, a warning), never folded into `stale`."""
-    from test_audit import warnings_of
-
     from gateway.config import RetentionConfig
     from gateway.retention import Retention
+    from tests.test_audit import warnings_of
 
     gw = await start_gateway()
     floor = time.time() - 2 * 86_400
@@ -935,10 +934,9 @@ async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
 ) -> None:
     """A report filtered several times (before each try, again after reading Didomi) whose
     change is older than the retention floor logs that warning once, not once per pass."""
-    from test_audit import warnings_of
-
     from gateway.config import RetentionConfig
     from gateway.retention import Retention
+    from tests.test_audit import warnings_of
 
     gw = await start_gateway()
     floor = time.time() - 2 * 86_400

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
-from test_end_to_end import StartGateway, start_gateway
 
 from gateway.braze import RateLimiter, Verdict, _classify, open_client
 from gateway.cli import main
@@ -18,6 +16,8 @@ from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
 from gateway.server import SPOOL
 from gateway.testing import FakeBraze
+from tests.conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
+from tests.test_end_to_end import StartGateway, start_gateway
 
 __all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 

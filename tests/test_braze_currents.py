@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_bidirectional import (
+from gateway.server import SPOOL
+from gateway.testing import FakeDidomi
+from tests.test_bidirectional import (
     CURRENTS,
     NEWS,
     OFFERS,
@@ -23,9 +25,6 @@ from test_bidirectional import (
     group_change,
     start_gateway,
 )
-
-from gateway.server import SPOOL
-from gateway.testing import FakeDidomi
 
 __all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import SECRETS, choice, free_port, write_config
-from test_reliability import (  # noqa: F401 - start_gateway is a fixture
+
+from gateway.cli import main
+from gateway.server import SPOOL
+from gateway.spool import Dead, SpoolDB
+from gateway.testing import FakeBraze
+from tests.conftest import SECRETS, choice, free_port, write_config
+from tests.test_reliability import (  # noqa: F401 - start_gateway is a fixture
     GatewayProcess,
     StartGateway,
     eventually,
     spool_counts,
     start_gateway,
 )
-
-from gateway.cli import main
-from gateway.server import SPOOL
-from gateway.spool import Dead, SpoolDB
-from gateway.testing import FakeBraze
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"

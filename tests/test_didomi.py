@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, free_port
 
 from gateway.braze import Answer, RateLimiter, Verdict
 from gateway.config import DeliveryConfig, DidomiApiConfig
@@ -28,6 +27,7 @@ from gateway.didomi import (
 from gateway.retry import Action, decide
 from gateway.testing import FakeDidomi
 from gateway.testing_didomi import didomi_error
+from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, free_port
 
 OPT_IN = [{"id": "marketing_email", "enabled": True}]
 

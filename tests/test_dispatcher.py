@@ -11,8 +11,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import BRAZE_API_KEY, free_port
-from conftest import choice as event
 
 from gateway.braze import open_client
 from gateway.config import BrazeConfig, Config, DeliveryConfig
@@ -21,6 +19,8 @@ from gateway.mappings import Options, load_rules
 from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolDB
 from gateway.testing import FakeBraze
+from tests.conftest import BRAZE_API_KEY, free_port
+from tests.conftest import choice as event
 
 ROOT = Path(__file__).resolve().parent.parent
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"

@@ -10,7 +10,7 @@ import ast
 import re
 from pathlib import Path
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # [text](target) outside code spans; images too. Autolinks and bare URLs are not relative.

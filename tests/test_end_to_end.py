@@ -21,13 +21,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing import FakeBraze
+from tests.conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"
@@ -406,7 +406,8 @@ async def test_the_running_gateway_exposes_every_metric_the_dashboard_and_alerts
 ) -> None:
     """After a short real run, /metrics (parsed by prometheus-client) has every queried metric."""
     from prometheus_client.parser import text_string_to_metric_families
-    from test_deploy import METRIC_NAME, alert_blocks, block_expr, dashboard_exprs, family_of
+
+    from tests.test_deploy import METRIC_NAME, alert_blocks, block_expr, dashboard_exprs, family_of
 
     gw = await start_gateway()
     assert await gw.post(fixture("consent_given.json"), auth_headers) == 202

@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG
 
 from gateway.testing import FakeDidomi
+from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG
 
 LOGIN = {"type": "api-key", "key": DIDOMI_API_KEY, "secret": DIDOMI_API_SECRET}
 ORG = {"organization_id": DIDOMI_ORG}

@@ -19,8 +19,13 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-import test_end_to_end
-from conftest import (
+
+from gateway.mappings import RuleSet
+from gateway.server import DISPATCHER, SPOOL
+from gateway.spool import SpoolDB
+from gateway.testing import FakeBraze, FakeDidomi
+from tests import test_end_to_end
+from tests.conftest import (
     BRAZE_API_KEY,
     DIDOMI_API_KEY,
     DIDOMI_API_SECRET,
@@ -30,12 +35,7 @@ from conftest import (
     recent,
     write_config,
 )
-from test_reliability import GatewayProcess, eventually, spool_counts
-
-from gateway.mappings import RuleSet
-from gateway.server import DISPATCHER, SPOOL
-from gateway.spool import SpoolDB
-from gateway.testing import FakeBraze, FakeDidomi
+from tests.test_reliability import GatewayProcess, eventually, spool_counts
 
 BRAZE_WEBHOOK_TOKEN = "faults-braze-webhook-token-3b7d"
 start_gateway = test_end_to_end.start_gateway  # the same fixture: a gateway on the fake Braze

@@ -22,7 +22,6 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import web
-from conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, build_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,7 @@ from gateway.reload import LiveRules
 from gateway.server import create_app, delivery
 from gateway.testing import FakeBraze
 from gateway.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
+from tests.conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = load_rules(ROOT / "mappings")

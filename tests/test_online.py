@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+
+from gateway.config import load_config
+from gateway.errors import Problem
+from gateway.mappings import load_rules, options_of
+from gateway.online import PROBE_PREFIX, Report, check_online
+from gateway.testing import ALL_PERMISSIONS, FakeBraze, FakeDidomi
+from tests.conftest import (
     BRAZE_API_KEY,
     DIDOMI_API_KEY,
     DIDOMI_API_SECRET,
@@ -22,12 +28,6 @@ from conftest import (
     free_port,
     write_config,
 )
-
-from gateway.config import load_config
-from gateway.errors import Problem
-from gateway.mappings import load_rules, options_of
-from gateway.online import PROBE_PREFIX, Report, check_online
-from gateway.testing import ALL_PERMISSIONS, FakeBraze, FakeDidomi
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

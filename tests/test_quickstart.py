@@ -22,11 +22,11 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
-from conftest import ROOT, SECRETS, free_port, write_config
 
 from gateway.config import braze_base_url, load_config
 from gateway.errors import ConfigError
 from gateway.testing import FakeBraze
+from tests.conftest import ROOT, SECRETS, free_port, write_config
 
 README = ROOT / "README.md"
 DEMO = ROOT / "examples" / "demo.toml"

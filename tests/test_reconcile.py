@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import BRAZE_API_KEY, MakeConfig, recent
 
 from gateway import drift
 from gateway.braze_export import BrazeReader, WindowLimiter
@@ -25,6 +24,7 @@ from gateway.spool import Spool
 from gateway.store import open_store
 from gateway.testing import FakeBraze
 from gateway.webhooks import Entity
+from tests.conftest import BRAZE_API_KEY, MakeConfig, recent
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -387,9 +387,8 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
     profile): --fix stores Didomi's state in the lane (not deduped against the backfill, not
     stale at the same date), delivery applies it, and a second run finds no drift (both
     backends; the ratios reach the spool's meta there too)."""
-    from test_backfill import configure, delivering, drained
-
     from gateway.backfill import run as backfill
+    from tests.test_backfill import configure, delivering, drained
 
     config = configure(tmp_path, spool_url, fake.url)
     config = msgspec_struct_replace(config, update_existing_only=False)

@@ -28,7 +28,6 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Config
@@ -37,6 +36,7 @@ from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, SPOOL, Context, create_app, delivery
 from gateway.spool import SpoolDB
 from gateway.testing import FakeBraze
+from tests.conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config
 
 Client = TestClient[web.Request, web.Application]
 JSON = {"Content-Type": "application/json"}

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import BRAZE_API_KEY, choice, free_port, write_config
-from test_reliability import STATES, GatewayProcess, at, eventually
 
 from gateway.braze import RateLimiter
 from gateway.config import DeliveryConfig
@@ -29,6 +27,8 @@ from gateway.spool_pg import PgSpoolDB, partition
 from gateway.store import PARTITIONS, open_store
 from gateway.testing import FakeBraze, FakeDidomi
 from gateway.trace import as_dict
+from tests.conftest import BRAZE_API_KEY, choice, free_port, write_config
+from tests.test_reliability import STATES, GatewayProcess, at, eventually
 
 
 class Clock:
@@ -536,13 +536,12 @@ async def test_delivery_follows_the_partitions_it_owns(
 ) -> None:
     """Only owned partitions are delivered; partitions taken later are read from the start,
     so their older rows are delivered too, each exactly once."""
-    from conftest import build_config
-
     from gateway.braze import open_client
     from gateway.dispatcher import Dispatcher
     from gateway.mappings import load_rules
     from gateway.metrics import Metrics
     from gateway.spool import Spool
+    from tests.conftest import build_config
 
     config = build_config(
         tmp_path, braze={"server": fake.url, "flush_interval_ms": 10}, delivery={"spool": pg_url}
@@ -587,10 +586,9 @@ def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
 ) -> None:
     """`gateway migrate` on a new database creates the schema; run again, it says so and
     changes nothing; a database from a newer gateway is refused with what to do."""
-    from conftest import write_config
-
     from gateway.cli import main
     from gateway.spool_pg import VERSION
+    from tests.conftest import write_config
 
     path = write_config(tmp_path, delivery={"spool": pg_url})
     assert main(["migrate", "--config", str(path)]) == 0
@@ -609,10 +607,9 @@ def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
 def test_a_spool_url_is_not_a_path_and_its_password_is_a_secret(tmp_path: Path) -> None:
     """A postgresql:// spool is kept as written (not resolved against the config's folder);
     a password written into it is masked in logs like every other secret."""
-    from conftest import build_config
-
     from gateway.config import secrets_of
     from gateway.spool_pg import redact
+    from tests.conftest import build_config
 
     url = "postgresql://gateway:hunter2-9f@db.internal:5432/gateway"
     config = build_config(tmp_path, delivery={"spool": url})
@@ -687,10 +684,9 @@ async def test_no_request_is_started_that_could_outlive_the_lease(pg_url: str) -
 def test_a_lease_too_short_for_the_request_timeouts_is_refused(tmp_path: Path) -> None:
     """delivery.lease_s below 1.5 x (braze.timeout_s + 1) on PostgreSQL: a config error that
     says what to change (SQLite has no leases, so it does not care)."""
-    from conftest import write_config
-
     from gateway.config import load_config
     from gateway.errors import ConfigError
+    from tests.conftest import write_config
 
     url = "postgresql://gateway@db.internal/gateway"
     path = write_config(tmp_path, delivery={"spool": url, "lease_s": 10})
@@ -707,13 +703,12 @@ async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
 ) -> None:
     """Braze's reports are written to Didomi by the replica owning their person's partition;
     one whose partition is another's stays in the spool, and is written once it is owned."""
-    from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
-
     from gateway.didomi import open_didomi_client
     from gateway.mappings import load_rules
     from gateway.metrics import Metrics
     from gateway.spool import Spool
     from gateway.writeback import Writeback
+    from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 
     config = build_config(
         tmp_path,
@@ -819,13 +814,12 @@ async def test_rows_withheld_because_their_partition_moved_go_to_its_owner_not_t
     """Updates older than give_up_after_s whose partition moves while they wait for their turn
     are not sent, not dead-lettered and not counted as a failure: they stay in the spool for
     the new owner, and are delivered once each when the partition comes back."""
-    from conftest import build_config
-
     from gateway.braze import open_client
     from gateway.dispatcher import Dispatcher
     from gateway.mappings import load_rules
     from gateway.metrics import Metrics
     from gateway.spool import Spool
+    from tests.conftest import build_config
 
     config = build_config(
         tmp_path,
@@ -875,13 +869,12 @@ async def test_reports_withheld_because_their_partition_moved_go_to_its_owner_no
 ) -> None:
     """The writeback likewise: a Braze report older than give_up_after_s whose partition moves
     while it is being written stays in the spool for the new owner, never a dead letter."""
-    from conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
-
     from gateway.didomi import open_didomi_client
     from gateway.mappings import load_rules
     from gateway.metrics import Metrics
     from gateway.spool import Spool
     from gateway.writeback import Writeback
+    from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 
     config = build_config(
         tmp_path,

@@ -25,7 +25,13 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import (
+
+from gateway import auth
+from gateway.auth import TokenIssuer
+from gateway.config import Config
+from gateway.server import SPOOL, create_app
+from gateway.testing import FakeBraze
+from tests.conftest import (
     BRAZE_API_KEY,
     CLIENT_ID,
     CLIENT_SECRET,
@@ -35,13 +41,7 @@ from conftest import (
     recent,
     write_config,
 )
-from test_reliability import GatewayProcess, eventually, metric, spool_counts
-
-from gateway import auth
-from gateway.auth import TokenIssuer
-from gateway.config import Config
-from gateway.server import SPOOL, create_app
-from gateway.testing import FakeBraze
+from tests.test_reliability import GatewayProcess, eventually, metric, spool_counts
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]

@@ -23,8 +23,6 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
-from conftest import BRAZE_API_KEY, choice, free_port, recent
-from test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture
 
 from gateway import health
 from gateway.braze import Answer, Verdict
@@ -34,6 +32,8 @@ from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.spool import Pending, SpoolDB
 from gateway.testing import FakeBraze
+from tests.conftest import BRAZE_API_KEY, choice, free_port, recent
+from tests.test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
