@@ -27,7 +27,7 @@ from typing import Any
 
 from procs import HOST, PYTHON, ROOT, Procs, free_port, memory_kb, wait_for
 
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 
 TOKEN = "bench-backfill-token"  # the benchmark gateway's own bearer token
 API_KEY = "bench-backfill-key"

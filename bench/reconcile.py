@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.config import load_config  # noqa: E402 - after the path is set
 from gateway.reconcile_cli import Options, run  # noqa: E402
-from gateway.testing import FakeBraze  # noqa: E402
+from gateway.testing.braze import FakeBraze  # noqa: E402
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

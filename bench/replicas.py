@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from procs import HOST
 
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 
 T = TypeVar("T")
 SCHEMA = "didomi_braze_gateway"

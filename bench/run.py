@@ -398,7 +398,7 @@ class ReplicaBench(Bench):
     """
 
     def run(self) -> dict[str, Any]:
-        from gateway import testing_postgres
+        from gateway.testing import postgres as testing_postgres
 
         print("starting PostgreSQL (fsync on) and the fake Braze (in this process) ...")
         self.clock_offset = time.time() - time.monotonic()  # load.py reports wall time

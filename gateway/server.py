@@ -303,7 +303,7 @@ async def _fake_braze(config: Config) -> AsyncIterator[None]:
     if address is None:
         yield
         return
-    from gateway.testing import FakeBraze  # test code, and only a demo needs it
+    from gateway.testing.braze import FakeBraze  # test code, and only a demo needs it
 
     fake = FakeBraze(api_key=config.braze.api_key)
     host, port = address

@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import testing_postgres
 from gateway.auth import TokenIssuer
 from gateway.config import Config, load_config
-from gateway.testing import FakeBraze, FakeDidomi
-from gateway.testing_postgres import PostgresServer
+from gateway.testing import postgres as testing_postgres
+from gateway.testing.braze import FakeBraze, FakeDidomi
+from gateway.testing.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "gateway.toml"

@@ -29,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.retention import Retention
 from gateway.server import SPOOL
 from gateway.spool import Dead, Spool, SpoolDB
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import MakeConfig, choice, recent
 from tests.test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
 from tests.test_reliability import fill, small_disk  # noqa: F401 - a fixture

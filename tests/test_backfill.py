@@ -26,8 +26,8 @@ from gateway.mappings import load_rules, options_of
 from gateway.metrics import Metrics
 from gateway.spool import Spool
 from gateway.store import Store, open_store
-from gateway.testing import FakeBraze
-from gateway.testing_didomi import FakeDidomi
+from gateway.testing.braze import FakeBraze
+from gateway.testing.didomi import FakeDidomi
 from tests.conftest import SECRETS, build_config, choice
 from tests.test_reliability import eventually
 

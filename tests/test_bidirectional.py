@@ -26,7 +26,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
-from gateway.testing import FakeBraze, FakeDidomi, User
+from gateway.testing.braze import FakeBraze, FakeDidomi, User
 from gateway.writeback import SCAN_LIMIT
 from tests import test_end_to_end
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice

@@ -15,7 +15,7 @@ from gateway.cli import main
 from gateway.config import BrazeConfig
 from gateway.metrics import Metrics
 from gateway.server import SPOOL
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
 from tests.test_end_to_end import StartGateway, start_gateway
 

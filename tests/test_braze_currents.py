@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.server import SPOOL
-from gateway.testing import FakeDidomi
+from gateway.testing.braze import FakeDidomi
 from tests.test_bidirectional import (
     CURRENTS,
     NEWS,

@@ -25,8 +25,8 @@ from gateway.didomi import (
     token_expiry,
 )
 from gateway.retry import Action, decide
-from gateway.testing import FakeDidomi
-from gateway.testing_didomi import didomi_error
+from gateway.testing.braze import FakeDidomi
+from gateway.testing.didomi import didomi_error
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, free_port
 
 OPT_IN = [{"id": "marketing_email", "enabled": True}]

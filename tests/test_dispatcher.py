@@ -18,7 +18,7 @@ from gateway.dispatcher import Dispatcher
 from gateway.mappings import Options, load_rules
 from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolDB
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, free_port
 from tests.conftest import choice as event
 

@@ -26,7 +26,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 
 ROOT = Path(__file__).resolve().parent.parent

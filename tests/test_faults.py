@@ -23,7 +23,7 @@ import pytest
 from gateway.mappings import RuleSet
 from gateway.server import DISPATCHER, SPOOL
 from gateway.spool import SpoolDB
-from gateway.testing import FakeBraze, FakeDidomi
+from gateway.testing.braze import FakeBraze, FakeDidomi
 from tests import test_end_to_end
 from tests.conftest import (
     BRAZE_API_KEY,

@@ -17,7 +17,7 @@ from gateway.config import load_config
 from gateway.errors import Problem
 from gateway.mappings import load_rules, options_of
 from gateway.online import PROBE_PREFIX, Report, check_online
-from gateway.testing import ALL_PERMISSIONS, FakeBraze, FakeDidomi
+from gateway.testing.braze import ALL_PERMISSIONS, FakeBraze, FakeDidomi
 from tests.conftest import (
     BRAZE_API_KEY,
     DIDOMI_API_KEY,

@@ -25,7 +25,7 @@ import pytest
 
 from gateway.config import braze_base_url, load_config
 from gateway.errors import ConfigError
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import ROOT, SECRETS, free_port, write_config
 
 README = ROOT / "README.md"

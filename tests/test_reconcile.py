@@ -22,7 +22,7 @@ from gateway.reconcile_cli import Options, run
 from gateway.sources import UserRecord
 from gateway.spool import Spool
 from gateway.store import open_store
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from gateway.webhooks import Entity
 from tests.conftest import BRAZE_API_KEY, MakeConfig, recent
 

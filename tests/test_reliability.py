@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, SPOOL, Context, create_app, delivery
 from gateway.spool import SpoolDB
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config
 
 Client = TestClient[web.Request, web.Application]

@@ -22,7 +22,7 @@ from gateway import reload as reload_module
 from gateway.config import Config, load_config
 from gateway.metrics import Metrics
 from gateway.reload import LIVE_KEYS, LiveRules, changed_keys
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, CLIENT_SECRET, SECRETS, choice, free_port, write_config
 from tests.test_reliability import GatewayProcess, eventually, metric
 

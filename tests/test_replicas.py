@@ -25,7 +25,7 @@ from gateway.replicas import Budget, Replicas
 from gateway.spool import SpoolDB
 from gateway.spool_pg import PgSpoolDB, partition
 from gateway.store import PARTITIONS, open_store
-from gateway.testing import FakeBraze, FakeDidomi
+from gateway.testing.braze import FakeBraze, FakeDidomi
 from gateway.trace import as_dict
 from tests.conftest import BRAZE_API_KEY, choice, free_port, write_config
 from tests.test_reliability import STATES, GatewayProcess, at, eventually

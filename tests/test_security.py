@@ -30,7 +30,7 @@ from gateway import auth
 from gateway.auth import TokenIssuer
 from gateway.config import Config
 from gateway.server import SPOOL, create_app
-from gateway.testing import FakeBraze
+from gateway.testing.braze import FakeBraze
 from tests.conftest import (
     BRAZE_API_KEY,
     CLIENT_ID,

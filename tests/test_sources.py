@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import DidomiApiConfig
 from gateway.sources import SourceError, UserRecord, open_source
-from gateway.testing_didomi import FakeDidomi
+from gateway.testing.didomi import FakeDidomi
 
 
 def user(n: int, *, updated_at: str = "2024-05-01T08:30:00Z") -> dict[str, object]:

@@ -27,10 +27,10 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from gateway.testing_didomi import (
+from gateway.testing.didomi import (
     FakeDidomi as FakeDidomi,  # the Consents API's fake, for one import
 )
-from gateway.testing_server import Served
+from gateway.testing.served import Served
 
 MAX_TRACK_OBJECTS = 75  # attributes + events + purchases together, current contracts
 MAX_DELETE_IDS = 50

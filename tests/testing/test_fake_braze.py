@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.testing import EMAIL_OBJECTS_REQUIRED, INVALID_DATA, FakeBraze
+from gateway.testing.braze import EMAIL_OBJECTS_REQUIRED, INVALID_DATA, FakeBraze
 
 KEY = "test-braze-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GROUP = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OTHER_GROUP = "9f8e7d6c-5b4a-4321-8fed-cba987654321"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from gateway.testing_server import Served
+from gateway.testing.served import Served
 
 PREFIX = "/v1"
 DEFAULT_REGULATION = "gdpr"

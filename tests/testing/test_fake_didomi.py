@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.testing import FakeDidomi
+from gateway.testing.braze import FakeDidomi
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG
 
 LOGIN = {"type": "api-key", "key": DIDOMI_API_KEY, "secret": DIDOMI_API_SECRET}
