@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.config import load_config  # noqa: E402 - after the path is set
+from gateway.config.settings import load_config  # noqa: E402 - after the path is set
 from gateway.reconcile_cli import Options, run  # noqa: E402
 from gateway.testing.braze import FakeBraze  # noqa: E402
 

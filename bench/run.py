@@ -62,8 +62,9 @@ from procs import (
 )
 from table import replicas_table, table
 
+from gateway.config.settings import is_postgresql
 from gateway.spool_pg import partition
-from gateway.store import PARTITIONS, is_postgresql
+from gateway.store import PARTITIONS
 
 # ---------------------------------------------------------------------------
 # Phases

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote_plus
 import msgspec
 from aiohttp import web
 
-from gateway.config import AuthConfig
+from gateway.config.settings import AuthConfig
 
 log = logging.getLogger("gateway.auth")
 

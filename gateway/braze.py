@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import msgspec
 
-from gateway.config import BrazeConfig, braze_base_url
+from gateway.config.settings import BrazeConfig, braze_base_url
 from gateway.errors import GatewayError
 from gateway.logs import redact
 from gateway.mappings import State, Target

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from gateway.config import BrazeConfig, braze_base_url
+from gateway.config.settings import BrazeConfig, braze_base_url
 from gateway.errors import BrazeError
 
 log = logging.getLogger("gateway.reconcile")

@@ -34,7 +34,7 @@ from gateway.braze_webhooks import (
     split_currents,
     step_dedupe_key,
 )
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.errors import SpoolError, SpoolFull
 from gateway.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
 

@@ -14,7 +14,13 @@ import msgspec
 from gateway import __version__
 from gateway.braze import DEFAULT_PRIORITIZATION, delete_body, track_bodies, track_object
 from gateway.braze_webhooks import BrazeChange, BrazeWebhookError, decode_step, split_currents
-from gateway.config import Config, braze_base_url, fake_braze_address, load_config
+from gateway.config.settings import (
+    Config,
+    braze_base_url,
+    fake_braze_address,
+    is_postgresql,
+    load_config,
+)
 from gateway.errors import ConfigError, GatewayError, Problem
 from gateway.mappings import (
     EMAIL,
@@ -30,7 +36,6 @@ from gateway.mappings import (
 )
 from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.spool import AUDIT_RECORD_BYTES
-from gateway.store import is_postgresql
 from gateway.webhooks import WebhookError, decode
 
 DEFAULT_CONFIG = "gateway.toml"
@@ -569,7 +574,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from gateway.store import is_postgresql, open_store
+    from gateway.config.settings import is_postgresql
+    from gateway.store import open_store
 
     config = load_config(args.config, require_secrets=False)
     spool = config.delivery.spool

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.store import open_store
 
 

@@ -28,7 +28,7 @@ import aiohttp
 import msgspec
 
 from gateway.braze import Answer, RateLimiter, Verdict
-from gateway.config import DidomiApiConfig
+from gateway.config.settings import DidomiApiConfig
 from gateway.logs import REDACTED, redact
 from gateway.webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
 

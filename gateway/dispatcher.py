@@ -37,7 +37,7 @@ from gateway.webhooks import Webhook, WebhookError, decode
 from gateway.worker import IDLE_POLL_S, Worker
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config.settings import Config
     from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.dispatcher")

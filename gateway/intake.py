@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.spool import Spool
 from gateway.webhooks import Direction, Webhook

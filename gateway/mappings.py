@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.config import Config, Located, Strict, convert, read_toml
+from gateway.config.settings import Config, Located, Strict, convert, read_toml
 from gateway.errors import ConfigError, Problem
 from gateway.webhooks import Entity, Webhook
 

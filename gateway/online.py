@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from gateway.config import Config, KeyPath, LineIndex, braze_base_url, format_path
+from gateway.config.settings import Config, KeyPath, LineIndex, braze_base_url, format_path
 from gateway.errors import Problem
 from gateway.mappings import Reference, RuleSet
 from gateway.webhooks import Lenient

@@ -19,7 +19,7 @@ from gateway import audit as trail
 from gateway import drift
 from gateway.backfill import body_of  # the lane's row: the same bytes backfill stores
 from gateway.braze_export import EXPORT, STATUS, BrazeReader
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.errors import GatewayError
 from gateway.mappings import RuleSet, load_rules, options_of
 from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.config import Config, load_config, secrets_of
+from gateway.config.settings import Config, load_config, secrets_of
 from gateway.errors import ConfigError
 from gateway.logs import register_secret
 from gateway.mappings import RuleSet, load_rules, options_of

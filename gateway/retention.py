@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
-    from gateway.config import RetentionConfig
+    from gateway.config.settings import RetentionConfig
     from gateway.metrics import Metrics
     from gateway.spool import Spool
     from gateway.store import Conn

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from gateway.braze import Answer, Verdict
-from gateway.config import DeliveryConfig
+from gateway.config.settings import DeliveryConfig
 
 
 class Action(enum.Enum):

@@ -33,10 +33,11 @@ from aiohttp.typedefs import Handler
 from gateway import braze_intake
 from gateway.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from gateway.braze import open_client
-from gateway.config import (
+from gateway.config.settings import (
     Config,
     DeliveryConfig,
     fake_braze_address,
+    is_postgresql,
     lease_of,
     request_bound_s,
     secrets_of,
@@ -65,7 +66,7 @@ from gateway.replicas import Budget, Replicas, replica_name
 from gateway.retention import Retention
 from gateway.spool import Spool, SpoolDB, SpoolLock
 from gateway.spool_pg import PgSpoolDB, redact
-from gateway.store import Store, is_postgresql, open_store
+from gateway.store import Store, open_store
 from gateway.webhooks import WebhookError, decode, direction_of
 from gateway.writeback import Writeback
 

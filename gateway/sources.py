@@ -36,7 +36,7 @@ from typing import BinaryIO
 import msgspec
 
 from gateway.braze import Verdict
-from gateway.config import DidomiApiConfig
+from gateway.config.settings import DidomiApiConfig
 from gateway.errors import GatewayError
 from gateway.webhooks import Entity, Lenient
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import audit as trail
+from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError
 from gateway.webhooks import Direction
 
@@ -22,11 +23,10 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from gateway import retention
-    from gateway.config import DeliveryConfig
+    from gateway.config.settings import DeliveryConfig
 
 log = logging.getLogger("gateway.spool")
 
-PG_SCHEMES = ("postgresql://", "postgres://")
 # Every person's rows go to one of this many partitions, by a hash of the person; a replica
 # owns a share of them at a time, so one person's updates are sent by one replica at a time.
 PARTITIONS = 64
@@ -49,11 +49,6 @@ def letters_where(direction: Direction | None) -> str:
     if direction is None:
         return ""
     return f" WHERE {'' if direction == 'to_didomi' else 'NOT '}{TO_DIDOMI}"
-
-
-def is_postgresql(spool: str) -> bool:
-    """Whether `delivery.spool` names a PostgreSQL database rather than a SQLite file."""
-    return spool.startswith(PG_SCHEMES)
 
 
 @dataclass(frozen=True, slots=True)

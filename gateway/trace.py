@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import msgspec
 
 from gateway.audit import Entry
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.errors import GatewayError
 from gateway.store import open_store
 

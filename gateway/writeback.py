@@ -72,7 +72,7 @@ from gateway.worker import IDLE_POLL_S, Worker
 _encode = msgspec.json.Encoder().encode
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config.settings import Config
     from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.writeback")

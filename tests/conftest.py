@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.auth import TokenIssuer
-from gateway.config import Config, load_config
+from gateway.config.settings import Config, load_config
 from gateway.testing import postgres as testing_postgres
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from gateway.testing.postgres import PostgresServer

@@ -23,7 +23,7 @@ import pytest
 from gateway import erasure, trace
 from gateway.audit import Record, person_hash
 from gateway.cli import main
-from gateway.config import Config, RetentionConfig
+from gateway.config.settings import Config, RetentionConfig
 from gateway.errors import SpoolError
 from gateway.metrics import Metrics
 from gateway.retention import Retention
@@ -370,8 +370,8 @@ OZTURK_SPELLINGS = (
 
 
 def _store(spool_url: str) -> Any:
+    from gateway.config.settings import is_postgresql
     from gateway.spool_pg import PgSpoolDB
-    from gateway.store import is_postgresql
 
     return PgSpoolDB(spool_url) if is_postgresql(spool_url) else SpoolDB(spool_url)
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import auth
 from gateway.auth import Authenticator, StaticTokens, TokenIssuer, authenticator_for, token_endpoint
-from gateway.config import AuthConfig
+from gateway.config.settings import AuthConfig
 
 CLIENT_ID = "didomi"
 SECRET = "s3cr:et+with/odd%chars"  # ':' '+' '%' exercise the §2.3.1 Basic encoding

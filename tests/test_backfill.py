@@ -20,7 +20,7 @@ import pytest
 
 from gateway.backfill import run
 from gateway.braze import open_client
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.dispatcher import Dispatcher
 from gateway.mappings import load_rules, options_of
 from gateway.metrics import Metrics

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gateway import trace
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
@@ -812,7 +812,7 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
 ) -> None:
     """A Braze change refused only because it is older than what retention pruned is counted
     under `older_than_retention` (metric, audit record, a warning), never folded into `stale`."""
-    from gateway.config import RetentionConfig
+    from gateway.config.settings import RetentionConfig
     from gateway.retention import Retention
     from tests.test_audit import warnings_of
 
@@ -934,7 +934,7 @@ async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
 ) -> None:
     """A report filtered several times (before each try, again after reading Didomi) whose
     change is older than the retention floor logs that warning once, not once per pass."""
-    from gateway.config import RetentionConfig
+    from gateway.config.settings import RetentionConfig
     from gateway.retention import Retention
     from tests.test_audit import warnings_of
 

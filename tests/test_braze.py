@@ -12,7 +12,7 @@ import pytest
 
 from gateway.braze import RateLimiter, Verdict, _classify, open_client
 from gateway.cli import main
-from gateway.config import BrazeConfig
+from gateway.config.settings import BrazeConfig
 from gateway.metrics import Metrics
 from gateway.server import SPOOL
 from gateway.testing.braze import FakeBraze

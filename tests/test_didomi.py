@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from gateway.braze import Answer, RateLimiter, Verdict
-from gateway.config import DeliveryConfig, DidomiApiConfig
+from gateway.config.settings import DeliveryConfig, DidomiApiConfig
 from gateway.didomi import (
     EVENTS,
     SESSIONS,

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from gateway.braze import open_client
-from gateway.config import BrazeConfig, Config, DeliveryConfig
+from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
 from gateway.mappings import Options, load_rules
 from gateway.metrics import Metrics

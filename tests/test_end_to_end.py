@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery

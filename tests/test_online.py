@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import load_config
+from gateway.config.settings import load_config
 from gateway.errors import Problem
 from gateway.mappings import load_rules, options_of
 from gateway.online import PROBE_PREFIX, Report, check_online

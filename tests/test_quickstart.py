@@ -23,7 +23,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from gateway.config import braze_base_url, load_config
+from gateway.config.settings import braze_base_url, load_config
 from gateway.errors import ConfigError
 from gateway.testing.braze import FakeBraze
 from tests.conftest import ROOT, SECRETS, free_port, write_config

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import drift
 from gateway.braze_export import BrazeReader, WindowLimiter
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.mappings import EMAIL, Target, load_rules
 from gateway.metrics import Metrics
 from gateway.reconcile import Report, person_of, wilson

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, SPOOL, Context, create_app, delivery

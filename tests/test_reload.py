@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway import reload as reload_module
-from gateway.config import Config, load_config
+from gateway.config.settings import Config, load_config
 from gateway.metrics import Metrics
 from gateway.reload import LIVE_KEYS, LiveRules, changed_keys
 from gateway.testing.braze import FakeBraze
@@ -120,7 +120,7 @@ def test_every_braze_key_but_max_in_flight_applies_live() -> None:
 
 
 def _every_braze_key_changed() -> Any:
-    from gateway.config import BrazeConfig
+    from gateway.config.settings import BrazeConfig
 
     return BrazeConfig(
         server="US-02",

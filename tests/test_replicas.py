@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway.braze import RateLimiter
-from gateway.config import DeliveryConfig
+from gateway.config.settings import DeliveryConfig
 from gateway.errors import SpoolError
 from gateway.replicas import Budget, Replicas
 from gateway.spool import SpoolDB
@@ -607,7 +607,7 @@ def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
 def test_a_spool_url_is_not_a_path_and_its_password_is_a_secret(tmp_path: Path) -> None:
     """A postgresql:// spool is kept as written (not resolved against the config's folder);
     a password written into it is masked in logs like every other secret."""
-    from gateway.config import secrets_of
+    from gateway.config.settings import secrets_of
     from gateway.spool_pg import redact
     from tests.conftest import build_config
 
@@ -684,7 +684,7 @@ async def test_no_request_is_started_that_could_outlive_the_lease(pg_url: str) -
 def test_a_lease_too_short_for_the_request_timeouts_is_refused(tmp_path: Path) -> None:
     """delivery.lease_s below 1.5 x (braze.timeout_s + 1) on PostgreSQL: a config error that
     says what to change (SQLite has no leases, so it does not care)."""
-    from gateway.config import load_config
+    from gateway.config.settings import load_config
     from gateway.errors import ConfigError
     from tests.conftest import write_config
 

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import auth
 from gateway.auth import TokenIssuer
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.server import SPOOL, create_app
 from gateway.testing.braze import FakeBraze
 from tests.conftest import (

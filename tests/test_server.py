@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 
 from gateway import health
 from gateway.braze import Answer, Verdict
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.health import DeliveryHealth
 from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz

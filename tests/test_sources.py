@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.config import DidomiApiConfig
+from gateway.config.settings import DidomiApiConfig
 from gateway.sources import SourceError, UserRecord, open_source
 from gateway.testing.didomi import FakeDidomi
 

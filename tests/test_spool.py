@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
 from gateway.spool import Dead, Handoff, Spool, SpoolDB, SpoolLock
 from gateway.spool_pg import PgSpoolDB
-from gateway.store import Pending, is_postgresql
+from gateway.store import Pending
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.config import (
+from gateway.config.settings import (
     AuthConfig,
     BrazeConfig,
     BrazeWebhooksConfig,
@@ -116,7 +116,7 @@ def test_struct_defaults_match_the_loaded_defaults() -> None:
 
 def test_the_repository_example_config_loads(tmp_path: Path) -> None:
     """The shipped gateway.toml loads once its secrets are in the environment."""
-    example = Path(__file__).resolve().parent.parent / "gateway.toml"
+    example = Path(__file__).resolve().parents[2] / "gateway.toml"
     env = {"DIDOMI_CLIENT_SECRET": "s", "BRAZE_API_KEY": "k"}
     config = load_config(example, env)
     assert config.braze.server == "US-01"

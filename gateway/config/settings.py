@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import msgspec
 
 from gateway.errors import ConfigError, Problem
-from gateway.store import is_postgresql
 
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -227,6 +226,14 @@ def secrets_of(config: Config) -> list[str]:
         _url_password(config.delivery.spool),
     ]
     return [value for value in values if value]
+
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgresql(spool: str) -> bool:
+    """Whether `delivery.spool` names a PostgreSQL database rather than a SQLite file."""
+    return spool.startswith(PG_SCHEMES)
 
 
 def _url_password(url: str) -> str:

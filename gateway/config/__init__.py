@@ -1,0 +1,1 @@
+"""`gateway.toml`: the config Structs, the TOML loader with line positions, the checks."""
