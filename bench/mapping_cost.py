@@ -23,7 +23,7 @@ from pathlib import Path
 import events
 
 from gateway.mappings import Mapped, RuleSet, load_rules
-from gateway.webhooks import Webhook, decode
+from gateway.shapes.webhooks import Webhook, decode
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "email.toml"
 PER_PURPOSE = 4

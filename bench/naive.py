@@ -24,7 +24,7 @@ from gateway.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.braze import track_object
 from gateway.config.settings import Config, braze_base_url, load_config
 from gateway.mappings import Mapped, RuleSet, load_rules, options_of
-from gateway.webhooks import WebhookError, decode
+from gateway.shapes.webhooks import WebhookError, decode
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 

@@ -28,9 +28,9 @@ from gateway.audit import state_text
 from gateway.config.settings import Config, is_postgresql
 from gateway.errors import SpoolFull
 from gateway.mappings import Mapped, RuleSet, load_rules, options_of
+from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord, open_source
 from gateway.store import Store, open_store
-from gateway.webhooks import Parameters, Webhook
 
 PLAIN_EVERY_S = 10.0  # a progress line this often when not on a terminal
 BAR_EVERY_S = 0.25

@@ -36,7 +36,7 @@ import msgspec
 
 from gateway.errors import GatewayError
 from gateway.mappings import EMAIL, Target
-from gateway.webhooks import MAX_DEPTH, nesting_depth
+from gateway.shapes.webhooks import MAX_DEPTH, nesting_depth
 
 GLOBAL_STATE_CHANGE = "users.behaviors.subscription.GlobalStateChange"
 GROUP_STATE_CHANGE = "users.behaviors.subscriptiongroup.StateChange"

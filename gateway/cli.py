@@ -35,8 +35,8 @@ from gateway.mappings import (
     options_of,
 )
 from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.shapes.webhooks import WebhookError, decode
 from gateway.spool import AUDIT_RECORD_BYTES
-from gateway.webhooks import WebhookError, decode
 
 DEFAULT_CONFIG = "gateway.toml"
 

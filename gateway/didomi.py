@@ -30,7 +30,7 @@ import msgspec
 from gateway.braze import Answer, RateLimiter, Verdict
 from gateway.config.settings import DidomiApiConfig
 from gateway.logs import REDACTED, redact
-from gateway.webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
+from gateway.shapes.webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
 
 SESSIONS = "/sessions"
 EVENTS = "/consents/events"

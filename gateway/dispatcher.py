@@ -31,9 +31,9 @@ from gateway.health import DeliveryHealth
 from gateway.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
 from gateway.retry import Action, backoff, decide
+from gateway.shapes.webhooks import Webhook, WebhookError, decode
 from gateway.spool import Spool
 from gateway.store import Dead, Pending
-from gateway.webhooks import Webhook, WebhookError, decode
 from gateway.worker import IDLE_POLL_S, Worker
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from aiohttp import web
 
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
+from gateway.shapes.webhooks import Direction, Webhook
 from gateway.spool import Spool
-from gateway.webhooks import Direction, Webhook
 
 log = logging.getLogger("gateway.server")
 

@@ -18,7 +18,7 @@ import msgspec
 
 from gateway.config.settings import Config, Located, Strict, convert, read_toml
 from gateway.errors import ConfigError, Problem
-from gateway.webhooks import Entity, Webhook
+from gateway.shapes.webhooks import Entity, Webhook
 
 State = str | bool
 TargetKind = Literal["email", "group", "attribute"]

@@ -23,8 +23,8 @@ from gateway import __version__
 from gateway.braze import DELETE, TRACK
 from gateway.didomi import EVENTS, SESSIONS, USERS
 from gateway.health import BLOCKED_REASONS
-from gateway.webhooks import BRAZE_TYPES, Direction, direction_of
-from gateway.webhooks import EVENT_TYPES as WEBHOOK_TYPES
+from gateway.shapes.webhooks import BRAZE_TYPES, Direction, direction_of
+from gateway.shapes.webhooks import EVENT_TYPES as WEBHOOK_TYPES
 
 __all__ = [
     "EVENT_TYPES",

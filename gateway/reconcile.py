@@ -29,8 +29,8 @@ from typing import Any
 
 from gateway.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
 from gateway.mappings import EMAIL, Mapped, RuleSet, State, Target
+from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord
-from gateway.webhooks import Parameters, Webhook
 
 CHUNK = MAX_EXPORT_IDS  # persons compared together: one export request by external id
 Z95 = 1.959963984540054

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from gateway.braze_webhooks import BrazeChange
 from gateway.mappings import EMAIL, Rule, RuleSet, State, Target
-from gateway.webhooks import GATEWAY_SOURCE, Purpose
+from gateway.shapes.webhooks import GATEWAY_SOURCE, Purpose
 
 # The tag every reverse write carries in its `metadata`, so the forward path can tell its own
 # echoes from a person's choices (DESIGN.md section 7): one constant, where the forward path

@@ -64,10 +64,10 @@ from gateway.metrics import Metrics, metrics_handler
 from gateway.reload import LiveRules
 from gateway.replicas import Budget, Replicas, replica_name
 from gateway.retention import Retention
+from gateway.shapes.webhooks import WebhookError, decode, direction_of
 from gateway.spool import Spool, SpoolDB, SpoolLock
 from gateway.spool_pg import PgSpoolDB, redact
 from gateway.store import Store, open_store
-from gateway.webhooks import WebhookError, decode, direction_of
 from gateway.writeback import Writeback
 
 __all__ = [

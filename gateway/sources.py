@@ -38,7 +38,7 @@ import msgspec
 from gateway.braze import Verdict
 from gateway.config.settings import DidomiApiConfig
 from gateway.errors import GatewayError
-from gateway.webhooks import Entity, Lenient
+from gateway.shapes.webhooks import Entity, Lenient
 
 API = "didomi-api"
 STDIN = "-"

@@ -43,8 +43,8 @@ from typing import Any, TypeVar
 from gateway import audit as trail
 from gateway import erasure, lane, retention
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
+from gateway.shapes.webhooks import Direction, direction_of
 from gateway.store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase, Store
-from gateway.webhooks import Direction, direction_of
 
 _SENT = """
 CREATE TABLE IF NOT EXISTS sent (     -- the states sent to Braze, to know Braze's echoes of them

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from gateway import audit as trail
 from gateway import erasure, lane, retention
 from gateway.errors import SpoolError, SpoolFull
+from gateway.shapes.webhooks import Direction, direction_of
 from gateway.store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
-from gateway.webhooks import Direction, direction_of
 
 try:
     import psycopg

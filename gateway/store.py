@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway import audit as trail
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError
-from gateway.webhooks import Direction
+from gateway.shapes.webhooks import Direction
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager

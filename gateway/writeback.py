@@ -64,9 +64,9 @@ from gateway.mappings import ERASED, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
 from gateway.retry import Action, backoff, decide
 from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.spool import Spool
 from gateway.store import Dead, Pending
-from gateway.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode

@@ -47,7 +47,7 @@ class Harness:
         self.dispatcher: Dispatcher | None = None
 
     async def put(self, *bodies: bytes) -> None:
-        from gateway.webhooks import decode
+        from gateway.shapes.webhooks import decode
 
         for body in bodies:
             webhook = decode(body)
@@ -58,7 +58,7 @@ class Harness:
     async def put_backlog(self, *bodies: bytes) -> None:
         """Store the bodies in one transaction, as a backlog the dispatcher finds all at once
         (after an outage, say), however fast this machine is at storing them one by one."""
-        from gateway.webhooks import decode
+        from gateway.shapes.webhooks import decode
 
         items = [(decode(body).dedupe_key(), decode(body).type, body) for body in bodies]
         assert all(r is True for r in await self.spool.run(self.spool.db.put_many, items))

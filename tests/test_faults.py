@@ -58,8 +58,8 @@ def now_iso(offset_s: float = 0.0) -> str:
 def seed(spool_url: str, *bodies: bytes) -> None:
     """Store webhooks in the spool before the gateway starts, so they form one backlog."""
     from gateway.config.settings import DeliveryConfig
+    from gateway.shapes.webhooks import decode
     from gateway.store import open_store
-    from gateway.webhooks import decode
 
     db = open_store(DeliveryConfig(spool=spool_url))
     try:

@@ -30,8 +30,8 @@ from gateway.mappings import EMAIL, Mapped, Options, RuleSet, Skipped, load_rule
 from gateway.metrics import SKIP_REASONS, Metrics
 from gateway.reload import LiveRules
 from gateway.server import create_app, delivery
+from gateway.shapes.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
 from gateway.testing.braze import FakeBraze
-from gateway.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
 from tests.conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, build_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from gateway.mappings import (
     event_from_test,
     load_rules,
 )
-from gateway.webhooks import Webhook, decode
+from gateway.shapes.webhooks import Webhook, decode
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"

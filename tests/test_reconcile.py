@@ -19,11 +19,11 @@ from gateway.mappings import EMAIL, Target, load_rules
 from gateway.metrics import Metrics
 from gateway.reconcile import Report, person_of, wilson
 from gateway.reconcile_cli import Options, run
+from gateway.shapes.webhooks import Entity
 from gateway.sources import UserRecord
 from gateway.spool import Spool
 from gateway.store import open_store
 from gateway.testing.braze import FakeBraze
-from gateway.webhooks import Entity
 from tests.conftest import BRAZE_API_KEY, MakeConfig, recent
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"

@@ -11,7 +11,7 @@ import pytest
 from gateway.braze_webhooks import BrazeChange, decode_currents_event, decode_step, split_currents
 from gateway.mappings import EMAIL, RuleSet, Target, load_rules
 from gateway.reverse import SOURCE, ConsentEdit, PurposeEdit, ReverseRules
-from gateway.webhooks import PreferenceValue, Purpose
+from gateway.shapes.webhooks import PreferenceValue, Purpose
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING = ROOT / "mappings" / "email.toml"

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.webhooks import (
+from gateway.shapes.webhooks import (
     EVENT_TYPES,
     MAX_DEPTH,
     Webhook,
@@ -19,7 +19,7 @@ from gateway.webhooks import (
     nesting_depth,
 )
 
-EVENTS = Path(__file__).resolve().parent / "events"
+EVENTS = Path(__file__).resolve().parents[1] / "events"
 FIXTURES = sorted(EVENTS.glob("*.json"))
 
 
