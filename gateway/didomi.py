@@ -6,7 +6,7 @@ writes consent events (`POST /consents/events`) under caller-chosen ids, so a re
 never recorded twice (developers.didomi.io, "Authentication", "Consents API"; the id rule is in
 Didomi's own API reference, api.didomi.io/docs, ConsentEventInput.id).
 
-Every answer is sorted into `gateway.braze.Answer` / `Verdict`, so `gateway.retry.decide` applies
+Every answer is sorted into an `Answer` / `Verdict` (delivery/), so `delivery.retry.decide` applies
 unchanged: a wrong key or URL is held (AUTH), never dead-lettered; a refused event is REFUSED.
 No reason, log line or repr ever holds the key, the secret or a token.
 """
@@ -27,8 +27,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from gateway.braze import Answer, RateLimiter, Verdict
 from gateway.config.settings import DidomiApiConfig
+from gateway.delivery.outcome import Answer, Verdict
+from gateway.delivery.pacing import RateLimiter
 from gateway.logs import REDACTED, redact
 from gateway.shapes.webhooks import GATEWAY_SOURCE, Consents, Lenient, Purpose
 

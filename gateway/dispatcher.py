@@ -25,16 +25,17 @@ from typing import TYPE_CHECKING, Any
 from gateway import lane
 from gateway.audit import Record, state_text
 from gateway.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
-from gateway.braze import Answer, BrazeClient, Verdict, track_object
+from gateway.braze import BrazeClient, track_object
+from gateway.delivery.health import DeliveryHealth
+from gateway.delivery.outcome import Answer, Verdict
+from gateway.delivery.retry import Action, backoff, decide
+from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
-from gateway.health import DeliveryHealth
 from gateway.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
-from gateway.retry import Action, backoff, decide
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
 from gateway.spool import Spool
 from gateway.store import Dead, Pending
-from gateway.worker import IDLE_POLL_S, Worker
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config

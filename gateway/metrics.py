@@ -21,8 +21,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import __version__
 from gateway.braze import DELETE, TRACK
+from gateway.delivery.health import BLOCKED_REASONS
 from gateway.didomi import EVENTS, SESSIONS, USERS
-from gateway.health import BLOCKED_REASONS
 from gateway.shapes.webhooks import BRAZE_TYPES, Direction, direction_of
 from gateway.shapes.webhooks import EVENT_TYPES as WEBHOOK_TYPES
 

@@ -35,8 +35,8 @@ from typing import BinaryIO
 
 import msgspec
 
-from gateway.braze import Verdict
 from gateway.config.settings import DidomiApiConfig
+from gateway.delivery.outcome import Verdict
 from gateway.errors import GatewayError
 from gateway.shapes.webhooks import Entity, Lenient
 

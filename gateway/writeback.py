@@ -50,24 +50,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from gateway.audit import Record, state_text
-from gateway.braze import Answer, Verdict
 from gateway.braze_webhooks import (
     BrazeChange,
     BrazeWebhookError,
     decode_currents_event,
     decode_step,
 )
+from gateway.delivery.health import DeliveryHealth
+from gateway.delivery.outcome import Answer, Verdict
+from gateway.delivery.retry import Action, backoff, decide
+from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.didomi import DidomiClient, DidomiUser
 from gateway.errors import SpoolError
-from gateway.health import DeliveryHealth
 from gateway.mappings import ERASED, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
-from gateway.retry import Action, backoff, decide
 from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.spool import Spool
 from gateway.store import Dead, Pending
-from gateway.worker import IDLE_POLL_S, Worker
 
 _encode = msgspec.json.Encoder().encode
 

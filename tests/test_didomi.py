@@ -13,8 +13,10 @@ import aiohttp
 import msgspec
 import pytest
 
-from gateway.braze import Answer, RateLimiter, Verdict
 from gateway.config.settings import DeliveryConfig, DidomiApiConfig
+from gateway.delivery.outcome import Answer, Verdict
+from gateway.delivery.pacing import RateLimiter
+from gateway.delivery.retry import Action, decide
 from gateway.didomi import (
     EVENTS,
     SESSIONS,
@@ -24,7 +26,6 @@ from gateway.didomi import (
     open_didomi_client,
     token_expiry,
 )
-from gateway.retry import Action, decide
 from gateway.testing.braze import FakeDidomi
 from gateway.testing.didomi import didomi_error
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, free_port

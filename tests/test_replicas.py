@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.braze import RateLimiter
 from gateway.config.settings import DeliveryConfig
+from gateway.delivery.pacing import RateLimiter
 from gateway.errors import SpoolError
 from gateway.replicas import Budget, Replicas
 from gateway.spool import SpoolDB

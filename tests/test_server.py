@@ -24,10 +24,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
-from gateway import health
-from gateway.braze import Answer, Verdict
 from gateway.config.settings import Config
-from gateway.health import DeliveryHealth
+from gateway.delivery import health
+from gateway.delivery.health import DeliveryHealth
+from gateway.delivery.outcome import Answer, Verdict
 from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.spool import Pending, SpoolDB

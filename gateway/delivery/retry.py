@@ -12,8 +12,8 @@ import enum
 import random
 from dataclasses import dataclass
 
-from gateway.braze import Answer, Verdict
 from gateway.config.settings import DeliveryConfig
+from gateway.delivery.outcome import Answer, Verdict
 
 
 class Action(enum.Enum):

@@ -17,14 +17,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from gateway.braze import Answer, Verdict
+from gateway.delivery.outcome import Answer, Verdict
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
 
-    from gateway.metrics import Flow
 
 log = logging.getLogger("gateway.delivery")
 
@@ -40,12 +39,19 @@ def blocked_label(status: int | None) -> str:
     return str(status)
 
 
+class Blocking(Protocol):
+    """Where health says a peer blocks delivery (`metrics.Flow` is one)."""
+
+    def blocked(self, reason: str, on: bool) -> None:
+        """Set `gateway_delivery_blocked{reason}` of this direction on or off."""
+
+
 class DeliveryHealth:
     """Whether the peer takes our requests, as readiness and the metrics report it."""
 
     def __init__(
         self,
-        flow: Flow,
+        flow: Blocking,
         auth_ok: Gauge | None = None,
         *,
         peer: str = "Braze",

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from gateway.braze import Answer, Verdict
 from gateway.config.settings import DeliveryConfig
-from gateway.retry import Action, backoff, decide
+from gateway.delivery.outcome import Answer, Verdict
+from gateway.delivery.retry import Action, backoff, decide
 
 DELIVERY = DeliveryConfig(retry_initial_ms=100, retry_max_ms=1000, give_up_after_s=60)
 

@@ -1,0 +1,1 @@
+"""What both directions share: a peer's answer, the retry policy, pacing, health, the worker."""
