@@ -22,7 +22,7 @@ from pathlib import Path
 
 import events
 
-from gateway.mappings import Mapped, RuleSet, load_rules
+from gateway.rules.mappings import Mapped, RuleSet, load_rules
 from gateway.shapes.webhooks import Webhook, decode
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "email.toml"

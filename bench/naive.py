@@ -23,7 +23,7 @@ from serving import serve
 from gateway.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.braze import track_object
 from gateway.config.settings import Config, braze_base_url, load_config
-from gateway.mappings import Mapped, RuleSet, load_rules, options_of
+from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import WebhookError, decode
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)

@@ -27,7 +27,7 @@ from gateway import lane
 from gateway.audit import state_text
 from gateway.config.settings import Config, is_postgresql
 from gateway.errors import SpoolFull
-from gateway.mappings import Mapped, RuleSet, load_rules, options_of
+from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord, open_source
 from gateway.store import Store, open_store

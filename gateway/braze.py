@@ -17,7 +17,7 @@ from gateway.config.settings import BrazeConfig, braze_base_url
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.pacing import RateLimiter
 from gateway.logs import redact
-from gateway.mappings import State, Target
+from gateway.rules.mappings import State, Target
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics

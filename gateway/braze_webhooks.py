@@ -35,7 +35,7 @@ from typing import TypeVar
 import msgspec
 
 from gateway.errors import GatewayError
-from gateway.mappings import EMAIL, Target
+from gateway.rules.mappings import EMAIL, Target
 from gateway.shapes.webhooks import MAX_DEPTH, nesting_depth
 
 GLOBAL_STATE_CHANGE = "users.behaviors.subscription.GlobalStateChange"

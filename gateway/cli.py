@@ -22,7 +22,8 @@ from gateway.config.settings import (
     load_config,
 )
 from gateway.errors import ConfigError, GatewayError, Problem
-from gateway.mappings import (
+from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.rules.mappings import (
     EMAIL,
     LoadedTest,
     Mapped,
@@ -34,7 +35,6 @@ from gateway.mappings import (
     load_rules,
     options_of,
 )
-from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.shapes.webhooks import WebhookError, decode
 from gateway.spool import AUDIT_RECORD_BYTES
 

@@ -31,8 +31,8 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
-from gateway.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
+from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
 from gateway.spool import Spool
 from gateway.store import Dead, Pending

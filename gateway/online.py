@@ -31,7 +31,7 @@ import msgspec
 
 from gateway.config.settings import Config, KeyPath, LineIndex, braze_base_url, format_path
 from gateway.errors import Problem
-from gateway.mappings import Reference, RuleSet
+from gateway.rules.mappings import Reference, RuleSet
 from gateway.shapes.webhooks import Lenient
 
 PROBE_PREFIX = "gateway-check-"  # the random external id every Braze probe names

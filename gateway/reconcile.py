@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
-from gateway.mappings import EMAIL, Mapped, RuleSet, State, Target
+from gateway.rules.mappings import EMAIL, Mapped, RuleSet, State, Target
 from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord
 

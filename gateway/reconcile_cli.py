@@ -21,8 +21,8 @@ from gateway.backfill import body_of  # the lane's row: the same bytes backfill 
 from gateway.braze_export import EXPORT, STATUS, BrazeReader
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
-from gateway.mappings import RuleSet, load_rules, options_of
 from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
+from gateway.rules.mappings import RuleSet, load_rules, options_of
 from gateway.sources import open_source
 from gateway.store import Store, open_store
 

@@ -28,7 +28,7 @@ import msgspec
 from gateway.config.settings import Config, load_config, secrets_of
 from gateway.errors import ConfigError
 from gateway.logs import register_secret
-from gateway.mappings import RuleSet, load_rules, options_of
+from gateway.rules.mappings import RuleSet, load_rules, options_of
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics

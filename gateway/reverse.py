@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.braze_webhooks import BrazeChange
-from gateway.mappings import EMAIL, Rule, RuleSet, State, Target
+from gateway.rules.mappings import EMAIL, Rule, RuleSet, State, Target
 from gateway.shapes.webhooks import GATEWAY_SOURCE, Purpose
 
 # The tag every reverse write carries in its `metadata`, so the forward path can tell its own

@@ -62,9 +62,9 @@ from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.didomi import DidomiClient, DidomiUser
 from gateway.errors import SpoolError
-from gateway.mappings import ERASED, RuleSet, braze_side
 from gateway.retention import OLDER_THAN_RETENTION
 from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.rules.mappings import ERASED, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.spool import Spool
 from gateway.store import Dead, Pending

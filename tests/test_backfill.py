@@ -22,8 +22,8 @@ from gateway.backfill import run
 from gateway.braze import open_client
 from gateway.config.settings import Config
 from gateway.dispatcher import Dispatcher
-from gateway.mappings import load_rules, options_of
 from gateway.metrics import Metrics
+from gateway.rules.mappings import load_rules, options_of
 from gateway.spool import Spool
 from gateway.store import Store, open_store
 from gateway.testing.braze import FakeBraze

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.batcher import Batch, Batcher, Entry
-from gateway.mappings import EMAIL, Mapped
+from gateway.rules.mappings import EMAIL, Mapped
 from gateway.spool import Pending
 
 PEOPLE = ("p", "q", "r", "s")

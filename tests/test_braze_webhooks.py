@@ -23,7 +23,7 @@ from gateway.braze_webhooks import (
     split_currents,
     step_dedupe_key,
 )
-from gateway.mappings import EMAIL, Target, load_rules
+from gateway.rules.mappings import EMAIL, Target, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 BRAZE = ROOT / "tests" / "events" / "braze"

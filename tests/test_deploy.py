@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.cli import _parser
 from gateway.config import settings as config_module
 from gateway.config.settings import Config, ServerConfig, load_config
-from gateway.mappings import load_rules
 from gateway.metrics import Metrics
+from gateway.rules.mappings import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

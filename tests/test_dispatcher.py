@@ -15,8 +15,8 @@ import pytest
 from gateway.braze import open_client
 from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
-from gateway.mappings import Options, load_rules
 from gateway.metrics import Metrics
+from gateway.rules.mappings import Options, load_rules
 from gateway.spool import Spool, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, free_port

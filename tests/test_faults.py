@@ -20,7 +20,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from gateway.mappings import RuleSet
+from gateway.rules.mappings import RuleSet
 from gateway.server import DISPATCHER, SPOOL
 from gateway.spool import SpoolDB
 from gateway.testing.braze import FakeBraze, FakeDidomi

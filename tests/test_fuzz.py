@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.auth import TokenIssuer
-from gateway.mappings import EMAIL, Mapped, Options, RuleSet, Skipped, load_rules
 from gateway.metrics import SKIP_REASONS, Metrics
 from gateway.reload import LiveRules
+from gateway.rules.mappings import EMAIL, Mapped, Options, RuleSet, Skipped, load_rules
 from gateway.server import create_app, delivery
 from gateway.shapes.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
 from gateway.testing.braze import FakeBraze

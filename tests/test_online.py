@@ -15,8 +15,8 @@ import pytest
 
 from gateway.config.settings import load_config
 from gateway.errors import Problem
-from gateway.mappings import load_rules, options_of
 from gateway.online import PROBE_PREFIX, Report, check_online
+from gateway.rules.mappings import load_rules, options_of
 from gateway.testing.braze import ALL_PERMISSIONS, FakeBraze, FakeDidomi
 from tests.conftest import (
     BRAZE_API_KEY,

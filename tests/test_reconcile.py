@@ -15,10 +15,10 @@ import pytest
 from gateway import drift
 from gateway.braze_export import BrazeReader, WindowLimiter
 from gateway.config.settings import Config
-from gateway.mappings import EMAIL, Target, load_rules
 from gateway.metrics import Metrics
 from gateway.reconcile import Report, person_of, wilson
 from gateway.reconcile_cli import Options, run
+from gateway.rules.mappings import EMAIL, Target, load_rules
 from gateway.shapes.webhooks import Entity
 from gateway.sources import UserRecord
 from gateway.spool import Spool

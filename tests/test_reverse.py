@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.braze_webhooks import BrazeChange, decode_currents_event, decode_step, split_currents
-from gateway.mappings import EMAIL, RuleSet, Target, load_rules
 from gateway.reverse import SOURCE, ConsentEdit, PurposeEdit, ReverseRules
+from gateway.rules.mappings import EMAIL, RuleSet, Target, load_rules
 from gateway.shapes.webhooks import PreferenceValue, Purpose
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.mappings import (
+from gateway.rules.mappings import (
     LoadedTest,
     Mapped,
     MappingTest,
@@ -25,7 +25,7 @@ from gateway.mappings import (
 )
 from gateway.shapes.webhooks import Webhook, decode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

@@ -1,0 +1,1 @@
+"""Mapping rules: `mappings/*.toml` compiled into lookup tables and applied to webhooks."""
