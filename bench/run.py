@@ -63,8 +63,8 @@ from procs import (
 from table import replicas_table, table
 
 from gateway.config.settings import is_postgresql
-from gateway.spool_pg import partition
-from gateway.store import PARTITIONS
+from gateway.spool.postgres import partition
+from gateway.spool.store import PARTITIONS
 
 # ---------------------------------------------------------------------------
 # Phases

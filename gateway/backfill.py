@@ -23,14 +23,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from gateway import lane
-from gateway.audit import state_text
 from gateway.config.settings import Config, is_postgresql
 from gateway.errors import SpoolFull
 from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord, open_source
-from gateway.store import Store, open_store
+from gateway.spool import lane
+from gateway.spool.audit import state_text
+from gateway.spool.backend import open_store
+from gateway.spool.store import Store
 
 PLAIN_EVERY_S = 10.0  # a progress line this often when not on a terminal
 BAR_EVERY_S = 0.25
@@ -232,7 +233,7 @@ def delivering(config: Config, store: Store) -> bool:
     """Whether some gateway holds the spool for delivery: the SQLite lock, or a live lease."""
     spool = config.delivery.spool
     if is_postgresql(spool):
-        from gateway.spool_pg import PgSpoolDB
+        from gateway.spool.postgres import PgSpoolDB
 
         assert isinstance(store, PgSpoolDB)
         with store._reading("the partition leases") as db:

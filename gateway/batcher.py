@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.rules.mappings import Mapped, State, Target
-from gateway.store import Pending
+from gateway.spool.store import Pending
 
 MAX_DELETE_IDS = 50  # Braze's /users/delete takes at most this many identifiers a request
 

@@ -22,7 +22,6 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.audit import Record
 from gateway.auth import Authenticator, bearer_tokens
 from gateway.braze_webhooks import (
     CURRENTS_VERSION,
@@ -37,6 +36,7 @@ from gateway.braze_webhooks import (
 from gateway.config.settings import Config
 from gateway.errors import SpoolError, SpoolFull
 from gateway.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
+from gateway.spool.audit import Record
 
 log = logging.getLogger("gateway.server")
 

@@ -36,7 +36,7 @@ from gateway.rules.mappings import (
     options_of,
 )
 from gateway.shapes.webhooks import WebhookError, decode
-from gateway.spool import AUDIT_RECORD_BYTES
+from gateway.spool.sqlite import AUDIT_RECORD_BYTES
 
 DEFAULT_CONFIG = "gateway.toml"
 
@@ -575,12 +575,12 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from gateway.config.settings import is_postgresql
-    from gateway.store import open_store
+    from gateway.spool.backend import open_store
 
     config = load_config(args.config, require_secrets=False)
     spool = config.delivery.spool
     if is_postgresql(spool):
-        from gateway.spool_pg import VERSION, connect, migrate, redact
+        from gateway.spool.postgres import VERSION, connect, migrate, redact
 
         conn = connect(spool)
         try:

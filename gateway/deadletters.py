@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from gateway.config.settings import Config
-from gateway.store import open_store
+from gateway.spool.backend import open_store
 
 
 def command(

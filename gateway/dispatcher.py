@@ -22,8 +22,6 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway import lane
-from gateway.audit import Record, state_text
 from gateway.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from gateway.braze import BrazeClient, track_object
 from gateway.delivery.health import DeliveryHealth
@@ -31,11 +29,13 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
-from gateway.retention import OLDER_THAN_RETENTION
 from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
-from gateway.spool import Spool
-from gateway.store import Dead, Pending
+from gateway.spool import lane
+from gateway.spool.audit import Record, state_text
+from gateway.spool.face import Spool
+from gateway.spool.prune import OLDER_THAN_RETENTION
+from gateway.spool.store import Dead, Pending
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config

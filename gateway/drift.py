@@ -18,8 +18,8 @@ from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.spool import Spool
-    from gateway.store import Store
+    from gateway.spool.face import Spool
+    from gateway.spool.store import Store
 
 KEY = "reconcile.drift"
 REFRESH_S = 60.0

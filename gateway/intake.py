@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.shapes.webhooks import Direction, Webhook
-from gateway.spool import Spool
+from gateway.spool.face import Spool
 
 log = logging.getLogger("gateway.server")
 

@@ -15,7 +15,6 @@ from typing import Any, BinaryIO, TextIO
 
 import msgspec
 
-from gateway import audit as trail
 from gateway import drift
 from gateway.backfill import body_of  # the lane's row: the same bytes backfill stores
 from gateway.braze_export import EXPORT, STATUS, BrazeReader
@@ -24,7 +23,9 @@ from gateway.errors import GatewayError
 from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
 from gateway.rules.mappings import RuleSet, load_rules, options_of
 from gateway.sources import open_source
-from gateway.store import Store, open_store
+from gateway.spool import audit as trail
+from gateway.spool.backend import open_store
+from gateway.spool.store import Store
 
 _encoder = msgspec.json.Encoder()
 

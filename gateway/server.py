@@ -62,12 +62,14 @@ from gateway.intake import refuse as intake_refuse
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.reload import LiveRules
-from gateway.replicas import Budget, Replicas, replica_name
-from gateway.retention import Retention
 from gateway.shapes.webhooks import WebhookError, decode, direction_of
-from gateway.spool import Spool, SpoolDB, SpoolLock
-from gateway.spool_pg import PgSpoolDB, redact
-from gateway.store import Store, open_store
+from gateway.spool.backend import open_store
+from gateway.spool.face import Spool
+from gateway.spool.postgres import PgSpoolDB, redact
+from gateway.spool.prune import Retention
+from gateway.spool.replicas import Budget, Replicas, replica_name
+from gateway.spool.sqlite import SpoolDB, SpoolLock
+from gateway.spool.store import Store
 from gateway.writeback import Writeback
 
 __all__ = [

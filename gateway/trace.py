@@ -13,10 +13,10 @@ from typing import Any, TextIO
 
 import msgspec
 
-from gateway.audit import Entry
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
-from gateway.store import open_store
+from gateway.spool.audit import Entry
+from gateway.spool.backend import open_store
 
 
 class TraceError(GatewayError, ValueError):

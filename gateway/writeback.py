@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from gateway.audit import Record, state_text
 from gateway.braze_webhooks import (
     BrazeChange,
     BrazeWebhookError,
@@ -62,12 +61,13 @@ from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.didomi import DidomiClient, DidomiUser
 from gateway.errors import SpoolError
-from gateway.retention import OLDER_THAN_RETENTION
 from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.rules.mappings import ERASED, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
-from gateway.spool import Spool
-from gateway.store import Dead, Pending
+from gateway.spool.audit import Record, state_text
+from gateway.spool.face import Spool
+from gateway.spool.prune import OLDER_THAN_RETENTION
+from gateway.spool.store import Dead, Pending
 
 _encode = msgspec.json.Encoder().encode
 

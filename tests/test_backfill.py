@@ -24,8 +24,9 @@ from gateway.config.settings import Config
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import Metrics
 from gateway.rules.mappings import load_rules, options_of
-from gateway.spool import Spool
-from gateway.store import Store, open_store
+from gateway.spool.backend import open_store
+from gateway.spool.face import Spool
+from gateway.spool.store import Store
 from gateway.testing.braze import FakeBraze
 from gateway.testing.didomi import FakeDidomi
 from tests.conftest import SECRETS, build_config, choice
@@ -403,7 +404,7 @@ def test_an_erasure_scrubs_the_persons_backfilled_snapshot(tmp_path: Path, spool
 def test_a_replayed_backfilled_user_goes_back_to_its_lane(tmp_path: Path, spool_url: str) -> None:
     """A backfilled user dead-lettered (after a long outage, say) and replayed returns to the
     backfill lane, where the retention floor does not refuse an old snapshot, not to live."""
-    from gateway.store import Dead
+    from gateway.spool.store import Dead
 
     config = configure(tmp_path, spool_url, "http://127.0.0.1:9")
     store = open_store(config.delivery, config.retention.person_key)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.batcher import Batch, Batcher, Entry
 from gateway.rules.mappings import EMAIL, Mapped
-from gateway.spool import Pending
+from gateway.spool.sqlite import Pending
 
 PEOPLE = ("p", "q", "r", "s")
 

@@ -813,8 +813,8 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
     """A Braze change refused only because it is older than what retention pruned is counted
     under `older_than_retention` (metric, audit record, a warning), never folded into `stale`."""
     from gateway.config.settings import RetentionConfig
-    from gateway.retention import Retention
-    from tests.test_audit import warnings_of
+    from gateway.spool.prune import Retention
+    from tests.spool.test_audit import warnings_of
 
     gw = await start_gateway()
     floor = time.time() - 2 * 86_400
@@ -935,8 +935,8 @@ async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
     """A report filtered several times (before each try, again after reading Didomi) whose
     change is older than the retention floor logs that warning once, not once per pass."""
     from gateway.config.settings import RetentionConfig
-    from gateway.retention import Retention
-    from tests.test_audit import warnings_of
+    from gateway.spool.prune import Retention
+    from tests.spool.test_audit import warnings_of
 
     gw = await start_gateway()
     floor = time.time() - 2 * 86_400

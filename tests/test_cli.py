@@ -18,7 +18,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.server import SPOOL
-from gateway.spool import Dead, SpoolDB
+from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, choice, free_port, write_config
 from tests.test_reliability import (  # noqa: F401 - start_gateway is a fixture

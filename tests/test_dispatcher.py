@@ -17,7 +17,8 @@ from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import Metrics
 from gateway.rules.mappings import Options, load_rules
-from gateway.spool import Spool, SpoolDB
+from gateway.spool.face import Spool
+from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, free_port
 from tests.conftest import choice as event

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.rules.mappings import RuleSet
 from gateway.server import DISPATCHER, SPOOL
-from gateway.spool import SpoolDB
+from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from tests import test_end_to_end
 from tests.conftest import (
@@ -59,7 +59,7 @@ def seed(spool_url: str, *bodies: bytes) -> None:
     """Store webhooks in the spool before the gateway starts, so they form one backlog."""
     from gateway.config.settings import DeliveryConfig
     from gateway.shapes.webhooks import decode
-    from gateway.store import open_store
+    from gateway.spool.backend import open_store
 
     db = open_store(DeliveryConfig(spool=spool_url))
     try:

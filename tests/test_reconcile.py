@@ -21,8 +21,8 @@ from gateway.reconcile_cli import Options, run
 from gateway.rules.mappings import EMAIL, Target, load_rules
 from gateway.shapes.webhooks import Entity
 from gateway.sources import UserRecord
-from gateway.spool import Spool
-from gateway.store import open_store
+from gateway.spool.backend import open_store
+from gateway.spool.face import Spool
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, MakeConfig, recent
 

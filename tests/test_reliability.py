@@ -34,7 +34,7 @@ from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
 from gateway.server import DISPATCHER, SPOOL, Context, create_app, delivery
-from gateway.spool import SpoolDB
+from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config
 
@@ -997,7 +997,7 @@ def test_a_backfill_never_stores_into_the_reserve(small_disk: Path) -> None:
     """On a nearly full disk the backfill lane refuses a batch (SpoolFull, nothing stored, its
     progress unchanged) rather than eat the room acknowledgements need."""
     from gateway.errors import SpoolFull
-    from gateway.spool import SpoolDB
+    from gateway.spool.sqlite import SpoolDB
 
     db = SpoolDB(small_disk / "s.db", min_free_bytes=1024 * 1024)
     try:

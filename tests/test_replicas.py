@@ -21,10 +21,11 @@ import pytest
 from gateway.config.settings import DeliveryConfig
 from gateway.delivery.pacing import RateLimiter
 from gateway.errors import SpoolError
-from gateway.replicas import Budget, Replicas
-from gateway.spool import SpoolDB
-from gateway.spool_pg import PgSpoolDB, partition
-from gateway.store import PARTITIONS, open_store
+from gateway.spool.backend import open_store
+from gateway.spool.postgres import PgSpoolDB, partition
+from gateway.spool.replicas import Budget, Replicas
+from gateway.spool.sqlite import SpoolDB
+from gateway.spool.store import PARTITIONS
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from gateway.trace import as_dict
 from tests.conftest import BRAZE_API_KEY, choice, free_port, write_config
@@ -540,7 +541,7 @@ async def test_delivery_follows_the_partitions_it_owns(
     from gateway.dispatcher import Dispatcher
     from gateway.metrics import Metrics
     from gateway.rules.mappings import load_rules
-    from gateway.spool import Spool
+    from gateway.spool.face import Spool
     from tests.conftest import build_config
 
     config = build_config(
@@ -587,7 +588,7 @@ def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
     """`gateway migrate` on a new database creates the schema; run again, it says so and
     changes nothing; a database from a newer gateway is refused with what to do."""
     from gateway.cli import main
-    from gateway.spool_pg import VERSION
+    from gateway.spool.postgres import VERSION
     from tests.conftest import write_config
 
     path = write_config(tmp_path, delivery={"spool": pg_url})
@@ -608,7 +609,7 @@ def test_a_spool_url_is_not_a_path_and_its_password_is_a_secret(tmp_path: Path) 
     """A postgresql:// spool is kept as written (not resolved against the config's folder);
     a password written into it is masked in logs like every other secret."""
     from gateway.config.settings import secrets_of
-    from gateway.spool_pg import redact
+    from gateway.spool.postgres import redact
     from tests.conftest import build_config
 
     url = "postgresql://gateway:hunter2-9f@db.internal:5432/gateway"
@@ -706,7 +707,7 @@ async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
     from gateway.didomi import open_didomi_client
     from gateway.metrics import Metrics
     from gateway.rules.mappings import load_rules
-    from gateway.spool import Spool
+    from gateway.spool.face import Spool
     from gateway.writeback import Writeback
     from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 
@@ -818,7 +819,7 @@ async def test_rows_withheld_because_their_partition_moved_go_to_its_owner_not_t
     from gateway.dispatcher import Dispatcher
     from gateway.metrics import Metrics
     from gateway.rules.mappings import load_rules
-    from gateway.spool import Spool
+    from gateway.spool.face import Spool
     from tests.conftest import build_config
 
     config = build_config(
@@ -872,7 +873,7 @@ async def test_reports_withheld_because_their_partition_moved_go_to_its_owner_no
     from gateway.didomi import open_didomi_client
     from gateway.metrics import Metrics
     from gateway.rules.mappings import load_rules
-    from gateway.spool import Spool
+    from gateway.spool.face import Spool
     from gateway.writeback import Writeback
     from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 

@@ -30,7 +30,7 @@ from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.metrics import Metrics
 from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
-from gateway.spool import Pending, SpoolDB
+from gateway.spool.sqlite import Pending, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, choice, free_port, recent
 from tests.test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture

@@ -20,15 +20,17 @@ from unittest.mock import patch
 import msgspec
 import pytest
 
-from gateway import erasure, trace
-from gateway.audit import Record, person_hash
+from gateway import trace
 from gateway.cli import main
 from gateway.config.settings import Config, RetentionConfig
 from gateway.errors import SpoolError
 from gateway.metrics import Metrics
-from gateway.retention import Retention
 from gateway.server import SPOOL
-from gateway.spool import Dead, Spool, SpoolDB
+from gateway.spool import erasure
+from gateway.spool.audit import Record, person_hash
+from gateway.spool.face import Spool
+from gateway.spool.prune import Retention
+from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import MakeConfig, choice, recent
 from tests.test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
@@ -371,7 +373,7 @@ OZTURK_SPELLINGS = (
 
 def _store(spool_url: str) -> Any:
     from gateway.config.settings import is_postgresql
-    from gateway.spool_pg import PgSpoolDB
+    from gateway.spool.postgres import PgSpoolDB
 
     return PgSpoolDB(spool_url) if is_postgresql(spool_url) else SpoolDB(spool_url)
 

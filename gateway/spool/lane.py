@@ -16,7 +16,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.store import Conn, Pending
+from gateway.spool.conn import Conn
+from gateway.spool.store import Pending
 
 CODE = 2  # the inbox's `direction` for backfilled users (0: live to Braze, 1: to Didomi)
 KIND = "user.updated"  # each backfilled user is stored as the webhook that reports it

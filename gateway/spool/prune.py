@@ -22,8 +22,8 @@ from gateway.errors import SpoolError
 if TYPE_CHECKING:
     from gateway.config.settings import RetentionConfig
     from gateway.metrics import Metrics
-    from gateway.spool import Spool
-    from gateway.store import Conn
+    from gateway.spool.conn import Conn
+    from gateway.spool.face import Spool
 
 log = logging.getLogger("gateway.retention")
 

@@ -16,9 +16,10 @@ import pytest
 
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
-from gateway.spool import Dead, Handoff, Spool, SpoolDB, SpoolLock
-from gateway.spool_pg import PgSpoolDB
-from gateway.store import Pending
+from gateway.spool.face import Handoff, Spool
+from gateway.spool.postgres import PgSpoolDB
+from gateway.spool.sqlite import Dead, SpoolDB, SpoolLock
+from gateway.spool.store import Pending
 
 WINDOW = 100.0
 T0 = 1_700_000_000.0

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from gateway.store import Conn
+    from gateway.spool.conn import Conn
 
 _FILL = "erasure-fill-"  # meta keys of the zero blobs that hold free pages while they are zeroed
 _MARK = "erasure-zero"  # set by an erasure's acknowledgement: free pages are still to be zeroed

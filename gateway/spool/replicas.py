@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway.errors import SpoolError
-from gateway.spool_pg import Conn, PgSpoolDB, connect
-from gateway.store import PARTITIONS
+from gateway.spool.postgres import Conn, PgSpoolDB, connect
+from gateway.spool.store import PARTITIONS
 
 log = logging.getLogger("gateway.replicas")
 T = TypeVar("T")

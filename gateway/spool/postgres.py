@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from gateway import audit as trail
-from gateway import erasure, lane, retention
 from gateway.errors import SpoolError, SpoolFull
 from gateway.shapes.webhooks import Direction, direction_of
-from gateway.store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
+from gateway.spool import audit as trail
+from gateway.spool import erasure, lane
+from gateway.spool import prune as retention
+from gateway.spool.store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
 
 try:
     import psycopg

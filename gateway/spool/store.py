@@ -1,4 +1,4 @@
-"""The spool's interface: what both backends store and answer, and how a spool is opened.
+"""The spool's interface: what both backends store and answer, (`backend` opens one).
 
 Two backends keep the same records: `spool.SpoolDB`, one SQLite file for one gateway (the
 embedded default), and `spool_pg.PgSpoolDB`, one PostgreSQL database that several replicas
@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway import audit as trail
-from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError
 from gateway.shapes.webhooks import Direction
+from gateway.spool import audit as trail
+from gateway.spool.conn import Conn
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from gateway import retention
-    from gateway.config.settings import DeliveryConfig
+    from gateway.spool import prune as retention
 
 log = logging.getLogger("gateway.spool")
 
@@ -93,18 +91,6 @@ class Dead:
     id: int
     reason: str
     person: str | None = None
-
-
-class Conn(Protocol):
-    """The part of a DB-API connection the shared SQL (`audit`, `retention`) runs on.
-
-    sqlite3's connection is one; PostgreSQL's is `spool_pg.Conn`, which takes the same `?`
-    placeholders, so a statement written once runs on both.
-    """
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
-
-    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
 
 
 # What one intake item is: (dedupe key or None, type, body[, the person it is about]).
@@ -351,34 +337,3 @@ class SpoolBase:
             if event_id is not None:
                 return trail.of_event(db, event_id)
             return trail.of_person(db, trail.person_hash(self.person_key, person or ""), since)
-
-
-def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool = True) -> Store:
-    """Open the spool `delivery.spool` names (creating or migrating its schema).
-
-    With `create=False` (the commands that read or edit what a gateway stored), a SQLite file
-    that does not exist is an error: a new empty spool would answer "0 records" for a typo.
-    """
-    if not create and not is_postgresql(delivery.spool) and not Path(delivery.spool).exists():
-        raise SpoolError(
-            f"no spool at {delivery.spool}: no gateway has run with this delivery.spool yet,"
-            " or --config names another gateway's config"
-        )
-    if is_postgresql(delivery.spool):
-        from gateway.spool_pg import PgSpoolDB  # psycopg is only needed by those who use it
-
-        return PgSpoolDB(
-            delivery.spool,
-            max_pending=delivery.max_pending,
-            dedupe_window_s=delivery.dedupe_window_s,
-            person_key=person_key,
-        )
-    from gateway.spool import SpoolDB
-
-    return SpoolDB(
-        delivery.spool,
-        max_pending=delivery.max_pending,
-        dedupe_window_s=delivery.dedupe_window_s,
-        min_free_bytes=delivery.min_free_bytes,
-        person_key=person_key,
-    )

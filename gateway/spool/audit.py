@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from gateway.errors import SpoolError
 
 if TYPE_CHECKING:
-    from gateway.store import Conn
+    from gateway.spool.conn import Conn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (      -- the spool's own settings, such as its person key

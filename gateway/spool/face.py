@@ -1,0 +1,190 @@
+"""The spool's asyncio face: every call on one thread, concurrent puts in one commit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gateway.errors import SpoolError
+from gateway.shapes.webhooks import direction_of
+from gateway.spool.store import Item, Pending, Store
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.spool")
+
+
+class Handoff:
+    """The rows this process stored for delivery to Braze, handed over in memory.
+
+    Delivery would otherwise read back, and decode again, what intake has just written. The
+    spool stays the source of truth: every row going to Braze with an id above
+    `complete_after` is here (or was delivered); below it, delivery reads the spool (the
+    backlog found at start, rows another process wrote, what an overflow dropped). Rows are
+    dropped only once the delivery cursor has passed them, so a page that fails is taken again.
+    """
+
+    LIMIT = 4096  # rows held at most (a few MB); beyond, delivery reads the spool
+
+    def __init__(self, complete_after: int) -> None:
+        self.rows: deque[Pending] = deque()
+        self.complete_after = complete_after
+
+    def add(self, row: Pending) -> None:
+        """A row intake stored (in id order)."""
+        if len(self.rows) >= self.LIMIT:
+            # Delivery is far behind (Braze is down, say): it reads these from the spool.
+            self.rows.clear()
+            self.complete_after = max(self.complete_after, row.id)
+            return
+        self.rows.append(row)
+
+    def gap(self, upto: int) -> None:
+        """Rows up to `upto` may include some another process wrote: read them from the spool."""
+        self.complete_after = max(self.complete_after, upto)
+
+    def take(self, cursor: int, limit: int) -> list[Pending] | None:
+        """The rows after `cursor`, oldest first; None while the spool must be read first."""
+        if cursor < self.complete_after:
+            return None
+        while self.rows and self.rows[0].id <= cursor:
+            self.rows.popleft()
+        return list(itertools.islice(self.rows, limit))
+
+
+class Spool:
+    """Asyncio access to a SpoolDB: one worker thread, concurrent puts grouped per transaction."""
+
+    def __init__(self, db: Store) -> None:
+        self.db = db
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._queue: list[tuple[Item, asyncio.Future[bool], object]] = []
+        # On SQLite this process writes every row (but for a CLI's replay): delivery to Braze
+        # takes them from memory. On PostgreSQL every replica writes: it reads the database.
+        start = db.handoff_from()
+        self.handoff = Handoff(start) if start is not None else None
+        self._last_id = start or 0
+        self._writer: asyncio.Task[None] | None = None
+        # The last failed intake commit (monotonic time, reason), cleared by the next success.
+        self.write_error: tuple[float, str] | None = None
+        # How well puts group: intake transactions committed, the rows in them, the largest.
+        # Logged when the spool closes; `bench/RESULTS.md` reads them to size the grouping.
+        self.commits = 0
+        self.rows_committed = 0
+        self.largest_commit = 0
+
+    @property
+    def pending(self) -> int:
+        """Webhooks stored and not yet acknowledged by Braze (as this process counts them)."""
+        return self.db.pending
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run one SpoolDB call on the spool thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def record(
+        self, write: Callable[..., object], *args: object, stopping: Callable[[], bool]
+    ) -> None:
+        """Write a delivery outcome, retrying while the spool cannot be written.
+
+        The other side may already have these updates: giving up here would leave their rows
+        pending until a restart (then sent twice) and their people blocked. Only a shutdown
+        stops the retries (after three tries): the rows then stay pending for the next start.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.run(write, *args)
+                return
+            except SpoolError as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.error("cannot record delivery outcomes in the spool, retrying: %s", exc)
+                if stopping() and attempt >= 3:
+                    raise
+                # A local disk, not a remote API: retry often, so delivery resumes at once.
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+
+    async def put(
+        self,
+        key: str | None,
+        kind: str,
+        body: bytes,
+        person: str | None = None,
+        decoded: object = None,
+    ) -> bool:
+        """Store one webhook durably: True once committed, False if it is a duplicate.
+
+        `person` (who it is about) picks the partition on PostgreSQL, so that one replica at
+        a time sends that person's updates; the SQLite spool has no use for it. `decoded`,
+        the body as intake decoded it, goes to delivery with the row (`Handoff`).
+        """
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append(((key, kind, body, person), future, decoded))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        # Whatever queued up while the last transaction ran goes into the next one.
+        while self._queue:
+            batch, self._queue = self._queue, []
+            stored: list[tuple[int, Pending]] = []
+            try:
+                items = [item for item, _, _ in batch]
+                if self.handoff is not None:
+                    results = await self.run(self.db.put_many, items, stored)
+                else:
+                    results = await self.run(self.db.put_many, items)
+            except SpoolError as exc:
+                self.write_error = (time.monotonic(), str(exc))
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException as exc:
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(SpoolError(f"the spool failed: {exc!r}"))
+                raise
+            self.write_error = None
+            if stored:
+                self._hand_over(stored, batch)
+            self.commits += 1
+            self.rows_committed += len(batch)
+            self.largest_commit = max(self.largest_commit, len(batch))
+            for (_, future, _), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # the request was cancelled; the row is stored all the same
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _hand_over(
+        self,
+        stored: list[tuple[int, Pending]],
+        batch: list[tuple[Item, asyncio.Future[bool], object]],
+    ) -> None:
+        assert self.handoff is not None
+        first = stored[0][1].id
+        if first != self._last_id + 1:
+            # Ids this process did not give out: a CLI replayed dead letters in between.
+            self.handoff.gap(first - 1)
+        self._last_id = stored[-1][1].id
+        for index, row in stored:
+            if direction_of(row.type) == "to_braze":
+                self.handoff.add(dataclasses.replace(row, decoded=batch[index][2]))
+
+    async def close(self) -> None:
+        """Finish queued writes, then close the file and the thread."""
+        if self._writer is not None:
+            await self._writer
+        await self.run(self.db.close)
+        self._executor.shutdown(wait=True)
