@@ -12,7 +12,6 @@ from typing import Any, Literal, TextIO
 import msgspec
 
 from gateway import __version__
-from gateway.braze import DEFAULT_PRIORITIZATION, delete_body, track_bodies, track_object
 from gateway.braze_webhooks import BrazeChange, BrazeWebhookError, decode_step, split_currents
 from gateway.config.settings import (
     Config,
@@ -22,6 +21,12 @@ from gateway.config.settings import (
     load_config,
 )
 from gateway.errors import ConfigError, GatewayError, Problem
+from gateway.peers.braze_bodies import (
+    DEFAULT_PRIORITIZATION,
+    delete_body,
+    track_bodies,
+    track_object,
+)
 from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.rules.mappings import (
     EMAIL,

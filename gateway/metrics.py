@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import __version__
-from gateway.braze import DELETE, TRACK
 from gateway.delivery.health import BLOCKED_REASONS
-from gateway.didomi import EVENTS, SESSIONS, USERS
+from gateway.peers.braze_bodies import DELETE, TRACK
+from gateway.peers.didomi import EVENTS, SESSIONS, USERS
 from gateway.shapes.webhooks import BRAZE_TYPES, Direction, direction_of
 from gateway.shapes.webhooks import EVENT_TYPES as WEBHOOK_TYPES
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
+from gateway.peers.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
 from gateway.rules.mappings import EMAIL, Mapped, RuleSet, State, Target
 from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.sources import Source, UserRecord

@@ -17,9 +17,9 @@ import msgspec
 
 from gateway import drift
 from gateway.backfill import body_of  # the lane's row: the same bytes backfill stores
-from gateway.braze_export import EXPORT, STATUS, BrazeReader
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
+from gateway.peers.braze_export import EXPORT, STATUS, BrazeReader
 from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
 from gateway.rules.mappings import RuleSet, load_rules, options_of
 from gateway.sources import open_source

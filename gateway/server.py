@@ -32,7 +32,6 @@ from aiohttp.typedefs import Handler
 
 from gateway import braze_intake
 from gateway.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
-from gateway.braze import open_client
 from gateway.config.settings import (
     Config,
     DeliveryConfig,
@@ -42,7 +41,6 @@ from gateway.config.settings import (
     request_bound_s,
     secrets_of,
 )
-from gateway.didomi import open_didomi_client
 from gateway.dispatcher import Dispatcher
 from gateway.drift import follow as follow_drift
 from gateway.errors import ConfigError, GatewayError, SpoolError, SpoolFull
@@ -61,6 +59,8 @@ from gateway.intake import (
 from gateway.intake import refuse as intake_refuse
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
+from gateway.peers.braze import open_client
+from gateway.peers.didomi import open_didomi_client
 from gateway.reload import LiveRules
 from gateway.shapes.webhooks import WebhookError, decode, direction_of
 from gateway.spool.backend import open_store

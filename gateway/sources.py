@@ -261,7 +261,7 @@ class ApiSource(Source):
         self, size: int, resume: str | None = None
     ) -> AsyncIterator[list[UserRecord]]:
         """Records in lists of up to `size`, starting just after `resume`."""
-        from gateway.didomi import open_didomi_client
+        from gateway.peers.didomi import open_didomi_client
 
         start = _parse(resume)
         cursor, skip, number = start.cursor, start.skip, 0
@@ -294,7 +294,7 @@ class ApiSource(Source):
             yield batch
 
     async def _page(self, client: object, cursor: str | None) -> _Page:
-        from gateway.didomi import DidomiClient
+        from gateway.peers.didomi import DidomiClient
 
         assert isinstance(client, DidomiClient)
         wait = self.retry_s

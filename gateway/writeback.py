@@ -59,8 +59,8 @@ from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
-from gateway.didomi import DidomiClient, DidomiUser
 from gateway.errors import SpoolError
+from gateway.peers.didomi import DidomiClient, DidomiUser
 from gateway.reverse import ConsentEdit, ReverseRules
 from gateway.rules.mappings import ERASED, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id

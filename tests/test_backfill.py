@@ -19,10 +19,10 @@ import msgspec
 import pytest
 
 from gateway.backfill import run
-from gateway.braze import open_client
 from gateway.config.settings import Config
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import Metrics
+from gateway.peers.braze import open_client
 from gateway.rules.mappings import load_rules, options_of
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool

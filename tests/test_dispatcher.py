@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.braze import open_client
 from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import Metrics
+from gateway.peers.braze import open_client
 from gateway.rules.mappings import Options, load_rules
 from gateway.spool.face import Spool
 from gateway.spool.sqlite import SpoolDB

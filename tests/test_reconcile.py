@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 
 from gateway import drift
-from gateway.braze_export import BrazeReader, WindowLimiter
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
+from gateway.peers.braze_export import BrazeReader, WindowLimiter
 from gateway.reconcile import Report, person_of, wilson
 from gateway.reconcile_cli import Options, run
 from gateway.rules.mappings import EMAIL, Target, load_rules

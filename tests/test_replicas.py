@@ -537,9 +537,9 @@ async def test_delivery_follows_the_partitions_it_owns(
 ) -> None:
     """Only owned partitions are delivered; partitions taken later are read from the start,
     so their older rows are delivered too, each exactly once."""
-    from gateway.braze import open_client
     from gateway.dispatcher import Dispatcher
     from gateway.metrics import Metrics
+    from gateway.peers.braze import open_client
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
     from tests.conftest import build_config
@@ -704,8 +704,8 @@ async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
 ) -> None:
     """Braze's reports are written to Didomi by the replica owning their person's partition;
     one whose partition is another's stays in the spool, and is written once it is owned."""
-    from gateway.didomi import open_didomi_client
     from gateway.metrics import Metrics
+    from gateway.peers.didomi import open_didomi_client
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
     from gateway.writeback import Writeback
@@ -815,9 +815,9 @@ async def test_rows_withheld_because_their_partition_moved_go_to_its_owner_not_t
     """Updates older than give_up_after_s whose partition moves while they wait for their turn
     are not sent, not dead-lettered and not counted as a failure: they stay in the spool for
     the new owner, and are delivered once each when the partition comes back."""
-    from gateway.braze import open_client
     from gateway.dispatcher import Dispatcher
     from gateway.metrics import Metrics
+    from gateway.peers.braze import open_client
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
     from tests.conftest import build_config
@@ -870,8 +870,8 @@ async def test_reports_withheld_because_their_partition_moved_go_to_its_owner_no
 ) -> None:
     """The writeback likewise: a Braze report older than give_up_after_s whose partition moves
     while it is being written stays in the spool for the new owner, never a dead letter."""
-    from gateway.didomi import open_didomi_client
     from gateway.metrics import Metrics
+    from gateway.peers.didomi import open_didomi_client
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
     from gateway.writeback import Writeback

@@ -1,4 +1,4 @@
-"""Braze's REST API: the bodies the gateway sends, and the client that sends them."""
+"""Braze's REST API: the client that sends the gateway's bodies (`braze_bodies`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import msgspec
@@ -17,16 +17,13 @@ from gateway.config.settings import BrazeConfig, braze_base_url
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.pacing import RateLimiter
 from gateway.logs import redact
-from gateway.rules.mappings import State, Target
+from gateway.peers.braze_bodies import DELETE, TRACK, delete_body
 
 if TYPE_CHECKING:
-    from gateway.metrics import Metrics
+    from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger("gateway.braze")
 
-TRACK = "/users/track"
-DELETE = "/users/delete"
-MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
 # Plans bought as "Monthly Active Users CY 24-25" take at most 50 objects a request: every full
 # batch of 75 is a 400, halved and resent. What the 400 says, and the setting that avoids it.
 PLAN_LIMIT_HINT = (
@@ -34,57 +31,6 @@ PLAN_LIMIT_HINT = (
     "/users/track request: set braze.batch_size = 50"
 )
 _TOO_MANY = ("max input length", "too many", "exceed")
-MAX_DELETE_IDS = 50
-
-
-# /users/delete names people by one identifier kind per request.
-_DELETE_FIELDS = {"external_id": "external_ids", "email": "email_addresses"}
-DEFAULT_PRIORITIZATION = ("identified", "most_recently_updated")
-
-
-def track_object(
-    identity: str, person: str, changes: Mapping[Target, State], *, update_existing_only: bool
-) -> dict[str, Any]:
-    """One `/users/track` attributes object for one person's changes."""
-    obj: dict[str, Any] = {identity: person, "_update_existing_only": update_existing_only}
-    groups = []
-    for target, state in changes.items():
-        kind = target.kind
-        if kind == "group":
-            groups.append({"subscription_group_id": target.name, "subscription_state": state})
-        else:  # email_subscribe, or a custom attribute by its own name
-            obj[target.name] = state
-    if groups:
-        obj["subscription_groups"] = groups
-    return obj
-
-
-def delete_body(
-    identity: str, persons: Sequence[str], prioritization: Sequence[str] = DEFAULT_PRIORITIZATION
-) -> dict[str, Any]:
-    """The `/users/delete` body erasing `persons`, all named by the same identifier kind.
-
-    An email address is not unique in Braze: each is an object whose `prioritization` says
-    which profile it means (Braze refuses plain strings there).
-    """
-    kind = _DELETE_FIELDS[identity]
-    if kind == "email_addresses":
-        order = list(prioritization)
-        return {kind: [{"email": person, "prioritization": order} for person in persons]}
-    return {kind: list(persons)}
-
-
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive slices of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def track_bodies(
-    objects: Iterable[dict[str, Any]], batch_size: int = MAX_OBJECTS
-) -> list[dict[str, Any]]:
-    """The request bodies that carry `objects`, at most `batch_size` to a request."""
-    return [{"attributes": batch} for batch in chunks(list(objects), min(batch_size, MAX_OBJECTS))]
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +62,15 @@ class _Endpoint:
     in_flight: int = 0
 
 
+class BrazeMeters(Protocol):
+    """The metrics the client counts its requests in (`metrics.Metrics` is one)."""
+
+    braze_object_errors: Counter
+    braze_rate_limit_remaining: Gauge
+    braze_request_duration: Histogram
+    braze_requests: Counter
+
+
 class BrazeClient:
     """Sends requests to one Braze REST endpoint over one shared connection pool.
 
@@ -123,7 +78,7 @@ class BrazeClient:
     requests already sent finish on the old one, which is closed once the last of them is done.
     """
 
-    def __init__(self, config: BrazeConfig, metrics: Metrics) -> None:
+    def __init__(self, config: BrazeConfig, metrics: BrazeMeters) -> None:
         # Fixed at start, like the dispatcher's slots: braze.max_in_flight needs a restart.
         self.max_in_flight = config.max_in_flight
         self.metrics = metrics
@@ -331,7 +286,7 @@ def _classify(
 
 
 @contextlib.asynccontextmanager
-async def open_client(config: BrazeConfig, metrics: Metrics) -> AsyncIterator[BrazeClient]:
+async def open_client(config: BrazeConfig, metrics: BrazeMeters) -> AsyncIterator[BrazeClient]:
     """The client to Braze, with keep-alive connections for `max_in_flight` requests."""
     client = BrazeClient(config, metrics)
     try:

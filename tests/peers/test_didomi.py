@@ -17,7 +17,7 @@ from gateway.config.settings import DeliveryConfig, DidomiApiConfig
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.pacing import RateLimiter
 from gateway.delivery.retry import Action, decide
-from gateway.didomi import (
+from gateway.peers.didomi import (
     EVENTS,
     SESSIONS,
     SOURCE,
