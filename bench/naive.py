@@ -20,8 +20,8 @@ import msgspec
 from aiohttp import web
 from serving import serve
 
-from gateway.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.config.settings import Config, braze_base_url, load_config
+from gateway.http.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.peers.braze_bodies import track_object
 from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import WebhookError, decode

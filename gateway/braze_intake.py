@@ -22,7 +22,6 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.auth import Authenticator, bearer_tokens
 from gateway.braze_webhooks import (
     CURRENTS_VERSION,
     CURRENTS_VERSION_HEADER,
@@ -35,7 +34,8 @@ from gateway.braze_webhooks import (
 )
 from gateway.config.settings import Config
 from gateway.errors import SpoolError, SpoolFull
-from gateway.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
+from gateway.http.auth import Authenticator, bearer_tokens
+from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
 from gateway.spool.audit import Record
 
 log = logging.getLogger("gateway.server")

@@ -31,7 +31,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from gateway import braze_intake
-from gateway.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
 from gateway.config.settings import (
     Config,
     DeliveryConfig,
@@ -44,7 +43,8 @@ from gateway.config.settings import (
 from gateway.dispatcher import Dispatcher
 from gateway.drift import follow as follow_drift
 from gateway.errors import ConfigError, GatewayError, SpoolError, SpoolFull
-from gateway.intake import (
+from gateway.http.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
+from gateway.http.intake import (
     CONFIG,
     METRICS,
     RETRY_AFTER_S,
@@ -56,7 +56,7 @@ from gateway.intake import (
     nothing,
     read_capped,
 )
-from gateway.intake import refuse as intake_refuse
+from gateway.http.intake import refuse as intake_refuse
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.peers.braze import open_client

@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.auth import TokenIssuer
 from gateway.config.settings import Config, load_config
+from gateway.http.auth import TokenIssuer
 from gateway.testing import postgres as testing_postgres
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from gateway.testing.postgres import PostgresServer

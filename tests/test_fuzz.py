@@ -25,7 +25,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.auth import TokenIssuer
+from gateway.http.auth import TokenIssuer
 from gateway.metrics import SKIP_REASONS, Metrics
 from gateway.reload import LiveRules
 from gateway.rules.mappings import EMAIL, Mapped, Options, RuleSet, Skipped, load_rules

@@ -1,7 +1,7 @@
 """Security at the HTTP boundary: who gets in, from where, and what never reaches the logs.
 
 Constant-time comparison of the client credentials and of static bearer tokens is proven in
-tests/test_auth.py (test_check_client_uses_compare_digest_on_both,
+tests/http/test_auth.py (test_check_client_uses_compare_digest_on_both,
 test_static_tokens_compare_against_every_token); this file adds the token signature check.
 """
 
@@ -26,9 +26,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway import auth
-from gateway.auth import TokenIssuer
 from gateway.config.settings import Config
+from gateway.http import auth
+from gateway.http.auth import TokenIssuer
 from gateway.server import SPOOL, create_app
 from gateway.testing.braze import FakeBraze
 from tests.conftest import (
@@ -186,7 +186,7 @@ async def test_token_signatures_are_compared_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("gateway.auth.hmac.compare_digest", record)
+    monkeypatch.setattr("gateway.http.auth.hmac.compare_digest", record)
     forged = forged_signature()
     assert (await webhook(client, forged))[0] == 401
     assert calls, "the signature was not compared with hmac.compare_digest"

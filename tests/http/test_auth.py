@@ -14,9 +14,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway import auth
-from gateway.auth import Authenticator, StaticTokens, TokenIssuer, authenticator_for, token_endpoint
 from gateway.config.settings import AuthConfig
+from gateway.http import auth
+from gateway.http.auth import (
+    Authenticator,
+    StaticTokens,
+    TokenIssuer,
+    authenticator_for,
+    token_endpoint,
+)
 
 CLIENT_ID = "didomi"
 SECRET = "s3cr:et+with/odd%chars"  # ':' '+' '%' exercise the §2.3.1 Basic encoding
@@ -210,7 +216,7 @@ def test_check_client_uses_compare_digest_on_both(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("gateway.auth.hmac.compare_digest", record)
+    monkeypatch.setattr("gateway.http.auth.hmac.compare_digest", record)
     assert not issuer.check_client("wrong-id", "wrong-secret")
     assert calls == [(b"wrong-id", CLIENT_ID.encode()), (b"wrong-secret", SECRET.encode())]
     calls.clear()
@@ -227,7 +233,7 @@ def test_static_tokens_compare_against_every_token(monkeypatch: pytest.MonkeyPat
         calls.append(b)
         return real(a, b)
 
-    monkeypatch.setattr("gateway.auth.hmac.compare_digest", record)
+    monkeypatch.setattr("gateway.http.auth.hmac.compare_digest", record)
     assert StaticTokens(["one", "two", "three"]).verify("one")
     assert calls == [b"one", b"two", b"three"]
 
