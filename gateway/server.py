@@ -27,7 +27,6 @@ from http import HTTPStatus
 from typing import Literal
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from gateway import braze_intake
@@ -40,10 +39,11 @@ from gateway.config.settings import (
     request_bound_s,
     secrets_of,
 )
-from gateway.dispatcher import Dispatcher
 from gateway.drift import follow as follow_drift
-from gateway.errors import ConfigError, GatewayError, SpoolError, SpoolFull
-from gateway.http.auth import Authenticator, TokenIssuer, authenticator_for, token_endpoint
+from gateway.errors import ConfigError, GatewayError, SpoolError
+from gateway.forward.dispatcher import Dispatcher
+from gateway.forward.intake import AUTH, WEBHOOK_PATH, receive_webhook
+from gateway.http.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.http.intake import (
     CONFIG,
     METRICS,
@@ -54,15 +54,12 @@ from gateway.http.intake import (
     error_answer,
     json_answer,
     nothing,
-    read_capped,
 )
-from gateway.http.intake import refuse as intake_refuse
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.peers.braze import open_client
 from gateway.peers.didomi import open_didomi_client
 from gateway.reload import LiveRules
-from gateway.shapes.webhooks import WebhookError, decode, direction_of
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.spool.postgres import PgSpoolDB, redact
@@ -89,7 +86,6 @@ __all__ = [
 
 log = logging.getLogger("gateway.server")
 
-WEBHOOK_PATH = "/webhooks/didomi"
 OAUTH_PATH = "/oauth/token"
 # Paths only Didomi calls; `server.allow_from` guards these, not the probes or /metrics.
 GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
@@ -104,7 +100,6 @@ WRITEBACK = web.AppKey("gateway.writeback", Writeback)
 RULES = web.AppKey("gateway.rules", LiveRules)
 REPLICAS = web.AppKey("gateway.replicas", Replicas)  # only with a PostgreSQL spool
 BUDGET = web.AppKey("gateway.budget", Budget)
-_AUTH = web.AppKey("gateway.authenticator", Authenticator)
 _ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
 
 
@@ -354,7 +349,7 @@ def create_app(
         auth = config.auth
         issuer = TokenIssuer(auth.client_id, auth.client_secret, auth.token_ttl_s)
         app.router.add_post(OAUTH_PATH, functools.partial(token_endpoint, issuer))
-    app[_AUTH] = authenticator_for(config.auth, issuer=issuer)
+    app[AUTH] = authenticator_for(config.auth, issuer=issuer)
 
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     braze_intake.add_routes(app, config)
@@ -504,71 +499,3 @@ async def readyz(request: web.Request) -> web.Response:
     if degraded is not None:
         return json_answer(200, {"status": "ready", "degraded": degraded})
     return json_answer(200, {"status": "ready"})
-
-
-async def receive_webhook(request: web.Request) -> web.Response:
-    """`POST /webhooks/didomi`: check, decode and durably store one Didomi webhook."""
-    app = request.app
-    config, metrics, state = app[CONFIG], app[METRICS], app[STATE]
-
-    def refuse(
-        status: int,
-        error: str,
-        detail: str,
-        outcome: str = "rejected",
-        type_: str = "other",
-        reason: str | None = None,
-    ) -> web.Response:
-        """`intake.refuse`, with this route's defaults."""
-        return intake_refuse(request, type_, status, error, detail, outcome, reason=reason)
-
-    if not app[_AUTH].authenticate(request.headers.get("Authorization")):
-        return refuse(401, "unauthorized", "a valid Bearer token is required", "unauthorized")
-    if request.content_type.lower() != "application/json":
-        return refuse(
-            415,
-            "unsupported_media_type",
-            f"Content-Type must be application/json, not {request.content_type}",
-        )
-    limit = config.server.max_body_bytes
-    try:
-        body = await read_capped(request, limit)
-    except (ConnectionError, HttpProcessingError) as exc:
-        return refuse(400, "bad_request", f"the body could not be read: {exc}")
-    if body is None:
-        return refuse(413, "too_large", f"the body is over server.max_body_bytes ({limit} bytes)")
-    try:
-        webhook = decode(body)
-    except WebhookError as exc:
-        return refuse(400, "bad_request", str(exc))
-    subject = webhook.subject
-    event_id = subject.id if subject is not None else None
-    if not webhook.known:
-        metrics.webhook(webhook.type, "ignored")
-        log.info(
-            "webhook ignored: unknown type", extra={"event_id": event_id, "outcome": "ignored"}
-        )
-        return json_answer(200, {"status": "ignored"})
-    kind = webhook.type
-    if state.starting or SPOOL not in app:
-        return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
-    spool = app[SPOOL]
-    try:
-        person = state.person_of(webhook)
-        stored = await spool.put(webhook.dedupe_key(), kind, body, person, decoded=webhook)
-    except SpoolFull as exc:
-        detail = "the spool is full; retry later"
-        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
-    except SpoolError as exc:
-        detail = "the spool cannot store webhooks now; retry later"
-        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
-    finally:
-        metrics.flow(direction_of(kind)).pending.set(spool.db.pending_of(direction_of(kind)))
-    outcome = "accepted" if stored else "duplicate"
-    metrics.webhook(kind, outcome)
-    # The audit trail of consent: which Didomi event, what became of it. Never the person.
-    log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
-    if not stored:
-        return json_answer(200, {"status": "duplicate"})
-    state.wake()
-    return json_answer(202, {"status": "accepted"})

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.backfill import run
 from gateway.config.settings import Config
-from gateway.dispatcher import Dispatcher
+from gateway.forward.dispatcher import Dispatcher
 from gateway.metrics import Metrics
 from gateway.peers.braze import open_client
 from gateway.rules.mappings import load_rules, options_of

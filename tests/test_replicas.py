@@ -537,7 +537,7 @@ async def test_delivery_follows_the_partitions_it_owns(
 ) -> None:
     """Only owned partitions are delivered; partitions taken later are read from the start,
     so their older rows are delivered too, each exactly once."""
-    from gateway.dispatcher import Dispatcher
+    from gateway.forward.dispatcher import Dispatcher
     from gateway.metrics import Metrics
     from gateway.peers.braze import open_client
     from gateway.rules.mappings import load_rules
@@ -815,7 +815,7 @@ async def test_rows_withheld_because_their_partition_moved_go_to_its_owner_not_t
     """Updates older than give_up_after_s whose partition moves while they wait for their turn
     are not sent, not dead-lettered and not counted as a failure: they stay in the spool for
     the new owner, and are delivered once each when the partition comes back."""
-    from gateway.dispatcher import Dispatcher
+    from gateway.forward.dispatcher import Dispatcher
     from gateway.metrics import Metrics
     from gateway.peers.braze import open_client
     from gateway.rules.mappings import load_rules

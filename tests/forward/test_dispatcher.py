@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
-from gateway.dispatcher import Dispatcher
+from gateway.forward.dispatcher import Dispatcher
 from gateway.metrics import Metrics
 from gateway.peers.braze import open_client
 from gateway.rules.mappings import Options, load_rules
@@ -23,7 +23,7 @@ from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, free_port
 from tests.conftest import choice as event
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 KEY = BRAZE_API_KEY

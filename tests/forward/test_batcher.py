@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.batcher import Batch, Batcher, Entry
+from gateway.forward.batcher import Batch, Batcher, Entry
 from gateway.rules.mappings import EMAIL, Mapped
 from gateway.spool.sqlite import Pending
 

@@ -22,12 +22,12 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
+from gateway.forward.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import track_object
 from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side

@@ -1,0 +1,1 @@
+"""Forward: Didomi's webhooks from the spool, mapped, batched per person, sent to Braze."""

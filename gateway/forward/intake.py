@@ -1,0 +1,96 @@
+"""Didomi's route: `POST /webhooks/didomi` checked, decoded and stored for delivery."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.errors import SpoolError, SpoolFull
+from gateway.http.auth import Authenticator
+from gateway.http.intake import (
+    CONFIG,
+    METRICS,
+    SPOOL,
+    STATE,
+    json_answer,
+    read_capped,
+)
+from gateway.http.intake import refuse as intake_refuse
+from gateway.shapes.webhooks import WebhookError, decode, direction_of
+
+log = logging.getLogger("gateway.server")  # the intake log, as for Braze
+
+WEBHOOK_PATH = "/webhooks/didomi"
+
+
+AUTH = web.AppKey("gateway.authenticator", Authenticator)
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """`POST /webhooks/didomi`: check, decode and durably store one Didomi webhook."""
+    app = request.app
+    config, metrics, state = app[CONFIG], app[METRICS], app[STATE]
+
+    def refuse(
+        status: int,
+        error: str,
+        detail: str,
+        outcome: str = "rejected",
+        type_: str = "other",
+        reason: str | None = None,
+    ) -> web.Response:
+        """`intake.refuse`, with this route's defaults."""
+        return intake_refuse(request, type_, status, error, detail, outcome, reason=reason)
+
+    if not app[AUTH].authenticate(request.headers.get("Authorization")):
+        return refuse(401, "unauthorized", "a valid Bearer token is required", "unauthorized")
+    if request.content_type.lower() != "application/json":
+        return refuse(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type}",
+        )
+    limit = config.server.max_body_bytes
+    try:
+        body = await read_capped(request, limit)
+    except (ConnectionError, HttpProcessingError) as exc:
+        return refuse(400, "bad_request", f"the body could not be read: {exc}")
+    if body is None:
+        return refuse(413, "too_large", f"the body is over server.max_body_bytes ({limit} bytes)")
+    try:
+        webhook = decode(body)
+    except WebhookError as exc:
+        return refuse(400, "bad_request", str(exc))
+    subject = webhook.subject
+    event_id = subject.id if subject is not None else None
+    if not webhook.known:
+        metrics.webhook(webhook.type, "ignored")
+        log.info(
+            "webhook ignored: unknown type", extra={"event_id": event_id, "outcome": "ignored"}
+        )
+        return json_answer(200, {"status": "ignored"})
+    kind = webhook.type
+    if state.starting or SPOOL not in app:
+        return refuse(503, "not_ready", "the gateway is starting", "unavailable", kind)
+    spool = app[SPOOL]
+    try:
+        person = state.person_of(webhook)
+        stored = await spool.put(webhook.dedupe_key(), kind, body, person, decoded=webhook)
+    except SpoolFull as exc:
+        detail = "the spool is full; retry later"
+        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
+    except SpoolError as exc:
+        detail = "the spool cannot store webhooks now; retry later"
+        return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
+    finally:
+        metrics.flow(direction_of(kind)).pending.set(spool.db.pending_of(direction_of(kind)))
+    outcome = "accepted" if stored else "duplicate"
+    metrics.webhook(kind, outcome)
+    # The audit trail of consent: which Didomi event, what became of it. Never the person.
+    log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
+    if not stored:
+        return json_answer(200, {"status": "duplicate"})
+    state.wake()
+    return json_answer(202, {"status": "accepted"})
