@@ -12,7 +12,6 @@ from typing import Any, Literal, TextIO
 import msgspec
 
 from gateway import __version__
-from gateway.braze_webhooks import BrazeChange, BrazeWebhookError, decode_step, split_currents
 from gateway.config.settings import (
     Config,
     braze_base_url,
@@ -27,7 +26,13 @@ from gateway.peers.braze_bodies import (
     track_bodies,
     track_object,
 )
-from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.reverse.braze_webhooks import (
+    BrazeChange,
+    BrazeWebhookError,
+    decode_step,
+    split_currents,
+)
+from gateway.reverse.rules import ConsentEdit, ReverseRules
 from gateway.rules.mappings import (
     EMAIL,
     LoadedTest,

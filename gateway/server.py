@@ -29,7 +29,6 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import braze_intake
 from gateway.config.settings import (
     Config,
     DeliveryConfig,
@@ -60,6 +59,8 @@ from gateway.metrics import Metrics, metrics_handler
 from gateway.peers.braze import open_client
 from gateway.peers.didomi import open_didomi_client
 from gateway.reload import LiveRules
+from gateway.reverse import intake as braze_intake
+from gateway.reverse.writeback import Writeback
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.spool.postgres import PgSpoolDB, redact
@@ -67,7 +68,6 @@ from gateway.spool.prune import Retention
 from gateway.spool.replicas import Budget, Replicas, replica_name
 from gateway.spool.sqlite import SpoolDB, SpoolLock
 from gateway.spool.store import Store
-from gateway.writeback import Writeback
 
 __all__ = [
     "CONFIG",

@@ -25,9 +25,9 @@ from gateway import trace
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reload import LiveRules
+from gateway.reverse.writeback import SCAN_LIMIT
 from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing.braze import FakeBraze, FakeDidomi, User
-from gateway.writeback import SCAN_LIMIT
 from tests import test_end_to_end
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 

@@ -706,9 +706,9 @@ async def test_the_writeback_writes_only_the_reports_of_partitions_it_owns(
     one whose partition is another's stays in the spool, and is written once it is owned."""
     from gateway.metrics import Metrics
     from gateway.peers.didomi import open_didomi_client
+    from gateway.reverse.writeback import Writeback
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
-    from gateway.writeback import Writeback
     from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 
     config = build_config(
@@ -872,9 +872,9 @@ async def test_reports_withheld_because_their_partition_moved_go_to_its_owner_no
     while it is being written stays in the spool for the new owner, never a dead letter."""
     from gateway.metrics import Metrics
     from gateway.peers.didomi import open_didomi_client
+    from gateway.reverse.writeback import Writeback
     from gateway.rules.mappings import load_rules
     from gateway.spool.face import Spool
-    from gateway.writeback import Writeback
     from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, build_config
 
     config = build_config(

@@ -28,7 +28,7 @@ from tests.test_bidirectional import (
 
 __all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 
-SAMPLES = Path(__file__).parent / "events" / "braze" / "samples"
+SAMPLES = Path(__file__).parents[1] / "events" / "braze" / "samples"
 SAMPLE_GROUP = "f47ac10b-58cc-4372-a567-0e02b2c3d479"  # the group id of Braze's sample event
 SAMPLE_PERSON = "external_user_id"  # the sample's external_user_id, verbatim
 

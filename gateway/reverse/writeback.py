@@ -49,19 +49,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from gateway.braze_webhooks import (
-    BrazeChange,
-    BrazeWebhookError,
-    decode_currents_event,
-    decode_step,
-)
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
 from gateway.peers.didomi import DidomiClient, DidomiUser
-from gateway.reverse import ConsentEdit, ReverseRules
+from gateway.reverse.braze_webhooks import (
+    BrazeChange,
+    BrazeWebhookError,
+    decode_currents_event,
+    decode_step,
+)
+from gateway.reverse.rules import ConsentEdit, ReverseRules
 from gateway.rules.mappings import ERASED, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.spool.audit import Record, state_text

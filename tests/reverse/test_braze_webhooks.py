@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.braze_webhooks import (
+from gateway.reverse.braze_webhooks import (
     GLOBAL_STATE_CHANGE,
     GROUP_STATE_CHANGE,
     BrazeChange,
@@ -25,7 +25,7 @@ from gateway.braze_webhooks import (
 )
 from gateway.rules.mappings import EMAIL, Target, load_rules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BRAZE = ROOT / "tests" / "events" / "braze"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

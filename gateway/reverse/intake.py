@@ -22,7 +22,11 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.braze_webhooks import (
+from gateway.config.settings import Config
+from gateway.errors import SpoolError, SpoolFull
+from gateway.http.auth import Authenticator, bearer_tokens
+from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
+from gateway.reverse.braze_webhooks import (
     CURRENTS_VERSION,
     CURRENTS_VERSION_HEADER,
     BrazeChange,
@@ -32,10 +36,6 @@ from gateway.braze_webhooks import (
     split_currents,
     step_dedupe_key,
 )
-from gateway.config.settings import Config
-from gateway.errors import SpoolError, SpoolFull
-from gateway.http.auth import Authenticator, bearer_tokens
-from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, json_answer, read_capped, refuse
 from gateway.spool.audit import Record
 
 log = logging.getLogger("gateway.server")

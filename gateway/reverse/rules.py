@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.braze_webhooks import BrazeChange
+from gateway.reverse.braze_webhooks import BrazeChange
 from gateway.rules.mappings import EMAIL, Rule, RuleSet, State, Target
 from gateway.shapes.webhooks import GATEWAY_SOURCE, Purpose
 

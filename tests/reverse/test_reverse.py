@@ -8,12 +8,17 @@ from typing import Any
 
 import pytest
 
-from gateway.braze_webhooks import BrazeChange, decode_currents_event, decode_step, split_currents
-from gateway.reverse import SOURCE, ConsentEdit, PurposeEdit, ReverseRules
+from gateway.reverse.braze_webhooks import (
+    BrazeChange,
+    decode_currents_event,
+    decode_step,
+    split_currents,
+)
+from gateway.reverse.rules import SOURCE, ConsentEdit, PurposeEdit, ReverseRules
 from gateway.rules.mappings import EMAIL, RuleSet, Target, load_rules
 from gateway.shapes.webhooks import PreferenceValue, Purpose
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAPPING = ROOT / "mappings" / "email.toml"
 BRAZE = ROOT / "tests" / "events" / "braze"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
