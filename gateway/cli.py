@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
 def _backfill(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.backfill import run  # the readers and the spool load only for this command
+    from gateway.bulk.backfill import run  # the readers and the spool load only for this command
 
     # Didomi's key and secret are needed only to read through its API.
     config = load_config(args.config, require_secrets="didomi-api" in args.sources)

@@ -15,14 +15,14 @@ from typing import Any, BinaryIO, TextIO
 
 import msgspec
 
-from gateway import drift
-from gateway.backfill import body_of  # the lane's row: the same bytes backfill stores
+from gateway.bulk import drift
+from gateway.bulk.backfill import body_of  # the lane's row: the same bytes backfill stores
+from gateway.bulk.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
+from gateway.bulk.sources import open_source
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
 from gateway.peers.braze_export import EXPORT, STATUS, BrazeReader
-from gateway.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
 from gateway.rules.mappings import RuleSet, load_rules, options_of
-from gateway.sources import open_source
 from gateway.spool import audit as trail
 from gateway.spool.backend import open_store
 from gateway.spool.store import Store

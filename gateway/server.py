@@ -29,6 +29,7 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.bulk.drift import follow as follow_drift
 from gateway.config.settings import (
     Config,
     DeliveryConfig,
@@ -38,7 +39,6 @@ from gateway.config.settings import (
     request_bound_s,
     secrets_of,
 )
-from gateway.drift import follow as follow_drift
 from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.forward.dispatcher import Dispatcher
 from gateway.forward.intake import AUTH, WEBHOOK_PATH, receive_webhook

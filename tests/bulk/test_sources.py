@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from gateway.bulk.sources import SourceError, UserRecord, open_source
 from gateway.config.settings import DidomiApiConfig
-from gateway.sources import SourceError, UserRecord, open_source
 from gateway.testing.didomi import FakeDidomi
 
 

@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from gateway.bulk.sources import Source, UserRecord, open_source
 from gateway.config.settings import Config, is_postgresql
 from gateway.errors import SpoolFull
 from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import Parameters, Webhook
-from gateway.sources import Source, UserRecord, open_source
 from gateway.spool import lane
 from gateway.spool.audit import state_text
 from gateway.spool.backend import open_store

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.backfill import run
+from gateway.bulk.backfill import run
 from gateway.config.settings import Config
 from gateway.forward.dispatcher import Dispatcher
 from gateway.metrics import Metrics

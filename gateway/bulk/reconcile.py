@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.bulk.sources import Source, UserRecord
 from gateway.peers.braze_export import MAX_EXPORT_IDS, BrazeReader, ExportedUser
 from gateway.rules.mappings import EMAIL, Mapped, RuleSet, State, Target
 from gateway.shapes.webhooks import Parameters, Webhook
-from gateway.sources import Source, UserRecord
 
 CHUNK = MAX_EXPORT_IDS  # persons compared together: one export request by external id
 Z95 = 1.959963984540054

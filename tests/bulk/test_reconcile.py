@@ -12,15 +12,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import drift
+from gateway.bulk import drift
+from gateway.bulk.reconcile import Report, person_of, wilson
+from gateway.bulk.sources import UserRecord
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.peers.braze_export import BrazeReader, WindowLimiter
-from gateway.reconcile import Report, person_of, wilson
 from gateway.reconcile_cli import Options, run
 from gateway.rules.mappings import EMAIL, Target, load_rules
 from gateway.shapes.webhooks import Entity
-from gateway.sources import UserRecord
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.testing.braze import FakeBraze
@@ -368,7 +368,7 @@ async def test_window_limiter_holds_a_slot_a_window_after_its_answer() -> None:
 
 def test_report_ratio_counts_missing_only_when_it_is_drift() -> None:
     """Missing persons count in a target's ratio only when the gateway would create them."""
-    from gateway.reconcile import Counts
+    from gateway.bulk.reconcile import Counts
 
     report = Report(missing_is_drift=False, targets={EMAIL: Counts(8, 1, 1)}, compared=10)
     assert report.ratio(EMAIL) == pytest.approx(0.1)
@@ -387,8 +387,8 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
     profile): --fix stores Didomi's state in the lane (not deduped against the backfill, not
     stale at the same date), delivery applies it, and a second run finds no drift (both
     backends; the ratios reach the spool's meta there too)."""
-    from gateway.backfill import run as backfill
-    from tests.test_backfill import configure, delivering, drained
+    from gateway.bulk.backfill import run as backfill
+    from tests.bulk.test_backfill import configure, delivering, drained
 
     config = configure(tmp_path, spool_url, fake.url)
     config = msgspec_struct_replace(config, update_existing_only=False)

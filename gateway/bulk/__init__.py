@@ -1,0 +1,1 @@
+"""Bulk: backfill and reconcile, reading Didomi's users from sources, beside both directions."""
