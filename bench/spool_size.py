@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.app.retention import DAY_S, TABLES  # noqa: E402
 from gateway.spool.audit import Record  # noqa: E402 - after the path is set
-from gateway.spool.prune import DAY_S, TABLES  # noqa: E402
 from gateway.spool.sqlite import SpoolDB  # noqa: E402
 
 TARGETS = ("email_subscribe", "group:3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b", "attr:consent")

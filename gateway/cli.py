@@ -519,8 +519,8 @@ def _show(value: Any) -> str:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from gateway.app.server import serve  # the server pulls in aiohttp; check/render/test need not
     from gateway.logs import configure_logging
-    from gateway.server import serve  # the server pulls in aiohttp; check/render/test need not
 
     log_format: Literal["text", "json"] = args.log_format or (
         "text" if sys.stderr.isatty() else "json"

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 
 from gateway import trace
+from gateway.app.reload import LiveRules
+from gateway.app.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
-from gateway.reload import LiveRules
 from gateway.reverse.writeback import SCAN_LIMIT
-from gateway.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing.braze import FakeBraze, FakeDidomi, User
 from tests import test_end_to_end
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
@@ -812,8 +812,8 @@ async def test_a_braze_change_older_than_the_retention_floor_is_counted_apart_fr
 ) -> None:
     """A Braze change refused only because it is older than what retention pruned is counted
     under `older_than_retention` (metric, audit record, a warning), never folded into `stale`."""
+    from gateway.app.retention import Retention
     from gateway.config.settings import RetentionConfig
-    from gateway.spool.prune import Retention
     from tests.spool.test_audit import warnings_of
 
     gw = await start_gateway()
@@ -934,8 +934,8 @@ async def test_a_braze_change_older_than_the_retention_floor_is_warned_of_once(
 ) -> None:
     """A report filtered several times (before each try, again after reading Didomi) whose
     change is older than the retention floor logs that warning once, not once per pass."""
+    from gateway.app.retention import Retention
     from gateway.config.settings import RetentionConfig
-    from gateway.spool.prune import Retention
     from tests.spool.test_audit import warnings_of
 
     gw = await start_gateway()

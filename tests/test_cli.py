@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.app.server import SPOOL
 from gateway.cli import main
-from gateway.server import SPOOL
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, choice, free_port, write_config

@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.app.reload import LiveRules
+from gateway.app.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
-from gateway.reload import LiveRules
-from gateway.server import DISPATCHER, RULES, SPOOL, WRITEBACK, create_app, delivery
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 

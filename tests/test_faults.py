@@ -20,8 +20,8 @@ import aiohttp
 import msgspec
 import pytest
 
+from gateway.app.server import DISPATCHER, SPOOL
 from gateway.rules.mappings import RuleSet
-from gateway.server import DISPATCHER, SPOOL
 from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from tests import test_end_to_end

@@ -25,11 +25,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.app.reload import LiveRules
+from gateway.app.server import create_app, delivery
 from gateway.http.auth import TokenIssuer
 from gateway.metrics import SKIP_REASONS, Metrics
-from gateway.reload import LiveRules
 from gateway.rules.mappings import EMAIL, Mapped, Options, RuleSet, Skipped, load_rules
-from gateway.server import create_app, delivery
 from gateway.shapes.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, build_config

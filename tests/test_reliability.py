@@ -30,10 +30,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app.reload import LiveRules
+from gateway.app.server import DISPATCHER, SPOOL, Context, create_app, delivery
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
-from gateway.reload import LiveRules
-from gateway.server import DISPATCHER, SPOOL, Context, create_app, delivery
 from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, MakeConfig, choice, free_port, recent, write_config

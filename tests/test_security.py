@@ -26,10 +26,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.app.server import SPOOL, create_app
 from gateway.config.settings import Config
 from gateway.http import auth
 from gateway.http.auth import TokenIssuer
-from gateway.server import SPOOL, create_app
 from gateway.testing.braze import FakeBraze
 from tests.conftest import (
     BRAZE_API_KEY,
@@ -415,10 +415,10 @@ async def test_unusual_addresses_echoed_by_braze_are_masked_in_the_logs(
 ) -> None:
     """A Braze error that echoes internationalised or apostrophe addresses reaches the log (a
     dead-letter warning) with every one of them masked, not only the ASCII ones."""
+    from gateway.app.reload import LiveRules
+    from gateway.app.server import DISPATCHER, delivery
     from gateway.logs import configure_logging
     from gateway.metrics import Metrics
-    from gateway.reload import LiveRules
-    from gateway.server import DISPATCHER, delivery
 
     out = io.StringIO()
     configure_logging("json", "DEBUG", stream=out)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from gateway.app.server import SPOOL
 from gateway.cli import main
 from gateway.config.settings import BrazeConfig
 from gateway.delivery.outcome import Verdict
 from gateway.delivery.pacing import RateLimiter
 from gateway.metrics import Metrics
 from gateway.peers.braze import _classify, open_client
-from gateway.server import SPOOL
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
 from tests.test_end_to_end import StartGateway, start_gateway

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.server import SPOOL
+from gateway.app.server import SPOOL
 from gateway.testing.braze import FakeDidomi
 from tests.test_bidirectional import (
     CURRENTS,

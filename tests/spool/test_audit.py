@@ -21,15 +21,15 @@ import msgspec
 import pytest
 
 from gateway import trace
+from gateway.app.retention import Retention
+from gateway.app.server import SPOOL
 from gateway.cli import main
 from gateway.config.settings import Config, RetentionConfig
 from gateway.errors import SpoolError
 from gateway.metrics import Metrics
-from gateway.server import SPOOL
 from gateway.spool import erasure
 from gateway.spool.audit import Record, person_hash
 from gateway.spool.face import Spool
-from gateway.spool.prune import Retention
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import MakeConfig, choice, recent

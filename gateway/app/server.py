@@ -29,6 +29,8 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.app.reload import LiveRules
+from gateway.app.retention import Retention
 from gateway.bulk.drift import follow as follow_drift
 from gateway.config.settings import (
     Config,
@@ -58,13 +60,11 @@ from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.peers.braze import open_client
 from gateway.peers.didomi import open_didomi_client
-from gateway.reload import LiveRules
 from gateway.reverse import intake as braze_intake
 from gateway.reverse.writeback import Writeback
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.spool.postgres import PgSpoolDB, redact
-from gateway.spool.prune import Retention
 from gateway.spool.replicas import Budget, Replicas, replica_name
 from gateway.spool.sqlite import SpoolDB, SpoolLock
 from gateway.spool.store import Store

@@ -24,12 +24,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
+from gateway.app.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.config.settings import Config
 from gateway.delivery import health
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.metrics import Metrics
-from gateway.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.spool.sqlite import Pending, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, choice, free_port, recent
@@ -41,7 +41,7 @@ Start = Callable[..., Awaitable[Client]]
 MakeConfig = Callable[..., Config]
 MakeEvent = Callable[..., bytes]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 JSON = {"Content-Type": "application/json"}
 LIMIT = 4096  # server.max_body_bytes in most tests: small, so size tests stay fast

@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import reload as reload_module
+from gateway.app import reload as reload_module
+from gateway.app.reload import LIVE_KEYS, LiveRules, changed_keys
 from gateway.config.settings import Config, load_config
 from gateway.metrics import Metrics
-from gateway.reload import LIVE_KEYS, LiveRules, changed_keys
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, CLIENT_SECRET, SECRETS, choice, free_port, write_config
 from tests.test_reliability import GatewayProcess, eventually, metric

@@ -1,0 +1,1 @@
+"""The composition root: the aiohttp app, its lifecycle, both directions wired, reload."""
