@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.cli.reconcile import Options, run  # noqa: E402
 from gateway.config.settings import load_config  # noqa: E402 - after the path is set
-from gateway.reconcile_cli import Options, run  # noqa: E402
 from gateway.testing.braze import FakeBraze  # noqa: E402
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"

@@ -10,7 +10,7 @@ def main() -> int:
     # with a traceback of whichever import it cut short. The command itself gets Python's
     # handler back, and `cli.main` turns its KeyboardInterrupt into status 130.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    from gateway.cli import main as command
+    from gateway.cli.main import main as command
 
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from gateway import trace
 from gateway.app.reload import LiveRules
 from gateway.app.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
+from gateway.cli import trace
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reverse.writeback import SCAN_LIMIT

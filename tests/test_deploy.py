@@ -22,7 +22,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.cli import _parser
+from gateway.cli.main import _parser
 from gateway.config import settings as config_module
 from gateway.config.settings import Config, ServerConfig, load_config
 from gateway.metrics import Metrics

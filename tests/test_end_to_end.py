@@ -438,7 +438,7 @@ async def test_dead_letters_replayed_from_the_cli_while_the_server_runs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The CLI lists and replays dead letters of a live spool; the running gateway sends them."""
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     refusing = True
     fake.reject_objects(

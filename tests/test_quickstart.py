@@ -198,7 +198,7 @@ def test_check_says_the_demo_is_a_demo_without_loading_the_fake() -> None:
     """`gateway check` on the demo says DEMO and the fake's URL, and never imports test code."""
     probe = (
         "import sys\n"
-        "from gateway.cli import main\n"
+        "from gateway.cli.main import main\n"
         f"status = main(['check', '--config', {str(DEMO)!r}])\n"
         "print('loaded:', sorted(m for m in sys.modules if m.startswith('gateway.testing')))\n"
         "sys.exit(status)\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.cli.trace import as_dict
 from gateway.config.settings import DeliveryConfig
 from gateway.delivery.pacing import RateLimiter
 from gateway.errors import SpoolError
@@ -27,7 +28,6 @@ from gateway.spool.replicas import Budget, Replicas
 from gateway.spool.sqlite import SpoolDB
 from gateway.spool.store import PARTITIONS
 from gateway.testing.braze import FakeBraze, FakeDidomi
-from gateway.trace import as_dict
 from tests.conftest import BRAZE_API_KEY, choice, free_port, write_config
 from tests.test_reliability import STATES, GatewayProcess, at, eventually
 
@@ -587,7 +587,7 @@ def test_gateway_migrate_creates_then_finds_the_schema_up_to_date(
 ) -> None:
     """`gateway migrate` on a new database creates the schema; run again, it says so and
     changes nothing; a database from a newer gateway is refused with what to do."""
-    from gateway.cli import main
+    from gateway.cli.main import main
     from gateway.spool.postgres import VERSION
     from tests.conftest import write_config
 

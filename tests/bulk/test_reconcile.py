@@ -15,10 +15,10 @@ import pytest
 from gateway.bulk import drift
 from gateway.bulk.reconcile import Report, person_of, wilson
 from gateway.bulk.sources import UserRecord
+from gateway.cli.reconcile import Options, run
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.peers.braze_export import BrazeReader, WindowLimiter
-from gateway.reconcile_cli import Options, run
 from gateway.rules.mappings import EMAIL, Target, load_rules
 from gateway.shapes.webhooks import Entity
 from gateway.spool.backend import open_store
@@ -432,8 +432,8 @@ async def test_exit_status_tells_no_drift_drift_and_failure(
     (the message names the permission or key to fix); `--sample 0` is refused with 2."""
     import msgspec
 
-    from gateway.cli import main
-    from gateway.reconcile_cli import command
+    from gateway.cli.main import main
+    from gateway.cli.reconcile import command
 
     export = write_export(tmp_path / "users.json", 10)
     seed_agreeing(fake, reconcile_config, 10)

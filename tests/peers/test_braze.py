@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app.server import SPOOL
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config.settings import BrazeConfig
 from gateway.delivery.outcome import Verdict
 from gateway.delivery.pacing import RateLimiter

@@ -20,10 +20,10 @@ from unittest.mock import patch
 import msgspec
 import pytest
 
-from gateway import trace
 from gateway.app.retention import Retention
 from gateway.app.server import SPOOL
-from gateway.cli import main
+from gateway.cli import trace
+from gateway.cli.main import main
 from gateway.config.settings import Config, RetentionConfig
 from gateway.errors import SpoolError
 from gateway.metrics import Metrics

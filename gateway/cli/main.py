@@ -256,7 +256,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _check_online(config: Config, rules: RuleSet, config_path: str, allow_unreachable: bool) -> int:
     """`check --online`: what Braze and Didomi say; warnings never change the exit status."""
-    from gateway.online import run  # aiohttp and the probes: only when asked for
+    from gateway.cli.online import run  # aiohttp and the probes: only when asked for
 
     report = run(config, rules, config_path)
     errors = list(report.errors)
@@ -545,14 +545,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from gateway.deadletters import command
+    from gateway.cli.deadletters import command
 
     config = load_config(args.config, require_secrets=False)
     return command(config, args.action, args.id)
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from gateway.trace import TraceError, command
+    from gateway.cli.trace import TraceError, command
 
     config = load_config(args.config, require_secrets=False)
     person = args.person
@@ -567,7 +567,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from gateway.reconcile_cli import Options, command  # aiohttp and the sources: only when run
+    from gateway.cli.reconcile import Options, command  # aiohttp and the sources: only when run
 
     if args.sample is not None and args.sample < 1:
         print("gateway reconcile: --sample takes a number of persons, 1 or more", file=sys.stderr)

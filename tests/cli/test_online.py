@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from gateway.cli.online import PROBE_PREFIX, Report, check_online
 from gateway.config.settings import load_config
 from gateway.errors import Problem
-from gateway.online import PROBE_PREFIX, Report, check_online
 from gateway.rules.mappings import load_rules, options_of
 from gateway.testing.braze import ALL_PERMISSIONS, FakeBraze, FakeDidomi
 from tests.conftest import (
@@ -387,7 +387,7 @@ def test_offline_check_never_imports_the_online_probes(tmp_path: Path) -> None:
     """`gateway check` without --online stays light: gateway.online is imported lazily."""
     path = write_config(tmp_path)
     code = (
-        "import sys; from gateway.cli import main;"
+        "import sys; from gateway.cli.main import main;"
         " status = main(['check', '--config', sys.argv[1]]);"
         " print(status, 'gateway.online' in sys.modules)"
     )

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.app.server import SPOOL
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, choice, free_port, write_config
@@ -29,7 +29,7 @@ from tests.test_reliability import (  # noqa: F401 - start_gateway is a fixture
     start_gateway,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 
