@@ -17,7 +17,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _LINK = re.compile(r"!?\[(?:[^\]`]|`[^`]*`)*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _FENCE = re.compile(r"^(```|~~~)")
 _CODE_SPAN = re.compile(r"`[^`]*`")
-_TEST_NAME = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+_TEST_NAME = re.compile(r"(tests/(?:\w+/)*test_\w+\.py)::(test_\w+)")
 
 
 def prose(path: Path) -> list[str]:

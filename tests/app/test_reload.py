@@ -24,7 +24,7 @@ from gateway.config.settings import Config, load_config
 from gateway.metrics import Metrics
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, CLIENT_SECRET, SECRETS, choice, free_port, write_config
-from tests.test_reliability import GatewayProcess, eventually, metric
+from tests.system.test_reliability import GatewayProcess, eventually, metric
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.spool.sqlite import Pending, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, choice, free_port, recent
-from tests.test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture
+from tests.system.test_reliability import StartGateway, eventually, start_gateway  # noqa: F401 - a fixture
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]

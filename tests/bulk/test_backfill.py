@@ -30,7 +30,7 @@ from gateway.spool.store import Store
 from gateway.testing.braze import FakeBraze
 from gateway.testing.didomi import FakeDidomi
 from tests.conftest import SECRETS, build_config, choice
-from tests.test_reliability import eventually
+from tests.system.test_reliability import eventually
 
 
 def iso(when: datetime) -> str:
@@ -303,7 +303,7 @@ async def test_kill_9_of_the_gateway_mid_backfill_loses_nobody(
     """A gateway killed with kill -9 while it delivers the lane delivers the rest after its
     restart: every backfilled user reaches Braze and the lane ends empty."""
     from tests.conftest import free_port
-    from tests.test_reliability import GatewayProcess
+    from tests.system.test_reliability import GatewayProcess
 
     braze = fake
     braze.latency_s = 0.05

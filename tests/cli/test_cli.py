@@ -21,7 +21,7 @@ from gateway.cli.main import main
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, choice, free_port, write_config
-from tests.test_reliability import (  # noqa: F401 - start_gateway is a fixture
+from tests.system.test_reliability import (  # noqa: F401 - start_gateway is a fixture
     GatewayProcess,
     StartGateway,
     eventually,

@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.peers.braze import _classify, open_client
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, SECRETS, Elsewhere, choice, write_config
-from tests.test_end_to_end import StartGateway, start_gateway
+from tests.system.test_end_to_end import StartGateway, start_gateway
 
 __all__ = ["start_gateway"]  # the fixture, imported so pytest finds it here
 

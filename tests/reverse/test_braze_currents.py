@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.app.server import SPOOL
 from gateway.testing.braze import FakeDidomi
-from tests.test_bidirectional import (
+from tests.system.test_bidirectional import (
     CURRENTS,
     NEWS,
     OFFERS,

@@ -33,8 +33,8 @@ from gateway.spool.face import Spool
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import MakeConfig, choice, recent
-from tests.test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
-from tests.test_reliability import fill, small_disk  # noqa: F401 - a fixture
+from tests.system.test_end_to_end import StartGateway, fixture, start_gateway  # noqa: F401 - a fixture
+from tests.system.test_reliability import fill, small_disk  # noqa: F401 - a fixture
 
 WITHDRAWAL_ID = "3c9d1e4f-7a2b-4c5d-8e6f-0a1b2c3d4e5f"  # consent_withdrawn.json's event id
 DAY = 86_400.0

@@ -29,7 +29,7 @@ from gateway.spool.sqlite import SpoolDB
 from gateway.spool.store import PARTITIONS
 from gateway.testing.braze import FakeBraze, FakeDidomi
 from tests.conftest import BRAZE_API_KEY, choice, free_port, write_config
-from tests.test_reliability import STATES, GatewayProcess, at, eventually
+from tests.system.test_reliability import STATES, GatewayProcess, at, eventually
 
 
 class Clock:

@@ -34,7 +34,7 @@ from gateway.shapes.webhooks import EVENT_TYPES, Webhook, WebhookError, decode
 from gateway.testing.braze import FakeBraze
 from tests.conftest import BRAZE_API_KEY, CLIENT_ID, CLIENT_SECRET, build_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = load_rules(ROOT / "mappings")
 GROUPS = set(RULES.groups)
 EMAIL_STATES = {"opted_in", "subscribed", "unsubscribed"}

@@ -24,7 +24,6 @@ from gateway.app.server import DISPATCHER, SPOOL
 from gateway.rules.mappings import RuleSet
 from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze, FakeDidomi
-from tests import test_end_to_end
 from tests.conftest import (
     BRAZE_API_KEY,
     DIDOMI_API_KEY,
@@ -35,7 +34,8 @@ from tests.conftest import (
     recent,
     write_config,
 )
-from tests.test_reliability import GatewayProcess, eventually, spool_counts
+from tests.system import test_end_to_end
+from tests.system.test_reliability import GatewayProcess, eventually, spool_counts
 
 BRAZE_WEBHOOK_TOKEN = "faults-braze-webhook-token-3b7d"
 start_gateway = test_end_to_end.start_gateway  # the same fixture: a gateway on the fake Braze

@@ -29,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, Elsewhere, MakeConfig, choice, free_port, recent, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -407,7 +407,13 @@ async def test_the_running_gateway_exposes_every_metric_the_dashboard_and_alerts
     """After a short real run, /metrics (parsed by prometheus-client) has every queried metric."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.test_deploy import METRIC_NAME, alert_blocks, block_expr, dashboard_exprs, family_of
+    from tests.system.test_deploy import (
+        METRIC_NAME,
+        alert_blocks,
+        block_expr,
+        dashboard_exprs,
+        family_of,
+    )
 
     gw = await start_gateway()
     assert await gw.post(fixture("consent_given.json"), auth_headers) == 202

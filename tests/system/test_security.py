@@ -41,7 +41,7 @@ from tests.conftest import (
     recent,
     write_config,
 )
-from tests.test_reliability import GatewayProcess, eventually, metric, spool_counts
+from tests.system.test_reliability import GatewayProcess, eventually, metric, spool_counts
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]

@@ -28,8 +28,8 @@ from gateway.config.settings import Config
 from gateway.metrics import Metrics
 from gateway.reverse.writeback import SCAN_LIMIT
 from gateway.testing.braze import FakeBraze, FakeDidomi, User
-from tests import test_end_to_end
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
+from tests.system import test_end_to_end
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
 OFFERS = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

@@ -28,7 +28,7 @@ from gateway.config.settings import Config, ServerConfig, load_config
 from gateway.metrics import Metrics
 from gateway.rules.mappings import load_rules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
