@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
-from gateway.spool.audit import Entry
+from gateway.spool.audit import StoredRecord
 from gateway.spool.backend import open_store
 
 
@@ -82,7 +82,7 @@ def _iso(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def as_dict(entry: Entry) -> dict[str, Any]:
+def as_dict(entry: StoredRecord) -> dict[str, Any]:
     """One record as a JSON object: what was said, what was sent, what was answered, when."""
     return {
         "at": _iso(entry.at),
@@ -98,7 +98,7 @@ def as_dict(entry: Entry) -> dict[str, Any]:
     }
 
 
-def as_text(entry: Entry) -> str:
+def as_text(entry: StoredRecord) -> str:
     """One record as one readable line."""
     said = f"{entry.event_type or '-'} {entry.event_id or '-'}"
     if entry.event_at is not None:

@@ -190,7 +190,7 @@ class Config(Strict, frozen=True):
     backfill: BackfillConfig = BackfillConfig()
 
 
-DEFAULT_LEASE_S = 20.0
+MIN_AUTO_LEASE_S = 20.0
 
 
 def request_bound_s(config: Config) -> float:
@@ -209,7 +209,7 @@ def lease_floor(config: Config) -> float:
 def lease_of(config: Config) -> float:
     """The lease replicas hold their partitions by: `delivery.lease_s`, or when 0 the floor
     these timeouts need, and at least 20 s."""
-    return config.delivery.lease_s or max(DEFAULT_LEASE_S, lease_floor(config))
+    return config.delivery.lease_s or max(MIN_AUTO_LEASE_S, lease_floor(config))
 
 
 def secrets_of(config: Config) -> list[str]:

@@ -13,10 +13,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from gateway.peers.braze_bodies import MAX_DELETE_IDS
 from gateway.rules.mappings import Mapped, State, Target
 from gateway.spool.store import Pending
-
-MAX_DELETE_IDS = 50  # Braze's /users/delete takes at most this many identifiers a request
 
 
 @dataclass(slots=True)

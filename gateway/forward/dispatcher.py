@@ -27,9 +27,9 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
-from gateway.forward.batcher import MAX_DELETE_IDS, Batch, Batcher, Entry, Item
+from gateway.forward.batcher import Batch, Batcher, Entry, Item
 from gateway.peers.braze import BrazeClient
-from gateway.peers.braze_bodies import track_object
+from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
 from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
 from gateway.spool import lane

@@ -10,9 +10,7 @@ from gateway.rules.mappings import State, Target
 TRACK = "/users/track"
 DELETE = "/users/delete"
 MAX_OBJECTS = 75  # Braze refuses a /users/track request with more objects (400)
-
-
-MAX_DELETE_IDS = 50
+MAX_DELETE_IDS = 50  # Braze's /users/delete takes at most this many identifiers a request
 
 
 # /users/delete names people by one identifier kind per request.

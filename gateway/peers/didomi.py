@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 OnRequest = Callable[[str, str, float], None]  # endpoint path, status label, seconds
 
 
-class DidomiUser(Lenient, frozen=True):
+class ConsentsApiUser(Lenient, frozen=True):
     """A Didomi consent user as the Consents API returns it: the person's current status."""
 
     id: str | None = None
@@ -65,7 +65,7 @@ class DidomiUser(Lenient, frozen=True):
 
 
 class _UsersPage(Lenient, frozen=True):
-    data: list[DidomiUser] = msgspec.field(default_factory=list)
+    data: list[ConsentsApiUser] = msgspec.field(default_factory=list)
 
 
 class _Session(Lenient, frozen=True):
@@ -149,7 +149,7 @@ class DidomiClient:
 
     async def current_user(
         self, organization_user_id: str, *, regulation: str | None = None
-    ) -> tuple[Answer, DidomiUser | None]:
+    ) -> tuple[Answer, ConsentsApiUser | None]:
         """The person's current consent status, or None when Didomi does not know them yet."""
         query = {
             "organization_id": self.config.organization_id,

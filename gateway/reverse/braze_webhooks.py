@@ -100,11 +100,11 @@ class CurrentsBatch:
 # The shapes.
 
 
-class Lenient(msgspec.Struct, frozen=True, kw_only=True):
+class BrazeLenient(msgspec.Struct, frozen=True, kw_only=True):
     """Base of every Braze shape: unknown fields are ignored, never fatal."""
 
 
-class StepBody(Lenient, frozen=True):
+class StepBody(BrazeLenient, frozen=True):
     """A webhook step's body, as Braze renders the README's Liquid template."""
 
     external_id: str | None = None
@@ -114,12 +114,12 @@ class StepBody(Lenient, frozen=True):
     time: str | float | None = None
 
 
-class CurrentsUser(Lenient, frozen=True):
+class CurrentsUser(BrazeLenient, frozen=True):
     user_id: str | None = None  # Braze's own id: the Didomi side cannot name a person by it
     external_user_id: str | None = None
 
 
-class CurrentsProperties(Lenient, frozen=True):
+class CurrentsProperties(BrazeLenient, frozen=True):
     subscription_status: str | None = None
     subscription_group_id: str | None = None
     state_change_source: str | None = None
@@ -127,7 +127,7 @@ class CurrentsProperties(Lenient, frozen=True):
     channel: str | None = None
 
 
-class CurrentsEvent(Lenient, frozen=True):
+class CurrentsEvent(BrazeLenient, frozen=True):
     """One Currents event of the two types the gateway reads."""
 
     event_type: str
@@ -137,19 +137,19 @@ class CurrentsEvent(Lenient, frozen=True):
     properties: CurrentsProperties | None = None
 
 
-class _Head(Lenient, frozen=True):
+class _Head(BrazeLenient, frozen=True):
     # Only what routing needs, so an event of another type is never decoded further.
     event_type: str | None = None
     id: str | None = None
 
 
-class _Whom(Lenient, frozen=True):
+class _Whom(BrazeLenient, frozen=True):
     # Whom an ignored event names, so its audit record is found under that person.
     user: CurrentsUser | None = None
     properties: CurrentsProperties | None = None
 
 
-class _Envelope(Lenient, frozen=True):
+class _Envelope(BrazeLenient, frozen=True):
     # Raw keeps each event's own bytes: the spool stores one event per row, exactly as sent.
     events: list[msgspec.Raw]
 

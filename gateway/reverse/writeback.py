@@ -54,7 +54,7 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
-from gateway.peers.didomi import DidomiClient, DidomiUser
+from gateway.peers.didomi import ConsentsApiUser, DidomiClient
 from gateway.reverse.braze_webhooks import (
     BrazeChange,
     BrazeWebhookError,
@@ -444,7 +444,7 @@ class Writeback(Worker):
         report.not_before = time.monotonic() + report.hold_s
         self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
 
-    def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: DidomiUser) -> bool:
+    def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: ConsentsApiUser) -> bool:
         """Whether Didomi's user changed after the report's act, not by the gateway's hand,
         and the report should still wait for that change's webhook."""
         if user.updated_at is None:

@@ -75,7 +75,7 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class StoredRecord:
     """One stored audit record, as `gateway trace` shows it."""
 
     id: int
@@ -177,20 +177,20 @@ _COLUMNS = (
 )
 
 
-def of_person(db: Conn, hashed: str, since: float | None) -> list[Entry]:
+def of_person(db: Conn, hashed: str, since: float | None) -> list[StoredRecord]:
     """A person's records, newest first, from `since` (epoch seconds) on."""
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM audit WHERE person = ? AND at >= ?"  # noqa: S608 - a constant
         " ORDER BY at DESC, id DESC",
         (hashed, since if since is not None else float("-inf")),
     ).fetchall()
-    return [Entry(*row) for row in rows]
+    return [StoredRecord(*row) for row in rows]
 
 
-def of_event(db: Conn, event_id: str) -> list[Entry]:
+def of_event(db: Conn, event_id: str) -> list[StoredRecord]:
     """Every record about one event id, newest first."""
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM audit WHERE event_id = ? ORDER BY at DESC, id DESC",  # noqa: S608 - a constant
         (event_id,),
     ).fetchall()
-    return [Entry(*row) for row in rows]
+    return [StoredRecord(*row) for row in rows]

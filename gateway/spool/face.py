@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from gateway.errors import SpoolError
 from gateway.shapes.webhooks import direction_of
-from gateway.spool.store import Item, Pending, Store
+from gateway.spool.store import Pending, Store, StoredItem
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.spool")
@@ -64,7 +64,7 @@ class Spool:
     def __init__(self, db: Store) -> None:
         self.db = db
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._queue: list[tuple[Item, asyncio.Future[bool], object]] = []
+        self._queue: list[tuple[StoredItem, asyncio.Future[bool], object]] = []
         # On SQLite this process writes every row (but for a CLI's replay): delivery to Braze
         # takes them from memory. On PostgreSQL every replica writes: it reads the database.
         start = db.handoff_from()
@@ -170,7 +170,7 @@ class Spool:
     def _hand_over(
         self,
         stored: list[tuple[int, Pending]],
-        batch: list[tuple[Item, asyncio.Future[bool], object]],
+        batch: list[tuple[StoredItem, asyncio.Future[bool], object]],
     ) -> None:
         assert self.handoff is not None
         first = stored[0][1].id

@@ -35,7 +35,7 @@ from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
 from gateway.spool import prune as retention
-from gateway.spool.store import CODES, PARTITIONS, Dead, Item, Pending, SpoolBase, person_of
+from gateway.spool.store import CODES, PARTITIONS, Dead, Pending, SpoolBase, StoredItem, person_of
 
 try:
     import psycopg
@@ -147,7 +147,7 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-class Conn:
+class PgConn:
     """A psycopg connection that takes sqlite3's `?` placeholders, so `audit`, `retention`
     and `erasure` run the same statements on both engines."""
 
@@ -171,7 +171,7 @@ class Conn:
 
 def connect(
     url: str, *, application_name: str = "didomi-braze-gateway", statement_timeout_ms: int = 0
-) -> Conn:
+) -> PgConn:
     """A connection to the spool database, its search path set to the gateway's schema."""
     if psycopg is None:
         raise SpoolError(
@@ -201,7 +201,7 @@ def connect(
     except psycopg.Error as exc:
         raise SpoolError(f"cannot connect to the spool database {redact(url)}: {exc}") from exc
     raw.execute(f"SET search_path TO {SCHEMA}".encode())
-    return Conn(raw)
+    return PgConn(raw)
 
 
 def redact(url: str) -> str:
@@ -214,7 +214,7 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}@{host}"
 
 
-def migrate(conn: Conn) -> tuple[int, int]:
+def migrate(conn: PgConn) -> tuple[int, int]:
     """Bring the schema to `VERSION`; returns (version before, version after).
 
     Serialised by an advisory lock, so replicas starting together migrate once; a database
@@ -312,18 +312,18 @@ class PgSpoolDB(SpoolBase):
         self._conn.raw.close()
 
     @property
-    def db(self) -> Conn:
+    def db(self) -> PgConn:
         """The connection (as `SpoolDB.db` is its sqlite3 one), for tests and tools."""
         return self._db()
 
-    def _db(self) -> Conn:
+    def _db(self) -> PgConn:
         """The connection, opened again if the last one broke (a restarted server, say)."""
         if self._conn.raw.closed or self._conn.raw.broken:
             log.warning("reconnecting to the spool database %s", self.where)
             self._conn = connect(self.url)
         return self._conn
 
-    def _tx(self, work: Callable[[Conn], T]) -> T:
+    def _tx(self, work: Callable[[PgConn], T]) -> T:
         try:
             conn = self._db()
             with conn.raw.transaction():
@@ -343,7 +343,7 @@ class PgSpoolDB(SpoolBase):
         return SpoolError(f"the spool database {self.where} cannot {doing}: {exc}")
 
     @contextmanager
-    def _reading(self, what: str) -> Iterator[Conn]:
+    def _reading(self, what: str) -> Iterator[PgConn]:
         try:
             yield self._db()
         except psycopg.Error as exc:
@@ -355,13 +355,13 @@ class PgSpoolDB(SpoolBase):
         """Never: every replica writes rows, so delivery reads them from the database."""
         return
 
-    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]:
+    def put_many(self, items: Sequence[StoredItem]) -> list[bool | Exception]:
         """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room."""
         now = self.clock()
         room = self.max_pending - self.pending
         reverse = 0
 
-        def work(db: Conn) -> tuple[list[bool | Exception], int]:
+        def work(db: PgConn) -> tuple[list[bool | Exception], int]:
             nonlocal reverse
             # Ids then commit in their order, whichever replica takes the webhook (module doc).
             db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))
@@ -455,7 +455,7 @@ class PgSpoolDB(SpoolBase):
         """In one transaction: what `SpoolDB.ack` does (without page zeroing, see the module)."""
         now = self.clock()
 
-        def work(db: Conn) -> int:
+        def work(db: PgConn) -> int:
             db.executemany(
                 "INSERT INTO dead_letters(created_at, received_at, type, body, person, reason,"
                 " part, direction) SELECT ?, received_at, type, body, ?, ?, part, direction"
@@ -518,7 +518,7 @@ class PgSpoolDB(SpoolBase):
         """Move dead letters back into the inbox, keeping their dating (`SpoolDB.replay`)."""
         now = self.clock()
 
-        def work(db: Conn) -> int:
+        def work(db: PgConn) -> int:
             db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))  # as intake does
             where, params = _which(ids)
             letters = db.execute(
@@ -563,7 +563,7 @@ class PgSpoolDB(SpoolBase):
         """Store backfilled (key, body, person) rows and the source's progress, atomically."""
         now = self.clock()
 
-        def work(db: Conn) -> int:
+        def work(db: PgConn) -> int:
             # As intake: ids commit in their order, so no delivery cursor passes one unseen.
             db.execute("SELECT pg_advisory_xact_lock(?)", (_INTAKE_LOCK,))
             stored = lane.store(db, rows, now, self.dedupe_window_s, partition)

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway.errors import SpoolError
-from gateway.spool.postgres import Conn, PgSpoolDB, connect
+from gateway.spool.postgres import PgConn, PgSpoolDB, connect
 from gateway.spool.store import PARTITIONS
 
 log = logging.getLogger("gateway.replicas")
@@ -54,10 +54,10 @@ class _Thread:
     def __init__(self, url: str, name: str) -> None:
         self.url = url
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._conn: Conn | None = None
+        self._conn: PgConn | None = None
         self._name = name
 
-    def _db(self) -> Conn:
+    def _db(self) -> PgConn:
         if self._conn is None or self._conn.raw.closed or self._conn.raw.broken:
             # Short statements only: one that hangs must fail, not hold leases or turns up.
             self._conn = connect(
@@ -67,7 +67,7 @@ class _Thread:
             )
         return self._conn
 
-    async def run(self, work: Callable[[Conn], T]) -> T:
+    async def run(self, work: Callable[[PgConn], T]) -> T:
         def call() -> T:
             try:
                 return work(self._db())
@@ -226,7 +226,7 @@ class Replicas:
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self.check)
 
     def _beat(
-        self, conn: Conn, busy: set[int], releasable: frozenset[int]
+        self, conn: PgConn, busy: set[int], releasable: frozenset[int]
     ) -> tuple[set[int], set[int], int]:
         """(held, draining, replicas alive), from the database, which is the truth of it."""
         lease, me = self.lease_s, self.owner
@@ -274,7 +274,7 @@ class Replicas:
                 held |= {int(row[0]) for row in taken}
         return held, draining, live
 
-    def _leave(self, conn: Conn) -> None:
+    def _leave(self, conn: PgConn) -> None:
         with conn.raw.transaction():
             conn.execute("UPDATE leases SET owner = NULL, until = 0 WHERE owner = ?", (self.owner,))
             conn.execute("DELETE FROM replicas WHERE name = ?", (self.owner,))
@@ -298,7 +298,7 @@ class Budget:
         """0.0: send now (the turn is taken); else the seconds to wait before asking again."""
         return await self._thread.run(lambda conn: self._take(conn, rate))
 
-    def _take(self, conn: Conn, rate: float) -> float:
+    def _take(self, conn: PgConn, rate: float) -> float:
         with conn.raw.transaction():
             conn.execute(
                 "INSERT INTO budgets(name, at) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
@@ -321,7 +321,7 @@ class Budget:
         """Hold every replica's requests for `seconds` (Braze said to wait)."""
         await self._thread.run(lambda conn: self._block(conn, seconds))
 
-    def _block(self, conn: Conn, seconds: float) -> None:
+    def _block(self, conn: PgConn, seconds: float) -> None:
         conn.execute(
             f"INSERT INTO budgets AS b (name, at, blocked_until)"  # noqa: S608 - a constant
             f" VALUES (?, 0, {_NOW} + ?) ON CONFLICT (name) DO UPDATE"

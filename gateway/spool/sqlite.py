@@ -40,7 +40,7 @@ from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
 from gateway.spool import prune as retention
-from gateway.spool.store import CODES, TO_DIDOMI, Dead, Item, Pending, SpoolBase
+from gateway.spool.store import CODES, TO_DIDOMI, Dead, Pending, SpoolBase, StoredItem
 
 _SENT = """
 CREATE TABLE IF NOT EXISTS sent (     -- the states sent to Braze, to know Braze's echoes of them
@@ -479,7 +479,7 @@ class SpoolDB(SpoolBase):
         return 0
 
     def put_many(
-        self, items: Sequence[Item], rows: list[tuple[int, Pending]] | None = None
+        self, items: Sequence[StoredItem], rows: list[tuple[int, Pending]] | None = None
     ) -> list[bool | Exception]:
         """Store webhooks in one transaction: True stored, False duplicate, SpoolFull no room.
 

@@ -94,10 +94,10 @@ class Dead:
 
 
 # What one intake item is: (dedupe key or None, type, body[, the person it is about]).
-Item = tuple[str | None, str, bytes, str | None] | tuple[str | None, str, bytes]
+StoredItem = tuple[str | None, str, bytes, str | None] | tuple[str | None, str, bytes]
 
 
-def person_of(item: Item) -> str | None:
+def person_of(item: StoredItem) -> str | None:
     """The person an intake item is about, if it says."""
     return item[3] if len(item) > 3 else None
 
@@ -123,7 +123,7 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
-    def put_many(self, items: Sequence[Item]) -> list[bool | Exception]: ...
+    def put_many(self, items: Sequence[StoredItem]) -> list[bool | Exception]: ...
 
     def handoff_from(self) -> int | None:
         """The last inbox id when delivery may take this process's new rows from memory
@@ -157,7 +157,7 @@ class Store(Protocol):
 
     def trail(
         self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
-    ) -> list[trail.Entry]: ...
+    ) -> list[trail.StoredRecord]: ...
 
     def recount(self, direction: Direction = "to_braze") -> tuple[int, int]: ...
 
@@ -331,7 +331,7 @@ class SpoolBase:
 
     def trail(
         self, person: str | None = None, *, event_id: str | None = None, since: float | None = None
-    ) -> list[trail.Entry]:
+    ) -> list[trail.StoredRecord]:
         """A person's audit records (or one event's), newest first."""
         with self._reading("the audit trail") as db:
             if event_id is not None:

@@ -33,7 +33,7 @@ from gateway.testing.didomi import (
 from gateway.testing.served import Served
 
 MAX_TRACK_OBJECTS = 75  # attributes + events + purchases together, current contracts
-MAX_DELETE_IDS = 50
+DELETE_IDS_ACCEPTED = 50  # Braze's own limit, written here apart from the gateway's on purpose
 UNLIMITED = 250_000  # what the headers say when no rate limit is configured
 MAX_BODY_BYTES = 4 * 1024 * 1024  # Braze answers 413 above 4 MB
 MAX_EXTERNAL_ID_BYTES = 987
@@ -421,7 +421,7 @@ class FakeBraze(Served):
             ids = entries
         if not all(isinstance(i, str) for i in ids):
             return 400, {"message": f"'{kinds[0]}' must be an array of strings"}, 0
-        if len(ids) > MAX_DELETE_IDS:
+        if len(ids) > DELETE_IDS_ACCEPTED:
             return 400, {"message": TOO_MANY_IDS}, len(ids)
         prefix = DELETE_KINDS[kinds[0]]
         for identifier in ids:
