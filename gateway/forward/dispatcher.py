@@ -14,7 +14,6 @@ rows to the backlog and frees its people, so delivery never stalls until a resta
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
@@ -75,7 +74,7 @@ class Dispatcher(Worker):
         self.flow = metrics.flow("to_braze")
         self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._generation = spool.db.generation
+        self._generation = spool.generation
         self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
@@ -180,8 +179,7 @@ class Dispatcher(Worker):
                 skipped.append(row.id)
                 reasons[result] += 1
         if skipped or unmappable:
-            write = functools.partial(self.spool.db.ack, audit=trail)
-            await self._record(write, skipped, [], unmappable)
+            await self._settle(skipped, [], unmappable, audit=trail)
         for row in rows:
             self._map_failures.pop(row.id, None)
         if backfill:
@@ -219,18 +217,16 @@ class Dispatcher(Worker):
                 rows is not None
                 and time.monotonic() - self._read_at < RECOUNT_S
                 and not (
-                    not self.batcher
-                    and not self._tasks
-                    and await self.spool.run(self.spool.db.written_elsewhere)
+                    not self.batcher and not self._tasks and await self.spool.written_elsewhere()
                 )
             ):
                 return [], self._cursor
             complete = handoff.complete_after
         held = set(self.batcher.ids)  # before reading: what is acked meanwhile left the inbox
-        generation = self.spool.db.generation
-        rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT)
+        generation = self.spool.generation
+        rows = await self.spool.fetch(self._cursor, FETCH_LIMIT)
         self._read_at = time.monotonic()
-        if self.spool.db.generation != generation:
+        if self.spool.generation != generation:
             return [], self._cursor  # partitions changed during the read: read again
         cursor = rows[-1].id if rows else self._cursor
         if len(rows) < FETCH_LIMIT:
@@ -258,10 +254,10 @@ class Dispatcher(Worker):
             self._lane_more = True  # unknown: looked at again once the share refills
             return [], self._lane_cursor
         held = set(self.batcher.ids)
-        generation = self.spool.db.generation
-        rows = await self.spool.run(self.spool.db.fetch_backfill, self._lane_cursor, allowed)
+        generation = self.spool.generation
+        rows = await self.spool.fetch_backfill(self._lane_cursor, allowed)
         self._lane_budget.refund(allowed - len(rows))
-        if self.spool.db.generation != generation:
+        if self.spool.generation != generation:
             return [], self._lane_cursor
         self._lane_more = bool(rows)  # the command may still be storing: read again soon
         cursor = rows[-1].id if rows else self._lane_cursor
@@ -270,9 +266,8 @@ class Dispatcher(Worker):
     def _follow_partitions(self) -> None:
         """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
         it gave up, and read from the start again for those it took (older rows included)."""
-        db = self.spool.db
-        owned = db.owned
-        moved = self._partitions_moved(db.generation)
+        owned = self.spool.owned
+        moved = self._partitions_moved(self.spool.generation)
         if moved:
             self._lane_cursor = 0
         if moved and owned is not None:
@@ -294,7 +289,7 @@ class Dispatcher(Worker):
 
     def _ours(self, item: Item) -> bool:
         """Whether every row of `item` is of a partition this replica delivers now."""
-        owned = self.spool.db.owned
+        owned = self.spool.owned
         return owned is None or all(row.part in owned for row in item.rows)
 
     def busy_partitions(self) -> set[int]:
@@ -336,16 +331,16 @@ class Dispatcher(Worker):
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
         # it when caught up (a CLI replay is then the only way the count could be off). On a
         # shared spool the other replicas' intake and acks move it too: every few seconds.
-        busy = bool(self.batcher) and self.spool.db.owned is None
+        busy = bool(self.batcher) and self.spool.owned is None
         if busy or now - self._last_recount < RECOUNT_S:
-            self.flow.pending.set(self.spool.db.pending_of("to_braze"))
+            self.flow.pending.set(self.spool.pending_of("to_braze"))
             return
         self._last_recount = now
         self._spawn(self._recount_from_file())
 
     async def _recount_from_file(self) -> None:
         try:
-            pending, dead = await self.spool.run(self.spool.db.recount)
+            pending, dead = await self.spool.recount()
         except SpoolError as exc:
             log.warning("could not recount the spool (will retry): %s", exc)
             return
@@ -360,19 +355,18 @@ class Dispatcher(Worker):
         """
         while not self.stopping:
             try:
-                oldest = await self.spool.run(self.spool.db.oldest_pending_at)
+                oldest = await self.spool.oldest_pending_at()
             except SpoolError as exc:
                 log.warning("could not read the oldest pending update (will retry): %s", exc)
             else:
                 age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
                 self.flow.oldest_age.set(age)
             try:
-                waiting = await self.spool.run(self.spool.db.count_backfill)
+                waiting = await self.spool.recount_backfill()  # kept out of to_braze's pending
             except SpoolError as exc:
                 log.warning("could not count the backfilled users waiting (will retry): %s", exc)
             else:
                 self.metrics.backfill_pending.set(waiting)
-                self.spool.db.pending_backfill = waiting  # kept out of to_braze's pending
                 self._lane_more = self._lane_more or waiting > 0
             await self._pause(RECOUNT_S)
 
@@ -387,7 +381,7 @@ class Dispatcher(Worker):
             # Poll rather than wake per webhook: at high intake a wake per request costs more.
             await asyncio.sleep(min(0.01, remaining))
             await self._refill()
-        return self.batcher.take(braze.batch_size, MAX_DELETE_IDS, self.spool.db.owned)
+        return self.batcher.take(braze.batch_size, MAX_DELETE_IDS, self.spool.owned)
 
     # -- delivering ---------------------------------------------------------------------------
 
@@ -413,8 +407,8 @@ class Dispatcher(Worker):
         An erasure is never stale: it is lifted above the last choice applied, so it wins. The
         retention's floors count as applied to everyone (`retention`).
         """
-        applied = await self.spool.run(self.spool.db.applied_times, [item.person for item in items])
-        floors = self.spool.db.floors
+        applied = await self.spool.applied_times([item.person for item in items])
+        floors = self.spool.floors
         if not applied and not floors:
             return
         by_person: dict[str, dict[str, float]] = {}
@@ -605,8 +599,7 @@ class Dispatcher(Worker):
             if self.config.braze_webhooks is not None
             else []
         )
-        write = functools.partial(self.spool.db.ack, sent=sent, audit=trail, erase=erase)
-        await self._record(write, done, applied, dead)
+        await self._settle(done, applied, dead, sent=sent, audit=trail, erase=erase)
         for item in items:
             item.settled = True
         self.flow.delivered.inc(delivered)
@@ -621,11 +614,22 @@ class Dispatcher(Worker):
             self.flow.failed("rejected", len({d.person for d in dead}))
             self.flow.dead_letters.inc(len(dead))
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
-        self.flow.pending.set(self.spool.db.pending_of("to_braze"))
+        self.flow.pending.set(self.spool.pending_of("to_braze"))
 
-    async def _record(self, write: Callable[..., None], *args: object) -> None:
+    async def _settle(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]],
+        dead: Sequence[Dead],
+        *,
+        audit: Sequence[Record],
+        sent: Sequence[tuple[str, str, str, float]] = (),
+        erase: Sequence[str] = (),
+    ) -> None:
         """Write an outcome to the spool, retrying while it cannot be written."""
-        await self.spool.record(write, *args, stopping=lambda: self.stopping)
+        await self.spool.ack(
+            done, applied, dead, audit=audit, sent=sent, erase=erase, stopping=lambda: self.stopping
+        )
 
     async def _dead(
         self, items: Sequence[Item], reason: str, answer: Answer, sent_at: float, *, delete: bool
@@ -638,14 +642,14 @@ class Dispatcher(Worker):
             for item in items
             for record in _trail(item, "dead-lettered", sent_at, endpoint, answer.status, detail)
         ]
-        await self._record(functools.partial(self.spool.db.ack, audit=trail), [], [], dead)
+        await self._settle([], [], dead, audit=trail)
         for item in items:
             item.settled = True
         self.flow.failed(reason, len(items))
         self.flow.dead_letters.inc(len(dead))
         if lanes := sum(1 for item in items if any(row.backfill for row in item.rows)):
             self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
-        self.flow.pending.set(self.spool.db.pending_of("to_braze"))
+        self.flow.pending.set(self.spool.pending_of("to_braze"))
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
 
 

@@ -8,13 +8,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway.errors import SpoolError
-from gateway.shapes.webhooks import direction_of
-from gateway.spool.store import Pending, Store, StoredItem
+from gateway.shapes.webhooks import Direction, direction_of
+from gateway.spool import audit as trail
+from gateway.spool.store import Dead, Pending, Store, StoredItem
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.spool")
@@ -87,6 +88,81 @@ class Spool:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run one SpoolDB call on the spool thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # What delivery reads of the backend, so callers never reach through to `db`.
+
+    @property
+    def owned(self) -> frozenset[int] | None:
+        """The partitions this process may deliver now; None: all of them (one owner)."""
+        return self.db.owned
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever `owned` changes, so delivery knows to look again."""
+        return self.db.generation
+
+    @property
+    def floors(self) -> dict[str, float]:
+        """What the retention pruned, per direction: counted as applied to everyone."""
+        return self.db.floors
+
+    def pending_of(self, direction: Direction) -> int:
+        """Rows of one direction stored and not yet settled (as this process counts them)."""
+        return self.db.pending_of(direction)
+
+    async def fetch(
+        self, after_id: int, limit: int, direction: Direction = "to_braze"
+    ) -> list[Pending]:
+        """Pending rows of one direction after `after_id`, in spool order."""
+        return await self.run(self.db.fetch, after_id, limit, direction)
+
+    async def fetch_backfill(self, after_id: int, limit: int) -> list[Pending]:
+        """Pending backfill rows after `after_id`, in spool order."""
+        return await self.run(self.db.fetch_backfill, after_id, limit)
+
+    async def applied_times(self, persons: Iterable[str]) -> dict[tuple[str, str], float]:
+        """When each (person, target) last had a change applied."""
+        return await self.run(self.db.applied_times, persons)
+
+    async def written_elsewhere(self) -> bool:
+        """Whether another process may have written rows since last asked (a CLI replay)."""
+        return await self.run(self.db.written_elsewhere)
+
+    async def recount(self, direction: Direction = "to_braze") -> tuple[int, int]:
+        """Pending and dead rows of one direction, counted in the database."""
+        return await self.run(self.db.recount, direction)
+
+    async def oldest_pending_at(self, direction: Direction = "to_braze") -> float | None:
+        """When the oldest pending row of one direction arrived."""
+        return await self.run(self.db.oldest_pending_at, direction)
+
+    async def recount_backfill(self) -> int:
+        """Count the backfill rows still waiting, and keep them out of to_braze's pending."""
+        waiting = await self.run(self.db.count_backfill)
+        self.db.pending_backfill = waiting
+        return waiting
+
+    async def ack(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]] = (),
+        dead: Sequence[Dead] = (),
+        *,
+        stopping: Callable[[], bool],
+        sent: Sequence[tuple[str, str, str, float]] = (),
+        direction: Direction = "to_braze",
+        audit: Sequence[trail.Record] = (),
+        erase: Sequence[str] = (),
+    ) -> None:
+        """Settle rows (done, applied, dead-lettered), retrying as `record` does."""
+
+        def write() -> None:
+            # `self.db.ack` looked up at call time: a test may wrap it to fail.
+            self.db.ack(
+                done, applied, dead, sent=sent, direction=direction, audit=audit, erase=erase
+            )
+
+        await self.record(write, stopping=stopping)
 
     async def record(
         self, write: Callable[..., object], *args: object, stopping: Callable[[], bool]
