@@ -179,7 +179,7 @@ class Dispatcher(Worker):
                 skipped.append(row.id)
                 reasons[result] += 1
         if skipped or unmappable:
-            await self._settle(skipped, [], unmappable, audit=trail)
+            await self._write_outcome(skipped, [], unmappable, audit=trail)
         for row in rows:
             self._map_failures.pop(row.id, None)
         if backfill:
@@ -599,7 +599,7 @@ class Dispatcher(Worker):
             if self.config.braze_webhooks is not None
             else []
         )
-        await self._settle(done, applied, dead, sent=sent, audit=trail, erase=erase)
+        await self._write_outcome(done, applied, dead, sent=sent, audit=trail, erase=erase)
         for item in items:
             item.settled = True
         self.flow.delivered.inc(delivered)
@@ -616,7 +616,7 @@ class Dispatcher(Worker):
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
         self.flow.pending.set(self.spool.pending_of("to_braze"))
 
-    async def _settle(
+    async def _write_outcome(
         self,
         done: Sequence[int],
         applied: Sequence[tuple[str, str, float]],
@@ -642,7 +642,7 @@ class Dispatcher(Worker):
             for item in items
             for record in _trail(item, "dead-lettered", sent_at, endpoint, answer.status, detail)
         ]
-        await self._settle([], [], dead, audit=trail)
+        await self._write_outcome([], [], dead, audit=trail)
         for item in items:
             item.settled = True
         self.flow.failed(reason, len(items))

@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -161,7 +161,7 @@ class Writeback(Worker):
         self._backlog: deque[Report] = deque()
         self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
-        self._generation = spool.db.generation
+        self._generation = spool.generation
         self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
@@ -205,9 +205,9 @@ class Writeback(Worker):
             return
         # Taken before fetching: a report acknowledged meanwhile has left the inbox.
         held = {report.row.id for report in self._backlog} | set(self._flying)
-        generation = self.spool.db.generation
-        rows = await self.spool.run(self.spool.db.fetch, self._cursor, FETCH_LIMIT, "to_didomi")
-        if not rows or self.spool.db.generation != generation:
+        generation = self.spool.generation
+        rows = await self.spool.fetch(self._cursor, FETCH_LIMIT, "to_didomi")
+        if not rows or self.spool.generation != generation:
             return  # partitions changed during the read: read again under the new ones
         cursor = rows[-1].id
         rows = [row for row in rows if row.id not in held]
@@ -228,7 +228,7 @@ class Writeback(Worker):
                 continue
             reports.append(Report(row, changes, person))
         if skipped or dead:
-            await self._record(self.spool.db.ack, skipped, [], dead)
+            await self._write_outcome(skipped, [], dead, audit=())
         self._cursor = cursor
         self._backlog.extend(reports)
         if skipped:
@@ -247,9 +247,8 @@ class Writeback(Worker):
 
     def _follow_partitions(self) -> None:
         """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
-        db = self.spool.db
-        owned = db.owned
-        if self._partitions_moved(db.generation) and owned is not None:
+        owned = self.spool.owned
+        if self._partitions_moved(self.spool.generation) and owned is not None:
             self._backlog = deque(r for r in self._backlog if r.row.part in owned)
 
     def busy_partitions(self) -> set[int]:
@@ -283,17 +282,16 @@ class Writeback(Worker):
 
     async def _gauges(self) -> None:
         """Pending count, dead letters and the oldest report's age, whatever the loop awaits."""
-        db = self.spool.db
         while not self.stopping:
             try:
-                oldest = await self.spool.run(db.oldest_pending_at, "to_didomi")
-                dead = await self.spool.run(db.count_dead, "to_didomi")
+                oldest = await self.spool.oldest_pending_at("to_didomi")
+                dead = await self.spool.count_dead("to_didomi")
             except SpoolError as exc:
                 log.warning("could not read the writeback's gauges (will retry): %s", exc)
             else:
                 self.flow.oldest_age.set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
                 self.flow.dead_letters.set(dead)
-                self.flow.pending.set(db.pending_of("to_didomi"))
+                self.flow.pending.set(self.spool.pending_of("to_didomi"))
             await self._pause(RECOUNT_S)
 
     # -- one report ---------------------------------------------------------------------------
@@ -386,9 +384,8 @@ class Writeback(Worker):
         self, report: Report
     ) -> tuple[ConsentEdit | None, list[BrazeChange], str | None]:
         """The edit to write now, the changes it holds, and why the others were dropped."""
-        db = self.spool.db
-        applied = await self.spool.run(db.applied_times, [report.person])
-        known = await self.spool.run(db.sent_states, [report.person])
+        applied = await self.spool.applied_times([report.person])
+        known = await self.spool.sent_states([report.person])
         live, dropped = self._filter(report, applied, known)
         edit = self._reverse_rules().edit(live) if live else None
         return edit, live, dropped
@@ -424,7 +421,7 @@ class Writeback(Worker):
         scan = Unfetched(cursor, bound, cursor, {}, time.monotonic())
         rules = self.rules()
         for _ in range(SCAN_PAGES):
-            rows = await self.spool.run(self.spool.db.fetch, scan.upto, SCAN_LIMIT, "to_braze")
+            rows = await self.spool.fetch(scan.upto, SCAN_LIMIT, "to_braze")
             for row in rows:
                 if row.id >= bound:
                     scan.upto = bound
@@ -506,7 +503,7 @@ class Writeback(Worker):
 
     def _owns(self, report: Report) -> bool:
         """Whether the report's partition is one this replica delivers now."""
-        owned = self.spool.db.owned
+        owned = self.spool.owned
         return owned is None or report.row.part in owned
 
     def _filter(
@@ -532,7 +529,7 @@ class Writeback(Worker):
         skew = self.config.didomi.max_clock_skew_s
         bound = report.row.received_at + skew
         now = self.clock()
-        floors = self.spool.db.floors  # what the retention pruned counts as applied to everyone
+        floors = self.spool.floors  # what the retention pruned counts as applied to everyone
         live: list[BrazeChange] = []
         reason: str | None = None
         report.dropped = []
@@ -622,8 +619,7 @@ class Writeback(Worker):
             self._trail(report, c, f"skipped:{skipped or 'no_rule'}", at) for c in unwritten or ()
         ]
         trail += [self._trail(report, c, why, at) for c, why in report.dropped]
-        write = functools.partial(self.spool.db.ack, sent=known, audit=trail)
-        await self._record(write, [report.row.id], applied, [])
+        await self._write_outcome([report.row.id], applied, [], sent=known, audit=trail)
         self._failures.pop(report.row.id, None)
         if skipped is not None:
             self.flow.skipped(skipped)
@@ -674,16 +670,31 @@ class Writeback(Worker):
         when = at if at is not None else self.clock()
         trail = [self._trail(report, c, "dead-lettered", when, status, detail) for c in live or ()]
         trail += [self._trail(report, c, why, when) for c, why in report.dropped]
-        write = functools.partial(self.spool.db.ack, audit=trail)
-        await self._record(write, [], [], [Dead(report.row.id, detail, report.person)])
+        await self._write_outcome([], [], [Dead(report.row.id, detail, report.person)], audit=trail)
         self._failures.pop(report.row.id, None)
         self.flow.failed(reason)
         self.flow.dead_letters.inc()
         log.warning("a Braze report moved to the dead letters: %s", detail)
 
-    async def _record(self, write: Callable[..., None], *args: object) -> None:
-        bound = functools.partial(write, direction="to_didomi")
-        await self.spool.record(bound, *args, stopping=lambda: self.stopping)
+    async def _write_outcome(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]],
+        dead: Sequence[Dead],
+        *,
+        audit: Sequence[Record],
+        sent: Sequence[tuple[str, str, str, float]] = (),
+    ) -> None:
+        """Write an outcome to the spool, retrying while it cannot be written."""
+        await self.spool.ack(
+            done,
+            applied,
+            dead,
+            direction="to_didomi",
+            audit=audit,
+            sent=sent,
+            stopping=lambda: self.stopping,
+        )
 
 
 # What `_send` answers besides Didomi's answers: compared by identity.

@@ -124,6 +124,14 @@ class Spool:
         """When each (person, target) last had a change applied."""
         return await self.run(self.db.applied_times, persons)
 
+    async def sent_states(self, persons: Iterable[str]) -> dict[tuple[str, str], dict[str, float]]:
+        """Per (person, target), every state Braze was given with Didomi agreeing, and when."""
+        return await self.run(self.db.sent_states, persons)
+
+    async def count_dead(self, direction: Direction | None = None) -> int:
+        """Dead letters of one direction (or of both)."""
+        return await self.run(self.db.count_dead, direction)
+
     async def written_elsewhere(self) -> bool:
         """Whether another process may have written rows since last asked (a CLI replay)."""
         return await self.run(self.db.written_elsewhere)
