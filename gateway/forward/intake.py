@@ -85,7 +85,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         detail = "the spool cannot store webhooks now; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
     finally:
-        metrics.flow(direction_of(kind)).pending.set(spool.db.pending_of(direction_of(kind)))
+        metrics.flow(direction_of(kind)).pending.set(spool.pending_of(direction_of(kind)))
     outcome = "accepted" if stored else "duplicate"
     metrics.webhook(kind, outcome)
     # The audit trail of consent: which Didomi event, what became of it. Never the person.

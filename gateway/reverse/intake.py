@@ -15,7 +15,6 @@ gateway does not read is counted and, when it names a person, audited as `ignore
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 
@@ -84,7 +83,7 @@ async def _body(request: web.Request, kind: str) -> bytes | web.Response:
         return _refuse(request, kind, 503, "not_ready", "the gateway is starting", "unavailable")
     hooks = app[CONFIG].braze_webhooks
     assert hooks is not None  # the routes exist only with the table
-    if app[SPOOL].db.pending_of("to_didomi") >= hooks.max_pending:
+    if app[SPOOL].pending_of("to_didomi") >= hooks.max_pending:
         # Braze retries a 503; Didomi's webhooks keep the rest of the spool.
         detail = f"{hooks.max_pending} Braze reports wait for Didomi (braze_webhooks.max_pending)"
         return _refuse(request, kind, 503, "unavailable", detail, "unavailable")
@@ -202,8 +201,7 @@ async def _audit_skipped(request: web.Request, skipped: list[Skipped]) -> None:
         if (person := event.email if email else event.external_id)
     ]
     if records:
-        spool = request.app[SPOOL]
-        await spool.run(functools.partial(spool.db.ack, [], direction="to_didomi", audit=records))
+        await request.app[SPOOL].write_audit(records, "to_didomi")
 
 
 def _stored(request: web.Request, kind: str, stored: bool) -> web.Response:
@@ -218,7 +216,7 @@ def _stored(request: web.Request, kind: str, stored: bool) -> web.Response:
 
 
 def _publish_pending(request: web.Request) -> None:
-    pending = request.app[SPOOL].db.pending_of("to_didomi")
+    pending = request.app[SPOOL].pending_of("to_didomi")
     request.app[METRICS].flow("to_didomi").pending.set(pending)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -149,6 +150,10 @@ class Spool:
         waiting = await self.run(self.db.count_backfill)
         self.db.pending_backfill = waiting
         return waiting
+
+    async def write_audit(self, records: Sequence[trail.Record], direction: Direction) -> None:
+        """Store audit records that settle no row, once: a failure is the caller's to answer."""
+        await self.run(functools.partial(self.db.ack, [], direction=direction, audit=records))
 
     async def ack(
         self,
