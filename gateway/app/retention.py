@@ -54,7 +54,7 @@ class Retention:
                     last = time.monotonic()
                     await self.run_once()
                 # An erasure's zeroing and WAL truncation go on in bounded steps until done.
-                done = await self.spool.run(self.spool.db.finish_erasures)
+                done = await self.spool.finish_erasures()
             except SpoolError as exc:
                 log.warning("could not prune the spool (will retry): %s", exc)
                 done = True
@@ -63,7 +63,7 @@ class Retention:
     def _ours(self) -> bool:
         """Whether this process prunes: on a shared PostgreSQL spool, only the replica that
         holds partition 0 does, so replicas do not all walk the same tables."""
-        owned = self.spool.db.owned
+        owned = self.spool.owned
         return owned is None or 0 in owned
 
     async def run_once(self) -> int:
@@ -77,12 +77,10 @@ class Retention:
         }
         total = 0
         for table in TABLES:
-            cutoff = self.spool.db.clock() - days[table] * DAY_S
+            cutoff = self.spool.clock() - days[table] * DAY_S
             cursor: Cursor = None
             while not self._stop.is_set():
-                deleted, cursor = await self.spool.run(
-                    self.spool.db.prune, table, cutoff, config.batch, cursor
-                )
+                deleted, cursor = await self.spool.prune(table, cutoff, config.batch, cursor)
                 if deleted:
                     self.pruned.labels(table).inc(deleted)
                     total += deleted

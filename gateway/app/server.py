@@ -136,7 +136,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     if isinstance(db, SpoolDB):
         db.on_shed = app[METRICS].audit_shed.inc  # called from the spool thread; thread-safe
     for direction in ("to_braze", "to_didomi"):
-        app[METRICS].flow(direction).pending.set(spool.db.pending_of(direction))
+        app[METRICS].flow(direction).pending.set(spool.pending_of(direction))
     replicas: Replicas | None = None
     if isinstance(db, PgSpoolDB):
         name = replica_name(config.delivery.replica)
@@ -189,19 +189,19 @@ def _spool_room(app: web.Application) -> str | None:
     spool = app.get(SPOOL)
     if spool is None:
         return "the spool is not open"
-    if spool.pending >= spool.db.max_pending:
+    if spool.pending >= spool.max_pending:
         return f"the spool is full ({spool.pending} updates pending)"
     # Time-bounded: while unready no webhook may come to prove the disk is back. A later commit
     # of anything (an acknowledgement, once space is freed) proves it as well.
     failed = spool.write_error
     if (
         failed
-        and failed[0] > spool.db.committed_at
+        and failed[0] > spool.committed_at
         and time.monotonic() - failed[0] < WRITE_ERROR_WINDOW_S
     ):
         return f"the spool could not be written: {failed[1]}"
     # Not time-bounded: the spool itself clears it once acknowledgements or a put find room.
-    return spool.db.low_on_disk
+    return spool.low_on_disk
 
 
 def delivery(live: LiveRules) -> Context:

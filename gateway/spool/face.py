@@ -16,6 +16,7 @@ from typing import TypeVar
 from gateway.errors import SpoolError
 from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
+from gateway.spool import prune as retention
 from gateway.spool.store import Dead, Pending, Store, StoredItem
 
 T = TypeVar("T")
@@ -150,6 +151,39 @@ class Spool:
         waiting = await self.run(self.db.count_backfill)
         self.db.pending_backfill = waiting
         return waiting
+
+    @property
+    def max_pending(self) -> int:
+        """How many pending rows the spool holds before intake refuses more."""
+        return self.db.max_pending
+
+    @property
+    def committed_at(self) -> float:
+        """When the backend last committed anything (monotonic time)."""
+        return self.db.committed_at
+
+    @property
+    def low_on_disk(self) -> str | None:
+        """Why the disk is too full to take more, or None."""
+        return self.db.low_on_disk
+
+    def clock(self) -> float:
+        """The backend's wall clock, the one its stored times are in."""
+        return self.db.clock()
+
+    async def meta(self, key: str) -> bytes | None:
+        """A value the gateway keeps in the spool's meta table, or None."""
+        return await self.run(self.db.meta, key)
+
+    async def finish_erasures(self) -> bool:
+        """One bounded step of an erasure's zeroing; True once none is left."""
+        return await self.run(self.db.finish_erasures)
+
+    async def prune(
+        self, table: str, cutoff: float, limit: int, after: retention.Cursor = None
+    ) -> tuple[int, retention.Cursor]:
+        """Delete up to `limit` rows of `table` older than `cutoff`, after a cursor."""
+        return await self.run(self.db.prune, table, cutoff, limit, after)
 
     async def write_audit(self, records: Sequence[trail.Record], direction: Direction) -> None:
         """Store audit records that settle no row, once: a failure is the caller's to answer."""
