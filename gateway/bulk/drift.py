@@ -44,7 +44,10 @@ def save(store: Store, run: LastRun) -> None:
 
 def load(store: Store) -> LastRun | None:
     """The last run's ratios, or None before the first run (or from an unreadable row)."""
-    raw = store.meta(KEY)
+    return _parse(store.meta(KEY))
+
+
+def _parse(raw: bytes | None) -> LastRun | None:
     if raw is None:
         return None
     try:
@@ -66,7 +69,7 @@ async def follow(spool: Spool, metrics: Metrics, interval_s: float = REFRESH_S) 
     seen: LastRun | None = None
     while True:
         try:
-            run = await spool.run(load, spool.db)
+            run = _parse(await spool.meta(KEY))
         except SpoolError as exc:
             log.warning("could not read the last reconcile's drift (will retry): %s", exc)
         else:
