@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from gateway.config.settings import Config, KeyPath, LineIndex, braze_base_url, format_path
+from gateway.config.located import KeyPath, LineIndex, format_path
+from gateway.config.settings import Config, braze_base_url
 from gateway.errors import Problem
 from gateway.rules.mappings import Reference, RuleSet
 from gateway.shapes.webhooks import Lenient

@@ -1,4 +1,4 @@
-"""`gateway.toml`: its shape as frozen msgspec Structs, and the loader that fills it."""
+"""`gateway.toml`: its shape as frozen msgspec Structs, and the loader that fills and checks it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,21 @@ import difflib
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import urlsplit
 
 import msgspec
 
-from gateway.errors import ConfigError, Problem
+from gateway.config.located import (
+    Located,
+    convert,
+    format_path,
+    interpolate,
+    read_toml,
+)
+from gateway.errors import ConfigError
 
 
 class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -248,9 +254,6 @@ def _url_password(url: str) -> str:
 
 # What makes delivery.spool a URL rather than a path (RFC 3986's scheme, then `://`).
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
-_MSGSPEC_AT = re.compile(r" - at `\$(.*)`$")
 
 # Braze REST instances whose host does not follow `rest.<name>.braze.com`.
 _INSTANCE_HOSTS = {
@@ -265,7 +268,6 @@ _HOST = re.compile(
     r"^(?:[A-Za-z0-9.-]+\.[A-Za-z]{2,}|\d{1,3}(?:\.\d{1,3}){3}|localhost|\[[0-9A-Fa-f:]+\])(?::\d+)?$"
 )
 
-KeyPath = tuple[str | int, ...]
 MIN_FREE_FLOOR = 1024 * 1024
 
 
@@ -312,197 +314,6 @@ def braze_base_url(server: str) -> str:
     if _HOST.match(server):
         return f"https://{server}"
     raise ValueError(f"{server!r} is not a Braze instance name (e.g. US-01), a host or a URL")
-
-
-def format_path(path: KeyPath) -> str:
-    """Render a key path the way it reads in TOML: `map[2].to`."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-class LineIndex:
-    """Finds the line of a key path in TOML text, since tomllib keeps no positions."""
-
-    _ARRAY = re.compile(r"^\s*\[\[\s*([^\]]+?)\s*\]\]")
-    _TABLE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
-    _KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
-
-    def __init__(self, text: str) -> None:
-        self._lines: dict[KeyPath, int] = {}
-        counts: dict[str, int] = {}
-        table: KeyPath = ()
-        for number, line in enumerate(text.splitlines(), start=1):
-            if m := self._ARRAY.match(line):
-                name = m.group(1)
-                index = counts.get(name, 0)
-                counts[name] = index + 1
-                table = (*self._split(name), index)
-                self._lines.setdefault(table[:-1], number)  # the array itself: its first entry
-                self._lines.setdefault(table, number)
-            elif m := self._TABLE.match(line):
-                table = self._split(m.group(1))
-                self._lines.setdefault(table, number)
-            elif m := self._KEY.match(line):
-                self._lines.setdefault((*table, m.group(1).strip("\"'")), number)
-
-    @staticmethod
-    def _split(name: str) -> KeyPath:
-        return tuple(part.strip().strip("\"'") for part in name.split("."))
-
-    def line(self, path: KeyPath) -> int | None:
-        """The line of `path`, or of its nearest enclosing key or table."""
-        while path:
-            if path in self._lines:
-                return self._lines[path]
-            path = path[:-1]
-        return None
-
-
-class Located:
-    """Collects problems for one file, placing each on its line where it can."""
-
-    def __init__(self, file: str, text: str = "") -> None:
-        self.file = file
-        self.index = LineIndex(text)
-        self.problems: list[Problem] = []
-        self.paths: list[KeyPath] = []  # parallel to problems, to filter by section
-
-    def add(self, path: KeyPath, message: str) -> None:
-        line = self.index.line(path)
-        where = None if line is not None else format_path(path) or None
-        self.problems.append(Problem(self.file, message, line=line, path=where))
-        self.paths.append(path)
-
-
-def read_toml(path: Path, located: Located) -> dict[str, Any] | None:
-    """Read and parse one TOML file, recording an unreadable or malformed file as a problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        located.problems.append(Problem(located.file, f"cannot read the file: {_os_reason(exc)}"))
-        return None
-    located.index = LineIndex(text)
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        m = _TOML_LINE.search(message)
-        line = int(m.group(1)) if m else None
-        located.problems.append(
-            Problem(located.file, f"invalid TOML: {_TOML_LINE.sub('', message).strip()}", line=line)
-        )
-        return None
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
-
-
-def interpolate(
-    value: Any, env: Mapping[str, str], located: Located, path: KeyPath = (), *, strict: bool = True
-) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` inside string values, recording missing variables."""
-    if isinstance(value, str):
-        if "${" not in value:
-            return value
-
-        def replace(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            value = env.get(name)
-            # As in the shell, `:-` means "unset or empty": an empty .env entry keeps the default.
-            if value is not None and (value or default is None):
-                return value
-            if default is not None:
-                return default
-            if strict:
-                hint = f"set it, or write ${{{name}:-default}}"
-                located.add(path, f"environment variable {name} is not set ({hint})")
-            return ""
-
-        return _ENV_REF.sub(replace, value)
-    if isinstance(value, dict):
-        return {
-            k: interpolate(v, env, located, (*path, k), strict=strict) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [
-            interpolate(v, env, located, (*path, i), strict=strict) for i, v in enumerate(value)
-        ]
-    return value
-
-
-def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None:
-    """Convert one TOML table into `typ`, reporting every unknown key and the first wrong value."""
-    if not isinstance(raw, dict):
-        located.add(path, f"expected a table, got {_toml_kind(raw)}")
-        return None
-    known = {f.encode_name for f in msgspec.structs.fields(typ)}
-    unknown = [k for k in raw if k not in known]
-    for key in unknown:
-        hint = difflib.get_close_matches(key, known, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        allowed = ", ".join(sorted(known))
-        located.add((*path, key), f"unknown key {key!r}{did_you_mean}; allowed: {allowed}")
-    clean = {k: v for k, v in raw.items() if k in known}
-    # Field by field first: msgspec stops at the first error, and check must report them all.
-    types = {f.encode_name: f.type for f in msgspec.structs.fields(typ)}
-    wrong = False
-    for key, value in clean.items():
-        try:
-            msgspec.convert(value, types[key])
-        except msgspec.ValidationError as exc:
-            _add_validation(exc, (*path, key), located)
-            wrong = True
-    if wrong:
-        return None
-    try:
-        return msgspec.convert(clean, typ)
-    except msgspec.ValidationError as exc:  # cross-field: a required key missing, __post_init__
-        _add_validation(exc, path, located)
-        return None
-
-
-def _add_validation(exc: msgspec.ValidationError, path: KeyPath, located: Located) -> None:
-    message = str(exc)
-    sub: KeyPath = ()
-    if m := _MSGSPEC_AT.search(message):
-        message = message[: m.start()]
-        sub = _parse_msgspec_path(m.group(1))
-    located.add((*path, *sub), _humane(message, (*path, *sub)))
-
-
-def _parse_msgspec_path(text: str) -> KeyPath:
-    parts: list[str | int] = []
-    for m in re.finditer(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]|\[\"?([^\]\"]+)\"?\]", text):
-        if m.group(1) is not None:
-            parts.append(m.group(1))
-        elif m.group(2) is not None:
-            parts.append(int(m.group(2)))
-        else:
-            parts.append(m.group(3))
-    return tuple(parts)
-
-
-def _humane(message: str, path: KeyPath) -> str:
-    key = format_path(path)
-    message = message.replace("Expected", "expected").replace("Invalid enum value", "invalid value")
-    return f"{key}: {message}" if key else message
-
-
-def _toml_kind(value: Any) -> str:
-    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
-
-
-T = TypeVar("T", bound=msgspec.Struct)
 
 
 def load_config(

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.config.settings import Config, Located, Strict, convert, read_toml
+from gateway.config.located import Located, convert, read_toml
+from gateway.config.settings import Config, Strict
 from gateway.errors import ConfigError, Problem
 from gateway.shapes.webhooks import Entity, Webhook
 

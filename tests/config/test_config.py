@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from gateway.config.located import LineIndex
 from gateway.config.settings import (
     AuthConfig,
     BrazeConfig,
@@ -17,7 +18,6 @@ from gateway.config.settings import (
     DeliveryConfig,
     DidomiApiConfig,
     DidomiConfig,
-    LineIndex,
     MappingsConfig,
     ServerConfig,
     braze_base_url,
