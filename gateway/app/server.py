@@ -64,9 +64,10 @@ from gateway.reverse import intake as braze_intake
 from gateway.reverse.writeback import Writeback
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
+from gateway.spool.lock import SpoolLock
 from gateway.spool.postgres import PgSpoolDB, redact
 from gateway.spool.replicas import Budget, Replicas, replica_name
-from gateway.spool.sqlite import SpoolDB, SpoolLock
+from gateway.spool.sqlite import SpoolDB
 from gateway.spool.store import Store
 
 __all__ = [

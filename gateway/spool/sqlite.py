@@ -3,8 +3,8 @@
 `SpoolDB` is the synchronous core (the CLI uses it directly, even while a server runs, since
 SQLite in WAL mode lets several processes share the file). `Spool` is the asyncio face the
 server and dispatcher use: every call runs on one dedicated thread, and concurrent `put`s are
-grouped into one transaction so that N requests cost one fsync, not N. `SpoolLock` keeps a
-second server off a spool file that one already delivers from.
+grouped into one transaction so that N requests cost one fsync, not N. `spool.lock.SpoolLock`
+keeps a second server off a spool file that one already delivers from.
 
 A full disk must never wedge the spool: acknowledging a delivery deletes rows, which still
 writes WAL frames, and the checkpoint that folds intake's frames into the file needs room of its
@@ -25,7 +25,6 @@ refused and before an acknowledgement grows the file into the reserve.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import SpoolError, SpoolFull, SpoolLocked
+from gateway.errors import SpoolError, SpoolFull
 from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
@@ -126,57 +125,6 @@ def _row_cost(key: str | None, body: bytes) -> int:
     """Bytes one stored webhook takes, with page and WAL frame headers (about 1/32) on top."""
     size = len(body) + len(key or "")
     return size + size // 32 + ROW_OVERHEAD_BYTES
-
-
-class SpoolLock:
-    """`<spool>.lock`, locked (flock) by the one `gateway run` that owns the spool file.
-
-    SQLite would let two servers share the file, but each dispatcher would send every pending
-    row to Braze, and each would count pending rows and dead letters for itself. The CLI takes
-    no lock: listing and replaying dead letters beside the server is what WAL mode allows.
-    The kernel drops the lock when its process ends, even by `kill -9`, so it is never stale.
-    The file itself is left in place: deleting it would let one process lock a new file while
-    another still holds the old one.
-    """
-
-    def __init__(self, spool: str | Path) -> None:
-        self.spool = Path(spool)
-        self.path = self.spool.with_name(self.spool.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise SpoolLocked at once if another process holds it."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise SpoolError(f"cannot create the spool lock {self.path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _pid_in(fd)
-            os.close(fd)
-            raise SpoolLocked(self.spool, holder) from None
-        except OSError as exc:
-            os.close(fd)
-            raise SpoolError(f"cannot lock the spool with {self.path}: {exc}") from exc
-        # Which process owns the spool, for the operator and for a refused second gateway.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Let another gateway own the spool (closing the file drops the lock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _pid_in(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):  # written a moment after the lock is taken
-        return None
 
 
 class SpoolDB(SpoolBase):

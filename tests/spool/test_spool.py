@@ -17,8 +17,9 @@ import pytest
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
 from gateway.spool.face import Handoff, Spool
+from gateway.spool.lock import SpoolLock
 from gateway.spool.postgres import PgSpoolDB
-from gateway.spool.sqlite import Dead, SpoolDB, SpoolLock
+from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.spool.store import Pending
 
 WINDOW = 100.0
