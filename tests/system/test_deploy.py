@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli.main import _parser
+from gateway.config import located
 from gateway.config import settings as config_module
 from gateway.config.settings import Config, ServerConfig, load_config
 from gateway.metrics import Metrics
@@ -232,7 +233,7 @@ LIBPQ_ENV = {"PGPASSWORD"}  # what libpq itself reads: never a ${VAR} of gateway
 # Keys of the PostgreSQL spool's contract that today's loader does not know yet.
 PENDING_KEYS = {("delivery", "replica")}
 # The loader's own pattern, so these tests see exactly the references it substitutes.
-ENV_REF = config_module._ENV_REF
+ENV_REF = located._ENV_REF
 COMPOSE_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 
