@@ -421,3 +421,31 @@ def test_a_replayed_backfilled_user_goes_back_to_its_lane(tmp_path: Path, spool_
         assert back.received_at == row.received_at
     finally:
         store.close()
+
+
+async def test_a_spool_error_reading_the_lane_loses_no_backfilled_user(
+    spool_url: str, tmp_path: Path, fake: FakeBraze, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the lane fails twice (a spool error): its users stay in the spool, none is held
+    in memory, and every one reaches Braze once the spool reads again."""
+    from gateway.errors import SpoolError
+
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "users.json"
+    path.write_bytes(export([user(f"q{n}", True, ago(days=3)) for n in range(30)]))
+    assert await run(config, [str(path)], out=io.StringIO()) == 0
+    failures = 2
+    async with delivering(config) as db:
+        real = db.fetch_backfill
+
+        def flaky(after_id: int, limit: int) -> Any:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise SpoolError("the lane cannot be read (injected)")
+            return real(after_id, limit)
+
+        monkeypatch.setattr(db, "fetch_backfill", flaky)
+        await drained(db)
+    assert failures == 0
+    assert {obj["external_id"] for obj in fake.objects_sent()} == {f"q{n}" for n in range(30)}
