@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway.cli.online import PROBE_PREFIX, Report, check_online
+from gateway.cli.online import check_online
+from gateway.cli.online_checker import PROBE_PREFIX, Report
 from gateway.config.settings import load_config
 from gateway.errors import Problem
 from gateway.rules.mappings import load_rules, options_of
