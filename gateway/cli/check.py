@@ -1,5 +1,4 @@
-"""`gateway check`: the config and every mapping file, offline, and the spool's room for the
-audit trail; `--online` hands over to `cli.online`."""
+"""`gateway check`: the config, the mapping files and the spool's room, offline."""
 
 from __future__ import annotations
 

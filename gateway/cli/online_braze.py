@@ -1,5 +1,4 @@
-"""`gateway check --online`, Braze's part: the key, its instance and permissions, and the rules'
-subscription group ids, each asked by a call that changes nothing (see `cli.online`)."""
+"""`gateway check --online` for Braze: key, instance, permissions, subscription group ids."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""One run of `gateway check --online`: the report it fills, the findings it files at the
-config's keys and the rules' lines, and its bounded HTTP exchanges."""
+"""One run of `gateway check --online`: its report, its findings, its bounded HTTP calls."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""`gateway check --online`, Didomi's part: the login, the organization, and the rules' purpose
-and preference value ids in Didomi's paged lists (see `cli.online`)."""
+"""`gateway check --online` for Didomi: login, organization, purpose and preference value ids."""
 
 from __future__ import annotations
 

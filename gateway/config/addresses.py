@@ -1,5 +1,4 @@
-"""What the config's addresses mean: `braze.server` (an instance name, a host, a URL, or the
-demo's fake://) as a base URL, and `delivery.spool` as a PostgreSQL URL or a SQLite file."""
+"""What `braze.server` (instance, host, URL, demo fake://) and `delivery.spool` point at."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The cross-field checks of `gateway.toml`: what a field's type alone cannot say, each problem
-at the key to fix."""
+"""The cross-field checks of `gateway.toml`, each problem at the key to fix."""
 
 from __future__ import annotations
 

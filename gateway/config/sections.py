@@ -1,5 +1,4 @@
-"""`gateway.toml`'s shape: a frozen msgspec Struct per section, and the values they imply
-(leases, request bounds, the secrets to redact)."""
+"""`gateway.toml`'s shape: a frozen Struct per section, and the values they imply."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""`gateway.toml` loaded: TOML text, then environment interpolation, then located validation
-into the Structs of `config.sections`; the one import path for the whole config."""
+"""`gateway.toml` loaded into the Structs and checked; the one import path for the config.
+
+TOML text, then environment interpolation, then located validation (`config.located`) into the
+Structs of `config.sections`, then the cross-field checks of `config.checks`.
+"""
 
 from __future__ import annotations
 

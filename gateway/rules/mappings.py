@@ -1,5 +1,8 @@
-"""Mapping rules: `mappings/*.toml` compiled into a `RuleSet`, each problem at its line; the one
-import path for the rules (`rules.records` holds their parts, `rules.ruleset` applies them)."""
+"""`mappings/*.toml` compiled into a `RuleSet`; the one import path for the rules.
+
+Each problem is reported at its line; `rules.records` holds the rules' parts and `rules.ruleset`
+applies them.
+"""
 
 from __future__ import annotations
 

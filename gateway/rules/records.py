@@ -1,5 +1,4 @@
-"""What the mapping rules are made of: the Braze `Target`s they set, the Structs a mapping file
-is read into, the compiled `Rule` and the ids it names, and what applying one webhook gives."""
+"""What the mapping rules are made of: targets, the file's Structs, compiled rules, results."""
 
 from __future__ import annotations
 

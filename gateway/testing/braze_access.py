@@ -1,5 +1,4 @@
-"""Whom the fake Braze lets in, and how often: the permissions an API key needs per endpoint,
-and Braze's fixed rate-limit windows with their X-RateLimit-* headers ("Rate limits")."""
+"""The fake Braze's gate: which permission each endpoint needs, and its rate-limit windows."""
 
 from __future__ import annotations
 

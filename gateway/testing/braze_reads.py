@@ -1,5 +1,4 @@
-"""The fake Braze's reads, as `gateway reconcile` and `check --online` meet them: Braze's "Export
-users by identifier" (/users/export/ids) and "List user's subscription group status"."""
+"""The fake Braze's reads: /users/export/ids and /subscription/status/get, as Braze answers them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The fake Braze's writes: Braze's checks of a /users/track or /users/delete body, and what
-applying one does to the profiles (Braze's "POST: Track users", "User attributes object",
-"Delete users")."""
+"""The fake Braze's writes: /users/track and /users/delete checked as Braze does, and applied.
+
+From Braze's docs: "POST: Track users", "User attributes object", "Delete users".
+"""
 
 from __future__ import annotations
 
