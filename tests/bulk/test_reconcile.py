@@ -134,7 +134,7 @@ async def test_fake_subscription_status_keeps_the_last_group_state(fake: FakeBra
         many = [("subscription_group_id", NEWS), *(("external_id[]", str(i)) for i in range(51))]
         async with session.get(url, params=many) as response:
             assert response.status == 400
-        fake.permissions = {"users.export.ids"}
+        fake.grant(fake.api_key, {"users.export.ids"})
         async with session.get(url, params=params) as response:
             assert response.status == 403
 
@@ -440,7 +440,7 @@ async def test_exit_status_tells_no_drift_drift_and_failure(
     assert await asyncio.to_thread(command, reconcile_config, options(export)) == 0
     fake.users["user-2"].attributes["consent_marketing"] = True
     assert await asyncio.to_thread(command, reconcile_config, options(export)) == 1
-    fake.permissions = {"subscription.status.get"}
+    fake.grant(fake.api_key, {"subscription.status.get"})
     refused = options(export)
     assert await asyncio.to_thread(command, reconcile_config, refused) == 2
     assert "users.export.ids" in refused.err.getvalue()  # type: ignore[attr-defined]

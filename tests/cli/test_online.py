@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from gateway.cli.online import PROBE_PREFIX, Report, check_online
+from gateway.cli.online import check_online
+from gateway.cli.online_checker import PROBE_PREFIX, Report
 from gateway.config.settings import load_config
 from gateway.errors import Problem
 from gateway.rules.mappings import load_rules, options_of
-from gateway.testing.braze import ALL_PERMISSIONS, FakeBraze, FakeDidomi
+from gateway.testing.braze import FakeBraze, FakeDidomi
+from gateway.testing.braze_access import ALL_PERMISSIONS
 from tests.conftest import (
     BRAZE_API_KEY,
     DIDOMI_API_KEY,

@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.testing.braze import EMAIL_OBJECTS_REQUIRED, INVALID_DATA, FakeBraze
+from gateway.testing.braze import FakeBraze
+from gateway.testing.braze_writes import EMAIL_OBJECTS_REQUIRED, INVALID_DATA
 
 KEY = "test-braze-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
