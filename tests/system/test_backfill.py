@@ -19,12 +19,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
+import msgspec
+import pytest
+
 from gateway.config.settings import DeliveryConfig
 from gateway.spool.backend import open_store
 from gateway.spool.store import PARTITIONS
 from gateway.testing.braze import FakeBraze
+from gateway.testing.didomi import FakeDidomi
 from tests.bulk.test_backfill import ago, export, user
-from tests.conftest import BRAZE_API_KEY, SECRETS, free_port, write_config
+from tests.conftest import BRAZE_API_KEY, SECRETS, choice, free_port, write_config
 from tests.system.test_reliability import GatewayProcess, eventually, metric
 from tests.system.test_replicas import leases
 
@@ -222,13 +227,16 @@ async def test_kill_9_of_a_replica_mid_backfill_loses_nobody(
     assert max(sent.values()) <= 2
 
 
-async def test_kill_9_of_the_command_and_the_gateway_at_once_then_both_go_on(
-    tmp_path: Path, spool_url: str, processes: list[GatewayProcess]
+@pytest.mark.parametrize("stop", ["kill-9", "ctrl-c"])
+async def test_stopping_the_command_and_the_gateway_at_once_then_both_go_on(
+    tmp_path: Path, spool_url: str, processes: list[GatewayProcess], stop: str
 ) -> None:
-    """`kill -9` of `gateway backfill` and of the gateway delivering it at the same moment:
-    the restarted gateway and the same command run again finish the job with the counts of one
-    uninterrupted run; everybody reaches Braze, only what was in flight twice."""
+    """`kill -9` (or Ctrl-C) of `gateway backfill` and of the gateway delivering it at the same
+    moment: the restarted gateway and the same command run again finish the job with the
+    counts of one uninterrupted run; everybody reaches Braze, only what was in flight twice
+    (after a Ctrl-C, nobody: the gateway drains what it sent before it exits)."""
     total, batch, in_flight = 5000, 20, 4
+    sig = signal.SIGKILL if stop == "kill-9" else signal.SIGINT
     fake = FakeBraze(api_key=BRAZE_API_KEY, latency_s=0.02)
     await fake.start()
     try:
@@ -237,7 +245,7 @@ async def test_kill_9_of_the_command_and_the_gateway_at_once_then_both_go_on(
             fake,
             spool_url,
             "",
-            # The command waits for delivery beyond 1,000 queued: killed mid-file, mid-delivery.
+            # The command waits for delivery beyond 1,000 queued: stopped mid-file, mid-delivery.
             max_pending=1000,
             requests_per_second=50,
             batch_size=batch,
@@ -253,10 +261,16 @@ async def test_kill_9_of_the_command_and_the_gateway_at_once_then_both_go_on(
             return len(fake.objects_sent()) >= 1000
 
         await eventually(delivering, 60, "a thousand users delivered", every=0.01)
-        command.send_signal(signal.SIGKILL)
-        await gw.kill()
-        await asyncio.to_thread(command.communicate, timeout=10)
-        assert len(_per_person(fake)) < total, "all delivered before the kill: proves less"
+        command.send_signal(sig)
+        gw.signal(sig)
+        out, _ = await asyncio.to_thread(command.communicate, timeout=30)
+        assert gw.proc is not None
+        code = await asyncio.wait_for(gw.proc.wait(), timeout=30)
+        if stop == "ctrl-c":
+            assert command.returncode == 130, out.decode()
+            assert "run the same command again to go on" in out.decode()
+            assert code == 0, gw.log()
+        assert len(_per_person(fake)) < total, "all delivered before the stop: proves less"
 
         await gw.start()
         again = await _finish(_command(gw.config_path, str(path), "--wait"), timeout=180)
@@ -269,4 +283,128 @@ async def test_kill_9_of_the_command_and_the_gateway_at_once_then_both_go_on(
     sent = _per_person(fake)
     assert set(sent) == {f"both{n}" for n in range(total)}
     twice = [p for p, n in sent.items() if n > 1]
-    assert len(twice) <= batch * in_flight, twice
+    assert len(twice) <= (batch * in_flight if stop == "kill-9" else 0), twice
+
+
+async def test_kill_9_of_a_didomi_api_backfill_goes_on_from_the_last_page_stored(
+    tmp_path: Path, spool_url: str, fake_didomi: FakeDidomi
+) -> None:
+    """`gateway backfill didomi-api` killed with `kill -9` mid-read goes on from the cursor it
+    committed: it does not read the organization again from its first page, and stores
+    everybody once, with the counts of one uninterrupted run."""
+    total = 2000
+    for n in range(total):
+        fake_didomi.seed_user(
+            f"api{n}", [{"id": "marketing_email", "enabled": True}], updated_at=ago(days=9)
+        )
+    fake_didomi.latency_s = 0.05
+    config_path = write_config(
+        tmp_path,
+        delivery={"spool": spool_url},
+        backfill={"users_per_transaction": 100},
+        didomi_api={
+            "enabled": True,
+            "base_url": fake_didomi.url + "/v1",
+            "organization_id": fake_didomi.organization_id,
+            "key": fake_didomi.key,
+            "secret": fake_didomi.secret,
+        },
+    )
+
+    def pages() -> int:
+        return sum(1 for r in fake_didomi.requests if r.path == "/consents/users")
+
+    command = _command(config_path, "didomi-api")
+
+    async def some() -> bool:
+        assert command.poll() is None, command.communicate()[0].decode()
+        return await asyncio.to_thread(_lane, spool_url) >= 500
+
+    await eventually(some, 60, "the first pages to be stored", every=0.02)
+    command.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(command.communicate, timeout=10)
+    stored = _lane(spool_url)
+    assert stored < total, "read to its end before the kill: proves less"
+    before = pages()
+    text = await _finish(_command(config_path, "didomi-api"), timeout=120)
+    assert "going on after" in text
+    assert f"{total:,} users read, {total:,} stored" in text
+    # Pages of 100: the rerun reads from the page the last committed batch ended in.
+    assert pages() - before <= (total - stored) // 100 + 2
+    store = open_store(DeliveryConfig(spool=spool_url))
+    try:
+        rows = store.fetch_backfill(0, total + 10)
+    finally:
+        store.close()
+    persons = [
+        msgspec.json.decode(r.body)["parameters"]["new_entity"]["organization_user_id"]
+        for r in rows
+    ]
+    assert len(persons) == len(set(persons)) == total
+
+
+async def test_live_choices_racing_a_backfill_newest_wins(
+    tmp_path: Path,
+    spool_url: str,
+    processes: list[GatewayProcess],
+    auth_headers: dict[str, str],
+) -> None:
+    """Live webhooks posted to the gateway while it delivers a backfill of the same people: a
+    live choice newer than the snapshot decides Braze's state and an older one does not,
+    whichever of the two the gateway happens to deliver first."""
+    total, racers = 2000, 300
+    fake = FakeBraze(api_key=BRAZE_API_KEY, latency_s=0.01)
+    await fake.start()
+    try:
+        gw = _replica(tmp_path / "gw", fake, spool_url, "", requests_per_second=50, batch_size=20)
+        processes.append(gw)
+        await gw.start()
+        path = gw.config_path.parent / "users.json"
+        # Everybody opted in ten days ago, by the snapshot.
+        path.write_bytes(export([user(f"race{n}", True, ago(days=10)) for n in range(total)]))
+        command = _command(gw.config_path, str(path), "--wait")
+        # Half the racers withdrew yesterday (newer: wins); the other half withdrew twenty
+        # days ago (older: the snapshot wins). Spread over the whole file, sent while it goes.
+        step = total // racers
+        newer = {f"race{n}" for n in range(0, total, step)[::2]}
+        older = {f"race{n}" for n in range(0, total, step)[1::2]}
+
+        async def started() -> bool:
+            return len(fake.objects_sent()) >= 200
+
+        await eventually(started, 60, "the backfill's delivery to begin", every=0.01)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for n, person in enumerate(sorted(newer | older)):
+                when = ago(days=1) if person in newer else ago(days=20)
+                body = choice(person, False, when, event_id=f"live-{person}")
+                async with session.post(
+                    f"{gw.base}/webhooks/didomi", data=body, headers=auth_headers
+                ) as resp:
+                    assert resp.status in (200, 202), await resp.text()
+                if n % 20 == 0:
+                    await asyncio.sleep(0.05)  # spread over the backfill's delivery
+        text = await _finish(command, timeout=120)
+        assert f"{total:,} users read, {total:,} stored" in text
+        store = open_store(DeliveryConfig(spool=spool_url))
+        try:
+
+            async def settled() -> bool:
+                return await asyncio.to_thread(store.count_pending) == 0
+
+            await eventually(settled, 30, "the live choices to settle")
+        finally:
+            store.close()
+        assert await gw.stop() == 0, gw.log()
+    finally:
+        await fake.stop()
+    # Both flowed at once: backfilled users went after the first live choice, and live choices
+    # after the first backfilled user.
+    states = [obj.get("email_subscribe") for obj in fake.objects_sent()]
+    assert "opted_in" in states[states.index("unsubscribed") :]
+    assert "unsubscribed" in states[states.index("opted_in") :]
+    state = {p: u.email_subscribe for p, u in fake.users.items()}
+    assert {p for p, s in state.items() if s == "unsubscribed"} == newer
+    assert {p for p, s in state.items() if s == "opted_in"} == {
+        f"race{n}" for n in range(total)
+    } - newer
