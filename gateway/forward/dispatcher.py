@@ -82,9 +82,17 @@ class Dispatcher(Worker):
         self._lane_cursor = 0
         self._lane_more = False  # the lane has rows this loop could not take yet
         self._lane_read_at = -math.inf  # monotonic: when the lane was last read
-        braze = config.braze
-        share = config.backfill.share * braze.requests_per_second * braze.batch_size
-        self._lane_budget = lane.Budget(share, time.monotonic)
+        self._lane_budget = lane.Budget(self._lane_rate, time.monotonic)
+
+    def _lane_rate(self) -> float:
+        # Per replica, by the partitions it owns: the replicas together keep to the share.
+        braze = self.config.braze
+        return lane.rate(
+            self.config.backfill.share,
+            braze.requests_per_second,
+            braze.batch_size,
+            self.spool.owned,
+        )
 
     # -- life cycle ---------------------------------------------------------------------------
 

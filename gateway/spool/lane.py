@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from gateway.spool.conn import Conn
-from gateway.spool.store import Pending
+from gateway.spool.store import PARTITIONS, Pending
 
 CODE = 2  # the inbox's `direction` for backfilled users (0: live to Braze, 1: to Didomi)
 KIND = "user.updated"  # each backfilled user is stored as the webhook that reports it
@@ -139,20 +139,30 @@ def count(db: Conn) -> int:
     return int(db.execute("SELECT count(*) FROM inbox WHERE direction = ?", (CODE,)).fetchone()[0])
 
 
+def rate(
+    share: float, requests_per_second: float, batch_size: int, owned: frozenset[int] | None
+) -> float:
+    """This process's lane objects a second: `share` of Braze's rate in objects, split among
+    the replicas by the partitions each delivers, so that all of them together keep to it."""
+    whole = share * requests_per_second * batch_size
+    return whole if owned is None else whole * len(owned) / PARTITIONS
+
+
 class Budget:
     """A token bucket of objects per second: the lane's share of Braze's rate."""
 
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
-        self.rate = rate
+    def __init__(self, rate: Callable[[], float], clock: Callable[[], float]) -> None:
+        self.rate = rate  # asked at each take: a reload or a partition move changes it
         self.clock = clock
-        self.burst = max(rate, 1.0)  # at most one second's worth at once
         self.tokens = 0.0
         self.at = clock()
 
     def take(self, wanted: int) -> int:
         """Up to `wanted` objects allowed now (0 while the share is spent)."""
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        rate = self.rate()
+        burst = max(rate, 1.0)  # at most one second's worth at once
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
         self.at = now
         granted = min(wanted, int(self.tokens))
         self.tokens -= granted
@@ -160,4 +170,4 @@ class Budget:
 
     def refund(self, unused: int) -> None:
         """Give back what was allowed but not used."""
-        self.tokens = min(self.burst, self.tokens + unused)
+        self.tokens = min(max(self.rate(), 1.0), self.tokens + unused)

@@ -123,22 +123,32 @@ async def test_a_file_is_stored_once_and_delivered_with_counts(
     assert sent == {f"p{n}": "opted_in" if n % 2 == 0 else "unsubscribed" for n in range(20)}
 
 
-async def test_folder_gzip_and_stdin_sources(tmp_path: Path, fake: FakeBraze) -> None:
-    """A folder of .json.gz files and standard input are read as Didomi export lines."""
-    config = configure(tmp_path, str(tmp_path / "spool.db"), fake.url)
-    folder = tmp_path / "export" / "users"
+async def test_folder_gzip_and_stdin_sources(
+    spool_url: str, tmp_path: Path, fake: FakeBraze
+) -> None:
+    """A folder of .json.gz files laid out as Didomi's batch export and standard input are read
+    as Didomi export lines; standard input read again (it has no position to resume from)
+    stores nobody twice."""
+    config = configure(tmp_path, spool_url, fake.url)
+    folder = tmp_path / "export" / "export-id=e1" / f"date={ago()[:10]}" / "users"
     folder.mkdir(parents=True)
     (folder / "_SUCCESS").write_bytes(b"")
     (folder / "a.json.gz").write_bytes(gzip.compress(export([user("g1", True, ago(days=2))])))
     (folder / "b.json.gz").write_bytes(gzip.compress(export([user("g2", True, ago(days=2))])))
-    stdin = io.BytesIO(export([user("s1", False, ago(days=2))]))
+    piped = export([user("s1", False, ago(days=2))])
+    stdin = io.BytesIO(piped)
     out = io.StringIO()
     assert await run(config, [str(tmp_path / "export"), "-"], out=out, stdin=stdin) == 0
     assert "3 users read, 3 stored" in out.getvalue()
+    assert "no _SUCCESS marker" not in out.getvalue()
+    again = io.StringIO()
+    assert await run(config, ["-"], out=again, stdin=io.BytesIO(piped)) == 0
+    assert "1 users read, 0 stored" in again.getvalue()
+    assert "1 already stored before" in again.getvalue()
 
 
 async def test_api_source_reads_every_page(
-    tmp_path: Path, fake: FakeBraze, fake_didomi: FakeDidomi
+    spool_url: str, tmp_path: Path, fake: FakeBraze, fake_didomi: FakeDidomi
 ) -> None:
     """didomi-api reads every user of the organization, page after page."""
     for n in range(230):
@@ -148,7 +158,7 @@ async def test_api_source_reads_every_page(
     config = build_config(
         tmp_path,
         braze={"server": fake.url},
-        delivery={"spool": str(tmp_path / "spool.db")},
+        delivery={"spool": spool_url},
         didomi_api={
             "enabled": True,
             "base_url": fake_didomi.url + "/v1",
