@@ -18,13 +18,13 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
-from gateway.delivery.worker import IDLE_POLL_S, Worker
+from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
 from gateway.peers.braze import BrazeClient
@@ -44,14 +44,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.dispatcher")
 
 FETCH_LIMIT = 1000
-RECOUNT_S = 5.0  # how often gauges are re-read from the spool file (the CLI may replay)
-LOOP_PAUSE_S = 1.0  # after an unexpected failure of the loop, before it tries again
 MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
 LANE_PAUSE_S = 0.05  # between two looks at the backfill lane while its share is spent
 
 
-class Dispatcher(Worker):
+class Dispatcher(Worker[Spool]):
     """Moves spooled webhooks to Braze as fast as Braze allows, losing none."""
+
+    LOOPS = ("gateway-dispatcher", "gateway-spool-age")
+    LOOP_FAILED = "the dispatcher loop failed; resuming in a second"
 
     def __init__(
         self,
@@ -63,18 +64,15 @@ class Dispatcher(Worker):
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
+        flow = metrics.flow("to_braze")
+        health = DeliveryHealth(flow, metrics.braze_auth_ok)
+        super().__init__(spool, flow, health, direction="to_braze", log=log, clock=clock)
         self.config = config  # replaced on reload; read afresh for every batch
-        self.spool = spool
         self.rules = rules
         self.client = client
         self.metrics = metrics
-        self.clock = clock
         self.batcher = Batcher()
-        self.flow = metrics.flow("to_braze")
-        self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._generation = spool.generation
         self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
@@ -86,37 +84,13 @@ class Dispatcher(Worker):
         share = config.backfill.share * braze.requests_per_second * braze.batch_size
         self._lane_budget = lane.Budget(share, time.monotonic)
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
-        # The age has its own loop: during a stall the main loop is what waits.
-        return {"gateway-dispatcher": self._run(), "gateway-spool-age": self._watch_age()}
-
-    def degraded_reason(self) -> str | None:
-        """Why delivery is blocked or being retried, if it is; intake works meanwhile."""
-        return self.health.degraded_reason()
-
-    @property
-    def idle(self) -> bool:
-        """Nothing fetched is waiting and nothing is in flight."""
-        return not self.batcher and not self._tasks and not self._reading
-
     # -- forming batches ----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while not self.stopping:
-            try:
-                await self._step()
-            except Exception:
-                # One bad moment (a spool error, a bug) must not stop delivery for good.
-                log.exception("the dispatcher loop failed; resuming in a second")
-                await self._sleep(LOOP_PAUSE_S)
+    def _waiting(self) -> bool:
+        return bool(self.batcher)
 
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
-        # Cleared before looking, not before sleeping: a wake-up that comes while we look
-        # must cut the next sleep short, not be lost to it.
-        self._wake.clear()
         await self._refill()
         self._recount()
         if not self.batcher:
@@ -195,8 +169,7 @@ class Dispatcher(Worker):
             self.metrics.event_dates_clamped.inc(clamped)
             log.warning("%d choice(s) dated in the future were dated at their arrival", clamped)
         if unmappable:
-            self.flow.failed("unmappable", len(unmappable))
-            self.flow.dead_letters.inc(len(unmappable))
+            self._dead_lettered("unmappable", len(unmappable), len(unmappable))
 
     async def _next_page(self) -> tuple[list[Pending], int]:
         """The rows after the cursor, and the cursor once they are mapped.
@@ -238,12 +211,12 @@ class Dispatcher(Worker):
         """Backfilled rows after the lane's cursor, as many as its share allows now.
 
         Only while the backlog is short, so a live webhook arriving meanwhile waits behind at
-        most one round of requests; an empty lane is read again when `_watch_age` counts rows.
+        most one round of requests; an empty lane is read again when `_read_gauges` counts rows.
         """
         braze = self.config.braze
         now = time.monotonic()
         if not self._lane_more and now - self._lane_read_at < RECOUNT_S:
-            return [], self._lane_cursor  # empty when last read: `_watch_age` says when not
+            return [], self._lane_cursor  # empty when last read: `_read_gauges` says when not
         # Enough for every request slot, no more: a live row arriving waits one round at most.
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight:
             return [], self._lane_cursor
@@ -263,14 +236,9 @@ class Dispatcher(Worker):
         cursor = rows[-1].id if rows else self._lane_cursor
         return [row for row in rows if row.id not in held], cursor
 
-    def _follow_partitions(self) -> None:
-        """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
-        it gave up, and read from the start again for those it took (older rows included)."""
-        owned = self.spool.owned
-        moved = self._partitions_moved(self.spool.generation)
-        if moved:
-            self._lane_cursor = 0
-        if moved and owned is not None:
+    def _moved(self, owned: frozenset[int] | None) -> None:
+        self._lane_cursor = 0
+        if owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
@@ -289,8 +257,7 @@ class Dispatcher(Worker):
 
     def _ours(self, item: Item) -> bool:
         """Whether every row of `item` is of a partition this replica delivers now."""
-        owned = self.spool.owned
-        return owned is None or all(row.part in owned for row in item.rows)
+        return self._owns(row.part for row in item.rows)
 
     def busy_partitions(self) -> set[int]:
         """The partitions with updates in flight to Braze or still in the backlog (not to be
@@ -347,28 +314,22 @@ class Dispatcher(Worker):
         self.flow.pending.set(pending)
         self.flow.dead_letters.set(dead)
 
-    async def _watch_age(self) -> None:
-        """Refresh the oldest pending age every few seconds, whatever the loop is waiting on.
-
-        A stall is exactly when the loop is stuck (a full backlog, no free slot), so this
-        runs beside it; one indexed row per read, so it costs intake nothing.
-        """
-        while not self.stopping:
-            try:
-                oldest = await self.spool.oldest_pending_at()
-            except SpoolError as exc:
-                log.warning("could not read the oldest pending update (will retry): %s", exc)
-            else:
-                age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
-                self.flow.oldest_age.set(age)
-            try:
-                waiting = await self.spool.recount_backfill()  # kept out of to_braze's pending
-            except SpoolError as exc:
-                log.warning("could not count the backfilled users waiting (will retry): %s", exc)
-            else:
-                self.metrics.backfill_pending.set(waiting)
-                self._lane_more = self._lane_more or waiting > 0
-            await self._pause(RECOUNT_S)
+    async def _read_gauges(self) -> None:
+        """The oldest pending age and the backfilled users waiting: one indexed row and one
+        count per read, so it costs intake nothing."""
+        try:
+            oldest = await self.spool.oldest_pending_at()
+        except SpoolError as exc:
+            log.warning("could not read the oldest pending update (will retry): %s", exc)
+        else:
+            self._set_age(oldest)
+        try:
+            waiting = await self.spool.recount_backfill()  # kept out of to_braze's pending
+        except SpoolError as exc:
+            log.warning("could not count the backfilled users waiting (will retry): %s", exc)
+        else:
+            self.metrics.backfill_pending.set(waiting)
+            self._lane_more = self._lane_more or waiting > 0
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""
@@ -616,21 +577,6 @@ class Dispatcher(Worker):
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
         self.flow.pending.set(self.spool.pending_of("to_braze"))
 
-    async def _write_outcome(
-        self,
-        done: Sequence[int],
-        applied: Sequence[tuple[str, str, float]],
-        dead: Sequence[Dead],
-        *,
-        audit: Sequence[Record],
-        sent: Sequence[tuple[str, str, str, float]] = (),
-        erase: Sequence[str] = (),
-    ) -> None:
-        """Write an outcome to the spool, retrying while it cannot be written."""
-        await self.spool.ack(
-            done, applied, dead, audit=audit, sent=sent, erase=erase, stopping=lambda: self.stopping
-        )
-
     async def _dead(
         self, items: Sequence[Item], reason: str, answer: Answer, sent_at: float, *, delete: bool
     ) -> None:
@@ -645,8 +591,7 @@ class Dispatcher(Worker):
         await self._write_outcome([], [], dead, audit=trail)
         for item in items:
             item.settled = True
-        self.flow.failed(reason, len(items))
-        self.flow.dead_letters.inc(len(dead))
+        self._dead_lettered(reason, len(items), len(dead))
         if lanes := sum(1 for item in items if any(row.backfill for row in item.rows)):
             self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
         self.flow.pending.set(self.spool.pending_of("to_braze"))

@@ -43,16 +43,16 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
-from gateway.delivery.worker import IDLE_POLL_S, Worker
+from gateway.delivery.worker import IDLE_POLL_S, LOOP_PAUSE_S, Worker
 from gateway.errors import SpoolError
 from gateway.peers.didomi import ConsentsApiUser, DidomiClient
 from gateway.reverse.braze_webhooks import (
@@ -81,8 +81,6 @@ FETCH_LIMIT = 500
 # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting. Each report
 # takes two round trips, so 4 left reports queueing behind slow answers under load.
 MAX_IN_FLIGHT = 16
-RECOUNT_S = 5.0
-LOOP_PAUSE_S = 1.0
 OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
 REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
@@ -136,8 +134,11 @@ class Unfetched:
     at: float  # time.monotonic() of the reading
 
 
-class Writeback(Worker):
+class Writeback(Worker[Spool]):
     """Moves Braze's subscription changes to Didomi's Consents API, losing none."""
+
+    LOOPS = ("gateway-writeback", "gateway-writeback-gauges")
+    LOOP_FAILED = "the writeback loop failed; resuming in a second"
 
     def __init__(
         self,
@@ -149,19 +150,16 @@ class Writeback(Worker):
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
+        flow = metrics.flow("to_didomi")
+        health = DeliveryHealth(flow, peer="Didomi")
+        super().__init__(spool, flow, health, direction="to_didomi", log=log, clock=clock)
         self.config = config  # replaced on reload; read afresh for every report
-        self.spool = spool
         self.rules = rules
         self.client = client
-        self.clock = clock
-        self.flow = metrics.flow("to_didomi")
-        self.health = DeliveryHealth(self.flow, peer="Didomi")
         self.metrics = metrics
         self._backlog: deque[Report] = deque()
         self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
-        self._generation = spool.generation
         self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
@@ -171,32 +169,16 @@ class Writeback(Worker):
         # Didomi's user `updated_at` up to it is the gateway's own doing.
         self._own: dict[str, float] = {}
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
-        return {"gateway-writeback": self._run(), "gateway-writeback-gauges": self._gauges()}
-
-    def degraded_reason(self) -> str | None:
-        """Why writing back to Didomi is blocked or being retried, if it is."""
-        return self.health.degraded_reason()
-
-    @property
-    def idle(self) -> bool:
-        """Nothing fetched is waiting and nothing is in flight."""
-        return not self._backlog and not self._tasks and not self._reading
-
     # -- the loop -----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while not self.stopping:
-            try:
-                self._wake.clear()
-                await self._refill()
-                self._start_ready()
-                await self._sleep(self._nap())
-            except Exception:
-                log.exception("the writeback loop failed; resuming in a second")
-                await self._sleep(LOOP_PAUSE_S)
+    def _waiting(self) -> bool:
+        return bool(self._backlog)
+
+    async def _step(self) -> None:
+        """Read more reports, start those whose turn it is, and sleep until the next one's."""
+        await self._refill()
+        self._start_ready()
+        await self._sleep(self._nap())
 
     async def _read_page(self) -> None:
         """Fetch and decode more reports; the cursor moves only once the page is handled."""
@@ -234,8 +216,7 @@ class Writeback(Worker):
         if skipped:
             self.flow.skipped("no_identity", len(skipped))
         if dead:
-            self.flow.failed("unmappable", len(dead))
-            self.flow.dead_letters.inc(len(dead))
+            self._dead_lettered("unmappable", len(dead), len(dead))
 
     def _nap(self) -> float:
         """How long the loop may sleep: until the first held report's turn, at most."""
@@ -245,10 +226,8 @@ class Writeback(Worker):
         soonest = min(report.not_before for report in self._backlog)
         return min(LOOP_PAUSE_S, max(0.0, soonest - now)) if soonest > now else LOOP_PAUSE_S
 
-    def _follow_partitions(self) -> None:
-        """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
-        owned = self.spool.owned
-        if self._partitions_moved(self.spool.generation) and owned is not None:
+    def _moved(self, owned: frozenset[int] | None) -> None:
+        if owned is not None:
             self._backlog = deque(r for r in self._backlog if r.row.part in owned)
 
     def busy_partitions(self) -> set[int]:
@@ -261,7 +240,7 @@ class Writeback(Worker):
         held: set[str] = set()
         now = time.monotonic()
         for report in self._backlog:
-            if not self._owns(report):
+            if not self._owns((report.row.part,)):
                 continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
             busy = person in self._in_flight or person in held or report.not_before > now
@@ -280,19 +259,17 @@ class Writeback(Worker):
             self._reverse = (rules, ReverseRules.from_ruleset(rules))
         return self._reverse[1]
 
-    async def _gauges(self) -> None:
-        """Pending count, dead letters and the oldest report's age, whatever the loop awaits."""
-        while not self.stopping:
-            try:
-                oldest = await self.spool.oldest_pending_at("to_didomi")
-                dead = await self.spool.count_dead("to_didomi")
-            except SpoolError as exc:
-                log.warning("could not read the writeback's gauges (will retry): %s", exc)
-            else:
-                self.flow.oldest_age.set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
-                self.flow.dead_letters.set(dead)
-                self.flow.pending.set(self.spool.pending_of("to_didomi"))
-            await self._pause(RECOUNT_S)
+    async def _read_gauges(self) -> None:
+        """Pending count, dead letters and the oldest report's age."""
+        try:
+            oldest = await self.spool.oldest_pending_at("to_didomi")
+            dead = await self.spool.count_dead("to_didomi")
+        except SpoolError as exc:
+            log.warning("could not read the writeback's gauges (will retry): %s", exc)
+        else:
+            self._set_age(oldest)
+            self.flow.dead_letters.set(dead)
+            self.flow.pending.set(self.spool.pending_of("to_didomi"))
 
     # -- one report ---------------------------------------------------------------------------
 
@@ -322,7 +299,7 @@ class Writeback(Worker):
     async def _write(self, report: Report) -> None:
         attempt = 0
         while True:
-            if not self._owns(report):
+            if not self._owns((report.row.part,)):
                 # Its lease is running out: back to the backlog, ahead of the person's later
                 # reports, which are forgotten with it unless the partition comes back.
                 self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
@@ -371,12 +348,7 @@ class Writeback(Worker):
                 detail = f"{decision.reason}: {answer.reason}"
                 await self._dead(report, decision.reason, detail, sent_at, live, answer.status)
                 return
-            self.flow.retried(decision.reason)
-            if decision.action is Action.HOLD:
-                self.health.block(answer)
-            else:
-                self.health.retrying(answer)
-            await self._pause(decision.delay_s)
+            await self._retry_later(decision, answer)
             if self.stopping:
                 return  # the row stays in the spool for the next start
 
@@ -485,7 +457,7 @@ class Writeback(Worker):
         digest.update(_encode(purposes))
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         report.event_id = event_id
-        if not self._owns(report):  # reading took long: it may be another replica's now
+        if not self._owns((report.row.part,)):  # reading took long: it may be another replica's now
             return Answer(Verdict.MOVED, None, "its partition is another replica's now")
         return await self.client.write_event(
             event_id,
@@ -500,11 +472,6 @@ class Writeback(Worker):
         if len(self._own) >= OWN_WRITES_KEPT:
             self._own.clear()  # forgetting costs at most a wait; it is never wrong
         self._own[person] = max(created_at, self._own.get(person, created_at))
-
-    def _owns(self, report: Report) -> bool:
-        """Whether the report's partition is one this replica delivers now."""
-        owned = self.spool.owned
-        return owned is None or report.row.part in owned
 
     def _filter(
         self,
@@ -672,29 +639,8 @@ class Writeback(Worker):
         trail += [self._trail(report, c, why, when) for c, why in report.dropped]
         await self._write_outcome([], [], [Dead(report.row.id, detail, report.person)], audit=trail)
         self._failures.pop(report.row.id, None)
-        self.flow.failed(reason)
-        self.flow.dead_letters.inc()
+        self._dead_lettered(reason, 1, 1)
         log.warning("a Braze report moved to the dead letters: %s", detail)
-
-    async def _write_outcome(
-        self,
-        done: Sequence[int],
-        applied: Sequence[tuple[str, str, float]],
-        dead: Sequence[Dead],
-        *,
-        audit: Sequence[Record],
-        sent: Sequence[tuple[str, str, str, float]] = (),
-    ) -> None:
-        """Write an outcome to the spool, retrying while it cannot be written."""
-        await self.spool.ack(
-            done,
-            applied,
-            dead,
-            direction="to_didomi",
-            audit=audit,
-            sent=sent,
-            stopping=lambda: self.stopping,
-        )
 
 
 # What `_send` answers besides Didomi's answers: compared by identity.
