@@ -27,9 +27,10 @@ from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
+from gateway.forward.stale import drop_stale
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
-from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
+from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
 from gateway.spool import lane
 from gateway.spool.audit import Record, state_text
@@ -363,60 +364,12 @@ class Dispatcher(Worker[Spool]):
             self._wake.set()
 
     async def _drop_stale(self, items: list[Item]) -> None:
-        """Drop changes older than what was applied to that person and target, or their erasure.
-
-        An erasure is never stale: it is lifted above the last choice applied, so it wins. The
-        retention's floors count as applied to everyone (`retention`).
-        """
+        """Drop changes older than what was applied to that person and target (`stale`)."""
         applied = await self.spool.applied_times([item.person for item in items])
-        floors = self.spool.floors
-        if not applied and not floors:
-            return
-        by_person: dict[str, dict[str, float]] = {}
-        for (person, target), at in applied.items():
-            by_person.setdefault(person, {})[target] = at
-        expired_people = 0
-        for item in items:
-            times = by_person.get(item.person, {})
-            if not times and not floors:
-                continue
-            latest = max(times.values(), default=-math.inf)
-            if item.erased_at is not None:
-                item.erased_at = max(item.erased_at, latest)
-            stale, expired = [], []
-            for target, change in item.changes.items():
-                if change.erasure:
-                    change.at = max(change.at, latest)
-                    continue
-                # Older than the last choice applied either way (a Braze-side change written
-                # back to Didomi counts too), or than the person's erasure: stale. Else older
-                # than what retention pruned of those: refused as too old to tell, except a
-                # backfilled snapshot, refused only by what is known of this person: the
-                # floors are everyone's, and a status unchanged for years must still reach
-                # Braze (DESIGN.md section 10).
-                keys = (target, braze_side(target), ERASED)
-                if change.at < max(times.get(key, -math.inf) for key in keys):
-                    stale.append(target)
-                elif change.at < max(floors.get(key, -math.inf) for key in keys) and not (
-                    change.entry is not None and change.entry.row.backfill
-                ):
-                    expired.append(target)
-            for target in (*stale, *expired):
-                item.stale[target] = item.changes.pop(target)
-            item.expired.update(expired)
-            if stale:
-                self.flow.skipped("stale")  # once per person, not target
-                if not item.changes and all(row.backfill for row in item.rows):
-                    self.metrics.backfill_users.labels("stale").inc()
-            if expired:
-                self.flow.skipped(OLDER_THAN_RETENTION)
-                expired_people += 1
-        if expired_people:
-            log.warning(
-                "%d person(s) had a choice older than the retention floor (retention.applied_days"
-                " pruned the applied times it would be checked against): not sent",
-                expired_people,
-            )
+        drop_stale(items, applied, self.spool.floors, self.flow, self._lane_stale)
+
+    def _lane_stale(self) -> None:
+        self.metrics.backfill_users.labels("stale").inc()
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
