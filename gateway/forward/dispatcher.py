@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,16 +26,15 @@ from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
+from gateway.forward.pages import Lane, Live, map_page
 from gateway.forward.stale import drop_stale
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
-from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet
-from gateway.shapes.webhooks import Webhook, WebhookError, decode
-from gateway.spool import lane
+from gateway.rules.mappings import ERASED, ON_USER_DELETED, RuleSet
 from gateway.spool.audit import Record, state_text
 from gateway.spool.face import Spool
 from gateway.spool.prune import OLDER_THAN_RETENTION
-from gateway.spool.store import Dead, Pending
+from gateway.spool.store import Dead
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config
@@ -44,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.dispatcher")
 
-FETCH_LIMIT = 1000
-MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
 LANE_PAUSE_S = 0.05  # between two looks at the backfill lane while its share is spent
 
 
@@ -74,16 +70,11 @@ class Dispatcher(Worker[Spool]):
         self.metrics = metrics
         self.batcher = Batcher()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
         self._last_recount = 0.0
-        # The backfill lane (`lane`): its own cursor, and its share of Braze's rate in objects.
-        self._lane_cursor = 0
-        self._lane_more = False  # the lane has rows this loop could not take yet
-        self._lane_read_at = -math.inf  # monotonic: when the lane was last read
+        self.live = Live()
         braze = config.braze
-        share = config.backfill.share * braze.requests_per_second * braze.batch_size
-        self._lane_budget = lane.Budget(share, time.monotonic)
+        self.lane = Lane(config.backfill.share * braze.requests_per_second * braze.batch_size)
 
     # -- forming batches ----------------------------------------------------------------------
 
@@ -95,7 +86,7 @@ class Dispatcher(Worker[Spool]):
         await self._refill()
         self._recount()
         if not self.batcher:
-            await self._sleep(LANE_PAUSE_S if self._lane_more else IDLE_POLL_S)
+            await self._sleep(LANE_PAUSE_S if self.lane.more else IDLE_POLL_S)
             return
         await self._slots.acquire()
         try:
@@ -120,125 +111,41 @@ class Dispatcher(Worker[Spool]):
         self._follow_partitions()
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
-        rows, cursor = await self._next_page()
+        quiet = not self.batcher and not self._tasks
+        rows, cursor = await self.live.page(self.spool, self._cursor, self.batcher, quiet)
         backfill = False
         if not rows:
             self._cursor = cursor
             # Live webhooks are caught up: the backfill lane may use its share.
-            rows, cursor = await self._lane_page()
+            slots = braze.batch_size * braze.max_in_flight
+            rows, cursor = await self.lane.page(self.spool, self.batcher, slots)
             if not rows:
-                self._lane_cursor = cursor
+                self.lane.cursor = cursor
                 return
             backfill = True
-        rules = self.rules()  # each row is mapped by exactly one rule set, even across a reload
-        entries: list[Entry] = []
-        skipped: list[int] = []
-        reasons: Counter[str] = Counter()
-        unmappable: list[Dead] = []
-        trail: list[Record] = []
-        for row in rows:
-            try:
-                result = self._map(rules, row, trail)
-            except Exception as exc:
-                self._map_failures[row.id] += 1
-                if self._map_failures[row.id] < MAP_ATTEMPTS:
-                    raise  # the whole page is fetched again after a pause
-                log.exception(
-                    "spooled row %d cannot be mapped; moving it to the dead letters", row.id
-                )
-                unmappable.append(Dead(row.id, f"unmappable: {type(exc).__name__}: {exc}"))
-                continue
-            if isinstance(result, Mapped):
-                entries.append(Entry(row, result))
-            else:
-                skipped.append(row.id)
-                reasons[result] += 1
-        if skipped or unmappable:
-            await self._write_outcome(skipped, [], unmappable, audit=trail)
+        # Each row is mapped by exactly one rule set, even across a reload.
+        page = map_page(self.rules(), rows, self._map_failures, self.clock)
+        if page.skipped or page.unmappable:
+            await self._write_outcome(page.skipped, [], page.unmappable, audit=page.trail)
         for row in rows:
             self._map_failures.pop(row.id, None)
         if backfill:
-            self._lane_cursor = cursor
-            if skipped:
-                self.metrics.backfill_users.labels("skipped").inc(len(skipped))
+            self.lane.cursor = cursor
+            if page.skipped:
+                self.metrics.backfill_users.labels("skipped").inc(len(page.skipped))
         else:
             self._cursor = cursor
-        self.batcher.add(entries)
-        for reason, count in reasons.items():
+        self.batcher.add(page.entries)
+        for reason, count in page.reasons.items():
             self.flow.skipped(reason, count)
-        if clamped := sum(1 for entry in entries if entry.mapped.clamped):
+        if clamped := sum(1 for entry in page.entries if entry.mapped.clamped):
             self.metrics.event_dates_clamped.inc(clamped)
             log.warning("%d choice(s) dated in the future were dated at their arrival", clamped)
-        if unmappable:
-            self._dead_lettered("unmappable", len(unmappable), len(unmappable))
-
-    async def _next_page(self) -> tuple[list[Pending], int]:
-        """The rows after the cursor, and the cursor once they are mapped.
-
-        From intake's hand-off when it holds them all; else read from the spool: at start,
-        after another process wrote rows (a CLI's replay: found within `IDLE_POLL_S` when
-        idle), and every few seconds when nothing else arrives.
-        """
-        handoff = self.spool.handoff
-        complete = 0
-        if handoff is not None:
-            rows = handoff.take(self._cursor, FETCH_LIMIT)
-            if rows:
-                return rows, rows[-1].id
-            # Idle, a replay from the CLI is what there is to find: looked for at once, by a
-            # pragma that costs less than the read it saves.
-            if (
-                rows is not None
-                and time.monotonic() - self._read_at < RECOUNT_S
-                and not (
-                    not self.batcher and not self._tasks and await self.spool.written_elsewhere()
-                )
-            ):
-                return [], self._cursor
-            complete = handoff.complete_after
-        held = set(self.batcher.ids)  # before reading: what is acked meanwhile left the inbox
-        generation = self.spool.generation
-        rows = await self.spool.fetch(self._cursor, FETCH_LIMIT)
-        self._read_at = time.monotonic()
-        if self.spool.generation != generation:
-            return [], self._cursor  # partitions changed during the read: read again
-        cursor = rows[-1].id if rows else self._cursor
-        if len(rows) < FETCH_LIMIT:
-            # Caught up: every row up to `complete` has been read, the hand-off has the rest.
-            cursor = max(cursor, complete)
-        return [row for row in rows if row.id not in held], cursor
-
-    async def _lane_page(self) -> tuple[list[Pending], int]:
-        """Backfilled rows after the lane's cursor, as many as its share allows now.
-
-        Only while the backlog is short, so a live webhook arriving meanwhile waits behind at
-        most one round of requests; an empty lane is read again when `_read_gauges` counts rows.
-        """
-        braze = self.config.braze
-        now = time.monotonic()
-        if not self._lane_more and now - self._lane_read_at < RECOUNT_S:
-            return [], self._lane_cursor  # empty when last read: `_read_gauges` says when not
-        # Enough for every request slot, no more: a live row arriving waits one round at most.
-        if len(self.batcher) >= braze.batch_size * braze.max_in_flight:
-            return [], self._lane_cursor
-        self._lane_read_at = now
-        self._lane_more = False
-        allowed = self._lane_budget.take(FETCH_LIMIT)
-        if allowed <= 0:
-            self._lane_more = True  # unknown: looked at again once the share refills
-            return [], self._lane_cursor
-        held = set(self.batcher.ids)
-        generation = self.spool.generation
-        rows = await self.spool.fetch_backfill(self._lane_cursor, allowed)
-        self._lane_budget.refund(allowed - len(rows))
-        if self.spool.generation != generation:
-            return [], self._lane_cursor
-        self._lane_more = bool(rows)  # the command may still be storing: read again soon
-        cursor = rows[-1].id if rows else self._lane_cursor
-        return [row for row in rows if row.id not in held], cursor
+        if page.unmappable:
+            self._dead_lettered("unmappable", len(page.unmappable), len(page.unmappable))
 
     def _moved(self, owned: frozenset[int] | None) -> None:
-        self._lane_cursor = 0
+        self.lane.cursor = 0
         if owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
@@ -264,35 +171,6 @@ class Dispatcher(Worker[Spool]):
         """The partitions with updates in flight to Braze or still in the backlog (not to be
         given up yet: the backlog forgets them at the next refill)."""
         return self.batcher.parts_held
-
-    def _map(self, rules: RuleSet, row: Pending, trail: list[Record]) -> Mapped | str:
-        """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`
-        when it names a person)."""
-        try:
-            # Decoded by intake when it came through the hand-off; it passed this same decoder.
-            webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
-        except WebhookError:
-            # It passed the same decoder at intake; a failure now means a damaged row.
-            log.error("spooled row %d no longer decodes; dropping it", row.id)
-            return "ignored"
-        result = rules.apply(webhook, received_at=row.received_at)
-        if isinstance(result, Mapped):
-            return result
-        person = rules.person(webhook) if webhook.known else None
-        if person:
-            entity = webhook.subject
-            event_id = entity.id if entity is not None else None
-            trail.append(
-                Record(
-                    person,
-                    "to_braze",
-                    f"skipped:{result.reason}",
-                    self.clock(),
-                    event_id=event_id,
-                    event_type=row.type,
-                )
-            )
-        return result.reason
 
     def _recount(self) -> None:
         now = time.monotonic()
@@ -330,7 +208,7 @@ class Dispatcher(Worker[Spool]):
             log.warning("could not count the backfilled users waiting (will retry): %s", exc)
         else:
             self.metrics.backfill_pending.set(waiting)
-            self._lane_more = self._lane_more or waiting > 0
+            self.lane.more = self.lane.more or waiting > 0
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""
