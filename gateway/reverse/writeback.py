@@ -36,15 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -54,19 +52,15 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, LOOP_PAUSE_S, Worker
 from gateway.errors import SpoolError
-from gateway.peers.didomi import ConsentsApiUser, DidomiClient
-from gateway.reverse.braze_webhooks import (
-    BrazeChange,
-    BrazeWebhookError,
-    decode_currents_event,
-    decode_step,
-)
+from gateway.peers.didomi import DidomiClient
+from gateway.reverse.braze_webhooks import BrazeChange, BrazeWebhookError
+from gateway.reverse.filter import OwnWrites, live_changes
+from gateway.reverse.report import Report, decode_changes
 from gateway.reverse.rules import ConsentEdit, ReverseRules
-from gateway.rules.mappings import ERASED, RuleSet, braze_side
+from gateway.rules.mappings import RuleSet, braze_side
 from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
 from gateway.spool.audit import Record, state_text
 from gateway.spool.face import Spool
-from gateway.spool.prune import OLDER_THAN_RETENTION
 from gateway.spool.store import Dead, Pending
 
 _encode = msgspec.json.Encoder().encode
@@ -81,9 +75,7 @@ FETCH_LIMIT = 500
 # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting. Each report
 # takes two round trips, so 4 left reports queueing behind slow answers under load.
 MAX_IN_FLIGHT = 16
-OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
-REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
 HOLD_POLL_S = 0.05  # how soon a held report first looks again; doubled per look, to HOLD_MAX_S
 HOLD_MAX_S = 1.0
 # Unfetched Didomi rows read, per look, for one of a held report's person: SCAN_PAGES pages
@@ -91,11 +83,6 @@ HOLD_MAX_S = 1.0
 SCAN_LIMIT = 400
 SCAN_PAGES = 5
 SCAN_KEPT_S = 0.2  # how long one reading serves every held report (rows only leave meanwhile)
-# How long a report waits for Didomi's webhook of a newer change Didomi's user shows; after
-# it, the change is taken for one that did not touch the report's targets (another purpose).
-DIDOMI_NEWER_WAIT_S = 10.0
-# Didomi's user `updated_at` and the `created_at` of the event that set it may differ a little.
-OWN_WRITE_SLACK_S = 1.0
 
 
 class Forward(Protocol):
@@ -105,22 +92,6 @@ class Forward(Protocol):
     def cursor(self) -> int: ...
 
     def unsettled(self, person: str, before: int) -> bool: ...
-
-
-@dataclass(slots=True)
-class Report:
-    """One stored Braze report: its row, its changes, and the person they are about."""
-
-    row: Pending
-    changes: list[BrazeChange]
-    person: str
-    dropped: list[tuple[BrazeChange, str]] = field(default_factory=list)  # and why, for the audit
-    event_id: str | None = None  # the id of the consent event last sent to Didomi for it
-    not_before: float = 0.0  # time.monotonic() before which it waits (held)
-    clamped: bool = False  # its date was clamped to its arrival (and counted)
-    newer_since: float | None = None  # since when it waits for a newer Didomi change's webhook
-    hold_s: float = 0.0  # how long it waited when last held (backing off)
-    warned: bool = False  # its change older than the retention floor was logged (once)
 
 
 @dataclass(slots=True)
@@ -165,9 +136,7 @@ class Writeback(Worker[Spool]):
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
         self.forward: Forward | None = None
         self._scan: Unfetched | None = None
-        # Per person, the `created_at` (Didomi's clock) of the last event the gateway wrote:
-        # Didomi's user `updated_at` up to it is the gateway's own doing.
-        self._own: dict[str, float] = {}
+        self._own = OwnWrites()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -199,7 +168,7 @@ class Writeback(Worker[Spool]):
         dead: list[Dead] = []
         for row in rows:
             try:
-                changes = _decode(row)
+                changes = decode_changes(row)
             except BrazeWebhookError as exc:
                 # It passed the same decoder at intake; a failure now means a damaged row.
                 dead.append(Dead(row.id, f"undecodable: {exc}"))
@@ -240,7 +209,7 @@ class Writeback(Worker[Spool]):
         held: set[str] = set()
         now = time.monotonic()
         for report in self._backlog:
-            if not self._owns((report.row.part,)):
+            if not self._ours(report):
                 continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
             busy = person in self._in_flight or person in held or report.not_before > now
@@ -252,6 +221,10 @@ class Writeback(Worker[Spool]):
             self._flying[report.row.id] = report.row.part
             self._spawn(self._deliver(report))
         self._backlog = kept
+
+    def _ours(self, report: Report) -> bool:
+        """Whether the report's partition is one this replica delivers now."""
+        return self._owns((report.row.part,))
 
     def _reverse_rules(self) -> ReverseRules:
         rules = self.rules()
@@ -299,7 +272,7 @@ class Writeback(Worker[Spool]):
     async def _write(self, report: Report) -> None:
         attempt = 0
         while True:
-            if not self._owns((report.row.part,)):
+            if not self._ours(report):
                 # Its lease is running out: back to the backlog, ahead of the person's later
                 # reports, which are forgotten with it unless the partition comes back.
                 self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
@@ -358,7 +331,15 @@ class Writeback(Worker[Spool]):
         """The edit to write now, the changes it holds, and why the others were dropped."""
         applied = await self.spool.applied_times([report.person])
         known = await self.spool.sent_states([report.person])
-        live, dropped = self._filter(report, applied, known)
+        live, dropped = live_changes(
+            report,
+            applied,
+            known,
+            config=self.config,
+            floors=self.spool.floors,  # what the retention pruned counts as applied to everyone
+            now=self.clock(),
+            on_clamped=self.metrics.event_dates_clamped.inc,
+        )
         edit = self._reverse_rules().edit(live) if live else None
         return edit, live, dropped
 
@@ -413,25 +394,6 @@ class Writeback(Worker[Spool]):
         report.not_before = time.monotonic() + report.hold_s
         self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
 
-    def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: ConsentsApiUser) -> bool:
-        """Whether Didomi's user changed after the report's act, not by the gateway's hand,
-        and the report should still wait for that change's webhook."""
-        if user.updated_at is None:
-            return False
-        updated = user.updated_at.timestamp()
-        own = self._own.get(report.person, -math.inf)
-        if updated <= edit.at or updated <= own + OWN_WRITE_SLACK_S:
-            report.newer_since = None
-            return False
-        now = time.monotonic()
-        if report.newer_since is None:
-            report.newer_since = now
-        if now - report.newer_since < DIDOMI_NEWER_WAIT_S:
-            return True
-        # No webhook made it stale meanwhile: the change touched none of its targets.
-        log.info("Didomi changed after a Braze report without touching its targets; writing it")
-        return False
-
     async def _send(self, report: Report, edit: ConsentEdit) -> Answer | None:
         """Read the person's current choices, then write the edit against them (None: no
         need, Didomi already holds them; `_HOLD`: wait; `_AGAIN`: filter again)."""
@@ -440,7 +402,7 @@ class Writeback(Worker[Spool]):
         if answer.verdict is not Verdict.OK:
             return answer
         # Dates, not only values: a Didomi choice newer than the act must never be overwritten.
-        if user is not None and self._newer_in_didomi(report, edit, user):
+        if user is not None and self._own.newer_in_didomi(report, edit, user):
             return _HOLD
         # Reading may have waited: a Didomi choice applied meanwhile may have made it stale.
         again, _, _ = await self._prepare(report)
@@ -457,97 +419,15 @@ class Writeback(Worker[Spool]):
         digest.update(_encode(purposes))
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         report.event_id = event_id
-        if not self._owns((report.row.part,)):  # reading took long: it may be another replica's now
+        if not self._ours(report):  # reading took long: it may be another replica's now
             return Answer(Verdict.MOVED, None, "its partition is another replica's now")
         return await self.client.write_event(
             event_id,
             report.person,
             purposes,
             api.regulation,
-            on_created=functools.partial(self._wrote, report.person),
+            on_created=functools.partial(self._own.wrote, report.person),
         )
-
-    def _wrote(self, person: str, created_at: float) -> None:
-        """Remember Didomi's date of the gateway's own write (its user's `updated_at` then)."""
-        if len(self._own) >= OWN_WRITES_KEPT:
-            self._own.clear()  # forgetting costs at most a wait; it is never wrong
-        self._own[person] = max(created_at, self._own.get(person, created_at))
-
-    def _filter(
-        self,
-        report: Report,
-        applied: dict[tuple[str, str], float],
-        known: dict[tuple[str, str], dict[str, float]],
-    ) -> tuple[list[BrazeChange], str | None]:
-        """The changes to write back, and why the others were dropped.
-
-        `known` holds, per target, every state Braze was given with Didomi agreeing (sent
-        there by the forward path, or written back from Braze) and when it last was. Braze
-        reports each of the gateway's writes through Currents, in any order: any of those
-        states within `echo_window_s`, from the REST API (or a step), dated no later than its
-        write (plus the clock skew allowed), is an `echo`. A report of
-        the last state is `unchanged`: a webhook step renders every target, changed or not.
-        A report older than the last state sent is `stale`: Braze has held that later state
-        since, so the report is a snapshot from before it (a step) or an act it replaced.
-        """
-        person = report.person
-        hooks = self.config.braze_webhooks
-        window = hooks.echo_window_s if hooks is not None else 0.0
-        skew = self.config.didomi.max_clock_skew_s
-        bound = report.row.received_at + skew
-        now = self.clock()
-        floors = self.spool.floors  # what the retention pruned counts as applied to everyone
-        live: list[BrazeChange] = []
-        reason: str | None = None
-        report.dropped = []
-        for change in report.changes:
-            if change.at > bound:
-                # Braze's clock (or a `time` rendered in milliseconds) must not freeze the
-                # person's later Didomi choices: dated at arrival, as forward.
-                change = dataclasses.replace(change, at=report.row.received_at)
-                if not report.clamped:  # filtered again before every try: counted once
-                    report.clamped = True
-                    self.metrics.event_dates_clamped.inc()
-            target = change.target
-            states = known.get((person, target), {})
-            sent_at = states.get(change.state)
-            last = max(states.items(), key=lambda item: item[1]) if states else None
-            # An echo's act is Braze applying the write: never later than it (give or take the
-            # clocks). A later act of that state is someone else's (a CRM through the REST API).
-            echo = (
-                sent_at is not None
-                and change.source in (None, REST_API)
-                and now - sent_at <= window
-                and change.at <= sent_at + skew
-            )
-            if sent_at is not None and (echo or (last is not None and last[0] == change.state)):
-                why = "echo" if echo else "unchanged"
-                reason = reason or why
-                report.dropped.append((change, f"skipped:{why}"))
-                continue
-            if last is not None and change.at < last[1]:
-                reason = "stale"
-                report.dropped.append((change, "stale"))
-                continue
-            # As forward: below the person's own applied times (or erasure) is stale; below
-            # only what retention pruned of them is too old to tell, said apart.
-            keys = (target, braze_side(target), ERASED)
-            if change.at < max(applied.get((person, key), -math.inf) for key in keys):
-                reason = "stale"
-                report.dropped.append((change, "stale"))
-                continue
-            if change.at < max(floors.get(key, -math.inf) for key in keys):
-                reason = reason if reason == "stale" else OLDER_THAN_RETENTION
-                report.dropped.append((change, OLDER_THAN_RETENTION))
-                if not report.warned:  # filtered again before every try: said once
-                    report.warned = True
-                    log.warning(
-                        "a Braze change older than the retention floor (retention.applied_days"
-                        " pruned the applied times it would be checked against): not written back"
-                    )
-                continue
-            live.append(change)
-        return live, reason
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -655,9 +535,3 @@ def _person(rules: RuleSet, row: Pending) -> str | None:
     except WebhookError:
         return None  # the dispatcher drops it unsent: it holds no one
     return rules.person(webhook)
-
-
-def _decode(row: Pending) -> list[BrazeChange]:
-    if row.type == "braze.step":
-        return decode_step(row.body)
-    return decode_currents_event(row.body)
