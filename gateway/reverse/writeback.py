@@ -42,8 +42,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -57,11 +56,12 @@ from gateway.reverse.braze_webhooks import BrazeChange, BrazeWebhookError
 from gateway.reverse.filter import OwnWrites, live_changes
 from gateway.reverse.report import Report, decode_changes
 from gateway.reverse.rules import ConsentEdit, ReverseRules
+from gateway.reverse.waiting import EarlierRows, Forward
 from gateway.rules.mappings import RuleSet, braze_side
-from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
+from gateway.shapes.webhooks import gateway_event_id
 from gateway.spool.audit import Record, state_text
 from gateway.spool.face import Spool
-from gateway.spool.store import Dead, Pending
+from gateway.spool.store import Dead
 
 _encode = msgspec.json.Encoder().encode
 
@@ -78,31 +78,6 @@ MAX_IN_FLIGHT = 16
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
 HOLD_POLL_S = 0.05  # how soon a held report first looks again; doubled per look, to HOLD_MAX_S
 HOLD_MAX_S = 1.0
-# Unfetched Didomi rows read, per look, for one of a held report's person: SCAN_PAGES pages
-# of SCAN_LIMIT; a report behind more than that waits for the dispatcher to fetch them.
-SCAN_LIMIT = 400
-SCAN_PAGES = 5
-SCAN_KEPT_S = 0.2  # how long one reading serves every held report (rows only leave meanwhile)
-
-
-class Forward(Protocol):
-    """What the writeback asks of the dispatcher (the other direction) in this process."""
-
-    @property
-    def cursor(self) -> int: ...
-
-    def unsettled(self, person: str, before: int) -> bool: ...
-
-
-@dataclass(slots=True)
-class Unfetched:
-    """Who the Didomi rows the dispatcher has not fetched yet are about, as last read."""
-
-    cursor: int  # the dispatcher's cursor the reading started from
-    bound: int  # the last report id it was read for
-    upto: int  # rows up to this id were read (`bound`: all of those before it)
-    people: dict[str, int]  # each person's first unfetched row
-    at: float  # time.monotonic() of the reading
 
 
 class Writeback(Worker[Spool]):
@@ -135,7 +110,7 @@ class Writeback(Worker[Spool]):
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
         self.forward: Forward | None = None
-        self._scan: Unfetched | None = None
+        self._earlier = EarlierRows(spool, rules)
         self._own = OwnWrites()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -277,7 +252,9 @@ class Writeback(Worker[Spool]):
                 # reports, which are forgotten with it unless the partition comes back.
                 self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
                 return
-            if await self._waits_for_braze(report):
+            if self.forward is not None and await self._earlier.waits(
+                self.forward, report, self._backlog
+            ):
                 self._hold(report)
                 return
             # Filtered afresh before every try: a Didomi choice applied while this one waited
@@ -342,50 +319,6 @@ class Writeback(Worker[Spool]):
         )
         edit = self._reverse_rules().edit(live) if live else None
         return edit, live, dropped
-
-    async def _waits_for_braze(self, report: Report) -> bool:
-        """Whether a Didomi row of the report's person, stored before it, is not settled yet."""
-        forward = self.forward
-        if forward is None:
-            return False
-        if forward.unsettled(report.person, report.row.id):
-            return True
-        # Rows the dispatcher has not fetched yet may be about this person too; only theirs
-        # hold the report, or a stalled forward path (a refused key, a long backlog) would
-        # hold every person's.
-        scan = self._scan
-        if (
-            scan is None
-            or scan.cursor != forward.cursor
-            or scan.bound < report.row.id
-            or time.monotonic() - scan.at > SCAN_KEPT_S
-        ):
-            scan = self._scan = await self._read_unfetched(forward.cursor, report.row.id)
-        first = scan.people.get(report.person)
-        if first is not None and first < report.row.id:
-            return True
-        return scan.upto < report.row.id - 1  # rows before it were left unread: they may be
-
-    async def _read_unfetched(self, cursor: int, before: int) -> Unfetched:
-        """Who the Didomi rows after the dispatcher's cursor are about, up to the last report
-        waiting (a page at a time, at most SCAN_PAGES): read once for all held reports."""
-        bound = max((r.row.id for r in self._backlog), default=before)
-        bound = max(bound, before)
-        scan = Unfetched(cursor, bound, cursor, {}, time.monotonic())
-        rules = self.rules()
-        for _ in range(SCAN_PAGES):
-            rows = await self.spool.fetch(scan.upto, SCAN_LIMIT, "to_braze")
-            for row in rows:
-                if row.id >= bound:
-                    scan.upto = bound
-                    return scan
-                if (person := _person(rules, row)) is not None:
-                    scan.people.setdefault(person, row.id)
-                scan.upto = row.id
-            if len(rows) < SCAN_LIMIT:
-                scan.upto = bound  # every Didomi row stored before the reports was read
-                return scan
-        return scan
 
     def _hold(self, report: Report) -> None:
         """Back to the backlog, in spool order, to be tried again in a moment."""
@@ -526,12 +459,3 @@ class Writeback(Worker[Spool]):
 # What `_send` answers besides Didomi's answers: compared by identity.
 _HOLD = Answer(Verdict.RETRY, None, "held: a newer Didomi change is on its way")
 _AGAIN = Answer(Verdict.RETRY, None, "a Didomi choice was applied meanwhile")
-
-
-def _person(rules: RuleSet, row: Pending) -> str | None:
-    """Who a Didomi row is about, as the dispatcher's mapping names people."""
-    try:
-        webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
-    except WebhookError:
-        return None  # the dispatcher drops it unsent: it holds no one
-    return rules.person(webhook)
