@@ -20,6 +20,7 @@ from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer
 from gateway.delivery.ports import Direction, Flow, Outcomes
 from gateway.delivery.retry import Action, Decision
+from gateway.errors import SpoolError
 
 # How often an idle loop looks for rows another process wrote (a CLI replay, another replica's
 # intake): its own intake wakes it at once, the others are found this long after at most.
@@ -59,6 +60,7 @@ class Worker(Generic[S]):
         self._cursor = 0  # the spool id up to which rows have been read
         self._generation = spool.generation  # of the spool's partitions, as last seen
         self._reading = 0  # pages being read and handled: fetched rows not yet in the backlog
+        self._last_recount = 0.0  # monotonic: when the pending rows were last counted in the spool
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -131,6 +133,33 @@ class Worker(Generic[S]):
         while not self.stopping:
             await self._read_gauges()
             await self._pause(RECOUNT_S)
+
+    def _count_pending(self) -> None:
+        """Set the pending gauge from this process's count of the direction's rows."""
+        self.flow.pending.set(self.spool.pending_of(self.direction))
+
+    def _recount(self, *, busy: bool) -> None:
+        """Set the pending gauge, recounted in the spool (with the dead letters) every few
+        seconds while not `busy` with a backlog; else from this process's count."""
+        now = time.monotonic()
+        # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
+        # it when caught up (a CLI replay is then the only way the count could be off). On a
+        # shared spool the other replicas' intake and acks move it too: every few seconds.
+        busy = busy and self.spool.owned is None
+        if busy or now - self._last_recount < RECOUNT_S:
+            self._count_pending()
+            return
+        self._last_recount = now
+        self._spawn(self._recount_from_file())
+
+    async def _recount_from_file(self) -> None:
+        try:
+            pending, dead = await self.spool.recount(self.direction)
+        except SpoolError as exc:
+            self.log.warning("could not recount the spool (will retry): %s", exc)
+            return
+        self.flow.pending.set(pending)
+        self.flow.dead_letters.set(dead)
 
     def _set_age(self, oldest: float | None) -> None:
         """Set the oldest pending row's age from when it arrived (None: nothing pending)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
-from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
+from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
 from gateway.forward.pages import Lane, Live, map_page
@@ -71,7 +71,6 @@ class Dispatcher(Worker[Spool]):
         self.batcher = Batcher()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
         self._map_failures: Counter[int] = Counter()
-        self._last_recount = 0.0
         self.live = Live()
         braze = config.braze
         self.lane = Lane(config.backfill.share * braze.requests_per_second * braze.batch_size)
@@ -84,7 +83,7 @@ class Dispatcher(Worker[Spool]):
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
         await self._refill()
-        self._recount()
+        self._recount(busy=bool(self.batcher))
         if not self.batcher:
             await self._sleep(LANE_PAUSE_S if self.lane.more else IDLE_POLL_S)
             return
@@ -171,27 +170,6 @@ class Dispatcher(Worker[Spool]):
         """The partitions with updates in flight to Braze or still in the backlog (not to be
         given up yet: the backlog forgets them at the next refill)."""
         return self.batcher.parts_held
-
-    def _recount(self) -> None:
-        now = time.monotonic()
-        # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
-        # it when caught up (a CLI replay is then the only way the count could be off). On a
-        # shared spool the other replicas' intake and acks move it too: every few seconds.
-        busy = bool(self.batcher) and self.spool.owned is None
-        if busy or now - self._last_recount < RECOUNT_S:
-            self.flow.pending.set(self.spool.pending_of("to_braze"))
-            return
-        self._last_recount = now
-        self._spawn(self._recount_from_file())
-
-    async def _recount_from_file(self) -> None:
-        try:
-            pending, dead = await self.spool.recount()
-        except SpoolError as exc:
-            log.warning("could not recount the spool (will retry): %s", exc)
-            return
-        self.flow.pending.set(pending)
-        self.flow.dead_letters.set(dead)
 
     async def _read_gauges(self) -> None:
         """The oldest pending age and the backfilled users waiting: one indexed row and one
@@ -425,7 +403,7 @@ class Dispatcher(Worker[Spool]):
         self._dead_lettered(reason, len(items), len(dead))
         if lanes := sum(1 for item in items if any(row.backfill for row in item.rows)):
             self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
-        self.flow.pending.set(self.spool.pending_of("to_braze"))
+        self._count_pending()
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
 
 

@@ -217,7 +217,7 @@ class Writeback(Worker[Spool]):
         else:
             self._set_age(oldest)
             self.flow.dead_letters.set(dead)
-            self.flow.pending.set(self.spool.pending_of("to_didomi"))
+            self._count_pending()
 
     # -- one report ---------------------------------------------------------------------------
 
