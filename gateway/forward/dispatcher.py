@@ -3,7 +3,8 @@
 It wires three parts that know nothing of each other: the `Batcher` (backlog, per-person order,
 who is in flight), the retry policy (`retry.decide`: Braze answer -> ack, split, retry, hold or
 dead-letter) and `DeliveryHealth` (what readiness and the metrics report). One loop fetches and
-forms batches; each batch is delivered by its own task, at most `max_in_flight` at once.
+forms batches; each batch is delivered by its own task, at most `max_in_flight` at once. Pages
+are read and mapped in `pages`, the stale check is `stale`, the loops are `delivery.worker`'s.
 
 A row leaves the spool only once Braze has acknowledged it or it is moved to the dead letters
 with the reason. Every failure between fetching and acknowledging gives the rows back: a page

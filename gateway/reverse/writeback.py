@@ -30,6 +30,7 @@ received wins, because Braze will hold that choice once it is sent and both then
 
 The same retry policy as the Braze direction applies (`retry.decide`): `5xx`, timeouts and
 `429` retried, a refused key or URL held, other `4xx` and `give_up_after_s` dead-lettered.
+Step 0 is `waiting`, steps 1 to 3 and Didomi's newer change are `filter`.
 """
 
 from __future__ import annotations
