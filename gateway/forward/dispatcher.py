@@ -3,7 +3,8 @@
 It wires three parts that know nothing of each other: the `Batcher` (backlog, per-person order,
 who is in flight), the retry policy (`retry.decide`: Braze answer -> ack, split, retry, hold or
 dead-letter) and `DeliveryHealth` (what readiness and the metrics report). One loop fetches and
-forms batches; each batch is delivered by its own task, at most `max_in_flight` at once.
+forms batches; each batch is delivered by its own task, at most `max_in_flight` at once. Pages
+are read and mapped in `pages`, the stale check is `stale`, the loops are `delivery.worker`'s.
 
 A row leaves the spool only once Braze has acknowledged it or it is moved to the dead letters
 with the reason. Every failure between fetching and acknowledging gives the rows back: a page
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
@@ -27,15 +27,16 @@ from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
+from gateway.forward.pages import Lane, Live, map_page
+from gateway.forward.stale import drop_stale
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
-from gateway.rules.mappings import ERASED, ON_USER_DELETED, Mapped, RuleSet, braze_side
-from gateway.shapes.webhooks import Webhook, WebhookError, decode
-from gateway.spool import lane
+from gateway.rules.mappings import ERASED, ON_USER_DELETED, RuleSet
 from gateway.spool.audit import Record, state_text
 from gateway.spool.face import Spool
+from gateway.spool.lane import rate as lane_rate
 from gateway.spool.prune import OLDER_THAN_RETENTION
-from gateway.spool.store import Dead, Pending
+from gateway.spool.store import Dead
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config
@@ -43,15 +44,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.dispatcher")
 
-FETCH_LIMIT = 1000
-RECOUNT_S = 5.0  # how often gauges are re-read from the spool file (the CLI may replay)
-LOOP_PAUSE_S = 1.0  # after an unexpected failure of the loop, before it tries again
-MAP_ATTEMPTS = 3  # a row whose mapping raises this often is dead-lettered, not retried forever
 LANE_PAUSE_S = 0.05  # between two looks at the backfill lane while its share is spent
 
 
-class Dispatcher(Worker):
+class Dispatcher(Worker[Spool]):
     """Moves spooled webhooks to Braze as fast as Braze allows, losing none."""
+
+    LOOPS = ("gateway-dispatcher", "gateway-spool-age")
+    LOOP_FAILED = "the dispatcher loop failed; resuming in a second"
 
     def __init__(
         self,
@@ -63,72 +63,40 @@ class Dispatcher(Worker):
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
+        flow = metrics.flow("to_braze")
+        health = DeliveryHealth(flow, metrics.braze_auth_ok)
+        super().__init__(spool, flow, health, direction="to_braze", log=log, clock=clock)
         self.config = config  # replaced on reload; read afresh for every batch
-        self.spool = spool
         self.rules = rules
         self.client = client
         self.metrics = metrics
-        self.clock = clock
         self.batcher = Batcher()
-        self.flow = metrics.flow("to_braze")
-        self.health = DeliveryHealth(self.flow, metrics.braze_auth_ok)
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
-        self._generation = spool.generation
-        self._read_at = -math.inf  # when the spool was last read (the hand-off aside)
         self._map_failures: Counter[int] = Counter()
-        self._last_recount = 0.0
-        # The backfill lane (`lane`): its own cursor, and its share of Braze's rate in objects.
-        self._lane_cursor = 0
-        self._lane_more = False  # the lane has rows this loop could not take yet
-        self._lane_read_at = -math.inf  # monotonic: when the lane was last read
-        self._lane_budget = lane.Budget(self._lane_rate, time.monotonic)
+        self.live = Live()
+        self.lane = Lane(self._lane_rate)
 
     def _lane_rate(self) -> float:
         # Per replica, by the partitions it owns: the replicas together keep to the share.
         braze = self.config.braze
-        return lane.rate(
+        return lane_rate(
             self.config.backfill.share,
             braze.requests_per_second,
             braze.batch_size,
             self.spool.owned,
         )
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
-        # The age has its own loop: during a stall the main loop is what waits.
-        return {"gateway-dispatcher": self._run(), "gateway-spool-age": self._watch_age()}
-
-    def degraded_reason(self) -> str | None:
-        """Why delivery is blocked or being retried, if it is; intake works meanwhile."""
-        return self.health.degraded_reason()
-
-    @property
-    def idle(self) -> bool:
-        """Nothing fetched is waiting and nothing is in flight."""
-        return not self.batcher and not self._tasks and not self._reading
-
     # -- forming batches ----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while not self.stopping:
-            try:
-                await self._step()
-            except Exception:
-                # One bad moment (a spool error, a bug) must not stop delivery for good.
-                log.exception("the dispatcher loop failed; resuming in a second")
-                await self._sleep(LOOP_PAUSE_S)
+    def _waiting(self) -> bool:
+        return bool(self.batcher)
 
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
-        # Cleared before looking, not before sleeping: a wake-up that comes while we look
-        # must cut the next sleep short, not be lost to it.
-        self._wake.clear()
         await self._refill()
-        self._recount()
+        self._recount(busy=bool(self.batcher))
         if not self.batcher:
-            await self._sleep(LANE_PAUSE_S if self._lane_more else IDLE_POLL_S)
+            await self._sleep(LANE_PAUSE_S if self.lane.more else IDLE_POLL_S)
             return
         await self._slots.acquire()
         try:
@@ -153,132 +121,42 @@ class Dispatcher(Worker):
         self._follow_partitions()
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
-        rows, cursor = await self._next_page()
+        quiet = not self.batcher and not self._tasks
+        rows, cursor = await self.live.page(self.spool, self._cursor, self.batcher, quiet)
         backfill = False
         if not rows:
             self._cursor = cursor
             # Live webhooks are caught up: the backfill lane may use its share.
-            rows, cursor = await self._lane_page()
+            slots = braze.batch_size * braze.max_in_flight
+            rows, cursor = await self.lane.page(self.spool, self.batcher, slots)
             if not rows:
-                self._lane_cursor = cursor
+                self.lane.cursor = cursor
                 return
             backfill = True
-        rules = self.rules()  # each row is mapped by exactly one rule set, even across a reload
-        entries: list[Entry] = []
-        skipped: list[int] = []
-        reasons: Counter[str] = Counter()
-        unmappable: list[Dead] = []
-        trail: list[Record] = []
-        for row in rows:
-            try:
-                result = self._map(rules, row, trail)
-            except Exception as exc:
-                self._map_failures[row.id] += 1
-                if self._map_failures[row.id] < MAP_ATTEMPTS:
-                    raise  # the whole page is fetched again after a pause
-                log.exception(
-                    "spooled row %d cannot be mapped; moving it to the dead letters", row.id
-                )
-                unmappable.append(Dead(row.id, f"unmappable: {type(exc).__name__}: {exc}"))
-                continue
-            if isinstance(result, Mapped):
-                entries.append(Entry(row, result))
-            else:
-                skipped.append(row.id)
-                reasons[result] += 1
-        if skipped or unmappable:
-            await self._write_outcome(skipped, [], unmappable, audit=trail)
+        # Each row is mapped by exactly one rule set, even across a reload.
+        page = map_page(self.rules(), rows, self._map_failures, self.clock)
+        if page.skipped or page.unmappable:
+            await self._write_outcome(page.skipped, [], page.unmappable, audit=page.trail)
         for row in rows:
             self._map_failures.pop(row.id, None)
         if backfill:
-            self._lane_cursor = cursor
-            if skipped:
-                self.metrics.backfill_users.labels("skipped").inc(len(skipped))
+            self.lane.cursor = cursor
+            if page.skipped:
+                self.metrics.backfill_users.labels("skipped").inc(len(page.skipped))
         else:
             self._cursor = cursor
-        self.batcher.add(entries)
-        for reason, count in reasons.items():
+        self.batcher.add(page.entries)
+        for reason, count in page.reasons.items():
             self.flow.skipped(reason, count)
-        if clamped := sum(1 for entry in entries if entry.mapped.clamped):
+        if clamped := sum(1 for entry in page.entries if entry.mapped.clamped):
             self.metrics.event_dates_clamped.inc(clamped)
             log.warning("%d choice(s) dated in the future were dated at their arrival", clamped)
-        if unmappable:
-            self.flow.failed("unmappable", len(unmappable))
-            self.flow.dead_letters.inc(len(unmappable))
+        if page.unmappable:
+            self._dead_lettered("unmappable", len(page.unmappable), len(page.unmappable))
 
-    async def _next_page(self) -> tuple[list[Pending], int]:
-        """The rows after the cursor, and the cursor once they are mapped.
-
-        From intake's hand-off when it holds them all; else read from the spool: at start,
-        after another process wrote rows (a CLI's replay: found within `IDLE_POLL_S` when
-        idle), and every few seconds when nothing else arrives.
-        """
-        handoff = self.spool.handoff
-        complete = 0
-        if handoff is not None:
-            rows = handoff.take(self._cursor, FETCH_LIMIT)
-            if rows:
-                return rows, rows[-1].id
-            # Idle, a replay from the CLI is what there is to find: looked for at once, by a
-            # pragma that costs less than the read it saves.
-            if (
-                rows is not None
-                and time.monotonic() - self._read_at < RECOUNT_S
-                and not (
-                    not self.batcher and not self._tasks and await self.spool.written_elsewhere()
-                )
-            ):
-                return [], self._cursor
-            complete = handoff.complete_after
-        held = set(self.batcher.ids)  # before reading: what is acked meanwhile left the inbox
-        generation = self.spool.generation
-        rows = await self.spool.fetch(self._cursor, FETCH_LIMIT)
-        self._read_at = time.monotonic()
-        if self.spool.generation != generation:
-            return [], self._cursor  # partitions changed during the read: read again
-        cursor = rows[-1].id if rows else self._cursor
-        if len(rows) < FETCH_LIMIT:
-            # Caught up: every row up to `complete` has been read, the hand-off has the rest.
-            cursor = max(cursor, complete)
-        return [row for row in rows if row.id not in held], cursor
-
-    async def _lane_page(self) -> tuple[list[Pending], int]:
-        """Backfilled rows after the lane's cursor, as many as its share allows now.
-
-        Only while the backlog is short, so a live webhook arriving meanwhile waits behind at
-        most one round of requests; an empty lane is read again when `_watch_age` counts rows.
-        """
-        braze = self.config.braze
-        now = time.monotonic()
-        if not self._lane_more and now - self._lane_read_at < RECOUNT_S:
-            return [], self._lane_cursor  # empty when last read: `_watch_age` says when not
-        # Enough for every request slot, no more: a live row arriving waits one round at most.
-        if len(self.batcher) >= braze.batch_size * braze.max_in_flight:
-            return [], self._lane_cursor
-        self._lane_read_at = now
-        self._lane_more = False
-        allowed = self._lane_budget.take(FETCH_LIMIT)
-        if allowed <= 0:
-            self._lane_more = True  # unknown: looked at again once the share refills
-            return [], self._lane_cursor
-        held = set(self.batcher.ids)
-        generation = self.spool.generation
-        rows = await self.spool.fetch_backfill(self._lane_cursor, allowed)
-        self._lane_budget.refund(allowed - len(rows))
-        if self.spool.generation != generation:
-            return [], self._lane_cursor
-        self._lane_more = bool(rows)  # the command may still be storing: read again soon
-        cursor = rows[-1].id if rows else self._lane_cursor
-        return [row for row in rows if row.id not in held], cursor
-
-    def _follow_partitions(self) -> None:
-        """On PostgreSQL, after this replica's partitions changed: forget the backlog of those
-        it gave up, and read from the start again for those it took (older rows included)."""
-        owned = self.spool.owned
-        moved = self._partitions_moved(self.spool.generation)
-        if moved:
-            self._lane_cursor = 0
-        if moved and owned is not None:
+    def _moved(self, owned: frozenset[int] | None) -> None:
+        self.lane.cursor = 0
+        if owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
                 log.info("%d fetched update(s) left to the replica that now owns them", dropped)
@@ -297,86 +175,29 @@ class Dispatcher(Worker):
 
     def _ours(self, item: Item) -> bool:
         """Whether every row of `item` is of a partition this replica delivers now."""
-        owned = self.spool.owned
-        return owned is None or all(row.part in owned for row in item.rows)
+        return self._owns(row.part for row in item.rows)
 
     def busy_partitions(self) -> set[int]:
         """The partitions with updates in flight to Braze or still in the backlog (not to be
         given up yet: the backlog forgets them at the next refill)."""
         return self.batcher.parts_held
 
-    def _map(self, rules: RuleSet, row: Pending, trail: list[Record]) -> Mapped | str:
-        """What the row asks of Braze, or the reason it asks nothing (then audited in `trail`
-        when it names a person)."""
+    async def _read_gauges(self) -> None:
+        """The oldest pending age and the backfilled users waiting: one indexed row and one
+        count per read, so it costs intake nothing."""
         try:
-            # Decoded by intake when it came through the hand-off; it passed this same decoder.
-            webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
-        except WebhookError:
-            # It passed the same decoder at intake; a failure now means a damaged row.
-            log.error("spooled row %d no longer decodes; dropping it", row.id)
-            return "ignored"
-        result = rules.apply(webhook, received_at=row.received_at)
-        if isinstance(result, Mapped):
-            return result
-        person = rules.person(webhook) if webhook.known else None
-        if person:
-            entity = webhook.subject
-            event_id = entity.id if entity is not None else None
-            trail.append(
-                Record(
-                    person,
-                    "to_braze",
-                    f"skipped:{result.reason}",
-                    self.clock(),
-                    event_id=event_id,
-                    event_type=row.type,
-                )
-            )
-        return result.reason
-
-    def _recount(self) -> None:
-        now = time.monotonic()
-        # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
-        # it when caught up (a CLI replay is then the only way the count could be off). On a
-        # shared spool the other replicas' intake and acks move it too: every few seconds.
-        busy = bool(self.batcher) and self.spool.owned is None
-        if busy or now - self._last_recount < RECOUNT_S:
-            self.flow.pending.set(self.spool.pending_of("to_braze"))
-            return
-        self._last_recount = now
-        self._spawn(self._recount_from_file())
-
-    async def _recount_from_file(self) -> None:
-        try:
-            pending, dead = await self.spool.recount()
+            oldest = await self.spool.oldest_pending_at()
         except SpoolError as exc:
-            log.warning("could not recount the spool (will retry): %s", exc)
-            return
-        self.flow.pending.set(pending)
-        self.flow.dead_letters.set(dead)
-
-    async def _watch_age(self) -> None:
-        """Refresh the oldest pending age every few seconds, whatever the loop is waiting on.
-
-        A stall is exactly when the loop is stuck (a full backlog, no free slot), so this
-        runs beside it; one indexed row per read, so it costs intake nothing.
-        """
-        while not self.stopping:
-            try:
-                oldest = await self.spool.oldest_pending_at()
-            except SpoolError as exc:
-                log.warning("could not read the oldest pending update (will retry): %s", exc)
-            else:
-                age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
-                self.flow.oldest_age.set(age)
-            try:
-                waiting = await self.spool.recount_backfill()  # kept out of to_braze's pending
-            except SpoolError as exc:
-                log.warning("could not count the backfilled users waiting (will retry): %s", exc)
-            else:
-                self.metrics.backfill_pending.set(waiting)
-                self._lane_more = self._lane_more or waiting > 0
-            await self._pause(RECOUNT_S)
+            log.warning("could not read the oldest pending update (will retry): %s", exc)
+        else:
+            self._set_age(oldest)
+        try:
+            waiting = await self.spool.recount_backfill()  # kept out of to_braze's pending
+        except SpoolError as exc:
+            log.warning("could not count the backfilled users waiting (will retry): %s", exc)
+        else:
+            self.metrics.backfill_pending.set(waiting)
+            self.lane.more = self.lane.more or waiting > 0
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""
@@ -410,60 +231,12 @@ class Dispatcher(Worker):
             self._wake.set()
 
     async def _drop_stale(self, items: list[Item]) -> None:
-        """Drop changes older than what was applied to that person and target, or their erasure.
-
-        An erasure is never stale: it is lifted above the last choice applied, so it wins. The
-        retention's floors count as applied to everyone (`retention`).
-        """
+        """Drop changes older than what was applied to that person and target (`stale`)."""
         applied = await self.spool.applied_times([item.person for item in items])
-        floors = self.spool.floors
-        if not applied and not floors:
-            return
-        by_person: dict[str, dict[str, float]] = {}
-        for (person, target), at in applied.items():
-            by_person.setdefault(person, {})[target] = at
-        expired_people = 0
-        for item in items:
-            times = by_person.get(item.person, {})
-            if not times and not floors:
-                continue
-            latest = max(times.values(), default=-math.inf)
-            if item.erased_at is not None:
-                item.erased_at = max(item.erased_at, latest)
-            stale, expired = [], []
-            for target, change in item.changes.items():
-                if change.erasure:
-                    change.at = max(change.at, latest)
-                    continue
-                # Older than the last choice applied either way (a Braze-side change written
-                # back to Didomi counts too), or than the person's erasure: stale. Else older
-                # than what retention pruned of those: refused as too old to tell, except a
-                # backfilled snapshot, refused only by what is known of this person: the
-                # floors are everyone's, and a status unchanged for years must still reach
-                # Braze (DESIGN.md section 10).
-                keys = (target, braze_side(target), ERASED)
-                if change.at < max(times.get(key, -math.inf) for key in keys):
-                    stale.append(target)
-                elif change.at < max(floors.get(key, -math.inf) for key in keys) and not (
-                    change.entry is not None and change.entry.row.backfill
-                ):
-                    expired.append(target)
-            for target in (*stale, *expired):
-                item.stale[target] = item.changes.pop(target)
-            item.expired.update(expired)
-            if stale:
-                self.flow.skipped("stale")  # once per person, not target
-                if not item.changes and all(row.backfill for row in item.rows):
-                    self.metrics.backfill_users.labels("stale").inc()
-            if expired:
-                self.flow.skipped(OLDER_THAN_RETENTION)
-                expired_people += 1
-        if expired_people:
-            log.warning(
-                "%d person(s) had a choice older than the retention floor (retention.applied_days"
-                " pruned the applied times it would be checked against): not sent",
-                expired_people,
-            )
+        drop_stale(items, applied, self.spool.floors, self.flow, self._lane_stale)
+
+    def _lane_stale(self) -> None:
+        self.metrics.backfill_users.labels("stale").inc()
 
     async def _send(self, items: list[Item], delete: bool, attempt: int) -> None:
         retried = False
@@ -624,21 +397,6 @@ class Dispatcher(Worker):
             log.warning("Braze refused %d object(s); moved to the dead letters", len(errors))
         self.flow.pending.set(self.spool.pending_of("to_braze"))
 
-    async def _write_outcome(
-        self,
-        done: Sequence[int],
-        applied: Sequence[tuple[str, str, float]],
-        dead: Sequence[Dead],
-        *,
-        audit: Sequence[Record],
-        sent: Sequence[tuple[str, str, str, float]] = (),
-        erase: Sequence[str] = (),
-    ) -> None:
-        """Write an outcome to the spool, retrying while it cannot be written."""
-        await self.spool.ack(
-            done, applied, dead, audit=audit, sent=sent, erase=erase, stopping=lambda: self.stopping
-        )
-
     async def _dead(
         self, items: Sequence[Item], reason: str, answer: Answer, sent_at: float, *, delete: bool
     ) -> None:
@@ -653,11 +411,10 @@ class Dispatcher(Worker):
         await self._write_outcome([], [], dead, audit=trail)
         for item in items:
             item.settled = True
-        self.flow.failed(reason, len(items))
-        self.flow.dead_letters.inc(len(dead))
+        self._dead_lettered(reason, len(items), len(dead))
         if lanes := sum(1 for item in items if any(row.backfill for row in item.rows)):
             self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
-        self.flow.pending.set(self.spool.pending_of("to_braze"))
+        self._count_pending()
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
 
 

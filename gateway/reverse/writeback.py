@@ -30,44 +30,39 @@ received wins, because Braze will hold that choice once it is sent and both then
 
 The same retry policy as the Braze direction applies (`retry.decide`): `5xx`, timeouts and
 `429` retried, a refused key or URL held, other `4xx` and `give_up_after_s` dead-lettered.
+Step 0 is `waiting`, steps 1 to 3 and Didomi's newer change are `filter`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
-import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
-from gateway.delivery.worker import IDLE_POLL_S, Worker
+from gateway.delivery.worker import IDLE_POLL_S, LOOP_PAUSE_S, Worker
 from gateway.errors import SpoolError
-from gateway.peers.didomi import ConsentsApiUser, DidomiClient
-from gateway.reverse.braze_webhooks import (
-    BrazeChange,
-    BrazeWebhookError,
-    decode_currents_event,
-    decode_step,
-)
+from gateway.peers.didomi import DidomiClient
+from gateway.reverse.braze_webhooks import BrazeChange, BrazeWebhookError
+from gateway.reverse.filter import OwnWrites, live_changes
+from gateway.reverse.report import Report, decode_changes
 from gateway.reverse.rules import ConsentEdit, ReverseRules
-from gateway.rules.mappings import ERASED, RuleSet, braze_side
-from gateway.shapes.webhooks import Webhook, WebhookError, decode, gateway_event_id
+from gateway.reverse.waiting import EarlierRows, Forward
+from gateway.rules.mappings import RuleSet, braze_side
+from gateway.shapes.webhooks import gateway_event_id
 from gateway.spool.audit import Record, state_text
 from gateway.spool.face import Spool
-from gateway.spool.prune import OLDER_THAN_RETENTION
-from gateway.spool.store import Dead, Pending
+from gateway.spool.store import Dead
 
 _encode = msgspec.json.Encoder().encode
 
@@ -81,63 +76,16 @@ FETCH_LIMIT = 500
 # Didomi's pace is set by didomi_api.requests_per_second; this bounds waiting. Each report
 # takes two round trips, so 4 left reports queueing behind slow answers under load.
 MAX_IN_FLIGHT = 16
-RECOUNT_S = 5.0
-LOOP_PAUSE_S = 1.0
-OWN_WRITES_KEPT = 100_000  # persons whose last own Didomi write is remembered
 WRITE_ATTEMPTS = 3  # a report whose writing raises this often is dead-lettered
-REST_API = "REST API"  # Currents' state_change_source for a change made through Braze's API
 HOLD_POLL_S = 0.05  # how soon a held report first looks again; doubled per look, to HOLD_MAX_S
 HOLD_MAX_S = 1.0
-# Unfetched Didomi rows read, per look, for one of a held report's person: SCAN_PAGES pages
-# of SCAN_LIMIT; a report behind more than that waits for the dispatcher to fetch them.
-SCAN_LIMIT = 400
-SCAN_PAGES = 5
-SCAN_KEPT_S = 0.2  # how long one reading serves every held report (rows only leave meanwhile)
-# How long a report waits for Didomi's webhook of a newer change Didomi's user shows; after
-# it, the change is taken for one that did not touch the report's targets (another purpose).
-DIDOMI_NEWER_WAIT_S = 10.0
-# Didomi's user `updated_at` and the `created_at` of the event that set it may differ a little.
-OWN_WRITE_SLACK_S = 1.0
 
 
-class Forward(Protocol):
-    """What the writeback asks of the dispatcher (the other direction) in this process."""
-
-    @property
-    def cursor(self) -> int: ...
-
-    def unsettled(self, person: str, before: int) -> bool: ...
-
-
-@dataclass(slots=True)
-class Report:
-    """One stored Braze report: its row, its changes, and the person they are about."""
-
-    row: Pending
-    changes: list[BrazeChange]
-    person: str
-    dropped: list[tuple[BrazeChange, str]] = field(default_factory=list)  # and why, for the audit
-    event_id: str | None = None  # the id of the consent event last sent to Didomi for it
-    not_before: float = 0.0  # time.monotonic() before which it waits (held)
-    clamped: bool = False  # its date was clamped to its arrival (and counted)
-    newer_since: float | None = None  # since when it waits for a newer Didomi change's webhook
-    hold_s: float = 0.0  # how long it waited when last held (backing off)
-    warned: bool = False  # its change older than the retention floor was logged (once)
-
-
-@dataclass(slots=True)
-class Unfetched:
-    """Who the Didomi rows the dispatcher has not fetched yet are about, as last read."""
-
-    cursor: int  # the dispatcher's cursor the reading started from
-    bound: int  # the last report id it was read for
-    upto: int  # rows up to this id were read (`bound`: all of those before it)
-    people: dict[str, int]  # each person's first unfetched row
-    at: float  # time.monotonic() of the reading
-
-
-class Writeback(Worker):
+class Writeback(Worker[Spool]):
     """Moves Braze's subscription changes to Didomi's Consents API, losing none."""
+
+    LOOPS = ("gateway-writeback", "gateway-writeback-gauges")
+    LOOP_FAILED = "the writeback loop failed; resuming in a second"
 
     def __init__(
         self,
@@ -149,54 +97,33 @@ class Writeback(Worker):
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
+        flow = metrics.flow("to_didomi")
+        health = DeliveryHealth(flow, peer="Didomi")
+        super().__init__(spool, flow, health, direction="to_didomi", log=log, clock=clock)
         self.config = config  # replaced on reload; read afresh for every report
-        self.spool = spool
         self.rules = rules
         self.client = client
-        self.clock = clock
-        self.flow = metrics.flow("to_didomi")
-        self.health = DeliveryHealth(self.flow, peer="Didomi")
         self.metrics = metrics
         self._backlog: deque[Report] = deque()
         self._failures: Counter[int] = Counter()
         self._in_flight: set[str] = set()
-        self._generation = spool.generation
         self._flying: dict[int, int] = {}  # reports being written: row id -> partition
         self._reverse: tuple[RuleSet, ReverseRules] | None = None
         # Set by the server: the dispatcher, whose unsettled rows hold Braze's later reports.
         self.forward: Forward | None = None
-        self._scan: Unfetched | None = None
-        # Per person, the `created_at` (Didomi's clock) of the last event the gateway wrote:
-        # Didomi's user `updated_at` up to it is the gateway's own doing.
-        self._own: dict[str, float] = {}
-
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def _loops(self) -> dict[str, Coroutine[Any, Any, None]]:
-        return {"gateway-writeback": self._run(), "gateway-writeback-gauges": self._gauges()}
-
-    def degraded_reason(self) -> str | None:
-        """Why writing back to Didomi is blocked or being retried, if it is."""
-        return self.health.degraded_reason()
-
-    @property
-    def idle(self) -> bool:
-        """Nothing fetched is waiting and nothing is in flight."""
-        return not self._backlog and not self._tasks and not self._reading
+        self._earlier = EarlierRows(spool, rules)
+        self._own = OwnWrites()
 
     # -- the loop -----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while not self.stopping:
-            try:
-                self._wake.clear()
-                await self._refill()
-                self._start_ready()
-                await self._sleep(self._nap())
-            except Exception:
-                log.exception("the writeback loop failed; resuming in a second")
-                await self._sleep(LOOP_PAUSE_S)
+    def _waiting(self) -> bool:
+        return bool(self._backlog)
+
+    async def _step(self) -> None:
+        """Read more reports, start those whose turn it is, and sleep until the next one's."""
+        await self._refill()
+        self._start_ready()
+        await self._sleep(self._nap())
 
     async def _read_page(self) -> None:
         """Fetch and decode more reports; the cursor moves only once the page is handled."""
@@ -217,7 +144,7 @@ class Writeback(Worker):
         dead: list[Dead] = []
         for row in rows:
             try:
-                changes = _decode(row)
+                changes = decode_changes(row)
             except BrazeWebhookError as exc:
                 # It passed the same decoder at intake; a failure now means a damaged row.
                 dead.append(Dead(row.id, f"undecodable: {exc}"))
@@ -234,8 +161,7 @@ class Writeback(Worker):
         if skipped:
             self.flow.skipped("no_identity", len(skipped))
         if dead:
-            self.flow.failed("unmappable", len(dead))
-            self.flow.dead_letters.inc(len(dead))
+            self._dead_lettered("unmappable", len(dead), len(dead))
 
     def _nap(self) -> float:
         """How long the loop may sleep: until the first held report's turn, at most."""
@@ -245,10 +171,8 @@ class Writeback(Worker):
         soonest = min(report.not_before for report in self._backlog)
         return min(LOOP_PAUSE_S, max(0.0, soonest - now)) if soonest > now else LOOP_PAUSE_S
 
-    def _follow_partitions(self) -> None:
-        """As the dispatcher does: drop reports of partitions given up, re-read for new ones."""
-        owned = self.spool.owned
-        if self._partitions_moved(self.spool.generation) and owned is not None:
+    def _moved(self, owned: frozenset[int] | None) -> None:
+        if owned is not None:
             self._backlog = deque(r for r in self._backlog if r.row.part in owned)
 
     def busy_partitions(self) -> set[int]:
@@ -261,7 +185,7 @@ class Writeback(Worker):
         held: set[str] = set()
         now = time.monotonic()
         for report in self._backlog:
-            if not self._owns(report):
+            if not self._ours(report):
                 continue  # another replica's now (given back after its lease ran out, say)
             person = report.person
             busy = person in self._in_flight or person in held or report.not_before > now
@@ -274,25 +198,27 @@ class Writeback(Worker):
             self._spawn(self._deliver(report))
         self._backlog = kept
 
+    def _ours(self, report: Report) -> bool:
+        """Whether the report's partition is one this replica delivers now."""
+        return self._owns((report.row.part,))
+
     def _reverse_rules(self) -> ReverseRules:
         rules = self.rules()
         if self._reverse is None or self._reverse[0] is not rules:
             self._reverse = (rules, ReverseRules.from_ruleset(rules))
         return self._reverse[1]
 
-    async def _gauges(self) -> None:
-        """Pending count, dead letters and the oldest report's age, whatever the loop awaits."""
-        while not self.stopping:
-            try:
-                oldest = await self.spool.oldest_pending_at("to_didomi")
-                dead = await self.spool.count_dead("to_didomi")
-            except SpoolError as exc:
-                log.warning("could not read the writeback's gauges (will retry): %s", exc)
-            else:
-                self.flow.oldest_age.set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
-                self.flow.dead_letters.set(dead)
-                self.flow.pending.set(self.spool.pending_of("to_didomi"))
-            await self._pause(RECOUNT_S)
+    async def _read_gauges(self) -> None:
+        """Pending count, dead letters and the oldest report's age."""
+        try:
+            oldest = await self.spool.oldest_pending_at("to_didomi")
+            dead = await self.spool.count_dead("to_didomi")
+        except SpoolError as exc:
+            log.warning("could not read the writeback's gauges (will retry): %s", exc)
+        else:
+            self._set_age(oldest)
+            self.flow.dead_letters.set(dead)
+            self._count_pending()
 
     # -- one report ---------------------------------------------------------------------------
 
@@ -322,12 +248,14 @@ class Writeback(Worker):
     async def _write(self, report: Report) -> None:
         attempt = 0
         while True:
-            if not self._owns(report):
+            if not self._ours(report):
                 # Its lease is running out: back to the backlog, ahead of the person's later
                 # reports, which are forgotten with it unless the partition comes back.
                 self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
                 return
-            if await self._waits_for_braze(report):
+            if self.forward is not None and await self._earlier.waits(
+                self.forward, report, self._backlog
+            ):
                 self._hold(report)
                 return
             # Filtered afresh before every try: a Didomi choice applied while this one waited
@@ -371,12 +299,7 @@ class Writeback(Worker):
                 detail = f"{decision.reason}: {answer.reason}"
                 await self._dead(report, decision.reason, detail, sent_at, live, answer.status)
                 return
-            self.flow.retried(decision.reason)
-            if decision.action is Action.HOLD:
-                self.health.block(answer)
-            else:
-                self.health.retrying(answer)
-            await self._pause(decision.delay_s)
+            await self._retry_later(decision, answer)
             if self.stopping:
                 return  # the row stays in the spool for the next start
 
@@ -386,53 +309,17 @@ class Writeback(Worker):
         """The edit to write now, the changes it holds, and why the others were dropped."""
         applied = await self.spool.applied_times([report.person])
         known = await self.spool.sent_states([report.person])
-        live, dropped = self._filter(report, applied, known)
+        live, dropped = live_changes(
+            report,
+            applied,
+            known,
+            config=self.config,
+            floors=self.spool.floors,  # what the retention pruned counts as applied to everyone
+            now=self.clock(),
+            on_clamped=self.metrics.event_dates_clamped.inc,
+        )
         edit = self._reverse_rules().edit(live) if live else None
         return edit, live, dropped
-
-    async def _waits_for_braze(self, report: Report) -> bool:
-        """Whether a Didomi row of the report's person, stored before it, is not settled yet."""
-        forward = self.forward
-        if forward is None:
-            return False
-        if forward.unsettled(report.person, report.row.id):
-            return True
-        # Rows the dispatcher has not fetched yet may be about this person too; only theirs
-        # hold the report, or a stalled forward path (a refused key, a long backlog) would
-        # hold every person's.
-        scan = self._scan
-        if (
-            scan is None
-            or scan.cursor != forward.cursor
-            or scan.bound < report.row.id
-            or time.monotonic() - scan.at > SCAN_KEPT_S
-        ):
-            scan = self._scan = await self._read_unfetched(forward.cursor, report.row.id)
-        first = scan.people.get(report.person)
-        if first is not None and first < report.row.id:
-            return True
-        return scan.upto < report.row.id - 1  # rows before it were left unread: they may be
-
-    async def _read_unfetched(self, cursor: int, before: int) -> Unfetched:
-        """Who the Didomi rows after the dispatcher's cursor are about, up to the last report
-        waiting (a page at a time, at most SCAN_PAGES): read once for all held reports."""
-        bound = max((r.row.id for r in self._backlog), default=before)
-        bound = max(bound, before)
-        scan = Unfetched(cursor, bound, cursor, {}, time.monotonic())
-        rules = self.rules()
-        for _ in range(SCAN_PAGES):
-            rows = await self.spool.fetch(scan.upto, SCAN_LIMIT, "to_braze")
-            for row in rows:
-                if row.id >= bound:
-                    scan.upto = bound
-                    return scan
-                if (person := _person(rules, row)) is not None:
-                    scan.people.setdefault(person, row.id)
-                scan.upto = row.id
-            if len(rows) < SCAN_LIMIT:
-                scan.upto = bound  # every Didomi row stored before the reports was read
-                return scan
-        return scan
 
     def _hold(self, report: Report) -> None:
         """Back to the backlog, in spool order, to be tried again in a moment."""
@@ -440,25 +327,6 @@ class Writeback(Worker):
         report.hold_s = min(HOLD_MAX_S, report.hold_s * 2) if report.hold_s else HOLD_POLL_S
         report.not_before = time.monotonic() + report.hold_s
         self._backlog = deque(sorted((*self._backlog, report), key=lambda r: r.row.id))
-
-    def _newer_in_didomi(self, report: Report, edit: ConsentEdit, user: ConsentsApiUser) -> bool:
-        """Whether Didomi's user changed after the report's act, not by the gateway's hand,
-        and the report should still wait for that change's webhook."""
-        if user.updated_at is None:
-            return False
-        updated = user.updated_at.timestamp()
-        own = self._own.get(report.person, -math.inf)
-        if updated <= edit.at or updated <= own + OWN_WRITE_SLACK_S:
-            report.newer_since = None
-            return False
-        now = time.monotonic()
-        if report.newer_since is None:
-            report.newer_since = now
-        if now - report.newer_since < DIDOMI_NEWER_WAIT_S:
-            return True
-        # No webhook made it stale meanwhile: the change touched none of its targets.
-        log.info("Didomi changed after a Braze report without touching its targets; writing it")
-        return False
 
     async def _send(self, report: Report, edit: ConsentEdit) -> Answer | None:
         """Read the person's current choices, then write the edit against them (None: no
@@ -468,7 +336,7 @@ class Writeback(Worker):
         if answer.verdict is not Verdict.OK:
             return answer
         # Dates, not only values: a Didomi choice newer than the act must never be overwritten.
-        if user is not None and self._newer_in_didomi(report, edit, user):
+        if user is not None and self._own.newer_in_didomi(report, edit, user):
             return _HOLD
         # Reading may have waited: a Didomi choice applied meanwhile may have made it stale.
         again, _, _ = await self._prepare(report)
@@ -485,102 +353,15 @@ class Writeback(Worker):
         digest.update(_encode(purposes))
         event_id = gateway_event_id(f"{report.row.type}|{digest.hexdigest()}")
         report.event_id = event_id
-        if not self._owns(report):  # reading took long: it may be another replica's now
+        if not self._ours(report):  # reading took long: it may be another replica's now
             return Answer(Verdict.MOVED, None, "its partition is another replica's now")
         return await self.client.write_event(
             event_id,
             report.person,
             purposes,
             api.regulation,
-            on_created=functools.partial(self._wrote, report.person),
+            on_created=functools.partial(self._own.wrote, report.person),
         )
-
-    def _wrote(self, person: str, created_at: float) -> None:
-        """Remember Didomi's date of the gateway's own write (its user's `updated_at` then)."""
-        if len(self._own) >= OWN_WRITES_KEPT:
-            self._own.clear()  # forgetting costs at most a wait; it is never wrong
-        self._own[person] = max(created_at, self._own.get(person, created_at))
-
-    def _owns(self, report: Report) -> bool:
-        """Whether the report's partition is one this replica delivers now."""
-        owned = self.spool.owned
-        return owned is None or report.row.part in owned
-
-    def _filter(
-        self,
-        report: Report,
-        applied: dict[tuple[str, str], float],
-        known: dict[tuple[str, str], dict[str, float]],
-    ) -> tuple[list[BrazeChange], str | None]:
-        """The changes to write back, and why the others were dropped.
-
-        `known` holds, per target, every state Braze was given with Didomi agreeing (sent
-        there by the forward path, or written back from Braze) and when it last was. Braze
-        reports each of the gateway's writes through Currents, in any order: any of those
-        states within `echo_window_s`, from the REST API (or a step), dated no later than its
-        write (plus the clock skew allowed), is an `echo`. A report of
-        the last state is `unchanged`: a webhook step renders every target, changed or not.
-        A report older than the last state sent is `stale`: Braze has held that later state
-        since, so the report is a snapshot from before it (a step) or an act it replaced.
-        """
-        person = report.person
-        hooks = self.config.braze_webhooks
-        window = hooks.echo_window_s if hooks is not None else 0.0
-        skew = self.config.didomi.max_clock_skew_s
-        bound = report.row.received_at + skew
-        now = self.clock()
-        floors = self.spool.floors  # what the retention pruned counts as applied to everyone
-        live: list[BrazeChange] = []
-        reason: str | None = None
-        report.dropped = []
-        for change in report.changes:
-            if change.at > bound:
-                # Braze's clock (or a `time` rendered in milliseconds) must not freeze the
-                # person's later Didomi choices: dated at arrival, as forward.
-                change = dataclasses.replace(change, at=report.row.received_at)
-                if not report.clamped:  # filtered again before every try: counted once
-                    report.clamped = True
-                    self.metrics.event_dates_clamped.inc()
-            target = change.target
-            states = known.get((person, target), {})
-            sent_at = states.get(change.state)
-            last = max(states.items(), key=lambda item: item[1]) if states else None
-            # An echo's act is Braze applying the write: never later than it (give or take the
-            # clocks). A later act of that state is someone else's (a CRM through the REST API).
-            echo = (
-                sent_at is not None
-                and change.source in (None, REST_API)
-                and now - sent_at <= window
-                and change.at <= sent_at + skew
-            )
-            if sent_at is not None and (echo or (last is not None and last[0] == change.state)):
-                why = "echo" if echo else "unchanged"
-                reason = reason or why
-                report.dropped.append((change, f"skipped:{why}"))
-                continue
-            if last is not None and change.at < last[1]:
-                reason = "stale"
-                report.dropped.append((change, "stale"))
-                continue
-            # As forward: below the person's own applied times (or erasure) is stale; below
-            # only what retention pruned of them is too old to tell, said apart.
-            keys = (target, braze_side(target), ERASED)
-            if change.at < max(applied.get((person, key), -math.inf) for key in keys):
-                reason = "stale"
-                report.dropped.append((change, "stale"))
-                continue
-            if change.at < max(floors.get(key, -math.inf) for key in keys):
-                reason = reason if reason == "stale" else OLDER_THAN_RETENTION
-                report.dropped.append((change, OLDER_THAN_RETENTION))
-                if not report.warned:  # filtered again before every try: said once
-                    report.warned = True
-                    log.warning(
-                        "a Braze change older than the retention floor (retention.applied_days"
-                        " pruned the applied times it would be checked against): not written back"
-                    )
-                continue
-            live.append(change)
-        return live, reason
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -672,46 +453,10 @@ class Writeback(Worker):
         trail += [self._trail(report, c, why, when) for c, why in report.dropped]
         await self._write_outcome([], [], [Dead(report.row.id, detail, report.person)], audit=trail)
         self._failures.pop(report.row.id, None)
-        self.flow.failed(reason)
-        self.flow.dead_letters.inc()
+        self._dead_lettered(reason, 1, 1)
         log.warning("a Braze report moved to the dead letters: %s", detail)
-
-    async def _write_outcome(
-        self,
-        done: Sequence[int],
-        applied: Sequence[tuple[str, str, float]],
-        dead: Sequence[Dead],
-        *,
-        audit: Sequence[Record],
-        sent: Sequence[tuple[str, str, str, float]] = (),
-    ) -> None:
-        """Write an outcome to the spool, retrying while it cannot be written."""
-        await self.spool.ack(
-            done,
-            applied,
-            dead,
-            direction="to_didomi",
-            audit=audit,
-            sent=sent,
-            stopping=lambda: self.stopping,
-        )
 
 
 # What `_send` answers besides Didomi's answers: compared by identity.
 _HOLD = Answer(Verdict.RETRY, None, "held: a newer Didomi change is on its way")
 _AGAIN = Answer(Verdict.RETRY, None, "a Didomi choice was applied meanwhile")
-
-
-def _person(rules: RuleSet, row: Pending) -> str | None:
-    """Who a Didomi row is about, as the dispatcher's mapping names people."""
-    try:
-        webhook = row.decoded if isinstance(row.decoded, Webhook) else decode(row.body)
-    except WebhookError:
-        return None  # the dispatcher drops it unsent: it holds no one
-    return rules.person(webhook)
-
-
-def _decode(row: Pending) -> list[BrazeChange]:
-    if row.type == "braze.step":
-        return decode_step(row.body)
-    return decode_currents_event(row.body)

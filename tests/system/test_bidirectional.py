@@ -26,7 +26,7 @@ from gateway.app.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.cli import trace
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
-from gateway.reverse.writeback import SCAN_LIMIT
+from gateway.reverse.waiting import SCAN_LIMIT
 from gateway.testing.braze import FakeBraze, FakeDidomi, User
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 from tests.system import test_end_to_end
