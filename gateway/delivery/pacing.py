@@ -117,7 +117,7 @@ class RateLimiter:
     ) -> float | None:
         """Learn from the headers of the answer to request `number`; returns seconds to wait."""
         remaining = _header_int(headers, "X-RateLimit-Remaining")
-        reset = _header_float(headers, "X-RateLimit-Reset")
+        reset = header_float(headers, "X-RateLimit-Reset")
         if remaining is not None:
             self.remaining = remaining
             if reset is not None and number is not None:
@@ -126,7 +126,7 @@ class RateLimiter:
                 self._window_ends = self.clock() + min(max(left, 0.0), 3600.0)
                 self._budget = remaining - (self._sent - number)
         wait: float | None = None
-        retry_after = _header_float(headers, "X-Ratelimit-Retry-After") or _header_float(
+        retry_after = header_float(headers, "X-Ratelimit-Retry-After") or header_float(
             headers, "Retry-After"
         )
         if status == 429 or remaining == 0:
@@ -155,7 +155,8 @@ class RateLimiter:
             log.warning("could not tell the other replicas to wait for Braze: %s", exc)
 
 
-def _header_float(headers: Mapping[str, str], name: str) -> float | None:
+def header_float(headers: Mapping[str, str], name: str) -> float | None:
+    """A numeric header's value, or None where it is missing or not a number."""
     value = headers.get(name)
     if value is None:
         return None
@@ -166,5 +167,5 @@ def _header_float(headers: Mapping[str, str], name: str) -> float | None:
 
 
 def _header_int(headers: Mapping[str, str], name: str) -> int | None:
-    value = _header_float(headers, name)
+    value = header_float(headers, name)
     return None if value is None else int(value)

@@ -23,6 +23,7 @@ import aiohttp
 import msgspec
 
 from gateway.config.settings import BrazeConfig, braze_base_url
+from gateway.delivery.pacing import header_float
 from gateway.errors import BrazeError
 
 log = logging.getLogger("gateway.reconcile")
@@ -117,8 +118,8 @@ class WindowLimiter:
         now = self.clock()
         self._in_flight -= 1
         self._done.append(now + self.window_s)
-        remaining = _number(headers, "X-RateLimit-Remaining")
-        reset = _number(headers, "X-RateLimit-Reset")
+        remaining = header_float(headers, "X-RateLimit-Remaining")
+        reset = header_float(headers, "X-RateLimit-Reset")
         left = None
         if reset is not None:
             # Above 10^9 an epoch time (Braze's docs), below seconds from now (other plans).
@@ -128,7 +129,7 @@ class WindowLimiter:
             self._window_ends = now + left
             self._budget = int(remaining) - (self._started - number)
         if status == 429:
-            retry_after = _number(headers, "X-Ratelimit-Retry-After") or _number(
+            retry_after = header_float(headers, "X-Ratelimit-Retry-After") or header_float(
                 headers, "Retry-After"
             )
             wait = retry_after if retry_after is not None else (left if left is not None else 1.0)
@@ -136,16 +137,6 @@ class WindowLimiter:
             self._blocked_until = max(self._blocked_until, now + wait)
         self._changed.set()
         return wait
-
-
-def _number(headers: Mapping[str, str], name: str) -> float | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 @dataclass(slots=True)
