@@ -130,6 +130,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: a dead letter keeps the inbox direction it came from, so a replayed backfilled user
     # goes back to its lane (its type is a live webhook's); NULL before: told by the type.
     "ALTER TABLE dead_letters ADD COLUMN direction smallint;",
+    # 6: one audit record per object and event, its changes packed (`audit.write`); records
+    # written before keep their one change in target, state and rule, read as they were.
+    trail.PG_MIGRATION,
 )
 VERSION = len(MIGRATIONS)
 

@@ -107,7 +107,9 @@ ROW_OVERHEAD_BYTES = 512
 WAL_FRAME_HEADER = 24  # bytes a WAL frame adds to its page
 # What an acknowledgement writes per audit record, applied time or state sent, with indexes.
 RECORD_BYTES = 320
-AUDIT_RECORD_BYTES = 300  # one audit record with its two index entries (bench/spool_size.py)
+# One audit record with its two index entries, and each change packed in it (bench/ack_cost.py).
+AUDIT_RECORD_BYTES = 320
+AUDIT_CHANGE_BYTES = 70
 SHED_BATCHES = 64  # at most this many shedding transactions per write: the rest at the next
 SHED_LOG_S = 60.0
 _SHED = "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?)"  # oldest first
@@ -195,6 +197,10 @@ class SpoolDB(SpoolBase):
             self.db.execute("ALTER TABLE dead_letters ADD COLUMN direction INTEGER")
         self.db.execute(_DIRECTION_INDEX)  # also serves the backfill lane (direction 2)
         # backfill_progress: `lane.SCHEMA` creates it in older files too (IF NOT EXISTS).
+        audit = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
+        if "changes" not in audit:
+            # Records written before keep their one change in target, state and rule.
+            self.db.execute("ALTER TABLE audit ADD COLUMN changes TEXT")
         keyed = [row[1] for row in self.db.execute("PRAGMA table_info(sent)") if row[5]]
         if "state" not in keyed:
             # A key of (person, target) kept one state per target: rebuilt with the state in it.
@@ -546,7 +552,8 @@ class SpoolDB(SpoolBase):
         and scrub the persons whose erasure this acknowledges (`erasure.scrub`)."""
         now = self.clock()
         # What it adds must not grow the file into the reserve while old records hold it.
-        self._shed_for((len(audit) + len(applied) + len(sent)) * RECORD_BYTES, ack=True)
+        records = sum(len(record.changes) or 1 for record in audit)  # a packed one is larger
+        self._shed_for((records + len(applied) + len(sent)) * RECORD_BYTES, ack=True)
 
         def work(db: sqlite3.Connection) -> int:
             for item in dead:
