@@ -6,7 +6,11 @@ while `python -m gateway backfill FILE` stores it, and a live webhook every 100 
 live latency (POSTed to the gateway -> seen by Braze). Then the same kind of users go through
 the webhook path, for comparison. RSS of each process from /proc (peak, VmHWM).
 
-    python bench/backfill.py --users 200000
+    python bench/backfill.py --users 200000 [--profile DIR]
+
+Also the gateway's CPU time (/proc) per user delivered while the lane ran; `--profile DIR`
+samples the gateway with py-spy during the lane (DIR/gateway.collapsed, for
+`bench/profile_top.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -25,7 +30,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from procs import HOST, PYTHON, ROOT, Procs, free_port, memory_kb, wait_for
+from procs import HOST, PYTHON, ROOT, TICKS, Procs, cpu_ticks, free_port, memory_kb, wait_for
+from run import profile
 
 from gateway.testing.braze import FakeBraze
 
@@ -39,11 +45,13 @@ class CountingBraze(FakeBraze):
     def __init__(self, **kw: Any) -> None:
         super().__init__(api_key=API_KEY, record=False, **kw)
         self.backfilled = 0
+        self.backfill_requests = 0
         self.webhooked = 0
         self.live_seen: dict[str, float] = {}
 
     def _answer(self, request: Any, raw: Any, body: Any, apply: Any) -> Any:
         now = time.time()
+        before = self.backfilled
         for obj in (body or {}).get("attributes") or [] if isinstance(body, dict) else []:
             ext = str(obj.get("external_id", ""))
             if ext.startswith("live-"):
@@ -52,6 +60,7 @@ class CountingBraze(FakeBraze):
                 self.webhooked += 1
             else:
                 self.backfilled += 1
+        self.backfill_requests += self.backfilled > before
         return super()._answer(request, raw, body, apply)
 
 
@@ -122,6 +131,8 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=10.0)
     parser.add_argument("--rps", type=float, default=1000.0)
     parser.add_argument("--share", type=float, default=0.5)
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the gateway into DIR")
+    parser.add_argument("--profile-s", type=float, default=30.0, help="how long to sample")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     export = tmp / "users.json"
@@ -162,6 +173,9 @@ def main() -> int:
         sender = threading.Thread(target=live, daemon=True)
         sender.start()
         t0 = time.monotonic()
+        ticks0 = cpu_ticks(gateway.pid)
+        own0 = time.process_time()  # this process: the fake Braze, the live sender
+        spy = profile(procs, gateway, args.profile, args.profile_s)
         command = procs.start(
             "backfill", [PYTHON, "-m", "gateway", "backfill", str(export), "--config", str(toml)]
         )
@@ -179,6 +193,10 @@ def main() -> int:
                 raise RuntimeError(f"not delivered after an hour: {braze.backfilled:,}")
             time.sleep(0.2)
         delivered_at = time.monotonic()
+        cpu_s = (cpu_ticks(gateway.pid) - ticks0) / TICKS
+        own_s = time.process_time() - own0
+        if spy is not None:
+            procs.stop(spy, grace_s=30, sig=signal.SIGINT)  # it writes what it sampled
         stop.set()
         sender.join()
         time.sleep(1.0)
@@ -208,6 +226,10 @@ def main() -> int:
         "users": args.users,
         "stored_per_s": round(args.users / (stored_at - t0)),
         "end_to_end_per_s": round(args.users / (delivered_at - t0)),
+        "gateway_cpu_us_per_user": round(cpu_s * 1e6 / args.users, 1),
+        "gateway_cpu_percent": round(100 * cpu_s / (delivered_at - t0)),
+        "fake_braze_cpu_percent": round(100 * own_s / (delivered_at - t0)),
+        "backfill_users_per_request": round(args.users / max(1, braze.backfill_requests), 1),
         "webhook_path_per_s": round(hook_rate),
         "rss_mb": {k: round(v / 1024) for k, v in rss.items()},
         "live_p99_s": round(p99, 3),
