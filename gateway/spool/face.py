@@ -397,7 +397,19 @@ class Spool:
         self._last_id = stored[-1][1].id
         for index, row in stored:
             if direction_of(row.type) == "to_braze":
-                self.handoff.add(dataclasses.replace(row, decoded=batch[index][2]))
+                # Built, not `dataclasses.replace`d: that costs a few µs a row on the loop.
+                self.handoff.add(
+                    Pending(
+                        row.id,
+                        row.received_at,
+                        row.type,
+                        row.body,
+                        row.part,
+                        row.replayed_at,
+                        batch[index][2],
+                        row.backfill,
+                    )
+                )
 
     async def close(self) -> None:
         """Finish queued writes, then close the file and the thread."""

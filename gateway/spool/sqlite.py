@@ -378,9 +378,23 @@ class SpoolDB(SpoolBase):
         with self._reading("the erasure state"):
             return done and not erasure.pending(self.db)
 
+    def _plenty(self, needed: int) -> bool:
+        """Whether `needed` more bytes surely fit above the reserve, seen from the disk's free
+        space and the WAL's size alone: no more than the WAL holds can the next checkpoint add
+        to the file, and free pages only add room. Far from the reserve this spares `_room`'s
+        two PRAGMAs on every write; near it, the exact figures decide."""
+        try:
+            disk = os.statvfs(self.path.parent)
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return False  # `_room` says what is wrong
+        return disk.f_bavail * disk.f_frsize - wal - self.min_free_bytes >= needed
+
     def _shed_for(self, needed: int, *, ack: bool = False) -> None:
         """Shed audit records when `needed` more bytes would not fit above the reserve (for an
         acknowledgement: nor in the file's free pages, so it would grow the file into it)."""
+        if self._plenty(needed):
+            return
         try:
             disk, reusable = self._room()
         except (SpoolError, sqlite3.Error):
@@ -393,6 +407,8 @@ class SpoolDB(SpoolBase):
         """After an acknowledgement: short of room, hand the WAL back (its frames would grow up
         to the next automatic checkpoint, eating the reserve), and refuse intake until there is
         room again."""
+        if self.low_on_disk is None and self._plenty(1):
+            return
         try:
             room = self._above_reserve(*self._room())
             if room <= 0 or self.low_on_disk is not None:
