@@ -1,6 +1,6 @@
 """The spool thread's cost of acknowledging one Braze request, through `SpoolDB.ack` itself.
 
-    .venv/bin/python bench/ack_cost.py [--rounds 40] [--batch 75] [--targets 4]
+    .venv/bin/python bench/ack_cost.py [--rounds 40] [--batch 75] [--targets 4] [--group 1]
 
 A fresh spool file (WAL, `synchronous=FULL`, as the gateway opens it) takes `--rounds` x
 `--batch` webhooks, one new person each; then each round acknowledges one request's worth:
@@ -8,6 +8,8 @@ the `inbox` delete, one `applied` time per target, and the audit trail as the di
 hands it over (`_trail`'s records). Prints the best and median CPU (`time.thread_time`: what
 the spool thread spends) and wall time per webhook, and the file's growth per acknowledged
 webhook after a checkpoint, and the audit trail's pages per webhook and per record (`dbstat`).
+`--group N` acknowledges N requests per transaction, as `Spool.ack` groups those that finish
+together.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--batch", type=int, default=75)
     parser.add_argument("--targets", type=int, default=4)
+    parser.add_argument("--group", type=int, default=1, help="requests per transaction")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ack-cost-") as tmp:
         db = SpoolDB(Path(tmp) / "spool.db", min_free_bytes=0)
@@ -65,16 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         before = db.path.stat().st_size
         cpu: list[float] = []
         wall: list[float] = []
-        for n in range(args.rounds):
+        per = args.batch * args.group
+        for n in range(args.rounds // args.group):
             now = time.time()
-            persons = [uuid.uuid4().hex for _ in range(args.batch)]
-            done = ids[n * args.batch : (n + 1) * args.batch]
+            persons = [uuid.uuid4().hex for _ in range(per)]
+            done = ids[n * per : (n + 1) * per]
             applied = [(p, t, now) for p in persons for t in TARGETS[: args.targets]]
             c0, w0 = time.thread_time(), time.perf_counter()
             audit = [r for p in persons for r in records(p, now, args.targets)]
             db.ack(done, applied, audit=audit)
-            cpu.append((time.thread_time() - c0) * 1e6 / args.batch)
-            wall.append((time.perf_counter() - w0) * 1e6 / args.batch)
+            cpu.append((time.thread_time() - c0) * 1e6 / per)
+            wall.append((time.perf_counter() - w0) * 1e6 / per)
         db.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         grown = (db.path.stat().st_size - before) / total
         trail = db.db.execute(
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         ).fetchone()[0]
         records_stored = db.db.execute("SELECT count(*) FROM audit").fetchone()[0]
         db.close()
-    print(f"per webhook ({args.targets} targets, {args.batch} a request, {args.rounds} requests)")
+    print(
+        f"per webhook ({args.targets} targets, {args.batch} a request, {args.rounds} requests,"
+        f" {args.group} a transaction)"
+    )
     print(f"  CPU  best {min(cpu):7.1f} µs  median {statistics.median(cpu):7.1f} µs")
     print(f"  wall best {min(wall):7.1f} µs  median {statistics.median(wall):7.1f} µs")
     print(f"  file growth {grown:7.0f} bytes (audit trail, applied times, indexes)")
