@@ -17,7 +17,7 @@ from unittest.mock import patch
 from gateway.app.server import SPOOL
 from gateway.cli import trace
 from gateway.config.settings import is_postgresql
-from gateway.spool import postgres, sqlite
+from gateway.spool import postgres, postgres_schema, sqlite_file
 from gateway.spool.audit import Record, StoredRecord, person_hash
 from gateway.spool.sqlite import SpoolDB
 from gateway.testing.braze import FakeBraze
@@ -169,10 +169,10 @@ def test_records_written_before_packing_stay_readable_on_sqlite(tmp_path: Path) 
 def test_records_written_before_packing_stay_readable_on_postgresql(pg_url: str) -> None:
     """A database at the schema version before packing is migrated by the next start, and its
     old per-change records read as they did, beside new packed ones."""
-    before = postgres.VERSION - 1
+    before = postgres_schema.VERSION - 1
     with (
-        patch.object(postgres, "VERSION", before),
-        patch.object(postgres, "MIGRATIONS", postgres.MIGRATIONS[:before]),
+        patch.object(postgres_schema, "VERSION", before),
+        patch.object(postgres_schema, "MIGRATIONS", postgres_schema.MIGRATIONS[:before]),
     ):
         db = postgres.PgSpoolDB(pg_url)
     _old_record(db, "p-1")
@@ -212,7 +212,7 @@ def test_packed_records_are_erased_pruned_and_shed_whole(spool_url: str) -> None
         assert {r.event_id for r in db.trail("kept")} == {"ev-k1", "ev-k2"}
         assert len(db.trail("kept")) == 2 * len(TARGETS)
         if isinstance(db, SpoolDB):
-            db.db.execute(sqlite._SHED, (1,))  # what `shed_audit` runs under disk pressure
+            db.db.execute(sqlite_file._SHED, (1,))  # what `shed_audit` runs under disk pressure
             assert [r.event_id for r in db.trail("kept")] == ["ev-k2"] * len(TARGETS)
     finally:
         db.close()
