@@ -172,10 +172,9 @@ def write(db: Conn, key: bytes, records: Sequence[Record]) -> None:
         if not changes:
             rows[n] = (r, [])
             continue
-        alike = (
-            *(r.person, r.direction, r.outcome, r.at, r.event_id, r.event_type, r.event_at),
-            *(r.endpoint, r.status, r.detail),
-        )
+        # Everything a stored row says but its changes.
+        alike: tuple[object, ...] = (r.person, r.direction, r.outcome, r.at, r.event_id)
+        alike += (r.event_type, r.event_at, r.endpoint, r.status, r.detail)
         found = rows.get(alike)
         if found is None:
             rows[alike] = (r, list(changes))
