@@ -11,6 +11,10 @@ command's per stored user). Then the same kind of users through the webhook path
 
     python bench/backfill.py --users 1000000                 # SQLite spool
     python bench/backfill.py --users 1000000 --postgres      # a throwaway PostgreSQL spool
+    python bench/backfill.py --users 200000 --profile DIR    # py-spy the gateway during the lane
+
+`--profile DIR` samples the gateway with py-spy (DIR/gateway.collapsed, for
+`bench/profile_top.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import gzip
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from procs import HOST, PYTHON, ROOT, TICKS, Procs, cpu_ticks, free_port, memory_kb, wait_for
+from run import profile
 
 from gateway.testing.braze import FakeBraze
 
@@ -45,6 +51,7 @@ class CountingBraze(FakeBraze):
     def __init__(self, **kw: Any) -> None:
         super().__init__(api_key=API_KEY, record=False, **kw)
         self.backfilled = 0
+        self.backfill_requests = 0
         self.webhooked = 0
         self.live_seen: dict[str, float] = {}
         self.first_backfilled: float | None = None  # monotonic
@@ -52,6 +59,7 @@ class CountingBraze(FakeBraze):
 
     def _answer(self, request: Any, raw: Any, body: Any, apply: Any) -> Any:
         now = time.time()
+        before = self.backfilled
         for obj in (body or {}).get("attributes") or [] if isinstance(body, dict) else []:
             ext = str(obj.get("external_id", ""))
             if ext.startswith("live-"):
@@ -63,6 +71,7 @@ class CountingBraze(FakeBraze):
                 self.last_backfilled = time.monotonic()
                 if self.first_backfilled is None:
                     self.first_backfilled = self.last_backfilled
+        self.backfill_requests += self.backfilled > before
         return super()._answer(request, raw, body, apply)
 
 
@@ -156,6 +165,8 @@ def main() -> int:
     parser.add_argument("--rps", type=float, default=1000.0)
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL spool")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the gateway into DIR")
+    parser.add_argument("--profile-s", type=float, default=30.0, help="how long to sample")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         spool = None
@@ -207,6 +218,8 @@ def _run(args: argparse.Namespace, spool: str | None) -> int:
         sender.start()
         gateway_ticks0 = cpu_ticks(gateway.pid)
         t0 = time.monotonic()
+        own0 = time.process_time()  # this process: the fake Braze, the live sender
+        spy = profile(procs, gateway, args.profile, args.profile_s)
         command = procs.start(
             "backfill", [PYTHON, "-m", "gateway", "backfill", str(export), "--config", str(toml)]
         )
@@ -237,6 +250,9 @@ def _run(args: argparse.Namespace, spool: str | None) -> int:
             time.sleep(0.2)
         delivered_at = time.monotonic()
         gateway_ticks = cpu_ticks(gateway.pid) - gateway_ticks0
+        own_s = time.process_time() - own0
+        if spy is not None:
+            procs.stop(spy, grace_s=30, sig=signal.SIGINT)  # it writes what it sampled
         stop.set()
         sender.join()
         time.sleep(1.0)
@@ -270,6 +286,9 @@ def _run(args: argparse.Namespace, spool: str | None) -> int:
         "stored_per_s": round(args.users / (stored_at - t0)),
         "delivered_per_s": round(braze.backfilled / max(last - first, 1e-6)),
         "end_to_end_per_s": round(args.users / (delivered_at - t0)),
+        "gateway_cpu_percent": round(100 * gateway_ticks / TICKS / (delivered_at - t0)),
+        "fake_braze_cpu_percent": round(100 * own_s / (delivered_at - t0)),
+        "backfill_users_per_request": round(args.users / max(1, braze.backfill_requests), 1),
         "webhook_path_per_s": round(hook_rate),
         "rss_mb": {k: round(v / 1024) for k, v in rss.items()},
         "live_p99_s": round(p99, 3),

@@ -19,7 +19,7 @@ from gateway.config.settings import (
 from gateway.errors import ConfigError, Problem
 from gateway.reverse.rules import ReverseRules
 from gateway.rules.mappings import Options, RuleSet, load_rules, options_of
-from gateway.spool.sqlite import AUDIT_RECORD_BYTES
+from gateway.spool.sqlite import AUDIT_CHANGE_BYTES, AUDIT_RECORD_BYTES
 
 
 def print_problems(problems: Sequence[Problem], out: TextIO | None = None) -> None:
@@ -102,15 +102,16 @@ def _capacity(config: Config, rules: RuleSet, per_day: int) -> str:
         folder = folder.parent  # the spool is created at the first start
     disk = os.statvfs(folder)
     volume = disk.f_blocks * disk.f_frsize
-    # At most one record per target a change can reach (every target of the rules).
-    per_change = max(1, len({rule.target for rule in rules.rules}))
+    # One record per change, packing at most every target of the rules.
+    targets = max(1, len({rule.target for rule in rules.rules}))
+    per_change = AUDIT_RECORD_BYTES + targets * AUDIT_CHANGE_BYTES
     days = config.retention.audit_days
-    needed = days * per_day * per_change * AUDIT_RECORD_BYTES + config.delivery.min_free_bytes
+    needed = days * per_day * per_change + config.delivery.min_free_bytes
     said = (
         f"the spool's volume ({_size(volume)} at {folder}) {{}} retention.audit_days = {days:g}"
         f" of audit records at {per_day} consent changes a day: {_size(needed)} with"
-        f" delivery.min_free_bytes, at {per_change} record(s) of about {AUDIT_RECORD_BYTES} bytes"
-        " a change"
+        f" delivery.min_free_bytes, at one record of about {per_change} bytes a change"
+        f" ({targets} target(s))"
     )
     if needed <= volume:
         return said.format("holds")

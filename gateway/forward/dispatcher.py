@@ -32,7 +32,7 @@ from gateway.forward.stale import drop_stale
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
 from gateway.rules.mappings import ERASED, ON_USER_DELETED, RuleSet
-from gateway.spool.audit import Record, state_text
+from gateway.spool.audit import Change, Record, state_text
 from gateway.spool.face import Spool
 from gateway.spool.lane import rate as lane_rate
 from gateway.spool.prune import OLDER_THAN_RETENTION
@@ -431,51 +431,47 @@ def _trail(
     detail: str | None = None,
 ) -> list[Record]:
     """The audit records of one settled item: each target's winning choice (or the deletion),
-    what was dropped as stale, and the rows whose every choice a later one overrode."""
-    records: list[Record] = []
-    used: set[int] = set()
+    what was dropped as stale, and the rows whose every choice a later one overrode; one record
+    per row and outcome, its targets packed (`audit.write`)."""
+    # (row id, outcome) -> the row's entry, whether it was sent, and its changes in order.
+    groups: dict[tuple[int, str], tuple[Entry, bool, list[Change]]] = {}
 
-    def record(
-        entry: Entry,
-        outcome: str,
-        target: str | None = None,
-        state: str | None = None,
-        rule: str | None = None,
-        *,
-        sent: bool = True,
-    ) -> Record:
-        used.add(entry.row.id)
-        mapped = entry.mapped
-        return Record(
-            item.person,
-            "to_braze",
-            outcome,
-            at,
-            event_id=mapped.event_id,
-            event_type=entry.row.type,
-            event_at=mapped.at,
-            endpoint=endpoint if sent else None,
-            target=target,
-            state=state,
-            rule=rule,
-            status=status if sent else None,
-            detail=detail if sent else None,
-        )
+    def add(entry: Entry, outcome: str, change: Change | None, sent: bool = True) -> None:
+        found = groups.get((entry.row.id, outcome))
+        if found is None:
+            found = groups[(entry.row.id, outcome)] = (entry, sent, [])
+        if change is not None:
+            found[2].append(change)
 
     if item.delete:
         for entry in item.entries:
-            records.append(record(entry, outcome, ERASED, "deleted", ON_USER_DELETED))
+            add(entry, outcome, (ERASED, "deleted", ON_USER_DELETED))
     for target, change in item.changes.items():
         if change.entry is not None:
             rule = change.entry.mapped.origins.get(target)
-            records.append(record(change.entry, outcome, target, state_text(change.state), rule))
+            add(change.entry, outcome, (target, state_text(change.state), rule))
     for target, change in item.stale.items():
         if change.entry is not None:
             rule = change.entry.mapped.origins.get(target)
-            state = state_text(change.state)
             why = OLDER_THAN_RETENTION if target in item.expired else "stale"
-            records.append(record(change.entry, why, target, state, rule, sent=False))
+            add(change.entry, why, (target, state_text(change.state), rule), sent=False)
+    used = {row for row, _ in groups}
     for entry in item.entries:
         if entry.row.id not in used:
-            records.append(record(entry, "skipped:superseded", sent=False))
-    return records
+            add(entry, "skipped:superseded", None, sent=False)
+    return [
+        Record(
+            item.person,
+            "to_braze",
+            why,
+            at,
+            event_id=entry.mapped.event_id,
+            event_type=entry.row.type,
+            event_at=entry.mapped.at,
+            endpoint=endpoint if sent else None,
+            status=status if sent else None,
+            detail=detail if sent else None,
+            changes=tuple(changes),
+        )
+        for (_, why), (entry, sent, changes) in groups.items()
+    ]

@@ -1,4 +1,11 @@
-"""The audit trail: one record per change the gateway applied (or refused), in the spool file.
+"""The audit trail: what the gateway applied (or refused) for each person, in the spool file.
+
+One stored record per object sent (or refused) and event: the person, the event, the request
+and its answer, with the changes it made packed in one column (`changes`: target, state and
+rule of each). Packing writes one row and two index entries per person instead of per target,
+the acknowledgement's largest cost; reading unpacks them, so `gateway trace` still shows one
+line per change. Records written before the column existed keep theirs in `target`, `state`
+and `rule`, and are read as they were.
 
 Records are written by `SpoolDB.ack`, in the transaction that acknowledges the rows they are
 about, so the trail never claims a delivery that was rolled back. A person is stored only as a
@@ -11,12 +18,15 @@ the SQL is written for both).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from gateway.errors import SpoolError
 
@@ -42,7 +52,10 @@ CREATE TABLE IF NOT EXISTS audit (
     rule TEXT,                         -- file:line of the rule that produced the state
     status INTEGER,                    -- the other side's HTTP status; NULL without a request
     outcome TEXT NOT NULL,             -- delivered | stale | dead-lettered | skipped:<reason>
-    detail TEXT                        -- the dead-letter reason, say; never a person
+    detail TEXT,                       -- the dead-letter reason, say; never a person
+    -- JSON [[target, state, rule], ...]: the record's changes, packed (target, state and rule
+    -- are then NULL; records written before this column hold one change in those).
+    changes TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_person ON audit(person, at);
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id);
@@ -53,6 +66,14 @@ _KEY = "person_key"
 _CHECK = "person_key_check"
 # The first writer wins: two processes opening a new spool at once agree on one value.
 _KEEP_FIRST = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+# PostgreSQL's migration adding the packed column (SQLite's is `SpoolDB._migrate`).
+PG_MIGRATION = "ALTER TABLE audit ADD COLUMN changes text;"
+
+# One change of a record: (target, state, rule `file:line` or None).
+Change = tuple[str, str | None, str | None]
+# A target may be the rules' own str-like type: written as its text.
+_encode_changes = msgspec.json.Encoder(enc_hook=str).encode
+_decode_changes = msgspec.json.Decoder(list[tuple[str, str | None, str | None]]).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +93,8 @@ class Record:
     rule: str | None = None
     status: int | None = None
     detail: str | None = None
+    # Several changes of one object and event at once, instead of `target`, `state`, `rule`.
+    changes: tuple[Change, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,44 +160,71 @@ def person_hash(key: bytes, person: str) -> str:
 
 
 def write(db: Conn, key: bytes, records: Sequence[Record]) -> None:
-    """Insert audit records, hashing each person (once per person: a batch names each often)."""
+    """Insert audit records, hashing each person once, one row per object and event.
+
+    Records alike but for their changes (one per target, as a caller may hand them) are packed
+    into one row; a record without a change (a skipped row, say) stays a row of its own.
+    """
     hashes: dict[str, str] = {}
-
-    def hashed(person: str) -> str:
-        found = hashes.get(person)
+    rows: dict[object, tuple[Record, list[Change]]] = {}
+    for n, r in enumerate(records):
+        changes = r.changes or (((r.target, r.state, r.rule),) if r.target is not None else ())
+        if not changes:
+            rows[n] = (r, [])
+            continue
+        # Everything a stored row says but its changes.
+        alike: tuple[object, ...] = (r.person, r.direction, r.outcome, r.at, r.event_id)
+        alike += (r.event_type, r.event_at, r.endpoint, r.status, r.detail)
+        found = rows.get(alike)
         if found is None:
-            found = hashes[person] = person_hash(key, person)
-        return found
-
-    db.executemany(
-        "INSERT INTO audit(at, person, direction, event_id, event_type, event_at, endpoint,"
-        " target, state, rule, status, outcome, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
+            rows[alike] = (r, list(changes))
+        else:
+            found[1].extend(changes)
+    values = []
+    for r, packed in rows.values():
+        hashed = hashes.get(r.person)
+        if hashed is None:
+            hashed = hashes[r.person] = person_hash(key, r.person)
+        values.append(
             (
                 r.at,
-                hashed(r.person),
+                hashed,
                 r.direction,
                 r.event_id,
                 r.event_type,
                 r.event_at,
                 r.endpoint,
-                r.target,
-                r.state,
-                r.rule,
                 r.status,
                 r.outcome,
                 r.detail,
+                _encode_changes(packed).decode() if packed else None,
             )
-            for r in records
-        ],
+        )
+    db.executemany(
+        "INSERT INTO audit(at, person, direction, event_id, event_type, event_at, endpoint,"
+        " status, outcome, detail, changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        values,
     )
 
 
 _COLUMNS = (
     "id, at, direction, event_id, event_type, event_at, endpoint, target, state, rule, status,"
-    " outcome, detail"
+    " outcome, detail, changes"
 )
+
+
+def _unpacked(rows: Sequence[Any]) -> list[StoredRecord]:
+    """One StoredRecord per change, as the trail showed them when each change had its row:
+    a record's changes last written first, as newest-first ids ordered them."""
+    out: list[StoredRecord] = []
+    for *row, packed in rows:
+        record = StoredRecord(*row)
+        if not packed:
+            out.append(record)
+            continue
+        for target, state, rule in reversed(_decode_changes(packed)):
+            out.append(dataclasses.replace(record, target=target, state=state, rule=rule))
+    return out
 
 
 def of_person(db: Conn, hashed: str, since: float | None) -> list[StoredRecord]:
@@ -184,7 +234,7 @@ def of_person(db: Conn, hashed: str, since: float | None) -> list[StoredRecord]:
         " ORDER BY at DESC, id DESC",
         (hashed, since if since is not None else float("-inf")),
     ).fetchall()
-    return [StoredRecord(*row) for row in rows]
+    return _unpacked(rows)
 
 
 def of_event(db: Conn, event_id: str) -> list[StoredRecord]:
@@ -193,4 +243,4 @@ def of_event(db: Conn, event_id: str) -> list[StoredRecord]:
         f"SELECT {_COLUMNS} FROM audit WHERE event_id = ? ORDER BY at DESC, id DESC",  # noqa: S608 - a constant
         (event_id,),
     ).fetchall()
-    return [StoredRecord(*row) for row in rows]
+    return _unpacked(rows)

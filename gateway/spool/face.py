@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -61,6 +61,18 @@ class Handoff:
         return list(itertools.islice(self.rows, limit))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one delivery settles, as `Spool.ack` takes it (an erasure aside)."""
+
+    direction: Direction
+    done: Sequence[int]
+    applied: Sequence[tuple[str, str, float]]
+    dead: Sequence[Dead]
+    sent: Sequence[tuple[str, str, str, float]]
+    audit: Sequence[trail.Record]
+
+
 class Spool:
     """Asyncio access to a SpoolDB: one worker thread, concurrent puts grouped per transaction."""
 
@@ -74,6 +86,9 @@ class Spool:
         self.handoff = Handoff(start) if start is not None else None
         self._last_id = start or 0
         self._writer: asyncio.Task[None] | None = None
+        # Delivery outcomes waiting for the next grouped acknowledgement, and who writes them.
+        self._settling: list[tuple[_Outcome, asyncio.Future[None]]] = []
+        self._settler: asyncio.Task[None] | None = None
         # The last failed intake commit (monotonic time, reason), cleared by the next success.
         self.write_error: tuple[float, str] | None = None
         # How well puts group: intake transactions committed, the rows in them, the largest.
@@ -201,15 +216,85 @@ class Spool:
         audit: Sequence[trail.Record] = (),
         erase: Sequence[str] = (),
     ) -> None:
-        """Settle rows (done, applied, dead-lettered), retrying as `record` does."""
+        """Settle rows (done, applied, dead-lettered), retrying as `record` does.
 
-        def write() -> None:
-            # `self.db.ack` looked up at call time: a test may wrap it to fail.
+        Outcomes settled while the spool thread is busy are written together, in one
+        transaction (`_settle`): one commit for several Braze requests. An erasure goes alone:
+        its scrub reaches the rows received before those it settles, no further.
+        """
+        if erase:
+
+            def write() -> None:
+                # `self.db.ack` looked up at call time: a test may wrap it to fail.
+                self.db.ack(
+                    done, applied, dead, sent=sent, direction=direction, audit=audit, erase=erase
+                )
+
+            await self.record(write, stopping=stopping)
+            return
+        outcome = _Outcome(direction, done, applied, dead, sent, audit)
+        await self._retrying(lambda: self._settle(outcome), stopping)
+
+    async def _settle(self, outcome: _Outcome) -> None:
+        """Queue one outcome for the next grouped acknowledgement and wait until it commits."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settling.append((outcome, future))
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_queued())
+        await future
+
+    async def _settle_queued(self) -> None:
+        # Whatever queued up while the last acknowledgement ran goes into the next one.
+        while self._settling:
+            queued, self._settling = self._settling, []
+            for direction in ("to_braze", "to_didomi"):
+                group = [(o, f) for o, f in queued if o.direction == direction]
+                if group:
+                    await self._settle_group(group)
+
+    async def _settle_group(self, group: list[tuple[_Outcome, asyncio.Future[None]]]) -> None:
+        """Write a group in one transaction; if that fails, each alone, so one outcome the
+        spool refuses never holds the others back (each caller retries its own)."""
+        try:
+            await self.run(self._ack_together, [outcome for outcome, _ in group])
+        except Exception as exc:
+            if len(group) > 1:
+                for member in group:
+                    await self._settle_group([member])
+                return
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in group:
+                future.cancel()  # stopping: the rows stay pending for the next start
+            raise
+        for _, future in group:
+            if not future.done():
+                future.set_result(None)
+
+    def _ack_together(self, outcomes: list[_Outcome]) -> None:
+        """One `ack` of several outcomes of one direction (on the spool thread)."""
+        if len(outcomes) == 1:
+            one = outcomes[0]
             self.db.ack(
-                done, applied, dead, sent=sent, direction=direction, audit=audit, erase=erase
+                one.done,
+                one.applied,
+                one.dead,
+                sent=one.sent,
+                direction=one.direction,
+                audit=one.audit,
             )
-
-        await self.record(write, stopping=stopping)
+            return
+        self.db.ack(
+            [i for o in outcomes for i in o.done],
+            [a for o in outcomes for a in o.applied],
+            [d for o in outcomes for d in o.dead],
+            sent=[s for o in outcomes for s in o.sent],
+            direction=outcomes[0].direction,
+            audit=[r for o in outcomes for r in o.audit],
+        )
 
     async def record(
         self, write: Callable[..., object], *args: object, stopping: Callable[[], bool]
@@ -220,10 +305,19 @@ class Spool:
         pending until a restart (then sent twice) and their people blocked. Only a shutdown
         stops the retries (after three tries): the rows then stay pending for the next start.
         """
+
+        async def once() -> None:
+            await self.run(write, *args)
+
+        await self._retrying(once, stopping)
+
+    async def _retrying(
+        self, once: Callable[[], Awaitable[None]], stopping: Callable[[], bool]
+    ) -> None:
         attempt = 0
         while True:
             try:
-                await self.run(write, *args)
+                await once()
                 return
             except SpoolError as exc:
                 attempt += 1
@@ -303,11 +397,25 @@ class Spool:
         self._last_id = stored[-1][1].id
         for index, row in stored:
             if direction_of(row.type) == "to_braze":
-                self.handoff.add(dataclasses.replace(row, decoded=batch[index][2]))
+                # Built, not `dataclasses.replace`d: that costs a few µs a row on the loop.
+                self.handoff.add(
+                    Pending(
+                        row.id,
+                        row.received_at,
+                        row.type,
+                        row.body,
+                        row.part,
+                        row.replayed_at,
+                        batch[index][2],
+                        row.backfill,
+                    )
+                )
 
     async def close(self) -> None:
         """Finish queued writes, then close the file and the thread."""
         if self._writer is not None:
             await self._writer
+        if self._settler is not None:
+            await asyncio.gather(self._settler, return_exceptions=True)
         await self.run(self.db.close)
         self._executor.shutdown(wait=True)

@@ -35,103 +35,27 @@ from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
 from gateway.spool import prune as retention
+from gateway.spool.postgres_conn import SCHEMA, PgConn, connect, psycopg, redact
+from gateway.spool.postgres_schema import MIGRATIONS, VERSION, migrate
 from gateway.spool.store import CODES, PARTITIONS, Dead, Pending, SpoolBase, StoredItem, person_of
 
-try:
-    import psycopg
-except ImportError:  # pragma: no cover - exercised on installs without the extra
-    psycopg = None  # type: ignore[assignment]
+# What callers import from here, wherever it is defined.
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA",
+    "VERSION",
+    "PgConn",
+    "PgSpoolDB",
+    "connect",
+    "migrate",
+    "partition",
+    "redact",
+]
 
 log = logging.getLogger("gateway.spool")
 T = TypeVar("T")
 
-SCHEMA = "didomi_braze_gateway"
-_MIGRATE_LOCK = 0x6462_6777_0001  # advisory lock keys: "dbgw" and a number
 _INTAKE_LOCK = 0x6462_6777_0002
-CONNECT_TIMEOUT_S = 10
-
-# Each entry brings a database from the version before it to its own number (its index + 1).
-# Never edit a released entry: add one.
-MIGRATIONS: tuple[str, ...] = (
-    f"""
-    CREATE TABLE inbox (
-        id bigserial PRIMARY KEY,          -- a sequence: ids never come back
-        received_at double precision NOT NULL,
-        type text NOT NULL,
-        body bytea NOT NULL,
-        direction smallint NOT NULL,       -- 0: to Braze; 1: Braze's reports, to Didomi
-        part smallint NOT NULL             -- the person's partition, 0..{PARTITIONS - 1}
-    );
-    CREATE INDEX inbox_direction ON inbox(direction, id);
-    CREATE TABLE seen (key text PRIMARY KEY, at double precision NOT NULL);
-    CREATE INDEX seen_at ON seen(at);
-    CREATE TABLE applied (
-        person text NOT NULL, target text NOT NULL, at double precision NOT NULL,
-        PRIMARY KEY (person, target)
-    );
-    CREATE TABLE sent (
-        person text NOT NULL, target text NOT NULL, state text NOT NULL,
-        at double precision NOT NULL, PRIMARY KEY (person, target)
-    );
-    CREATE TABLE dead_letters (
-        id bigserial PRIMARY KEY,
-        created_at double precision NOT NULL,
-        received_at double precision NOT NULL,
-        type text NOT NULL,
-        body bytea NOT NULL,
-        person text,
-        reason text NOT NULL,
-        part smallint NOT NULL             -- kept, so a replayed letter returns to its person's
-    );
-    CREATE TABLE meta (key text PRIMARY KEY, value bytea NOT NULL);
-    CREATE TABLE audit (
-        id bigserial PRIMARY KEY,
-        at double precision NOT NULL,
-        person text NOT NULL,
-        direction text NOT NULL,
-        event_id text,
-        event_type text,
-        event_at double precision,
-        endpoint text,
-        target text,
-        state text,
-        rule text,
-        status integer,
-        outcome text NOT NULL,
-        detail text
-    );
-    CREATE INDEX audit_person ON audit(person, at);
-    CREATE INDEX audit_event ON audit(event_id);
-    CREATE TABLE floors (target text PRIMARY KEY, at double precision NOT NULL);
-    -- Who delivers each partition, until when (the database's clock, epoch seconds).
-    CREATE TABLE leases (
-        part smallint PRIMARY KEY,
-        owner text,
-        until double precision NOT NULL DEFAULT 0
-    );
-    INSERT INTO leases(part) SELECT generate_series(0, {PARTITIONS - 1});
-    CREATE TABLE replicas (name text PRIMARY KEY, seen_at double precision NOT NULL);
-    -- Token buckets shared by every replica: Braze's requests_per_second is per workspace.
-    CREATE TABLE budgets (
-        name text PRIMARY KEY,
-        at double precision NOT NULL,      -- the next free turn (the database's clock)
-        blocked_until double precision NOT NULL DEFAULT 0
-    );
-    """,
-    # 2: a replayed dead letter keeps its `received_at` (its dating); this restarts give-up.
-    "ALTER TABLE inbox ADD COLUMN replayed_at double precision;",
-    # 3: `sent` keeps every state sent per person and target (its latest time each), not only
-    # the last: Currents reports each write, in any order, and each must be known as an echo.
-    """
-    ALTER TABLE sent DROP CONSTRAINT sent_pkey, ADD PRIMARY KEY (person, target, state);
-    """,
-    # 4: `gateway backfill`'s progress per source (its rows are inbox rows, direction 2).
-    lane.PG_MIGRATION,
-    # 5: a dead letter keeps the inbox direction it came from, so a replayed backfilled user
-    # goes back to its lane (its type is a live webhook's); NULL before: told by the type.
-    "ALTER TABLE dead_letters ADD COLUMN direction smallint;",
-)
-VERSION = len(MIGRATIONS)
 
 
 def partition(person: str | None) -> int:
@@ -139,103 +63,6 @@ def partition(person: str | None) -> int:
     if not person:
         return 0
     return zlib.crc32(person.encode()) % PARTITIONS
-
-
-@functools.lru_cache(maxsize=256)
-def _pg(sql: str) -> str:
-    """sqlite3's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-class PgConn:
-    """A psycopg connection that takes sqlite3's `?` placeholders, so `audit`, `retention`
-    and `erasure` run the same statements on both engines."""
-
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
-        self.raw = raw
-
-    def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        """Run one statement; returns its cursor."""
-        if not parameters:
-            return self.raw.execute(sql.encode())  # unparsed: a `%` stays a `%`
-        return self.raw.execute(_pg(sql).encode(), parameters)
-
-    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
-        """Run one statement for each parameter tuple."""
-        rows = list(parameters)
-        cursor = self.raw.cursor()
-        if rows:
-            cursor.executemany(_pg(sql).encode(), rows)
-        return cursor
-
-
-def connect(
-    url: str, *, application_name: str = "didomi-braze-gateway", statement_timeout_ms: int = 0
-) -> PgConn:
-    """A connection to the spool database, its search path set to the gateway's schema."""
-    if psycopg is None:
-        raise SpoolError(
-            "delivery.spool names a PostgreSQL database, but psycopg is not installed:"
-            " install the postgresql extra, pip install 'didomi-braze-gateway[postgresql]'"
-            " (from a clone, pip install '.[postgresql]')"
-        )
-    # PGOPTIONS and the like stay the operator's, but for the short statements asked for.
-    extra: dict[str, Any] = {}
-    if statement_timeout_ms:
-        extra["options"] = f"-c statement_timeout={statement_timeout_ms}"
-    try:
-        raw = psycopg.connect(
-            url,
-            autocommit=True,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            application_name=application_name,
-            # A dead peer is noticed in under a minute rather than after two hours.
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=5,
-            keepalives_count=3,
-            # Also while a query waits for its answer, which keepalives do not cover.
-            tcp_user_timeout=30_000,
-            **extra,
-        )
-    except psycopg.Error as exc:
-        raise SpoolError(f"cannot connect to the spool database {redact(url)}: {exc}") from exc
-    raw.execute(f"SET search_path TO {SCHEMA}".encode())
-    return PgConn(raw)
-
-
-def redact(url: str) -> str:
-    """The URL without a password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"
-
-
-def migrate(conn: PgConn) -> tuple[int, int]:
-    """Bring the schema to `VERSION`; returns (version before, version after).
-
-    Serialised by an advisory lock, so replicas starting together migrate once; a database
-    a newer gateway migrated is refused, since this one would not know its tables.
-    """
-    raw = conn.raw
-    with raw.transaction():
-        raw.execute(b"SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-        raw.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}".encode())
-        raw.execute(b"CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-        row = raw.execute(b"SELECT max(version) FROM schema_version").fetchone()
-        before = int(row[0]) if row and row[0] is not None else 0
-        if before > VERSION:
-            raise SpoolError(
-                f"the spool database is at schema version {before}, newer than this gateway's"
-                f" {VERSION}: run the gateway version that migrated it, or a newer one"
-            )
-        for version in range(before + 1, VERSION + 1):
-            raw.execute(MIGRATIONS[version - 1].encode())
-            raw.execute(b"INSERT INTO schema_version(version) VALUES (%s)", (version,))
-    return before, VERSION
 
 
 class PgSpoolDB(SpoolBase):

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.app.server import SPOOL
 from gateway.cli.main import main
-from gateway.spool.sqlite import Dead, SpoolDB
+from gateway.spool.sqlite import AUDIT_CHANGE_BYTES, AUDIT_RECORD_BYTES, Dead, SpoolDB
 from gateway.testing.braze import FakeBraze
 from tests.conftest import SECRETS, choice, free_port, write_config
 from tests.system.test_reliability import (  # noqa: F401 - start_gateway is a fixture
@@ -222,6 +222,9 @@ def test_check_warns_when_the_spool_volume_cannot_hold_the_audit_retention(
     (line,) = [x for x in captured.out.splitlines() if "retention.audit_days" in x]
     assert line.startswith(f"{setup}: the spool's volume (")
     assert " holds " in line
+    # One packed record a change: its own bytes, and each target's it may carry.
+    targets = int(line.rsplit(" target(s)", 1)[0].rsplit("(", 1)[1])
+    assert f"one record of about {AUDIT_RECORD_BYTES + targets * AUDIT_CHANGE_BYTES} bytes" in line
     assert captured.err == ""
     volume = os.statvfs(setup.parent)
     rate = volume.f_blocks * volume.f_frsize // 1000  # more than any volume holds in a day
