@@ -43,7 +43,7 @@ from gateway.config.settings import (
 )
 from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.forward.dispatcher import Dispatcher
-from gateway.forward.intake import AUTH, WEBHOOK_PATH, receive_webhook
+from gateway.forward.intake import ACCEPTED, AUTH, WEBHOOK_PATH, AcceptedLog, receive_webhook
 from gateway.http.auth import TokenIssuer, authenticator_for, token_endpoint
 from gateway.http.intake import (
     CONFIG,
@@ -339,6 +339,7 @@ def create_app(
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[ACCEPTED] = AcceptedLog()
     state = State()
     state.ready_checks.append(functools.partial(_spool_room, app))
     app[STATE] = state

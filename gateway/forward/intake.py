@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -26,6 +27,34 @@ WEBHOOK_PATH = "/webhooks/didomi"
 
 
 AUTH = web.AppKey("gateway.authenticator", Authenticator)
+
+
+class AcceptedLog:
+    """The audit line of accepted webhooks: one `webhooks accepted` line per intake commit.
+
+    A line per webhook cost more CPU than storing it. Every request of one commit group
+    resumes in the same turn of the event loop, after the commit; the line is written on the
+    loop's next turn, so it names one group's event ids, all of them stored.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[str | None] = []
+
+    def add(self, event_id: str | None) -> None:
+        """One webhook stored (its commit is done); logged with the rest of its group."""
+        if not self._ids:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._ids.append(event_id)
+
+    def flush(self) -> None:
+        """Write the line for the webhooks added since the last one."""
+        ids, self._ids = self._ids, []
+        if ids:
+            extra = {"count": len(ids), "event_ids": ids, "outcome": "accepted"}
+            log.info("webhooks accepted", extra=extra)
+
+
+ACCEPTED = web.AppKey("gateway.accepted_log", AcceptedLog)
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -86,11 +115,14 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
     finally:
         metrics.flow(direction_of(kind)).pending.set(spool.pending_of(direction_of(kind)))
-    outcome = "accepted" if stored else "duplicate"
-    metrics.webhook(kind, outcome)
     # The audit trail of consent: which Didomi event, what became of it. Never the person.
-    log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
     if not stored:
+        metrics.webhook(kind, "duplicate")
+        log.info(
+            "webhook duplicate", extra={"event_id": event_id, "type": kind, "outcome": "duplicate"}
+        )
         return json_answer(200, {"status": "duplicate"})
+    metrics.webhook(kind, "accepted")
+    app[ACCEPTED].add(event_id)
     state.wake()
     return json_answer(202, {"status": "accepted"})
