@@ -23,11 +23,9 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from http import HTTPStatus
 from typing import Literal
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from gateway.app.reload import LiveRules
 from gateway.app.retention import Retention
@@ -45,6 +43,7 @@ from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.forward.dispatcher import Dispatcher
 from gateway.forward.intake import ACCEPTED, AUTH, WEBHOOK_PATH, AcceptedLog, receive_webhook
 from gateway.http.auth import TokenIssuer, authenticator_for, token_endpoint
+from gateway.http.front import front
 from gateway.http.intake import (
     CONFIG,
     METRICS,
@@ -93,7 +92,6 @@ GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
 WRITE_ERROR_WINDOW_S = 10.0  # how long a failed spool commit keeps /readyz at 503
 
 Context = Callable[[web.Application], AsyncIterator[None]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
@@ -101,7 +99,6 @@ WRITEBACK = web.AppKey("gateway.writeback", Writeback)
 RULES = web.AppKey("gateway.rules", LiveRules)
 REPLICAS = web.AppKey("gateway.replicas", Replicas)  # only with a PostgreSQL spool
 BUDGET = web.AppKey("gateway.budget", Budget)
-_ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
 
 
 def _publish_ready(app: web.Application) -> None:
@@ -333,17 +330,23 @@ def create_app(
 ) -> web.Application:
     """The gateway's aiohttp application; `contexts` start after the spool and stop before it."""
     metrics = metrics if metrics is not None else Metrics()
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
     app = web.Application(
-        middlewares=[metrics.middleware(), _json_errors, _allow_from],
+        middlewares=[front(metrics, networks, GUARDED_PATHS, WEBHOOK_PATH)],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
-    app[ACCEPTED] = AcceptedLog()
+
+    def publish_pending() -> None:
+        # Once per intake commit, not per webhook: the dispatcher sets it as it acknowledges.
+        if (spool := app.get(SPOOL)) is not None:
+            metrics.flow("to_braze").pending.set(spool.pending_of("to_braze"))
+
+    app[ACCEPTED] = AcceptedLog(after=publish_pending)
     state = State()
     state.ready_checks.append(functools.partial(_spool_room, app))
     app[STATE] = state
-    app[_ALLOW] = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
     metrics.ready.set(0)
 
     issuer = None
@@ -426,60 +429,6 @@ def serve(
         return 1
     log.info("gateway stopped")
     return 0
-
-
-# ---------------------------------------------------------------------------
-# Middlewares
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own error answers (404, 405, ...) as JSON `{"error", "detail"}` too."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            detail = f"nothing at {request.path}"
-        elif exc.status == 405:
-            detail = f"{request.method} is not allowed here; use {exc.headers.get('Allow', '')}"
-        else:
-            detail = exc.reason
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_").replace("-", "_")
-        return error_answer(exc.status, code, detail, headers)
-    except Exception:
-        log.exception("error handling %s %s", request.method, request.path)
-        return error_answer(
-            500, "internal_error", "the gateway failed on this request; see its log"
-        )
-
-
-@web.middleware
-async def _allow_from(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """`server.allow_from`: only the listed networks may call the Didomi-facing routes."""
-    networks = request.app[_ALLOW]
-    if not networks or request.path not in GUARDED_PATHS or _allowed(request.remote, networks):
-        return await handler(request)
-    if request.path == WEBHOOK_PATH:
-        request.app[METRICS].webhook("other", "unauthorized")
-    log.info("request refused: %s is not in server.allow_from", request.remote)
-    return error_answer(
-        403, "forbidden", "this address may not call the gateway (server.allow_from)"
-    )
-
-
-def _allowed(remote: str | None, networks: tuple[Network, ...]) -> bool:
-    if remote is None:
-        return False  # not a TCP peer: nothing to check against, so refuse
-    try:
-        address = ipaddress.ip_address(remote.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
 
 
 # ---------------------------------------------------------------------------

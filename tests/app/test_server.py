@@ -623,7 +623,9 @@ async def test_accepted_webhooks_are_logged_once_per_commit_with_every_event_id(
     assert (await post(client, bodies[0], auth_headers))[0] == 200
     lines = [r for r in server_log if r.getMessage() == "webhooks accepted"]
     logged = [event_id for r in lines for event_id in r.__dict__["event_ids"]]
-    assert sorted(logged) == sorted(json.loads(body)["parameters"]["entity"]["id"] for body in bodies)
+    assert sorted(logged) == sorted(
+        json.loads(body)["parameters"]["entity"]["id"] for body in bodies
+    )
     assert all(r.__dict__["count"] == len(r.__dict__["event_ids"]) for r in lines)
     spool = client.app[SPOOL]
     # Grouped: no more lines than intake transactions, so fewer than the webhooks.
