@@ -3,6 +3,7 @@
     .venv/bin/python bench/wrk.py [--seconds 12] [--rounds 3] [--connections 64] [--latency-ms 10]
                                   [--variants gateway+uvloop,bare+uvloop,naive+uvloop,gateway+nolog]
                                   [--profile DIR] [--sql] [--no-pin] [--json FILE] [--keep]
+                                  [--baseline DIR]
 
 wrk (Debian's package, installed with apt-get when missing) is a C load generator: unlike
 `bench/load.py` it leaves the server most of a core. Everything runs on 127.0.0.1 in a temp dir:
@@ -17,6 +18,8 @@ process per variant, all started once and kept up for the whole run:
 - `bare+group`: the bare handler answering only after a group "commit" that stores nothing
   (`ceiling.py --group`): the event loop's cost of waiting for the spool, without SQLite;
 - `gateway+nolog`: the gateway without its per-webhook `webhook accepted` log line (whatif);
+- `gateway@base` (`--baseline DIR`): the gateway imported from another source tree, say the
+  commit before a change (`git archive COMMIT gateway | tar -x -C DIR`), to compare in one run;
 - `gateway+syncnormal`: the gateway with SQLite's `synchronous=NORMAL` (whatif: what the fsync
   of each commit costs; not a setting to ship, a 202 must survive power loss).
 
@@ -210,6 +213,14 @@ class Variant:
     proc: Proc | None = None
     url: str = ""
     runs: list[dict[str, Any]] = field(default_factory=list)
+    tree: Path | None = None  # `--baseline`: the package is imported from this source tree
+
+
+# `python -m gateway` from another source tree: first on sys.path, ahead of the cwd's package.
+_FROM_TREE = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "runpy.run_module('gateway', run_name='__main__', alter_sys=True)"
+)
 
 
 def parse_variant(name: str) -> Variant:
@@ -258,6 +269,8 @@ class Bench:
         self.server_env = {"DIDOMI_CLIENT_SECRET": self.secret, "BRAZE_API_KEY": self.api_key}
         self.variants = [parse_variant(v) for v in ("bare", "naive", "gateway")]
         self.variants += [parse_variant(v) for v in args.variants.split(",") if v]
+        if args.baseline is not None:
+            self.variants.append(Variant("gateway@base", "gateway", [], tree=args.baseline))
 
     def pinned(self, cpu: int, argv: list[str]) -> list[str]:
         return argv if self.args.no_pin else ["taskset", "-c", str(cpu), *argv]
@@ -278,6 +291,8 @@ class Bench:
             port = free_port()
             gateway_toml(config, port, self.braze, self.tmp / name / "gateway.db")
             argv = [PYTHON, "-m", "gateway", "run", "--config", str(config)]
+            if variant.tree is not None:
+                argv[1:3] = ["-c", _FROM_TREE, str(variant.tree)]
             if whatif:
                 env["BENCH_WHATIF"] = ",".join(whatif)
                 env["BENCH_SQLCOUNT"] = str(self.tmp / f"{name}.sql.json")
@@ -547,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="more servers, comma-separated: bare+uvloop, bare+group, naive+uvloop, "
         "gateway+uvloop, gateway+nolog, gateway+syncnormal (or combined: gateway+uvloop+nolog)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the gateway imported from DIR (holding a gateway/ package, e.g. from"
+        " `git archive COMMIT gateway | tar -x -C DIR`) as the variant gateway@base",
     )
     parser.add_argument("--drain-timeout", type=float, default=90.0, help="seconds, at most")
     parser.add_argument("--no-pin", action="store_true", help="no taskset")

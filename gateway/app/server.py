@@ -22,11 +22,13 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from gateway.app.intake_procs import intake_processes
 from gateway.app.reload import LiveRules
 from gateway.app.retention import Retention
 from gateway.bulk.drift import follow as follow_drift
@@ -47,14 +49,12 @@ from gateway.http.front import front
 from gateway.http.intake import (
     CONFIG,
     METRICS,
-    RETRY_AFTER_S,
     SPOOL,
     STATE,
     State,
-    error_answer,
-    json_answer,
     nothing,
 )
+from gateway.http.probes import healthz, readyz
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.peers.braze import open_client
@@ -326,9 +326,18 @@ async def _fake_braze(config: Config) -> AsyncIterator[None]:
 
 
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, contexts: Sequence[Context] = ()
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    contexts: Sequence[Context] = (),
+    spool: Context | None = None,
+    probes: Mapping[str, Handler] | None = None,
 ) -> web.Application:
-    """The gateway's aiohttp application; `contexts` start after the spool and stop before it."""
+    """The gateway's aiohttp application; `contexts` start after the spool and stop before it.
+
+    An intake-only process (`app.intake_only`) gives its own `spool` context and the handlers of
+    `/readyz` and `/metrics` in `probes`.
+    """
     metrics = metrics if metrics is not None else Metrics()
     networks = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
     app = web.Application(
@@ -359,10 +368,12 @@ def create_app(
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     braze_intake.add_routes(app, config)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(metrics))
+    if probes is None:
+        probes = {"/readyz": readyz, "/metrics": metrics_handler(metrics)}
+    for path, handler in probes.items():
+        app.router.add_get(path, handler)
 
-    app.cleanup_ctx.append(_spool_context)
+    app.cleanup_ctx.append(spool if spool is not None else _spool_context)
     app.cleanup_ctx.extend(contexts)
     app.cleanup_ctx.append(_ready_context)
     app.on_shutdown.append(_drain)
@@ -394,8 +405,16 @@ def serve(
         for problem in exc.problems:
             log.error("cannot start: %s", problem)
         return 1
-    app = create_app(config, metrics=metrics, contexts=[delivery(live)])
     server = config.server
+    # The intake-only processes start once delivery runs, and stop before it does.
+    launch = {
+        "config": config,
+        "config_path": str(config_path) if config_path is not None else None,
+        "log_format": fmt,
+        "log_level": log_level,
+    }
+    contexts = [delivery(live), intake_processes(launch)]
+    app = create_app(config, metrics=metrics, contexts=contexts)
     log.info(
         "gateway starting on http://%s:%d (auth %s, spool %s)",
         server.host,
@@ -417,6 +436,7 @@ def serve(
             host=server.host,
             port=server.port,
             shutdown_timeout=server.shutdown_timeout_s,
+            reuse_port=server.intake_processes > 1,
             handle_signals=True,
             print=listening,
             access_log=None,
@@ -429,24 +449,3 @@ def serve(
         return 1
     log.info("gateway stopped")
     return 0
-
-
-# ---------------------------------------------------------------------------
-# Handlers
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """`GET /healthz`: 200 while the process is alive."""
-    return json_answer(200, {"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """`GET /readyz`: 200 when the spool and every added context are up, else 503 and why."""
-    reason = request.app[STATE].not_ready_reason()
-    request.app[METRICS].ready.set(0 if reason else 1)
-    if reason is not None:
-        return error_answer(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_S)})
-    degraded = request.app[STATE].degraded_reason()
-    if degraded is not None:
-        return json_answer(200, {"status": "ready", "degraded": degraded})
-    return json_answer(200, {"status": "ready"})

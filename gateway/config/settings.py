@@ -44,6 +44,8 @@ class ServerConfig(Strict, frozen=True):
     max_body_bytes: int = 1_048_576
     allow_from: list[str] = []
     shutdown_timeout_s: float = 10.0
+    # Issue 27: processes taking webhooks on `port` (SO_REUSEPORT); all but one only store them.
+    intake_processes: int = 1
 
 
 class AuthConfig(Strict, frozen=True):
@@ -393,6 +395,7 @@ def _check(config: Config, located: Located, *, require_secrets: bool) -> None:
         (("braze", "max_in_flight"), braze.max_in_flight),
         (("braze", "flush_interval_ms"), braze.flush_interval_ms),
         (("server", "max_body_bytes"), server.max_body_bytes),
+        (("server", "intake_processes"), server.intake_processes),
         (("auth", "token_ttl_s"), auth.token_ttl_s),
         (("delivery", "retry_initial_ms"), delivery.retry_initial_ms),
         (("delivery", "max_pending"), delivery.max_pending),

@@ -44,6 +44,7 @@ class AcceptedLog:
     def __init__(self, after: Callable[[], None] = lambda: None) -> None:
         self._ids: list[str | None] = []
         self._after = after  # once per group too: what need not run per webhook
+        self.extra: dict[str, object] = {}  # more fields for the line (which process, say)
 
     def add(self, event_id: str | None) -> None:
         """One webhook stored (its commit is done); logged with the rest of its group."""
@@ -55,7 +56,7 @@ class AcceptedLog:
         """Write the line for the webhooks added since the last one."""
         ids, self._ids = self._ids, []
         if ids:
-            extra = {"count": len(ids), "event_ids": ids, "outcome": "accepted"}
+            extra = {"count": len(ids), "event_ids": ids, "outcome": "accepted", **self.extra}
             log.info("webhooks accepted", extra=extra)
         self._after()
 
