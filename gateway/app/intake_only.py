@@ -153,17 +153,34 @@ async def _proxied(request: web.Request) -> web.StreamResponse:
         return error_answer(503, "not_ready", detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _read_launch() -> Launch:
+    """The `Launch` on stdin: its length (8 bytes, big-endian), then the pickle."""
+    # os.read, not sys.stdin: a daemon thread blocked in a buffered read aborts the exit.
+    data = b""
+    size: int | None = None
+    while size is None or len(data) < size:
+        if size is None and len(data) >= 8:
+            size, data = int.from_bytes(data[:8], "big"), data[8:]
+            continue
+        chunk = os.read(0, 65536 if size is None else size - len(data))
+        if not chunk:
+            raise SystemExit("intake process: stdin closed before its launch arrived")
+        data += chunk
+    return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 - our parent's
+
+
 def _watch_stdin() -> None:
     """Stop (as SIGTERM would) once stdin closes: the main process exited or was killed."""
     with contextlib.suppress(OSError):
-        while sys.stdin.buffer.read(65536):
+        while os.read(0, 65536):
             pass
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> int:
     """Run one intake-only process until SIGTERM, SIGINT or the end of stdin."""
-    launch: Launch = pickle.load(sys.stdin.buffer)  # noqa: S301 - from our own parent, on a pipe
+    started = time.monotonic()
+    launch = _read_launch()
     config: Config = launch.config
     fmt: Literal["text", "json"] = "json" if launch.log_format == "json" else "text"
     configure_logging(fmt, launch.log_level)
@@ -192,7 +209,6 @@ def main() -> int:
     )
     app[ACCEPTED].extra = {"intake_process": launch.index}
     server = config.server
-    started = time.monotonic()
 
     def listening(_banner: str) -> None:
         app[STATE].listening = True

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import Counter
 
+from gateway.app.reload import LiveRules
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE
 from gateway.http.probes import readyz
 from gateway.metrics import Metrics, metrics_handler
@@ -48,7 +50,8 @@ REPORT_S = 1.0  # how often a child sends its counters (its stored rows go at ea
 
 @dataclass(frozen=True)
 class Launch:
-    """What a child needs to start: sent pickled on its stdin, which then stays open."""
+    """What a child needs to start: sent pickled on its stdin (after its length, 8 bytes
+    big-endian), which then stays open."""
 
     config: Any  # gateway.config.settings.Config (a frozen Struct: picklable)
     config_path: str | None
@@ -90,6 +93,7 @@ class IntakeProcesses:
         self.launch = launch
         self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
         self.stopping = False
+        self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._dir = Path(tempfile.mkdtemp(prefix="gateway-intake-"))
         self.side = str(self._dir / "main.sock")
@@ -116,13 +120,19 @@ class IntakeProcesses:
         await web.UnixSite(self._runner, self.side).start()
         self._tasks = [asyncio.create_task(self._keep(child)) for child in self.children]
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to every child running."""
+        for child in self.children:
+            if child.proc is not None and child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(sig)
+
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every child, wait for them to drain (`grace_s` at most), then SIGKILL."""
         self.stopping = True
+        self._stopped.set()
         running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+        self.signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
         except TimeoutError:
@@ -140,7 +150,10 @@ class IntakeProcesses:
         """Run one child until shutdown, starting it again whenever it exits before."""
         pause = RESTART_MIN_S
         while not self.stopping:
+            started = time.monotonic()
             code = await self._run(child)
+            if time.monotonic() - started > RESTART_MAX_S:
+                pause = RESTART_MIN_S  # it ran a while: a new failure, not the same one again
             if self.stopping:
                 log.info("intake process %d stopped", child.index, extra={"exit_code": code})
                 return
@@ -152,26 +165,32 @@ class IntakeProcesses:
                 pause,
                 extra={"exit_code": code},
             )
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=pause)
             pause = min(RESTART_MAX_S, pause * 2)
 
     async def _run(self, child: Child) -> int | None:
         launch = Launch(index=child.index, side=self.side, **self.launch)
         child.stored, child.counted = (0, 0), {}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.app.intake_only",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ},
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.app.intake_only",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ},
+                limit=2**20,  # a line of counters is a few kB
+            )
+        except OSError as exc:
+            log.error("cannot start intake process %d: %s", child.index, exc)
+            return None
         child.proc = proc
         assert proc.stdin is not None
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
-        proc.stdin.write(pickle.dumps(launch))
+        data = pickle.dumps(launch)
+        proc.stdin.write(len(data).to_bytes(8, "big") + data)
         await proc.stdin.drain()
         while line := await proc.stdout.readline():
             try:
@@ -210,7 +229,7 @@ class IntakeProcesses:
                 (counter.labels(**labels) if labels else counter).inc(delta)
 
 
-def intake_processes(launch: dict[str, Any]) -> Any:
+def intake_processes(launch: dict[str, Any], live: LiveRules) -> Any:
     """The context that runs the children of `server.intake_processes` (after delivery)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
@@ -224,6 +243,12 @@ def intake_processes(launch: dict[str, Any]) -> Any:
             spool.handoff.shared = True  # their rows are read from the file
         app[STATE].degraded_checks.append(procs.degraded_reason)
         await procs.start()
+
+        def follow(_new: object) -> None:
+            # Their rules name the person (the partition on PostgreSQL): reloaded with ours.
+            procs.signal(signal.SIGHUP)
+
+        live.listeners.append(follow)
         log.info(
             "intake in %d processes on port %d",
             config.server.intake_processes,
@@ -232,6 +257,7 @@ def intake_processes(launch: dict[str, Any]) -> Any:
         try:
             yield
         finally:
+            live.listeners.remove(follow)
             await procs.stop(config.server.shutdown_timeout_s)
 
     return context

@@ -413,7 +413,7 @@ def serve(
         "log_format": fmt,
         "log_level": log_level,
     }
-    contexts = [delivery(live), intake_processes(launch)]
+    contexts = [delivery(live), intake_processes(launch, live)]
     app = create_app(config, metrics=metrics, contexts=contexts)
     log.info(
         "gateway starting on http://%s:%d (auth %s, spool %s)",
