@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from gateway.app.intake_procs import REPORT_S, Launch, Report
+from gateway.app.intake_procs import REPORT_S, Launch, Report, take_turns
 from gateway.app.reload import LiveRules
 from gateway.app.server import Context, create_app
 from gateway.config.settings import Config, secrets_of
@@ -86,6 +86,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     # No SpoolLock: the main process holds it and delivers; this one only adds rows.
     config = app[CONFIG]
     db = await asyncio.to_thread(open_store, config.delivery, config.retention.person_key)
+    turns = take_turns(config, db)
     spool = Spool(db, deliver=False)
     app[SPOOL] = spool
 
@@ -103,6 +104,8 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await spool.close()
+        if turns is not None:
+            turns.close()
 
 
 def _child_context(live: LiveRules, reporter: Reporter, side: str) -> Context:

@@ -37,9 +37,13 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from gateway.app.reload import LiveRules
+from gateway.config.settings import Config
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE
 from gateway.http.probes import readyz
 from gateway.metrics import Metrics, metrics_handler
+from gateway.spool.lock import WriteTurns
+from gateway.spool.sqlite import SpoolDB
+from gateway.spool.store import Store
 
 log = logging.getLogger("gateway.server")
 
@@ -227,6 +231,15 @@ class IntakeProcesses:
             counter = self._counters.get(name)
             if counter is not None and delta > 0:
                 (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+def take_turns(config: Config, db: Store) -> WriteTurns | None:
+    """With several intake processes on a SQLite spool, queue its writers on `WriteTurns`."""
+    if config.server.intake_processes <= 1 or not isinstance(db, SpoolDB):
+        return None
+    turns = WriteTurns(db.path)
+    db.writers = turns
+    return turns
 
 
 def intake_processes(launch: dict[str, Any], live: LiveRules) -> Any:

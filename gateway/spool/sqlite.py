@@ -31,6 +31,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -152,6 +153,7 @@ class SpoolDB(SpoolBase):
         self._shed_logged_at = -math.inf  # monotonic: shedding is warned about once a minute
         self._shed_unlogged = 0
         self._data_version: int | None = None  # as `written_elsewhere` last read it
+        self.writers: AbstractContextManager[object] = contextlib.nullcontext()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.
@@ -206,14 +208,15 @@ class SpoolDB(SpoolBase):
 
     def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self.db)
-                self.db.execute("COMMIT")
-                self.committed_at = time.monotonic()
-            except BaseException:
-                self._rollback()
-                raise
+            with self.writers:  # several writing processes: `lock.WriteTurns`
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(self.db)
+                    self.db.execute("COMMIT")
+                    self.committed_at = time.monotonic()
+                except BaseException:
+                    self._rollback()
+                    raise
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
         return result
