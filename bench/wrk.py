@@ -483,11 +483,13 @@ class Bench:
             raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
         folder.mkdir(parents=True, exist_ok=True)
         out: dict[str, Any] = {}
-        for name in ("bare", "gateway"):
+        names = ["bare", "gateway"] + [v.name for v in self.variants if "procs" in v.name]
+        for name in names:
             variant = next(v for v in self.variants if v.name == name)
             assert variant.proc is not None
             collapsed = folder / f"{name}.collapsed"
             argv = [spy, "record", "--pid", str(variant.proc.pid), "--rate", "250", "--threads"]
+            argv += ["--subprocesses"] if "procs" in name else []
             argv += ["--nonblocking", "--format", "raw", "--output", str(collapsed)]
             spying = self.procs.start(f"py-spy-{name}", self.pinned(0, argv))
             time.sleep(1.0)

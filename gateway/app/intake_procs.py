@@ -8,7 +8,8 @@ dispatcher and writeback deliver every row, reading the spool for theirs.
 
 Each child reports on its stdout, one JSON line at a time: how many rows it stored (cumulative:
 this process adds them to its pending count and wakes delivery at once) and its counters
-(cumulative: added here, so `/metrics` counts every process's webhooks and requests). A child
+(cumulative: added here, so `/metrics` counts every process's webhooks and requests; histograms
+and gauges are this process's own, so request durations are timed here only). A child
 proxies `/metrics` and `/readyz` to this process over a Unix socket, whichever process the
 kernel gave the connection to. A child that exits is logged, named in `/readyz` (degraded) and
 started again; the children get SIGTERM at shutdown, before delivery stops, and drain as this

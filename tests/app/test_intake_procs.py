@@ -208,3 +208,44 @@ async def test_a_killed_intake_process_is_reported_and_restarted_and_dies_with_t
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.slow
+async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    auth_headers: dict[str, str],
+) -> None:
+    """With Braze unreachable, `gateway_spool_pending` (what `/readyz` and `max_pending` read)
+    comes to count the rows both processes stored, not only the delivering process's own."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        braze={"server": f"http://127.0.0.1:{free_port()}", "timeout_s": 1},  # nobody there
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(n: int) -> int:
+            body = choice(f"pending-{n}", True, at(n))
+            url = f"{gw.base}/webhooks/didomi"
+            async with session.post(url, data=body, headers=auth_headers) as resp:
+                return resp.status
+
+        assert await asyncio.gather(*(post(n) for n in range(SINGLES))) == [202] * SINGLES
+
+    async def counted() -> bool:
+        samples = await gw.metrics()
+        key = ("gateway_spool_pending", frozenset({("direction", "to_braze")}))
+        return samples.get(key) == SINGLES
+
+    await eventually(counted, 15, "the pending gauge to count both processes' rows")
+    assert await gw.stop(timeout=30) == 0, gw.log()
