@@ -38,6 +38,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from gateway.app.reload import LiveRules
+from gateway.app.wiring import Context
 from gateway.config.settings import Config
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE
 from gateway.http.probes import readyz
@@ -58,7 +59,7 @@ class Launch:
     """What a child needs to start: sent pickled on its stdin (after its length, 8 bytes
     big-endian), which then stays open."""
 
-    config: Any  # gateway.config.settings.Config (a frozen Struct: picklable)
+    config: Config  # a frozen Struct: picklable
     config_path: str | None
     log_format: str
     log_level: str
@@ -243,7 +244,7 @@ def take_turns(config: Config, db: Store) -> WriteTurns | None:
     return turns
 
 
-def intake_processes(launch: dict[str, Any], live: LiveRules) -> Any:
+def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
     """The context that runs the children of `server.intake_processes` (after delivery)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
