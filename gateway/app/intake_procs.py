@@ -10,7 +10,7 @@ Each child reports on its stdout, one JSON line at a time: how many rows it stor
 this process adds them to its pending count and wakes delivery at once) and its counters
 (cumulative: added here, so `/metrics` counts every process's webhooks and requests; histograms
 and gauges are this process's own, so request durations are timed here only). A child
-proxies `/metrics` and `/readyz` to this process over a Unix socket, whichever process the
+proxies `/metrics` and `/readyz` to this process over an abstract Unix socket, whichever process the
 kernel gave the connection to. A child that exits is logged, named in `/readyz` (degraded) and
 started again; the children get SIGTERM at shutdown, before delivery stops, and drain as this
 process does.
@@ -23,14 +23,12 @@ import contextlib
 import logging
 import os
 import pickle
-import shutil
+import secrets
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -101,8 +99,8 @@ class IntakeProcesses:
         self.stopping = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._dir = Path(tempfile.mkdtemp(prefix="gateway-intake-"))
-        self.side = str(self._dir / "main.sock")
+        # Linux's abstract namespace: no file to leave behind when this process is killed.
+        self.side = f"\0gateway-intake-{os.getpid()}-{secrets.token_hex(8)}"
         self._runner: web.AppRunner | None = None
         self._counters = {
             next(iter(c.describe())).name: c
@@ -150,7 +148,6 @@ class IntakeProcesses:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _keep(self, child: Child) -> None:
         """Run one child until shutdown, starting it again whenever it exits before."""
