@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -309,12 +310,30 @@ class Metrics:
             self._webhook_children[key] = child
         child.inc()
 
-    def middleware(self) -> Middleware:
-        """An aiohttp middleware that counts and times every request, by canonical route."""
-
+    def request_meter(self) -> Callable[[web.Request, int, float], None]:
+        """Count and time one answered request: `meter(request, status, seconds)`."""
         # (route, method, status) -> the two children; bounded by the routes, the methods
         # `method_label` keeps and the statuses answered, as the series themselves are.
         children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+        def meter(request: web.Request, status: int, seconds: float) -> None:
+            route = route_label(request)
+            method = method_label(request.method)  # never a raw method: it keys the cache
+            key = (route, method, status)
+            bound = children.get(key)
+            if bound is None:  # .labels() costs a lock and a hash; this runs per request
+                bound = children[key] = (
+                    self.http_requests.labels(route, method, str(status)),
+                    self.http_request_duration.labels(route),
+                )
+            bound[0].inc()
+            bound[1].observe(seconds)
+
+        return meter
+
+    def middleware(self) -> Middleware:
+        """An aiohttp middleware that counts and times every request, by canonical route."""
+        meter = self.request_meter()
 
         @web.middleware
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -332,17 +351,7 @@ class Metrics:
                 status = response.status
                 return response
             finally:
-                route = route_label(request)
-                method = method_label(request.method)  # never a raw method: it keys the cache
-                key = (route, method, status)
-                bound = children.get(key)
-                if bound is None:  # .labels() costs a lock and a hash; this runs per request
-                    bound = children[key] = (
-                        self.http_requests.labels(route, method, str(status)),
-                        self.http_request_duration.labels(route),
-                    )
-                bound[0].inc()
-                bound[1].observe(time.perf_counter() - started)
+                meter(request, status, time.perf_counter() - started)
 
         return observe
 

@@ -10,58 +10,51 @@ A webhook passes these checks in order (DESIGN.md section 8), and each answer is
 `gateway_webhooks_received_total{type,outcome}`: 403 (`server.allow_from`), 401, 415, 413 (before
 and while reading), 400, `200 ignored` (unknown type), `503` while starting, then the spool:
 `202 accepted`, `200 duplicate`, or `503` when it cannot store.
+
+What delivers lives in `app.wiring` (`delivery`), the intake-only processes of
+`server.intake_processes` in `app.intake_procs`; `serve` adds both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from http import HTTPStatus
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.app.intake_procs import intake_processes, take_turns
 from gateway.app.reload import LiveRules
-from gateway.app.retention import Retention
-from gateway.bulk.drift import follow as follow_drift
+from gateway.app.wiring import BUDGET, DISPATCHER, REPLICAS, RULES, WRITEBACK, Context, delivery
 from gateway.config.settings import (
     Config,
     DeliveryConfig,
-    fake_braze_address,
     is_postgresql,
     lease_of,
     request_bound_s,
     secrets_of,
 )
-from gateway.errors import ConfigError, GatewayError, SpoolError
-from gateway.forward.dispatcher import Dispatcher
-from gateway.forward.intake import AUTH, WEBHOOK_PATH, receive_webhook
+from gateway.errors import ConfigError, SpoolError
+from gateway.forward.intake import ACCEPTED, AUTH, WEBHOOK_PATH, AcceptedLog, receive_webhook
 from gateway.http.auth import TokenIssuer, authenticator_for, token_endpoint
+from gateway.http.front import front
 from gateway.http.intake import (
     CONFIG,
     METRICS,
-    RETRY_AFTER_S,
     SPOOL,
     STATE,
     State,
-    error_answer,
-    json_answer,
-    nothing,
 )
+from gateway.http.probes import healthz, readyz
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
-from gateway.peers.braze import open_client
-from gateway.peers.didomi import open_didomi_client
 from gateway.reverse import intake as braze_intake
-from gateway.reverse.writeback import Writeback
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.spool.lock import SpoolLock
@@ -92,17 +85,6 @@ OAUTH_PATH = "/oauth/token"
 GUARDED_PATHS = frozenset({WEBHOOK_PATH, OAUTH_PATH})
 WRITE_ERROR_WINDOW_S = 10.0  # how long a failed spool commit keeps /readyz at 503
 
-Context = Callable[[web.Application], AsyncIterator[None]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-DISPATCHER = web.AppKey("gateway.dispatcher", Dispatcher)
-WRITEBACK = web.AppKey("gateway.writeback", Writeback)
-RULES = web.AppKey("gateway.rules", LiveRules)
-REPLICAS = web.AppKey("gateway.replicas", Replicas)  # only with a PostgreSQL spool
-BUDGET = web.AppKey("gateway.budget", Budget)
-_ALLOW = web.AppKey("gateway.allow_from", tuple[Network, ...])
-
 
 def _publish_ready(app: web.Application) -> None:
     app[METRICS].ready.set(0 if app[STATE].not_ready_reason() else 1)
@@ -132,6 +114,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     # this before it binds the port, so a refused second gateway never listens.
     config = app[CONFIG]
     lock, db = await asyncio.to_thread(_open_spool, config.delivery, config.retention.person_key)
+    turns = take_turns(config, db)
     spool = Spool(db)
     app[SPOOL] = spool
     if isinstance(db, SpoolDB):
@@ -156,6 +139,8 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
                 await replicas.stop()  # after delivery stopped: the others take over at once
                 await app[BUDGET].close()
             await spool.close()  # queued writes commit first
+            if turns is not None:
+                turns.close()
         finally:
             if lock is not None:
                 lock.release()  # once the file is closed: no second gateway writes beside it
@@ -205,144 +190,37 @@ def _spool_room(app: web.Application) -> str | None:
     return spool.low_on_disk
 
 
-def delivery(live: LiveRules) -> Context:
-    """The context that runs delivery both ways: the Braze client and the dispatcher, Didomi's
-    client and the writeback (with `[didomi_api] enabled`), and rule reloads."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        config, metrics, state, spool = app[CONFIG], app[METRICS], app[STATE], app[SPOOL]
-        async with contextlib.AsyncExitStack() as stack:
-            # Entered first, so it stops last: delivery finishes against it before it goes.
-            await stack.enter_async_context(_fake_braze(config))
-            client = await stack.enter_async_context(open_client(config.braze, metrics))
-            dispatcher = Dispatcher(config, spool, live.current, client, metrics)
-            back: Writeback | None = None
-            if config.didomi_api.enabled:
-                didomi = await stack.enter_async_context(
-                    open_didomi_client(config.didomi_api, on_request=metrics.didomi_request)
-                )
-                back = Writeback(config, spool, live.current, didomi, metrics)
-                app[WRITEBACK] = back
-
-            def follow(new: Config) -> None:
-                client.reconfigure(new.braze)  # key, server, timeout, rate: next request on
-                # The dispatcher reads its config for each batch; max_in_flight keeps its start
-                # value here, since LiveRules passes on live keys only.
-                dispatcher.config = new
-                if back is not None:
-                    back.config = new
-
-            live.listeners.append(follow)
-            replicas = app.get(REPLICAS)
-            if replicas is not None:
-                # One budget and one owner per partition across replicas (replicas.py).
-                client.limiter.shared = app[BUDGET]
-                client.limiter.replicas = lambda: replicas.live
-                replicas.busy.append(dispatcher.busy_partitions)
-                replicas.on_change.append(dispatcher.wake)
-                if back is not None:
-                    replicas.busy.append(back.busy_partitions)
-                    replicas.on_change.append(back.wake)
-            # Delivery trouble is reported, never a reason to refuse webhooks (readiness).
-            state.degraded_checks.append(dispatcher.degraded_reason)
-            state.on_wake = dispatcher.wake
-            state.person_of = lambda webhook: live.current().person(webhook)
-            state.identity = lambda: live.current().identity
-            app[DISPATCHER] = dispatcher
-            app[RULES] = live
-            await dispatcher.start()
-            if back is not None:
-                state.degraded_checks.append(back.degraded_reason)
-                state.on_wake_to_didomi = back.wake
-                back.forward = dispatcher  # Braze's reports wait for earlier Didomi rows
-                await back.start()
-            loop = asyncio.get_running_loop()
-
-            def on_sighup() -> None:
-                log.info("SIGHUP: reloading gateway.toml and the mappings")
-                live.request_reload()  # after the reload under way, if any: the newest wins
-
-            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-                loop.add_signal_handler(signal.SIGHUP, on_sighup)
-            watcher = asyncio.create_task(live.watch()) if config.mappings.watch else None
-            retention = Retention(spool, config.retention, metrics)
-            retention.start()
-            # The last reconcile's drift, for /metrics: a read of one row a minute.
-            drift_ratios = asyncio.create_task(follow_drift(spool, metrics))
-            try:
-                yield
-            finally:
-                drift_ratios.cancel()
-                await asyncio.gather(drift_ratios, return_exceptions=True)
-                await retention.stop()
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(signal.SIGHUP)
-                if watcher is not None:
-                    watcher.cancel()
-                    await asyncio.gather(watcher, return_exceptions=True)
-                await live.close()
-                state.on_wake = state.on_wake_to_didomi = nothing
-                # One budget for the whole shutdown: what waiting for requests used is gone.
-                grace = config.server.shutdown_timeout_s
-                if state.drain_started is not None:
-                    grace -= time.monotonic() - state.drain_started
-                stops = [dispatcher.stop(grace_s=max(0.0, grace))]
-                if back is not None:
-                    stops.append(back.stop(grace_s=max(0.0, grace)))
-                await asyncio.gather(*stops)
-                live.listeners.remove(follow)
-
-    return context
-
-
-@contextlib.asynccontextmanager
-async def _fake_braze(config: Config) -> AsyncIterator[None]:
-    """The demo's fake Braze (`braze.server = "fake://..."`), served by this process."""
-    address = fake_braze_address(config.braze.server)
-    if address is None:
-        yield
-        return
-    from gateway.testing.braze import FakeBraze  # test code, and only a demo needs it
-
-    fake = FakeBraze(api_key=config.braze.api_key)
-    host, port = address
-    try:
-        url = await fake.start(host, port)
-    except OSError as exc:
-        raise GatewayError(
-            f"cannot serve the demo's fake Braze on {host}:{port}: {exc.strerror or exc};"
-            " pick another port in braze.server"
-        ) from None
-    # Loud on purpose: a gateway that looks healthy while nothing reaches Braze is a demo only.
-    log.warning(
-        "DEMO: braze.server is the fake Braze of gateway.testing, served by this process at"
-        " %s: nothing reaches a real Braze and its users are lost at exit; see a person at"
-        " %s/fake/users/<external id>",
-        url,
-        url,
-        extra={"fake_braze": url},
-    )
-    try:
-        yield
-    finally:
-        await fake.stop()
-
-
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, contexts: Sequence[Context] = ()
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    contexts: Sequence[Context] = (),
+    spool: Context | None = None,
+    probes: Mapping[str, Handler] | None = None,
 ) -> web.Application:
-    """The gateway's aiohttp application; `contexts` start after the spool and stop before it."""
+    """The gateway's aiohttp application; `contexts` start after the spool and stop before it.
+
+    An intake-only process (`app.intake_only`) gives its own `spool` context and the handlers of
+    `/readyz` and `/metrics` in `probes`.
+    """
     metrics = metrics if metrics is not None else Metrics()
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
     app = web.Application(
-        middlewares=[metrics.middleware(), _json_errors, _allow_from],
+        middlewares=[front(metrics, networks, GUARDED_PATHS, WEBHOOK_PATH)],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+
+    def publish_pending() -> None:
+        # Once per intake commit, not per webhook: the dispatcher sets it as it acknowledges.
+        if (spool := app.get(SPOOL)) is not None:
+            metrics.flow("to_braze").pending.set(spool.pending_of("to_braze"))
+
+    app[ACCEPTED] = AcceptedLog(after=publish_pending)
     state = State()
     state.ready_checks.append(functools.partial(_spool_room, app))
     app[STATE] = state
-    app[_ALLOW] = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.allow_from)
     metrics.ready.set(0)
 
     issuer = None
@@ -355,10 +233,12 @@ def create_app(
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     braze_intake.add_routes(app, config)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(metrics))
+    if probes is None:
+        probes = {"/readyz": readyz, "/metrics": metrics_handler(metrics)}
+    for path, handler in probes.items():
+        app.router.add_get(path, handler)
 
-    app.cleanup_ctx.append(_spool_context)
+    app.cleanup_ctx.append(spool if spool is not None else _spool_context)
     app.cleanup_ctx.extend(contexts)
     app.cleanup_ctx.append(_ready_context)
     app.on_shutdown.append(_drain)
@@ -390,8 +270,16 @@ def serve(
         for problem in exc.problems:
             log.error("cannot start: %s", problem)
         return 1
-    app = create_app(config, metrics=metrics, contexts=[delivery(live)])
     server = config.server
+    # The intake-only processes start once delivery runs, and stop before it does.
+    launch = {
+        "config": config,
+        "config_path": str(config_path) if config_path is not None else None,
+        "log_format": fmt,
+        "log_level": log_level,
+    }
+    contexts = [delivery(live), intake_processes(launch, live)]
+    app = create_app(config, metrics=metrics, contexts=contexts)
     log.info(
         "gateway starting on http://%s:%d (auth %s, spool %s)",
         server.host,
@@ -413,6 +301,7 @@ def serve(
             host=server.host,
             port=server.port,
             shutdown_timeout=server.shutdown_timeout_s,
+            reuse_port=server.intake_processes > 1,
             handle_signals=True,
             print=listening,
             access_log=None,
@@ -425,78 +314,3 @@ def serve(
         return 1
     log.info("gateway stopped")
     return 0
-
-
-# ---------------------------------------------------------------------------
-# Middlewares
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own error answers (404, 405, ...) as JSON `{"error", "detail"}` too."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            detail = f"nothing at {request.path}"
-        elif exc.status == 405:
-            detail = f"{request.method} is not allowed here; use {exc.headers.get('Allow', '')}"
-        else:
-            detail = exc.reason
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_").replace("-", "_")
-        return error_answer(exc.status, code, detail, headers)
-    except Exception:
-        log.exception("error handling %s %s", request.method, request.path)
-        return error_answer(
-            500, "internal_error", "the gateway failed on this request; see its log"
-        )
-
-
-@web.middleware
-async def _allow_from(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """`server.allow_from`: only the listed networks may call the Didomi-facing routes."""
-    networks = request.app[_ALLOW]
-    if not networks or request.path not in GUARDED_PATHS or _allowed(request.remote, networks):
-        return await handler(request)
-    if request.path == WEBHOOK_PATH:
-        request.app[METRICS].webhook("other", "unauthorized")
-    log.info("request refused: %s is not in server.allow_from", request.remote)
-    return error_answer(
-        403, "forbidden", "this address may not call the gateway (server.allow_from)"
-    )
-
-
-def _allowed(remote: str | None, networks: tuple[Network, ...]) -> bool:
-    if remote is None:
-        return False  # not a TCP peer: nothing to check against, so refuse
-    try:
-        address = ipaddress.ip_address(remote.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
-
-
-# ---------------------------------------------------------------------------
-# Handlers
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """`GET /healthz`: 200 while the process is alive."""
-    return json_answer(200, {"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """`GET /readyz`: 200 when the spool and every added context are up, else 503 and why."""
-    reason = request.app[STATE].not_ready_reason()
-    request.app[METRICS].ready.set(0 if reason else 1)
-    if reason is not None:
-        return error_answer(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_S)})
-    degraded = request.app[STATE].degraded_reason()
-    if degraded is not None:
-        return json_answer(200, {"status": "ready", "degraded": degraded})
-    return json_answer(200, {"status": "ready"})

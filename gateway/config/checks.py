@@ -49,6 +49,7 @@ def check_config(config: Config, located: Located, *, require_secrets: bool) -> 
         (("braze", "max_in_flight"), braze.max_in_flight),
         (("braze", "flush_interval_ms"), braze.flush_interval_ms),
         (("server", "max_body_bytes"), server.max_body_bytes),
+        (("server", "intake_processes"), server.intake_processes),
         (("auth", "token_ttl_s"), auth.token_ttl_s),
         (("delivery", "retry_initial_ms"), delivery.retry_initial_ms),
         (("delivery", "max_pending"), delivery.max_pending),

@@ -30,6 +30,8 @@ class ServerConfig(Strict, frozen=True):
     max_body_bytes: int = 1_048_576
     allow_from: list[str] = []
     shutdown_timeout_s: float = 10.0
+    # Processes taking webhooks on `port` (SO_REUSEPORT); all but one only store them.
+    intake_processes: int = 1
 
 
 class AuthConfig(Strict, frozen=True):

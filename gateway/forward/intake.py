@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
+import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -18,14 +21,47 @@ from gateway.http.intake import (
     read_capped,
 )
 from gateway.http.intake import refuse as intake_refuse
-from gateway.shapes.webhooks import WebhookError, decode, direction_of
+from gateway.shapes.webhooks import WebhookError, decode
 
 log = logging.getLogger("gateway.server")  # the intake log, as for Braze
 
 WEBHOOK_PATH = "/webhooks/didomi"
+_ACCEPTED = msgspec.json.encode({"status": "accepted"})
+_DUPLICATE = msgspec.json.encode({"status": "duplicate"})
 
 
 AUTH = web.AppKey("gateway.authenticator", Authenticator)
+
+
+class AcceptedLog:
+    """The audit line of accepted webhooks: one `webhooks accepted` line per intake commit.
+
+    A line per webhook cost more CPU than storing it. Every request of one commit group
+    resumes in the same turn of the event loop, after the commit; the line is written on the
+    loop's next turn, so it names one group's event ids, all of them stored.
+    """
+
+    def __init__(self, after: Callable[[], None] = lambda: None) -> None:
+        self._ids: list[str | None] = []
+        self._after = after  # once per group too: what need not run per webhook
+        self.extra: dict[str, object] = {}  # more fields for the line (which process, say)
+
+    def add(self, event_id: str | None) -> None:
+        """One webhook stored (its commit is done); logged with the rest of its group."""
+        if not self._ids:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._ids.append(event_id)
+
+    def flush(self) -> None:
+        """Write the line for the webhooks added since the last one."""
+        ids, self._ids = self._ids, []
+        if ids:
+            extra = {"count": len(ids), "event_ids": ids, "outcome": "accepted", **self.extra}
+            log.info("webhooks accepted", extra=extra)
+        self._after()
+
+
+ACCEPTED = web.AppKey("gateway.accepted_log", AcceptedLog)
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -84,13 +120,14 @@ async def receive_webhook(request: web.Request) -> web.Response:
     except SpoolError as exc:
         detail = "the spool cannot store webhooks now; retry later"
         return refuse(503, "unavailable", detail, "unavailable", kind, reason=str(exc))
-    finally:
-        metrics.flow(direction_of(kind)).pending.set(spool.pending_of(direction_of(kind)))
-    outcome = "accepted" if stored else "duplicate"
-    metrics.webhook(kind, outcome)
     # The audit trail of consent: which Didomi event, what became of it. Never the person.
-    log.info("webhook %s", outcome, extra={"event_id": event_id, "type": kind, "outcome": outcome})
     if not stored:
-        return json_answer(200, {"status": "duplicate"})
+        metrics.webhook(kind, "duplicate")
+        log.info(
+            "webhook duplicate", extra={"event_id": event_id, "type": kind, "outcome": "duplicate"}
+        )
+        return json_answer(200, _DUPLICATE)
+    metrics.webhook(kind, "accepted")
+    app[ACCEPTED].add(event_id)
     state.wake()
-    return json_answer(202, {"status": "accepted"})
+    return json_answer(202, _ACCEPTED)

@@ -89,14 +89,17 @@ METRICS = web.AppKey("gateway.metrics", Metrics)
 STATE = web.AppKey("gateway.state", State)
 
 _encode = msgspec.json.Encoder().encode
+# A header dict rather than `content_type=`: aiohttp parses that argument on every answer.
+_JSON = {"Content-Type": "application/json"}
 
 
 def json_answer(
-    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    status: int, body: Mapping[str, Any] | bytes, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """A JSON response."""
+    """A JSON response (`body` as a mapping, or already encoded)."""
+    data = body if isinstance(body, bytes) else _encode(body)
     return web.Response(
-        status=status, body=_encode(body), content_type="application/json", headers=headers
+        status=status, body=data, headers={**_JSON, **headers} if headers else _JSON
     )
 
 

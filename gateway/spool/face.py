@@ -17,7 +17,7 @@ from gateway.errors import SpoolError
 from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import prune as retention
-from gateway.spool.store import Dead, Pending, Store, StoredItem
+from gateway.spool.store import Dead, Pending, SpoolBase, Store, StoredItem
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.spool")
@@ -38,6 +38,9 @@ class Handoff:
     def __init__(self, complete_after: int) -> None:
         self.rows: deque[Pending] = deque()
         self.complete_after = complete_after
+        # Intake-only processes write the file too (`server.intake_processes`): once this
+        # process's rows are taken, theirs may follow, so delivery reads the spool.
+        self.shared = False
 
     def add(self, row: Pending) -> None:
         """A row intake stored (in id order)."""
@@ -58,6 +61,8 @@ class Handoff:
             return None
         while self.rows and self.rows[0].id <= cursor:
             self.rows.popleft()
+        if self.shared and not self.rows:
+            return None
         return list(itertools.islice(self.rows, limit))
 
 
@@ -76,13 +81,14 @@ class _Outcome:
 class Spool:
     """Asyncio access to a SpoolDB: one worker thread, concurrent puts grouped per transaction."""
 
-    def __init__(self, db: Store) -> None:
+    def __init__(self, db: Store, *, deliver: bool = True) -> None:
         self.db = db
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._queue: list[tuple[StoredItem, asyncio.Future[bool], object]] = []
         # On SQLite this process writes every row (but for a CLI's replay): delivery to Braze
         # takes them from memory. On PostgreSQL every replica writes: it reads the database.
-        start = db.handoff_from()
+        # An intake-only process (`deliver=False`) hands nothing over: nobody delivers here.
+        start = db.handoff_from() if deliver else None
         self.handoff = Handoff(start) if start is not None else None
         self._last_id = start or 0
         self._writer: asyncio.Task[None] | None = None
@@ -166,6 +172,23 @@ class Spool:
         waiting = await self.run(self.db.count_backfill)
         self.db.pending_backfill = waiting
         return waiting
+
+    def stored_elsewhere(self, to_braze: int, to_didomi: int) -> None:
+        """Count rows this gateway's intake-only processes stored, as if stored here.
+
+        Their acknowledgements are counted here, so without this the count would drift low.
+        Counted on the spool thread, between puts and acks, so neither loses the update.
+        """
+
+        db = self.db
+        if not isinstance(db, SpoolBase):
+            return
+
+        def count() -> None:
+            db.pending += to_braze + to_didomi
+            db.pending_to_didomi += to_didomi
+
+        self._executor.submit(count)
 
     @property
     def max_pending(self) -> int:

@@ -58,3 +58,31 @@ def _pid_in(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode().strip())
     except (OSError, ValueError):  # written a moment after the lock is taken
         return None
+
+
+class WriteTurns:
+    """`<spool>.writers`: an flock each writing process holds around its write transactions.
+
+    With intake in several processes (`server.intake_processes`) their commits meet on the
+    file's one write lock, and SQLite's busy handler sleeps 1 to 100 ms between tries: a
+    writer would stand idle while the file is free. Queued on an flock, it is woken the
+    moment the other commits. A process that does not take it (the CLI) is still kept out by
+    SQLite's own lock, and waits as before.
+    """
+
+    def __init__(self, spool: str | Path) -> None:
+        self.path = Path(spool).with_name(Path(spool).name + ".writers")
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SpoolError(f"cannot create the spool's write lock {self.path}: {exc}") from exc
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the file (dropping the lock if held)."""
+        os.close(self._fd)

@@ -12,6 +12,7 @@ is `sqlite_lane`, its tables `sqlite_schema`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
@@ -75,6 +76,7 @@ class SpoolDB(SqliteLane):
         self._shed_logged_at = -math.inf  # monotonic: shedding is warned about once a minute
         self._shed_unlogged = 0
         self._data_version: int | None = None  # as `written_elsewhere` last read it
+        self.writers = contextlib.nullcontext()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, to group writes.

@@ -24,6 +24,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,6 +67,7 @@ class SqliteFile(SpoolBase):
     min_free_bytes: int
     low_on_disk: str | None
     committed_at: float
+    writers: AbstractContextManager[object]  # several writing processes: `lock.WriteTurns`
     on_shed: Callable[[int], None]
     _shed_logged_at: float
     _shed_unlogged: int
@@ -73,14 +75,15 @@ class SqliteFile(SpoolBase):
 
     def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self.db)
-                self.db.execute("COMMIT")
-                self.committed_at = time.monotonic()
-            except BaseException:
-                self._rollback()
-                raise
+            with self.writers:  # several writing processes: `lock.WriteTurns`
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(self.db)
+                    self.db.execute("COMMIT")
+                    self.committed_at = time.monotonic()
+                except BaseException:
+                    self._rollback()
+                    raise
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
         return result

@@ -608,6 +608,32 @@ async def test_thousands_of_concurrent_webhooks_are_each_stored_exactly_once(
     )
 
 
+async def test_accepted_webhooks_are_logged_once_per_commit_with_every_event_id(
+    client: Client,
+    auth_headers: dict[str, str],
+    make_event: MakeEvent,
+    server_log: list[logging.LogRecord],
+) -> None:
+    """Concurrent accepted webhooks log one `webhooks accepted` line per commit group, each
+    after its commit, together naming every event id once; a duplicate keeps its own line."""
+    count = 200
+    bodies = [make_event(n) for n in range(count)]
+    statuses = await asyncio.gather(*(post(client, body, auth_headers) for body in bodies))
+    assert [status for status, _ in statuses] == [202] * count
+    assert (await post(client, bodies[0], auth_headers))[0] == 200
+    lines = [r for r in server_log if r.getMessage() == "webhooks accepted"]
+    logged = [event_id for r in lines for event_id in r.__dict__["event_ids"]]
+    assert sorted(logged) == sorted(
+        json.loads(body)["parameters"]["entity"]["id"] for body in bodies
+    )
+    assert all(r.__dict__["count"] == len(r.__dict__["event_ids"]) for r in lines)
+    spool = client.app[SPOOL]
+    # Grouped: no more lines than intake transactions, so fewer than the webhooks.
+    assert len(lines) <= spool.commits < count
+    duplicates = [r for r in server_log if r.__dict__.get("outcome") == "duplicate"]
+    assert len(duplicates) == 1
+
+
 # ---------------------------------------------------------------------------
 # Health, readiness, errors, metrics
 

@@ -292,7 +292,7 @@ def test_unknown_key_is_an_error_on_its_line_with_a_hint(tmp_path: Path) -> None
     line = line_of(path, "prot")
     assert lines(error) == [
         f"{path}:{line}: unknown key 'prot' (did you mean 'port'?); allowed: allow_from, host, "
-        "max_body_bytes, port, shutdown_timeout_s"
+        "intake_processes, max_body_bytes, port, shutdown_timeout_s"
     ]
 
 

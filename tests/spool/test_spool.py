@@ -519,6 +519,18 @@ def test_the_handoff_gives_rows_after_the_cursor_and_keeps_them_until_passed() -
     assert handoff.take(13, 100) is None
 
 
+def test_a_shared_handoff_sends_delivery_to_the_spool_once_its_own_rows_are_taken() -> None:
+    """With intake-only processes writing the file too, an empty hand-off is no proof that
+    nothing waits: delivery reads the spool (None) instead of waiting for the next poll."""
+    handoff = Handoff(complete_after=0)
+    handoff.shared = True
+    handoff.add(_row(1))
+    assert [r.id for r in handoff.take(0, 100) or []] == [1]
+    assert handoff.take(1, 100) is None  # row 2, if any, was written by another process
+    handoff.shared = False
+    assert handoff.take(1, 100) == []
+
+
 def test_a_full_handoff_leaves_delivery_to_read_the_spool(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past its bound the hand-off forgets its rows and says where reading must go up to."""
     monkeypatch.setattr(Handoff, "LIMIT", 3)
@@ -528,6 +540,16 @@ def test_a_full_handoff_leaves_delivery_to_read_the_spool(monkeypatch: pytest.Mo
     assert handoff.take(0, 100) is None
     handoff.add(_row(5))
     assert [r.id for r in handoff.take(4, 100) or []] == [5]
+
+
+async def test_an_intake_only_spool_hands_nothing_over(path: Path) -> None:
+    """`Spool(deliver=False)` (an intake-only process) stores rows and keeps no hand-off."""
+    spool = Spool(SpoolDB(path), deliver=False)
+    try:
+        assert spool.handoff is None
+        assert await spool.put(*item(1))
+    finally:
+        await spool.close()
 
 
 async def test_intake_hands_its_rows_over_and_notices_rows_it_did_not_write(

@@ -1,0 +1,275 @@
+"""`server.intake_processes`: intake-only processes beside this one, on the same port.
+
+One process can use one core (the GIL keeps its event loop and its spool thread to one). With
+`intake_processes = N`, the gateway starts N-1 more processes (`app.intake_only`) that bind the
+same port with SO_REUSEPORT, so the kernel spreads connections over all N. They check, decode
+and store webhooks (`202` after the commit, as here) and run no delivery: this process's
+dispatcher and writeback deliver every row, reading the spool for theirs.
+
+Each child reports on its stdout, one JSON line at a time: how many rows it stored (cumulative:
+this process adds them to its pending count and wakes delivery at once) and its counters
+(cumulative: added here, so `/metrics` counts every process's webhooks and requests; histograms
+and gauges are this process's own, so request durations are timed here only). A child
+proxies `/metrics` and `/readyz` to this process over an abstract Unix socket, whichever process the
+kernel gave the connection to. A child that exits is logged, named in `/readyz` (degraded) and
+started again; the children get SIGTERM at shutdown, before delivery stops, and drain as this
+process does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import Counter
+
+from gateway.app.reload import LiveRules
+from gateway.app.wiring import Context
+from gateway.config.settings import Config
+from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE
+from gateway.http.probes import readyz
+from gateway.metrics import Metrics, metrics_handler
+from gateway.spool.lock import WriteTurns
+from gateway.spool.sqlite import SpoolDB
+from gateway.spool.store import Store
+
+log = logging.getLogger("gateway.server")
+
+RESTART_MIN_S = 1.0  # a child that exits is started again after this, doubling to the max
+RESTART_MAX_S = 30.0
+REPORT_S = 1.0  # how often a child sends its counters (its stored rows go at each commit)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a child needs to start: sent pickled on its stdin (after its length, 8 bytes
+    big-endian), which then stays open."""
+
+    config: Config  # a frozen Struct: picklable
+    config_path: str | None
+    log_format: str
+    log_level: str
+    index: int
+    side: str  # the Unix socket this process answers /metrics and /readyz on for the children
+
+
+class Report(msgspec.Struct, omit_defaults=True):
+    """One line a child writes on its stdout; every figure is cumulative since it started."""
+
+    ready: bool = False
+    stored: tuple[int, int] | None = None  # rows stored going to Braze, to Didomi
+    counters: list[tuple[str, dict[str, str], float]] | None = None
+
+
+_decode_report = msgspec.json.Decoder(Report).decode
+
+
+class Child:
+    """One intake-only process, as this process follows it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.down: str | None = "starting"  # why it takes no webhooks now, or None
+        self.stored = (0, 0)
+        self.counted: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+
+class IntakeProcesses:
+    """Starts, follows, restarts and stops the children of `server.intake_processes`."""
+
+    def __init__(self, app: web.Application, launch: dict[str, Any]) -> None:
+        self.app = app
+        self.config = app[CONFIG]
+        self.metrics: Metrics = app[METRICS]
+        self.launch = launch
+        self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
+        self.stopping = False
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Linux's abstract namespace: no file to leave behind when this process is killed.
+        self.side = f"\0gateway-intake-{os.getpid()}-{secrets.token_hex(8)}"
+        self._runner: web.AppRunner | None = None
+        self._counters = {
+            next(iter(c.describe())).name: c
+            for c in vars(self.metrics).values()
+            if isinstance(c, Counter)
+        }
+
+    def degraded_reason(self) -> str | None:
+        """Which intake processes are down: this one still takes webhooks, so it is ready."""
+        down = [f"intake process {c.index} {c.down}" for c in self.children if c.down]
+        return "; ".join(down) if down else None
+
+    async def start(self) -> None:
+        """Serve the children's probes, then start every child."""
+        side = web.Application()
+        side[STATE], side[METRICS] = self.app[STATE], self.metrics
+        side.router.add_get("/readyz", readyz)
+        side.router.add_get("/metrics", metrics_handler(self.metrics))
+        self._runner = web.AppRunner(side, access_log=None)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, self.side).start()
+        self._tasks = [asyncio.create_task(self._keep(child)) for child in self.children]
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to every child running."""
+        for child in self.children:
+            if child.proc is not None and child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(sig)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM every child, wait for them to drain (`grace_s` at most), then SIGKILL."""
+        self.stopping = True
+        self._stopped.set()
+        running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
+        self.signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
+        except TimeoutError:
+            for proc in running:
+                if proc.returncode is None:
+                    log.error("intake process did not stop in time; killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _keep(self, child: Child) -> None:
+        """Run one child until shutdown, starting it again whenever it exits before."""
+        pause = RESTART_MIN_S
+        while not self.stopping:
+            started = time.monotonic()
+            code = await self._run(child)
+            if time.monotonic() - started > RESTART_MAX_S:
+                pause = RESTART_MIN_S  # it ran a while: a new failure, not the same one again
+            if self.stopping:
+                log.info("intake process %d stopped", child.index, extra={"exit_code": code})
+                return
+            child.down = f"exited with code {code}; starting it again"
+            log.error(
+                "intake process %d exited with code %s; starting it again in %.0f s",
+                child.index,
+                code,
+                pause,
+                extra={"exit_code": code},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=pause)
+            pause = min(RESTART_MAX_S, pause * 2)
+
+    async def _run(self, child: Child) -> int | None:
+        launch = Launch(index=child.index, side=self.side, **self.launch)
+        child.stored, child.counted = (0, 0), {}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.app.intake_only",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ},
+                limit=2**20,  # a line of counters is a few kB
+            )
+        except OSError as exc:
+            log.error("cannot start intake process %d: %s", child.index, exc)
+            return None
+        child.proc = proc
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        # Kept open: the child stops when it reads EOF there, so it never outlives this process.
+        data = pickle.dumps(launch)
+        proc.stdin.write(len(data).to_bytes(8, "big") + data)
+        await proc.stdin.drain()
+        while line := await proc.stdout.readline():
+            try:
+                self._apply(child, _decode_report(line))
+            except msgspec.DecodeError:
+                log.warning("intake process %d wrote an unreadable line", child.index)
+        code = await proc.wait()
+        proc.stdin.close()
+        return code
+
+    def _apply(self, child: Child, report: Report) -> None:
+        if report.ready:
+            child.down = None
+            log.info(
+                "intake process %d ready", child.index, extra={"pid": child.proc and child.proc.pid}
+            )
+        if report.stored is not None:
+            to_braze = report.stored[0] - child.stored[0]
+            to_didomi = report.stored[1] - child.stored[1]
+            child.stored = report.stored
+            spool = self.app.get(SPOOL)
+            if spool is not None and spool.handoff is not None:
+                # SQLite: this process counts every row; PostgreSQL recounts every few seconds.
+                spool.stored_elsewhere(to_braze, to_didomi)
+            state = self.app[STATE]
+            if to_braze:
+                state.wake()
+            if to_didomi:
+                state.wake("to_didomi")
+        for name, labels, value in report.counters or ():
+            key = (name, tuple(sorted(labels.items())))
+            delta = value - child.counted.get(key, 0.0)
+            child.counted[key] = value
+            counter = self._counters.get(name)
+            if counter is not None and delta > 0:
+                (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+def take_turns(config: Config, db: Store) -> WriteTurns | None:
+    """With several intake processes on a SQLite spool, queue its writers on `WriteTurns`."""
+    if config.server.intake_processes <= 1 or not isinstance(db, SpoolDB):
+        return None
+    turns = WriteTurns(db.path)
+    db.writers = turns
+    return turns
+
+
+def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
+    """The context that runs the children of `server.intake_processes` (after delivery)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        if config.server.intake_processes <= 1:
+            yield
+            return
+        procs = IntakeProcesses(app, launch)
+        spool = app[SPOOL]
+        if spool.handoff is not None:
+            spool.handoff.shared = True  # their rows are read from the file
+        app[STATE].degraded_checks.append(procs.degraded_reason)
+        await procs.start()
+
+        def follow(_new: object) -> None:
+            # Their rules name the person (the partition on PostgreSQL): reloaded with ours.
+            procs.signal(signal.SIGHUP)
+
+        live.listeners.append(follow)
+        log.info(
+            "intake in %d processes on port %d",
+            config.server.intake_processes,
+            config.server.port,
+        )
+        try:
+            yield
+        finally:
+            live.listeners.remove(follow)
+            await procs.stop(config.server.shutdown_timeout_s)
+
+    return context

@@ -1,0 +1,251 @@
+"""`server.intake_processes`: a real `gateway run` taking webhooks in two processes on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.testing.braze import FakeBraze
+from tests.conftest import Stoppable, choice, free_port, write_config
+from tests.system.test_reliability import STATES, GatewayProcess, at, eventually
+
+SINGLES = 120  # persons with one choice each: each must reach Braze exactly once
+ORDERED = 30  # persons with CHOICES choices each, sent one after the other
+CHOICES = 4
+
+
+def records(gw: GatewayProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+
+
+def objects_by_person(fake: FakeBraze) -> dict[str, list[str]]:
+    """Each person's `email_subscribe` states in the order the fake Braze took them."""
+    states: dict[str, list[str]] = defaultdict(list)
+    for request in fake.requests:
+        if request.path == "/users/track" and request.status == 201:
+            for obj in request.body.get("attributes", []):
+                if "email_subscribe" in obj:
+                    states[obj["external_id"]].append(obj["email_subscribe"])
+    return states
+
+
+async def _equals(value: Any, expected: float) -> bool:
+    return bool(await value == expected)
+
+
+@pytest.mark.slow
+async def test_two_intake_processes_on_one_port_deliver_each_webhook_once_in_order(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """With `intake_processes = 2`, webhooks posted on new connections are taken by both
+    processes, each reaches the fake Braze exactly once, each person's choices arrive in the
+    order sent, `/metrics` from either process counts them all, and SIGTERM stops both (exit 0)."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2, "shutdown_timeout_s": 5},
+        braze={"server": fake.url, "flush_interval_ms": 10},
+        delivery={"spool": spool_url, "retry_initial_ms": 20, "retry_max_ms": 200},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+
+    async def both_ready() -> bool:
+        return any(r.get("msg", "").startswith("intake process 1 ready") for r in records(gw))
+
+    await eventually(both_ready, 30, "the second intake process to be ready")
+    # A new connection per request: the kernel spreads connections, not requests.
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def post(body: bytes) -> int:
+            url = f"{gw.base}/webhooks/didomi"
+            async with session.post(url, data=body, headers=auth_headers) as resp:
+                return resp.status
+
+        async def single(n: int) -> int:
+            return await post(choice(f"single-{n}", n % 2 == 0, at(n % 600)))
+
+        async def ordered(n: int) -> list[int]:
+            # Each choice once the one before is stored, each newer: the last one must win.
+            return [
+                await post(choice(f"ordered-{n}", k % 2 == 0, at(10 * k + 1), event_id=f"o{n}-{k}"))
+                for k in range(CHOICES)
+            ]
+
+        singles = asyncio.gather(*(single(n) for n in range(SINGLES)))
+        chains = asyncio.gather(*(ordered(n) for n in range(ORDERED)))
+        assert await singles == [202] * SINGLES
+        assert await chains == [[202] * CHOICES] * ORDERED
+
+    def taken() -> dict[int, int]:
+        # Written on the loop's next turn after the answers: a moment after the last 202.
+        by_process: dict[int, int] = defaultdict(int)
+        for record in records(gw):
+            if record.get("msg") == "webhooks accepted":
+                by_process[record.get("intake_process", 0)] += record["count"]
+        return by_process
+
+    total = SINGLES + ORDERED * CHOICES
+    await eventually(lambda: _true(sum(taken().values()) == total), 10, "every accepted line")
+    assert sum(taken().values()) == total
+    assert taken()[0] > 0
+    assert taken()[1] > 0, "the second process took no webhook: nothing was spread"
+
+    async def delivered() -> bool:
+        states = objects_by_person(fake)
+        return all(len(states[f"single-{n}"]) >= 1 for n in range(SINGLES)) and all(
+            states[f"ordered-{n}"][-1:] == [STATES[(CHOICES - 1) % 2 == 0]] for n in range(ORDERED)
+        )
+
+    await eventually(delivered, 30, "every person to reach the fake Braze")
+    states = objects_by_person(fake)
+    for n in range(SINGLES):
+        assert states[f"single-{n}"] == [STATES[n % 2 == 0]], f"single-{n}"
+    sent = [STATES[k % 2 == 0] for k in range(CHOICES)]
+    for n in range(ORDERED):
+        got = states[f"ordered-{n}"]
+        # Coalescing may leave some out; what arrives comes in the order sent, never again.
+        rest = iter(sent)
+        assert all(state in rest for state in got), (n, got)
+        assert got[-1] == sent[-1]
+
+    async def accepted() -> float:
+        samples = await gw.metrics()
+        return sum(
+            v
+            for (name, labels), v in samples.items()
+            if name == "gateway_webhooks_received_total" and ("outcome", "accepted") in labels
+        )
+
+    # The second process reports its counters every second.
+    await eventually(lambda: _equals(accepted(), total), 10, "/metrics to count every webhook")
+    for _ in range(4):  # whichever process the kernel gives the connection to
+        assert await accepted() == total
+    status, _ = await gw.readyz()
+    assert status == 200
+
+    assert await gw.stop(timeout=30) == 0, gw.log()  # SIGTERM
+    log = records(gw)
+    messages = [r.get("msg", "") for r in log]
+    assert "intake process 1 stopped" in messages
+    assert not [r for r in log if r.get("level") in ("ERROR", "CRITICAL")], log
+
+
+def _child_pids(gw: GatewayProcess) -> list[int]:
+    return [r["pid"] for r in records(gw) if r.get("msg") == "intake process 1 ready"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only
+async def test_a_killed_intake_process_is_reported_and_restarted_and_dies_with_the_gateway(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """`kill -9` of the second intake process: the log says so, `/readyz` stays 200 but names it
+    as degraded until it is started again; `kill -9` of the gateway takes its children along."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        braze={"server": fake.url, "flush_interval_ms": 10},
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    [first] = _child_pids(gw)
+    os.kill(first, signal.SIGKILL)
+
+    async def reported() -> bool:
+        status, body = await gw.readyz()
+        return status == 200 and "intake process 1 exited" in body.get("degraded", "")
+
+    await eventually(reported, 10, "/readyz to name the dead intake process")
+    assert any(
+        r.get("level") == "ERROR" and r.get("msg", "").startswith("intake process 1 exited")
+        for r in records(gw)
+    )
+    await eventually(lambda: _true(len(_child_pids(gw)) == 2), 30, "the restart")
+    second = _child_pids(gw)[1]
+
+    async def healed() -> bool:
+        status, body = await gw.readyz()
+        return status == 200 and "degraded" not in body
+
+    await eventually(healed, 10, "/readyz to be plain ready again")
+    await gw.kill()
+    await eventually(lambda: _true(not _alive(second)), 15, "the child to exit with its parent")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.slow
+async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    auth_headers: dict[str, str],
+) -> None:
+    """With Braze unreachable, `gateway_spool_pending` (what `/readyz` and `max_pending` read)
+    comes to count the rows both processes stored, not only the delivering process's own."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        braze={"server": f"http://127.0.0.1:{free_port()}", "timeout_s": 1},  # nobody there
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(n: int) -> int:
+            body = choice(f"pending-{n}", True, at(n))
+            url = f"{gw.base}/webhooks/didomi"
+            async with session.post(url, data=body, headers=auth_headers) as resp:
+                return resp.status
+
+        assert await asyncio.gather(*(post(n) for n in range(SINGLES))) == [202] * SINGLES
+
+    async def counted() -> bool:
+        samples = await gw.metrics()
+        key = ("gateway_spool_pending", frozenset({("direction", "to_braze")}))
+        return samples.get(key) == SINGLES
+
+    await eventually(counted, 15, "the pending gauge to count both processes' rows")
+    assert await gw.stop(timeout=30) == 0, gw.log()
