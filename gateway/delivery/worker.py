@@ -140,7 +140,7 @@ class Worker(Generic[S]):
 
     def _recount(self, *, busy: bool) -> None:
         """Set the pending gauge, recounted in the spool (with the dead letters) every few
-        seconds while not `busy` with a backlog; else from this process's count."""
+        seconds while not `busy` with a backlog or on a shared spool; else this process's count."""
         now = time.monotonic()
         # Counting rows scans the inbox on the spool thread, delaying intake commits: only do
         # it when caught up (a CLI replay is then the only way the count could be off). On a

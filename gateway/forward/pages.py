@@ -97,10 +97,20 @@ class Lane:
             return [], self.cursor
         held = set(batcher.ids)
         generation = spool.generation
-        rows = await spool.fetch_backfill(self.cursor, allowed)
-        self.budget.refund(allowed - len(rows))
+        try:
+            rows = await spool.fetch_backfill(self.cursor, allowed)
+        except BaseException:
+            # Nothing was read: its share back, and read again at the loop's next turn rather
+            # than once the gauges count rows again (RECOUNT_S later).
+            self.budget.refund(allowed)
+            self.more = True
+            raise
         if spool.generation != generation:
+            # Partitions changed during the read: its rows are discarded, so is their cost.
+            self.budget.refund(allowed)
+            self.more = True
             return [], self.cursor
+        self.budget.refund(allowed - len(rows))
         self.more = bool(rows)  # the command may still be storing: read again soon
         cursor = rows[-1].id if rows else self.cursor
         return [row for row in rows if row.id not in held], cursor

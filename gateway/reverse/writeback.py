@@ -228,7 +228,10 @@ class Writeback(Worker[Spool]):
         except asyncio.CancelledError:
             raise  # stopping: the row stays in the spool for the next start
         except Exception as exc:
-            self._failures[report.row.id] += 1
+            # A spool that cannot be read is nobody's report's fault: every report waits for
+            # it, as the dispatcher's rows do; only what else raises counts towards a bug.
+            if not isinstance(exc, SpoolError):
+                self._failures[report.row.id] += 1
             if self._failures[report.row.id] >= WRITE_ATTEMPTS:
                 # A report that always raises (a bug) must not hold its person for ever.
                 log.exception("a Braze report keeps failing; moving it to the dead letters")

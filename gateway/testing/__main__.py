@@ -15,7 +15,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     fake = FakeBraze(
         api_key=args.api_key,
         latency_s=args.latency_ms / 1000,
-        rate_limit=args.rate_limit,
+        rate_limit=args.rate_limit or None,  # 0 lifts the limit (bench/README.md), not a 429 each
         rate_window_s=args.rate_window_s,
         reset_style=args.reset_style,
         record=False,  # a long benchmark must not grow memory with every request

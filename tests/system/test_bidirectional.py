@@ -25,8 +25,10 @@ from gateway.app.reload import LiveRules
 from gateway.app.server import CONFIG, SPOOL, WRITEBACK, create_app, delivery
 from gateway.cli import trace
 from gateway.config.settings import Config
+from gateway.errors import SpoolError
 from gateway.metrics import Metrics
 from gateway.reverse.waiting import SCAN_LIMIT
+from gateway.reverse.writeback import WRITE_ATTEMPTS
 from gateway.testing.braze import FakeBraze, FakeDidomi, User
 from tests.conftest import DIDOMI_API_KEY, DIDOMI_API_SECRET, DIDOMI_ORG, MakeConfig, choice
 from tests.system import test_end_to_end
@@ -513,6 +515,33 @@ async def test_a_spool_error_while_writing_back_strands_no_report_and_no_person(
     assert failures["left"] == 0
     assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["ivy"]
     assert gw.app[WRITEBACK].idle
+
+
+async def test_a_spool_that_fails_more_often_than_a_bug_may_dead_letters_no_report(
+    start_gateway: StartGateway, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool error (as the spool raises it) between fetching a report and acknowledging it is
+    the spool's, not the report's: however often it repeats, the report goes back and is
+    written once the spool reads, never moved to the dead letters as one that always raises."""
+    gw = await start_gateway()
+    db = gw.app[SPOOL].db
+    real = db.sent_states
+    failures = {"left": WRITE_ATTEMPTS + 2}
+
+    def down(persons: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise SpoolError("cannot read the states sent from the spool: disk I/O error")
+        return real(persons)
+
+    monkeypatch.setattr(db, "sent_states", down)
+    assert (await gw.post("/webhooks/braze", step("uma", time.time(), "unsubscribed"), BRAZE))[
+        0
+    ] == 202
+    await gw.settle(timeout=30)
+    assert failures["left"] == 0
+    assert db.dead_letters() == []
+    assert [e.body["user"]["organization_user_id"] for e in fake_didomi.events] == ["uma"]
 
 
 async def test_a_report_whose_writing_always_raises_is_dead_lettered_not_retried_for_ever(

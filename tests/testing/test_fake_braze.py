@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.testing.braze import FakeBraze
+from gateway.testing.braze_access import UNLIMITED
 from gateway.testing.braze_writes import EMAIL_OBJECTS_REQUIRED, INVALID_DATA
 
 KEY = "test-braze-key"
@@ -398,8 +399,10 @@ async def test_app_serves_under_aiohttp_client_fixture(
     assert fake.requests == []
 
 
-async def test_standalone_process_serves_until_sigterm() -> None:
-    """`python -m gateway.testing` prints its URL, answers, and exits 0 on SIGTERM."""
+@pytest.mark.parametrize(("rate_limit", "said"), [("100", "100"), ("0", str(UNLIMITED))])
+async def test_standalone_process_serves_until_sigterm(rate_limit: str, said: str) -> None:
+    """`python -m gateway.testing` prints its URL, answers within its `--rate-limit` (`0` lifts
+    it, as bench/README.md says), and exits 0 on SIGTERM."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -411,7 +414,7 @@ async def test_standalone_process_serves_until_sigterm() -> None:
         "--latency-ms",
         "1",
         "--rate-limit",
-        "100",
+        rate_limit,
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -426,7 +429,7 @@ async def test_standalone_process_serves_until_sigterm() -> None:
             headers = {"Authorization": "Bearer bench"}
             async with http.post(f"{url}/users/track", json=body, headers=headers) as resp:
                 assert resp.status == 201
-                assert resp.headers["X-RateLimit-Limit"] == "100"
+                assert resp.headers["X-RateLimit-Limit"] == said
             async with http.get(f"{url}/_stats") as resp:
                 stats = await resp.json()
         assert (stats["requests"], stats["objects"], stats["users"]) == (1, 1, 1)
