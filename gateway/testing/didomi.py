@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.client import responses
 from typing import Any, Literal
 
@@ -168,10 +168,11 @@ class FakeDidomi(Served):
         regulation: str = DEFAULT_REGULATION,
         updated_at: str | None = None,
     ) -> None:
-        """Preset a user's current status, as if earlier events had recorded `purposes`."""
+        """Preset a user's current status, as if earlier events had recorded `purposes` (by
+        default a minute ago: a Braze act dated now, to the second, comes after them)."""
         user = self._user(regulation, organization_user_id)
         _merge(user, purposes)
-        user.updated_at = updated_at or _now()
+        user.updated_at = updated_at or _now(-60.0)
 
     def act(
         self, organization_user_id: str, purposes: list[Json], regulation: str = DEFAULT_REGULATION
@@ -444,5 +445,6 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _now(offset_s: float = 0.0) -> str:
+    at = datetime.now(UTC) + timedelta(seconds=offset_s)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
