@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,18 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.app.intake_procs import REPORT_S
 from gateway.testing.braze import FakeBraze
-from tests.conftest import Stoppable, choice, free_port, write_config
+from tests.conftest import (
+    DIDOMI_API_KEY,
+    DIDOMI_API_SECRET,
+    DIDOMI_ORG,
+    Stoppable,
+    choice,
+    free_port,
+    write_config,
+)
+from tests.system.test_bidirectional import BRAZE_TOKEN, CURRENTS, currents, global_change
 from tests.system.test_reliability import STATES, GatewayProcess, at, eventually
 
 SINGLES = 120  # persons with one choice each: each must reach Braze exactly once
@@ -248,4 +259,89 @@ async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
         return samples.get(key) == SINGLES
 
     await eventually(counted, 15, "the pending gauge to count both processes' rows")
+    assert await gw.stop(timeout=30) == 0, gw.log()
+
+
+BATCHES = 24  # Currents batches, each on a new connection: some reach the second process
+PER_BATCH = 5
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # PostgreSQL recounts pending rows from the database instead
+async def test_currents_events_the_second_process_stores_each_count_and_a_reload_counts_once(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    auth_headers: dict[str, str],
+) -> None:
+    """With Braze and Didomi unreachable, every event of the Currents batches either process
+    stored counts in the first's `gateway_spool_pending{direction="to_didomi"}` (not one per
+    batch), and one SIGHUP, which every process follows, is one reload in `/metrics`."""
+    port = free_port()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        # One row in flight at a time: the rest wait in memory, as a backlog does when Braze is
+        # down, and a delivery holding a backlog does not recount pending rows from the file.
+        braze={"server": nobody, "timeout_s": 1, "batch_size": 1, "max_in_flight": 1},
+        delivery={"spool": spool_url},
+        braze_webhooks={"tokens": [BRAZE_TOKEN]},
+        didomi_api={
+            "enabled": True,
+            "base_url": nobody + "/v1",
+            "organization_id": DIDOMI_ORG,
+            "key": DIDOMI_API_KEY,
+            "secret": DIDOMI_API_SECRET,
+        },
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    now = time.time()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(n: int) -> tuple[int, Any]:
+            events = [
+                global_change(f"c{n}-{k}", f"cur-{n}-{k}", "Unsubscribed", now - n)
+                for k in range(PER_BATCH)
+            ]
+            url = f"{gw.base}/webhooks/braze/currents"
+            async with session.post(url, json=currents(*events), headers=CURRENTS) as resp:
+                return resp.status, (await resp.json())["stored"]
+
+        async def didomi(n: int) -> int:
+            body = choice(f"backlog-{n}", True, at(n))
+            url = f"{gw.base}/webhooks/didomi"
+            async with session.post(url, data=body, headers=auth_headers) as resp:
+                return resp.status
+
+        # A backlog for Braze first, then Braze's reports.
+        assert await asyncio.gather(*(didomi(n) for n in range(20))) == [202] * 20
+        answers = await asyncio.gather(*(post(n) for n in range(BATCHES)))
+        assert answers == [(202, PER_BATCH)] * BATCHES
+
+    async def counted() -> bool:
+        samples = await gw.metrics()
+        key = ("gateway_spool_pending", frozenset({("direction", "to_didomi")}))
+        return samples.get(key) == BATCHES * PER_BATCH
+
+    await eventually(counted, 15, "the pending gauge to count every stored Currents event")
+
+    def reloads() -> int:
+        return sum(1 for r in records(gw) if r.get("msg", "").startswith("reloaded "))
+
+    gw.signal(signal.SIGHUP)
+    await eventually(lambda: _true(reloads() == 2), 20, "both processes to reload")
+    await asyncio.sleep(3 * REPORT_S)  # the second process's counters have been reported since
+
+    async def reloads_counted() -> float:
+        samples = await gw.metrics()
+        return samples.get(("gateway_config_reloads_total", frozenset({("outcome", "success")})), 0)
+
+    for _ in range(4):  # whichever process the kernel gives the connection to
+        assert await reloads_counted() == 1
     assert await gw.stop(timeout=30) == 0, gw.log()
