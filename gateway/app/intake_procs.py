@@ -12,8 +12,8 @@ this process adds them to its pending count and wakes delivery at once) and its 
 and gauges are this process's own, so request durations are timed here only). A child
 proxies `/metrics` and `/readyz` to this process over an abstract Unix socket, whichever process the
 kernel gave the connection to. A child that exits is logged, named in `/readyz` (degraded) and
-started again; the children get SIGTERM at shutdown, before delivery stops, and drain as this
-process does.
+started again; the children get SIGTERM when shutdown begins and drain alongside this process,
+which waits for them before delivery stops.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class IntakeProcesses:
         self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
         self.stopping = False
         self._stopped = asyncio.Event()
+        self._terminated: set[int] = set()  # the children sent SIGTERM
         self._tasks: list[asyncio.Task[None]] = []
         # Linux's abstract namespace: no file to leave behind when this process is killed.
         self.side = f"\0gateway-intake-{os.getpid()}-{secrets.token_hex(8)}"
@@ -131,12 +132,24 @@ class IntakeProcesses:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(sig)
 
-    async def stop(self, grace_s: float) -> None:
-        """SIGTERM every child, wait for them to drain (`grace_s` at most), then SIGKILL."""
+    def terminate(self) -> None:
+        """Shutdown has begun: SIGTERM every child running, so they drain alongside this
+        process (within the same `shutdown_timeout_s`), and start none again."""
         self.stopping = True
         self._stopped.set()
+        for child in self.children:
+            proc = child.proc
+            # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
+            if proc is not None and proc.returncode is None and proc.pid not in self._terminated:
+                self._terminated.add(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM every child not yet told, wait for them to drain (`grace_s` at most), then
+        SIGKILL."""
         running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
-        self.signal(signal.SIGTERM)
+        self.terminate()
         try:
             await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
         except TimeoutError:
@@ -253,7 +266,9 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
         spool = app[SPOOL]
         if spool.handoff is not None:
             spool.handoff.shared = True  # their rows are read from the file
-        app[STATE].degraded_checks.append(procs.degraded_reason)
+        state = app[STATE]
+        state.degraded_checks.append(procs.degraded_reason)
+        state.on_drain.append(procs.terminate)
         await procs.start()
 
         def follow(_new: object) -> None:
@@ -270,6 +285,10 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
             yield
         finally:
             live.listeners.remove(follow)
-            await procs.stop(config.server.shutdown_timeout_s)
+            # They began draining with this process (`terminate`): what is left of its time.
+            grace = config.server.shutdown_timeout_s
+            if state.drain_started is not None:
+                grace -= time.monotonic() - state.drain_started
+            await procs.stop(max(0.0, grace))
 
     return context

@@ -345,3 +345,53 @@ async def test_currents_events_the_second_process_stores_each_count_and_a_reload
     for _ in range(4):  # whichever process the kernel gives the connection to
         assert await reloads_counted() == 1
     assert await gw.stop(timeout=30) == 0, gw.log()
+
+
+SHUTDOWN_S = 3
+STALLED = 16  # connections whose body never finishes: 1 in 65536 that all reach one process
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # the processes, not the spool, are under test
+async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """With requests stalled in both processes, SIGTERM ends the gateway within
+    server.shutdown_timeout_s plus a second, as with one process: the intake processes drain
+    at the same time as the first, not after it."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2, "shutdown_timeout_s": SHUTDOWN_S},
+        braze={"server": fake.url},
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth_headers.items())
+    stalled = []
+    for _ in range(STALLED):
+        # A new connection each (the kernel spreads connections), its body cut short.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\n{head}Content-Length: 1000\r\n\r\n{{"
+            .encode()
+        )
+        await writer.drain()
+        stalled.append(writer)
+    await asyncio.sleep(0.5)  # each process now waits for the rest of its bodies
+    try:
+        started = time.monotonic()
+        assert await gw.stop(timeout=30) == 0, gw.log()  # one SIGTERM, as an init system sends
+        took = time.monotonic() - started
+    finally:
+        for writer in stalled:
+            writer.close()
+    assert took < SHUTDOWN_S + 1 + 0.5, f"SIGTERM took {took:.1f} s"  # 0.5 s: interpreter exit
