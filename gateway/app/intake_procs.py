@@ -83,6 +83,9 @@ class Child:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.down: str | None = "starting"  # why it takes no webhooks now, or None
+        # A reload asked for while it started: SIGHUP before its handler would kill it (the
+        # default action), so it is sent once the child says it is ready.
+        self.reload_due = False
         self.stored = (0, 0)
         self.counted: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
@@ -124,13 +127,6 @@ class IntakeProcesses:
         await self._runner.setup()
         await web.UnixSite(self._runner, self.side).start()
         self._tasks = [asyncio.create_task(self._keep(child)) for child in self.children]
-
-    def signal(self, sig: signal.Signals) -> None:
-        """Send `sig` to every child running."""
-        for child in self.children:
-            if child.proc is not None and child.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(sig)
 
     def terminate(self) -> None:
         """Shutdown has begun: SIGTERM every child running, so they drain alongside this
@@ -217,9 +213,23 @@ class IntakeProcesses:
         proc.stdin.close()
         return code
 
+    def reload(self) -> None:
+        """Pass a reload on: SIGHUP to every child ready, and to the others once they are."""
+        for child in self.children:
+            proc = child.proc
+            if child.down is None and proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
+            else:
+                child.reload_due = True
+
     def _apply(self, child: Child, report: Report) -> None:
         if report.ready:
             child.down = None
+            if child.reload_due and child.proc is not None:
+                child.reload_due = False
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGHUP)
             log.info(
                 "intake process %d ready", child.index, extra={"pid": child.proc and child.proc.pid}
             )
@@ -273,7 +283,7 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
 
         def follow(_new: object) -> None:
             # Their rules name the person (the partition on PostgreSQL): reloaded with ours.
-            procs.signal(signal.SIGHUP)
+            procs.reload()
 
         live.listeners.append(follow)
         log.info(

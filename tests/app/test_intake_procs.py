@@ -395,3 +395,46 @@ async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout
         for writer in stalled:
             writer.close()
     assert took < SHUTDOWN_S + 1 + 0.5, f"SIGTERM took {took:.1f} s"  # 0.5 s: interpreter exit
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux's /proc)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # the processes, not the spool, are under test
+async def test_a_reload_while_an_intake_process_starts_reaches_it_once_it_is_ready(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+) -> None:
+    """SIGHUP to the gateway while its second intake process is still starting neither kills
+    that process (SIGHUP's default action, before its handler is set) nor is lost: it
+    reloads once ready, and nothing is logged as an error."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        braze={"server": fake.url},
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    assert gw.proc is not None
+    main = gw.proc.pid
+    await eventually(lambda: _true(bool(_children(main))), 30, "the second process to start")
+    assert not _child_pids(gw), "the second process was ready already: nothing under test"
+    gw.signal(signal.SIGHUP)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+
+    def reloads() -> int:
+        return sum(1 for r in records(gw) if r.get("msg", "").startswith("reloaded "))
+
+    await eventually(lambda: _true(reloads() == 2), 20, lambda: f"both reloads in {gw.log()}")
+    assert len(_child_pids(gw)) == 1  # started once: never killed and started again
+    assert await gw.stop(timeout=30) == 0, gw.log()
+    assert not [r for r in records(gw) if r.get("level") in ("ERROR", "CRITICAL")], gw.log()
