@@ -379,10 +379,9 @@ async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout
     stalled = []
     for _ in range(STALLED):
         # A new connection each (the kernel spreads connections), its body cut short.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            f"POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\n{head}Content-Length: 1000\r\n\r\n{{"
-            .encode()
+            f"POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\n{head}Content-Length: 1000\r\n\r\n{{".encode()
         )
         await writer.drain()
         stalled.append(writer)
