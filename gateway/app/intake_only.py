@@ -36,6 +36,7 @@ from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
+from gateway.spool.sqlite import SpoolDB
 from gateway.spool.store import SpoolBase
 
 log = logging.getLogger("gateway.server")
@@ -92,6 +93,9 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     db = await asyncio.to_thread(open_store, config.delivery, config.retention.person_key)
     turns = take_turns(config, db)
+    if isinstance(db, SpoolDB):
+        # Its puts shed audit records under disk pressure too: counted, and reported.
+        db.on_shed = app[METRICS].audit_shed.inc  # called from the spool thread; thread-safe
     spool = Spool(db, deliver=False)
     app[SPOOL] = spool
 

@@ -13,14 +13,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from gateway.app import intake_only
 from gateway.app.intake_procs import REPORT_S
+from gateway.http.intake import CONFIG, METRICS, SPOOL
+from gateway.metrics import Metrics
+from gateway.spool.audit import Record
 from gateway.testing.braze import FakeBraze
 from tests.conftest import (
     DIDOMI_API_KEY,
     DIDOMI_API_SECRET,
     DIDOMI_ORG,
     Stoppable,
+    build_config,
     choice,
     free_port,
     write_config,
@@ -375,14 +381,13 @@ async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout
     processes.append(gw)
     await gw.start(timeout=60)
     await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
-    head = "".join(f"{k}: {v}\r\n" for k, v in auth_headers.items())
+    head = "POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in auth_headers.items())
     stalled = []
     for _ in range(STALLED):
         # A new connection each (the kernel spreads connections), its body cut short.
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\n{head}Content-Length: 1000\r\n\r\n{{".encode()
-        )
+        writer.write(f"{head}\r\n{{".encode())
         await writer.drain()
         stalled.append(writer)
     await asyncio.sleep(0.5)  # each process now waits for the rest of its bodies
@@ -437,3 +442,25 @@ async def test_a_reload_while_an_intake_process_starts_reaches_it_once_it_is_rea
     assert len(_child_pids(gw)) == 1  # started once: never killed and started again
     assert await gw.stop(timeout=30) == 0, gw.log()
     assert not [r for r in records(gw) if r.get("level") in ("ERROR", "CRITICAL")], gw.log()
+
+
+async def test_an_intake_process_counts_the_audit_records_it_sheds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit records an intake-only process sheds to make room for webhooks are counted in the
+    counters it reports to the first process (`gateway_audit_shed_total`, its alert)."""
+    config = build_config(tmp_path, delivery={"spool": str(tmp_path / "gateway.db")})
+    app = web.Application()
+    app[CONFIG], app[METRICS] = config, Metrics()
+    context = intake_only._spool_context(app)
+    await anext(context)
+    try:
+        db = app[SPOOL].db
+        records = [Record(f"p{n}", "to_braze", "delivered", float(n)) for n in range(40)]
+        await app[SPOOL].write_audit(records, "to_braze")
+        monkeypatch.setattr(db, "_room", lambda: (0, 0))  # no room left on the disk
+        await app[SPOOL].run(db.shed_audit, 1)
+        assert ("gateway_audit_shed", {}, 40.0) in intake_only.counters(app[METRICS])
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await anext(context)
