@@ -243,8 +243,9 @@ class Spool:
         """Settle rows (done, applied, dead-lettered), retrying as `record` does.
 
         Outcomes settled while the spool thread is busy are written together, in one
-        transaction (`_settle`): one commit for several Braze requests. An erasure goes alone:
-        its scrub reaches the rows received before those it settles, no further.
+        transaction (`_settle`): one commit for several Braze requests. An erasure goes alone,
+        after the outcomes settled before it: its scrub reaches the rows received before those
+        it settles, no further, and nothing acknowledged earlier writes the person back.
         """
         outcome = _Outcome(direction, done, applied, dead, sent, audit, erase)
         await self._retrying(lambda: self._settle(outcome), stopping)
