@@ -353,7 +353,7 @@ async def test_currents_events_the_second_process_stores_each_count_and_a_reload
     assert await gw.stop(timeout=30) == 0, gw.log()
 
 
-SHUTDOWN_S = 3
+SHUTDOWN_S = 4
 STALLED = 16  # connections whose body never finishes: 1 in 65536 that all reach one process
 
 
@@ -367,9 +367,9 @@ async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout
     fake: FakeBraze,
     auth_headers: dict[str, str],
 ) -> None:
-    """With requests stalled in both processes, SIGTERM ends the gateway within
-    server.shutdown_timeout_s plus a second, as with one process: the intake processes drain
-    at the same time as the first, not after it."""
+    """With requests stalled in both processes, SIGTERM ends the gateway about
+    server.shutdown_timeout_s after it, as with one process: the intake processes drain at the
+    same time as the first, not after it."""
     port = free_port()
     write_config(
         tmp_path,
@@ -398,7 +398,9 @@ async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout
     finally:
         for writer in stalled:
             writer.close()
-    assert took < SHUTDOWN_S + 1 + 0.5, f"SIGTERM took {took:.1f} s"  # 0.5 s: interpreter exit
+    # About SHUTDOWN_S + 0.5 s when they drain together, twice SHUTDOWN_S one after the other:
+    # the bound between leaves a busy machine seconds of slack.
+    assert took < 1.5 * SHUTDOWN_S + 1, f"SIGTERM took {took:.1f} s"
 
 
 def _children(pid: int) -> list[int]:
