@@ -241,7 +241,15 @@ async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
     write_config(
         tmp_path,
         server={"port": port, "intake_processes": 2},
-        braze={"server": f"http://127.0.0.1:{free_port()}", "timeout_s": 1},  # nobody there
+        # Nobody there, and one row in flight at a time: the rest wait in memory, and a
+        # delivery holding a backlog does not recount pending rows from the file (which would
+        # hide a wrong count within seconds).
+        braze={
+            "server": f"http://127.0.0.1:{free_port()}",
+            "timeout_s": 1,
+            "batch_size": 1,
+            "max_in_flight": 1,
+        },
         delivery={"spool": spool_url},
     )
     gw = GatewayProcess(tmp_path, port, secrets_env)
