@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import aiohttp
@@ -36,6 +36,8 @@ from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
+from gateway.spool.sqlite import SpoolDB
+from gateway.spool.store import SpoolBase
 
 log = logging.getLogger("gateway.server")
 
@@ -50,19 +52,20 @@ class Reporter:
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
-        self.stored = [0, 0]
+        # The rows the spool committed (to Braze, to Didomi), as the spool counts them: a
+        # request's wake-up is no count (a Currents batch stores many rows, and wakes once).
+        self.stored: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._due = False
 
-    def count(self, index: int) -> None:
-        """One row stored (0: to Braze, 1: to Didomi); reported once per turn of the loop."""
-        self.stored[index] += 1
+    def committed(self) -> None:
+        """Rows were stored: reported once per turn of the loop."""
         if not self._due:
             self._due = True
             asyncio.get_running_loop().call_soon(self._send_stored)
 
     def _send_stored(self) -> None:
         self._due = False
-        self.send(Report(stored=(self.stored[0], self.stored[1])))
+        self.send(Report(stored=self.stored()))
 
     def send(self, report: Report) -> None:
         """Write one line, unless the main process has gone."""
@@ -72,9 +75,12 @@ class Reporter:
 
 def counters(metrics: Metrics) -> list[tuple[str, dict[str, str], float]]:
     """Every counter sample of `metrics`, cumulative, as `Report.counters` carries them."""
+    # Every process reloads when the main one does (it passes SIGHUP on): the main process's
+    # count is the gateway's, one per reload.
+    reloads = next(iter(metrics.config_reloads.describe())).name
     out = []
     for family in metrics.registry.collect():
-        if family.type != "counter":
+        if family.type != "counter" or family.name == reloads:
             continue
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.value:
@@ -87,6 +93,9 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     db = await asyncio.to_thread(open_store, config.delivery, config.retention.person_key)
     turns = take_turns(config, db)
+    if isinstance(db, SpoolDB):
+        # Its puts shed audit records under disk pressure too: counted, and reported.
+        db.on_shed = app[METRICS].audit_shed.inc  # called from the spool thread; thread-safe
     spool = Spool(db, deliver=False)
     app[SPOOL] = spool
 
@@ -113,8 +122,10 @@ def _child_context(live: LiveRules, reporter: Reporter, side: str) -> Context:
         state, metrics = app[STATE], app[METRICS]
         state.person_of = lambda webhook: live.current().person(webhook)
         state.identity = lambda: live.current().identity
-        state.on_wake = lambda: reporter.count(0)
-        state.on_wake_to_didomi = lambda: reporter.count(1)
+        db = app[SPOOL].db
+        if isinstance(db, SpoolBase):
+            reporter.stored = lambda: (db.stored_total - db.stored_to_didomi, db.stored_to_didomi)
+        state.on_wake = state.on_wake_to_didomi = reporter.committed
         connector = aiohttp.UnixConnector(path=side)
         timeout = aiohttp.ClientTimeout(total=5)
         app[_SIDE] = aiohttp.ClientSession(connector=connector, timeout=timeout)
@@ -125,7 +136,8 @@ def _child_context(live: LiveRules, reporter: Reporter, side: str) -> Context:
         async def report() -> None:
             while True:
                 await asyncio.sleep(REPORT_S)
-                reporter.send(Report(counters=counters(metrics)))
+                # With the rows stored: those of a request answered 503 woke nobody.
+                reporter.send(Report(stored=reporter.stored(), counters=counters(metrics)))
 
         task = asyncio.create_task(report())
         try:

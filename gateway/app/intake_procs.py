@@ -12,8 +12,8 @@ this process adds them to its pending count and wakes delivery at once) and its 
 and gauges are this process's own, so request durations are timed here only). A child
 proxies `/metrics` and `/readyz` to this process over an abstract Unix socket, whichever process the
 kernel gave the connection to. A child that exits is logged, named in `/readyz` (degraded) and
-started again; the children get SIGTERM at shutdown, before delivery stops, and drain as this
-process does.
+started again; the children get SIGTERM when shutdown begins and drain alongside this process,
+which waits for them before delivery stops.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ class Child:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.down: str | None = "starting"  # why it takes no webhooks now, or None
+        # A reload asked for while it started: SIGHUP before its handler would kill it (the
+        # default action), so it is sent once the child says it is ready.
+        self.reload_due = False
         self.stored = (0, 0)
         self.counted: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
@@ -98,6 +101,7 @@ class IntakeProcesses:
         self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
         self.stopping = False
         self._stopped = asyncio.Event()
+        self._terminated: set[int] = set()  # the children sent SIGTERM
         self._tasks: list[asyncio.Task[None]] = []
         # Linux's abstract namespace: no file to leave behind when this process is killed.
         self.side = f"\0gateway-intake-{os.getpid()}-{secrets.token_hex(8)}"
@@ -124,19 +128,24 @@ class IntakeProcesses:
         await web.UnixSite(self._runner, self.side).start()
         self._tasks = [asyncio.create_task(self._keep(child)) for child in self.children]
 
-    def signal(self, sig: signal.Signals) -> None:
-        """Send `sig` to every child running."""
-        for child in self.children:
-            if child.proc is not None and child.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(sig)
-
-    async def stop(self, grace_s: float) -> None:
-        """SIGTERM every child, wait for them to drain (`grace_s` at most), then SIGKILL."""
+    def terminate(self) -> None:
+        """Shutdown has begun: SIGTERM every child running, so they drain alongside this
+        process (within the same `shutdown_timeout_s`), and start none again."""
         self.stopping = True
         self._stopped.set()
+        for child in self.children:
+            proc = child.proc
+            # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
+            if proc is not None and proc.returncode is None and proc.pid not in self._terminated:
+                self._terminated.add(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM every child not yet told, wait for them to drain (`grace_s` at most), then
+        SIGKILL."""
         running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
-        self.signal(signal.SIGTERM)
+        self.terminate()
         try:
             await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
         except TimeoutError:
@@ -204,9 +213,23 @@ class IntakeProcesses:
         proc.stdin.close()
         return code
 
+    def reload(self) -> None:
+        """Pass a reload on: SIGHUP to every child ready, and to the others once they are."""
+        for child in self.children:
+            proc = child.proc
+            if child.down is None and proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
+            else:
+                child.reload_due = True
+
     def _apply(self, child: Child, report: Report) -> None:
         if report.ready:
             child.down = None
+            if child.reload_due and child.proc is not None:
+                child.reload_due = False
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGHUP)
             log.info(
                 "intake process %d ready", child.index, extra={"pid": child.proc and child.proc.pid}
             )
@@ -253,12 +276,14 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
         spool = app[SPOOL]
         if spool.handoff is not None:
             spool.handoff.shared = True  # their rows are read from the file
-        app[STATE].degraded_checks.append(procs.degraded_reason)
+        state = app[STATE]
+        state.degraded_checks.append(procs.degraded_reason)
+        state.on_drain.append(procs.terminate)
         await procs.start()
 
         def follow(_new: object) -> None:
             # Their rules name the person (the partition on PostgreSQL): reloaded with ours.
-            procs.signal(signal.SIGHUP)
+            procs.reload()
 
         live.listeners.append(follow)
         log.info(
@@ -270,6 +295,10 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
             yield
         finally:
             live.listeners.remove(follow)
-            await procs.stop(config.server.shutdown_timeout_s)
+            # They began draining with this process (`terminate`): what is left of its time.
+            grace = config.server.shutdown_timeout_s
+            if state.drain_started is not None:
+                grace -= time.monotonic() - state.drain_started
+            await procs.stop(max(0.0, grace))
 
     return context

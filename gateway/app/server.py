@@ -167,6 +167,8 @@ async def _drain(app: web.Application) -> None:
         state.draining = True
         state.drain_started = time.monotonic()
         app[METRICS].ready.set(0)
+        for hook in state.on_drain:
+            hook()
         if state.listening:  # a port that could not be bound served nothing to drain
             log.info("draining: finishing in-flight requests")
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
-from gateway.delivery.worker import IDLE_POLL_S, Worker
+from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
 from gateway.forward.pages import Lane, Live, map_page
@@ -198,6 +198,13 @@ class Dispatcher(Worker[Spool]):
         else:
             self.metrics.backfill_pending.set(waiting)
             self.lane.more = self.lane.more or waiting > 0
+        # `_step` sets the pending gauge, but waits while every in-flight slot is taken (Braze
+        # down): meanwhile intake processes and, on PostgreSQL, other replicas store rows.
+        if self.spool.owned is None:
+            self._count_pending()  # this process counts theirs (`Spool.stored_elsewhere`)
+        elif time.monotonic() - self._last_recount >= RECOUNT_S:
+            self._last_recount = time.monotonic()  # on PostgreSQL only the database knows
+            await self._recount_from_file()
 
     async def _form(self) -> Batch | None:
         """Take backlog rows into one batch, waiting up to the flush interval for it to fill."""

@@ -39,6 +39,8 @@ class State:
         self.draining = False
         self.listening = False  # `serve` bound the port: only then are requests to drain
         self.drain_started: float | None = None  # time.monotonic() when shutdown began
+        # Called once when shutdown begins: what drains beside this process starts now too.
+        self.on_drain: list[Callable[[], None]] = []
         # Each returns None when all is well, or the reason the gateway is not ready.
         self.ready_checks: list[Callable[[], str | None]] = []
         # Each returns None, or why delivery is slow right now; readiness stays 200 and says so.

@@ -76,6 +76,7 @@ class _Outcome:
     dead: Sequence[Dead]
     sent: Sequence[tuple[str, str, str, float]]
     audit: Sequence[trail.Record]
+    erase: Sequence[str] = ()
 
 
 class Spool:
@@ -242,20 +243,11 @@ class Spool:
         """Settle rows (done, applied, dead-lettered), retrying as `record` does.
 
         Outcomes settled while the spool thread is busy are written together, in one
-        transaction (`_settle`): one commit for several Braze requests. An erasure goes alone:
-        its scrub reaches the rows received before those it settles, no further.
+        transaction (`_settle`): one commit for several Braze requests. An erasure goes alone,
+        after the outcomes settled before it: its scrub reaches the rows received before those
+        it settles, no further, and nothing acknowledged earlier writes the person back.
         """
-        if erase:
-
-            def write() -> None:
-                # `self.db.ack` looked up at call time: a test may wrap it to fail.
-                self.db.ack(
-                    done, applied, dead, sent=sent, direction=direction, audit=audit, erase=erase
-                )
-
-            await self.record(write, stopping=stopping)
-            return
-        outcome = _Outcome(direction, done, applied, dead, sent, audit)
+        outcome = _Outcome(direction, done, applied, dead, sent, audit, erase)
         await self._retrying(lambda: self._settle(outcome), stopping)
 
     async def _settle(self, outcome: _Outcome) -> None:
@@ -270,10 +262,25 @@ class Spool:
         # Whatever queued up while the last acknowledgement ran goes into the next one.
         while self._settling:
             queued, self._settling = self._settling, []
-            for direction in ("to_braze", "to_didomi"):
-                group = [(o, f) for o, f in queued if o.direction == direction]
-                if group:
-                    await self._settle_group(group)
+            # An erasure is written alone and after what was settled before it, as each went
+            # in call order before grouping: an outcome about the person written after the
+            # scrub would keep their identifier (applied times, audit) in the spool.
+            run: list[tuple[_Outcome, asyncio.Future[None]]] = []
+            for entry in queued:
+                if entry[0].erase:
+                    await self._settle_run(run)
+                    run = []
+                    await self._settle_group([entry])
+                else:
+                    run.append(entry)
+            await self._settle_run(run)
+
+    async def _settle_run(self, run: list[tuple[_Outcome, asyncio.Future[None]]]) -> None:
+        """Write outcomes without an erasure, one group per direction."""
+        for direction in ("to_braze", "to_didomi"):
+            group = [(o, f) for o, f in run if o.direction == direction]
+            if group:
+                await self._settle_group(group)
 
     async def _settle_group(self, group: list[tuple[_Outcome, asyncio.Future[None]]]) -> None:
         """Write a group in one transaction; if that fails, each alone, so one outcome the
@@ -308,6 +315,7 @@ class Spool:
                 sent=one.sent,
                 direction=one.direction,
                 audit=one.audit,
+                erase=one.erase,
             )
             return
         self.db.ack(

@@ -208,6 +208,10 @@ class SpoolBase:
     # Backfilled users (`lane`), as last counted: not live webhooks, so not in to_braze's
     # pending (its backlog alert must not fire for a backfill); gateway_backfill_pending has them.
     pending_backfill = 0
+    # Rows this process stored since it opened the spool, and those of them going to Didomi:
+    # what an intake-only process reports to the one that delivers.
+    stored_total = 0
+    stored_to_didomi = 0
     dedupe_window_s = 0.0
     clock: Callable[[], float]
     person_key: bytes
@@ -231,6 +235,8 @@ class SpoolBase:
         """Count what a committed intake transaction added; now and then forget old keys."""
         self.pending += stored
         self.pending_to_didomi += reverse
+        self.stored_total += stored
+        self.stored_to_didomi += reverse
         self._puts_since_prune += offered
         if self._puts_since_prune >= 10_000:
             self._puts_since_prune = 0

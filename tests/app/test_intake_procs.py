@@ -6,15 +6,32 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from gateway.app import intake_only
+from gateway.app.intake_procs import REPORT_S
+from gateway.http.intake import CONFIG, METRICS, SPOOL
+from gateway.metrics import Metrics
+from gateway.spool.audit import Record
 from gateway.testing.braze import FakeBraze
-from tests.conftest import Stoppable, choice, free_port, write_config
+from tests.conftest import (
+    DIDOMI_API_KEY,
+    DIDOMI_API_SECRET,
+    DIDOMI_ORG,
+    Stoppable,
+    build_config,
+    choice,
+    free_port,
+    write_config,
+)
+from tests.system.test_bidirectional import BRAZE_TOKEN, CURRENTS, currents, global_change
 from tests.system.test_reliability import STATES, GatewayProcess, at, eventually
 
 SINGLES = 120  # persons with one choice each: each must reach Braze exactly once
@@ -224,7 +241,15 @@ async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
     write_config(
         tmp_path,
         server={"port": port, "intake_processes": 2},
-        braze={"server": f"http://127.0.0.1:{free_port()}", "timeout_s": 1},  # nobody there
+        # Nobody there, and one row in flight at a time: the rest wait in memory, and a
+        # delivery holding a backlog does not recount pending rows from the file (which would
+        # hide a wrong count within seconds).
+        braze={
+            "server": f"http://127.0.0.1:{free_port()}",
+            "timeout_s": 1,
+            "batch_size": 1,
+            "max_in_flight": 1,
+        },
         delivery={"spool": spool_url},
     )
     gw = GatewayProcess(tmp_path, port, secrets_env)
@@ -249,3 +274,203 @@ async def test_rows_the_second_process_stores_count_as_pending_in_the_first(
 
     await eventually(counted, 15, "the pending gauge to count both processes' rows")
     assert await gw.stop(timeout=30) == 0, gw.log()
+
+
+BATCHES = 24  # Currents batches, each on a new connection: some reach the second process
+PER_BATCH = 5
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # PostgreSQL recounts pending rows from the database instead
+async def test_currents_events_the_second_process_stores_each_count_and_a_reload_counts_once(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    auth_headers: dict[str, str],
+) -> None:
+    """With Braze and Didomi unreachable, every event of the Currents batches either process
+    stored counts in the first's `gateway_spool_pending{direction="to_didomi"}` (not one per
+    batch), and one SIGHUP, which every process follows, is one reload in `/metrics`."""
+    port = free_port()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        # One row in flight at a time: the rest wait in memory, as a backlog does when Braze is
+        # down, and a delivery holding a backlog does not recount pending rows from the file.
+        braze={"server": nobody, "timeout_s": 1, "batch_size": 1, "max_in_flight": 1},
+        delivery={"spool": spool_url},
+        braze_webhooks={"tokens": [BRAZE_TOKEN]},
+        didomi_api={
+            "enabled": True,
+            "base_url": nobody + "/v1",
+            "organization_id": DIDOMI_ORG,
+            "key": DIDOMI_API_KEY,
+            "secret": DIDOMI_API_SECRET,
+        },
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    now = time.time()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(n: int) -> tuple[int, Any]:
+            events = [
+                global_change(f"c{n}-{k}", f"cur-{n}-{k}", "Unsubscribed", now - n)
+                for k in range(PER_BATCH)
+            ]
+            url = f"{gw.base}/webhooks/braze/currents"
+            async with session.post(url, json=currents(*events), headers=CURRENTS) as resp:
+                return resp.status, (await resp.json())["stored"]
+
+        async def didomi(n: int) -> int:
+            body = choice(f"backlog-{n}", True, at(n))
+            url = f"{gw.base}/webhooks/didomi"
+            async with session.post(url, data=body, headers=auth_headers) as resp:
+                return resp.status
+
+        # A backlog for Braze first, then Braze's reports.
+        assert await asyncio.gather(*(didomi(n) for n in range(20))) == [202] * 20
+        answers = await asyncio.gather(*(post(n) for n in range(BATCHES)))
+        assert answers == [(202, PER_BATCH)] * BATCHES
+
+    async def counted() -> bool:
+        samples = await gw.metrics()
+        key = ("gateway_spool_pending", frozenset({("direction", "to_didomi")}))
+        return samples.get(key) == BATCHES * PER_BATCH
+
+    await eventually(counted, 15, "the pending gauge to count every stored Currents event")
+
+    def reloads() -> int:
+        return sum(1 for r in records(gw) if r.get("msg", "").startswith("reloaded "))
+
+    gw.signal(signal.SIGHUP)
+    await eventually(lambda: _true(reloads() == 2), 20, "both processes to reload")
+    await asyncio.sleep(3 * REPORT_S)  # the second process's counters have been reported since
+
+    async def reloads_counted() -> float:
+        samples = await gw.metrics()
+        return samples.get(("gateway_config_reloads_total", frozenset({("outcome", "success")})), 0)
+
+    for _ in range(4):  # whichever process the kernel gives the connection to
+        assert await reloads_counted() == 1
+    assert await gw.stop(timeout=30) == 0, gw.log()
+
+
+SHUTDOWN_S = 4
+STALLED = 16  # connections whose body never finishes: 1 in 65536 that all reach one process
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # the processes, not the spool, are under test
+async def test_sigterm_with_intake_processes_returns_within_the_shutdown_timeout(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+    auth_headers: dict[str, str],
+) -> None:
+    """With requests stalled in both processes, SIGTERM ends the gateway about
+    server.shutdown_timeout_s after it, as with one process: the intake processes drain at the
+    same time as the first, not after it."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2, "shutdown_timeout_s": SHUTDOWN_S},
+        braze={"server": fake.url},
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+    head = "POST /webhooks/didomi HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in auth_headers.items())
+    stalled = []
+    for _ in range(STALLED):
+        # A new connection each (the kernel spreads connections), its body cut short.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{head}\r\n{{".encode())
+        await writer.drain()
+        stalled.append(writer)
+    await asyncio.sleep(0.5)  # each process now waits for the rest of its bodies
+    try:
+        started = time.monotonic()
+        assert await gw.stop(timeout=30) == 0, gw.log()  # one SIGTERM, as an init system sends
+        took = time.monotonic() - started
+    finally:
+        for writer in stalled:
+            writer.close()
+    # About SHUTDOWN_S + 0.5 s when they drain together, twice SHUTDOWN_S one after the other:
+    # the bound between leaves a busy machine seconds of slack.
+    assert took < 1.5 * SHUTDOWN_S + 1, f"SIGTERM took {took:.1f} s"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux's /proc)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # the processes, not the spool, are under test
+async def test_a_reload_while_an_intake_process_starts_reaches_it_once_it_is_ready(
+    tmp_path: Path,
+    spool_url: str,
+    secrets_env: dict[str, str],
+    processes: list[Stoppable],
+    fake: FakeBraze,
+) -> None:
+    """SIGHUP to the gateway while its second intake process is still starting neither kills
+    that process (SIGHUP's default action, before its handler is set) nor is lost: it
+    reloads once ready, and nothing is logged as an error."""
+    port = free_port()
+    write_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2},
+        braze={"server": fake.url},
+        delivery={"spool": spool_url},
+    )
+    gw = GatewayProcess(tmp_path, port, secrets_env)
+    processes.append(gw)
+    await gw.start(timeout=60)
+    assert gw.proc is not None
+    main = gw.proc.pid
+    await eventually(lambda: _true(bool(_children(main))), 30, "the second process to start")
+    assert not _child_pids(gw), "the second process was ready already: nothing under test"
+    gw.signal(signal.SIGHUP)
+    await eventually(lambda: _true(bool(_child_pids(gw))), 30, "the second process to be ready")
+
+    def reloads() -> int:
+        return sum(1 for r in records(gw) if r.get("msg", "").startswith("reloaded "))
+
+    await eventually(lambda: _true(reloads() == 2), 20, lambda: f"both reloads in {gw.log()}")
+    assert len(_child_pids(gw)) == 1  # started once: never killed and started again
+    assert await gw.stop(timeout=30) == 0, gw.log()
+    assert not [r for r in records(gw) if r.get("level") in ("ERROR", "CRITICAL")], gw.log()
+
+
+async def test_an_intake_process_counts_the_audit_records_it_sheds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit records an intake-only process sheds to make room for webhooks are counted in the
+    counters it reports to the first process (`gateway_audit_shed_total`, its alert)."""
+    config = build_config(tmp_path, delivery={"spool": str(tmp_path / "gateway.db")})
+    app = web.Application()
+    app[CONFIG], app[METRICS] = config, Metrics()
+    context = intake_only._spool_context(app)
+    await anext(context)
+    try:
+        db = app[SPOOL].db
+        records = [Record(f"p{n}", "to_braze", "delivered", float(n)) for n in range(40)]
+        await app[SPOOL].write_audit(records, "to_braze")
+        monkeypatch.setattr(db, "_room", lambda: (0, 0))  # no room left on the disk
+        await app[SPOOL].run(db.shed_audit, 1)
+        assert ("gateway_audit_shed", {}, 40.0) in intake_only.counters(app[METRICS])
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await anext(context)

@@ -4,6 +4,7 @@ and every failure of a grouped acknowledgement leaves each caller's rows pending
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,4 +150,47 @@ async def test_an_erasure_is_acknowledged_alone(
         assert [call for call in calls if call[1]] == [([ids[0]], ["p0"])]
         assert db.count_pending() == 0
     finally:
+        await spool.close()
+
+
+async def test_an_erasure_is_written_after_the_outcomes_settled_before_it(
+    make_store: MakeStore,  # noqa: F811 - the imported fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outcome about a person settled while another acknowledgement runs, then their
+    erasure: the outcome is written first, so the scrub leaves no applied time nor audit
+    record under their identifier."""
+    db = make_store()
+    ids = _stored(db)
+    entered, release = threading.Event(), threading.Event()
+    original = db.ack
+
+    def ack(*args: Any, **kwargs: Any) -> None:
+        if not entered.is_set():  # the first acknowledgement holds the spool thread
+            entered.set()
+            assert release.wait(30)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(db, "ack", ack)
+    spool = Spool(db)
+    try:
+        running = asyncio.create_task(_settle(spool, ids[1], 1))
+        assert await asyncio.to_thread(entered.wait, 30)
+        before = asyncio.create_task(_settle(spool, ids[2], 0))  # p0's, queued
+        for _ in range(5):
+            await asyncio.sleep(0)
+        erasure = asyncio.create_task(
+            spool.ack([ids[0]], [("p0", "erased", 9.0)], erase=["p0"], stopping=lambda: False)
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(running, before, erasure), timeout=30)
+        with db._reading("the applied times") as conn:
+            named = conn.execute("SELECT person FROM applied WHERE person = ?", ("p0",))
+            assert named.fetchall() == []
+        assert [r.event_id for r in db.trail("p0")] == []  # only p0's erasure had an audit
+        assert db.count_pending() == PEOPLE - 3
+    finally:
+        release.set()
         await spool.close()
