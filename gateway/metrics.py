@@ -24,8 +24,9 @@ from gateway import __version__
 from gateway.delivery.health import BLOCKED_REASONS
 from gateway.peers.braze_bodies import DELETE, TRACK
 from gateway.peers.didomi import EVENTS, SESSIONS, USERS
-from gateway.shapes.webhooks import BRAZE_TYPES, Direction, direction_of
+from gateway.shapes.webhooks import BRAZE_TYPES, direction_of
 from gateway.shapes.webhooks import EVENT_TYPES as WEBHOOK_TYPES
+from gateway.words import Direction
 
 __all__ = [
     "EVENT_TYPES",

@@ -27,6 +27,7 @@ LAYERS = {
     "gateway": 0,  # __init__: the version
     "gateway.errors": 0,
     "gateway.logs": 0,
+    "gateway.words": 0,
     "gateway.config": 1,
     "gateway.shapes": 2,
     "gateway.delivery": 2,
@@ -44,7 +45,7 @@ LAYERS = {
 }
 # The fakes stand aside: they import only layer 0 and shapes, and only these import them.
 SIDE = "gateway.testing"
-SIDE_MAY_IMPORT = {"gateway", "gateway.errors", "gateway.logs", "gateway.shapes"}
+SIDE_MAY_IMPORT = {"gateway", "gateway.errors", "gateway.logs", "gateway.words", "gateway.shapes"}
 EXCEPTIONS = {
     ("gateway.app", SIDE): "the demo (braze.server = fake://) serves the fake Braze itself",
 }

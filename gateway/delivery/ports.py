@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+
+from gateway.words import Direction
 
 # Protocols, not imports: `delivery/` sits below `spool/` and `metrics` (ARCHITECTURE.md), which
 # satisfy these as they are; the composition root hands the real ones in.
-
-# `shapes.webhooks.Direction`, spelled again: `shapes/` is delivery's own layer, not below it.
-Direction = Literal["to_braze", "to_didomi"]
 
 
 class Gauge(Protocol):

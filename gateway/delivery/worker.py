@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from gateway.delivery.health import DeliveryHealth
 from gateway.delivery.outcome import Answer
-from gateway.delivery.ports import Direction, Flow, Outcomes
+from gateway.delivery.ports import Flow, Outcomes
 from gateway.delivery.retry import Action, Decision
 from gateway.errors import SpoolError
+from gateway.words import Direction
 
 # How often an idle loop looks for rows another process wrote (a CLI replay, another replica's
 # intake): its own intake wakes it at once, the others are found this long after at most.

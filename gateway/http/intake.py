@@ -17,8 +17,9 @@ from aiohttp import web
 
 from gateway.config.settings import Config
 from gateway.metrics import Metrics
-from gateway.shapes.webhooks import Direction, Webhook
+from gateway.shapes.webhooks import Webhook
 from gateway.spool.face import Spool
+from gateway.words import Direction
 
 log = logging.getLogger("gateway.server")
 

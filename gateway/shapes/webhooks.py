@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from gateway.errors import GatewayError
+from gateway.words import Direction
 
 # The six types Didomi sends; one endpoint takes them all, routed on `type`.
 EVENT_TYPES = (
@@ -45,7 +46,6 @@ def gateway_event_id(seed: str) -> str:
 
 # What the reverse routes store: a Braze webhook step's body, or one Braze Currents event.
 BRAZE_TYPES = ("braze.step", "braze.currents")
-Direction = Literal["to_braze", "to_didomi"]
 
 
 def direction_of(kind: str) -> Direction:

@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway.errors import SpoolError
-from gateway.shapes.webhooks import Direction, direction_of
+from gateway.shapes.webhooks import direction_of
 from gateway.spool import audit as trail
 from gateway.spool import prune as retention
 from gateway.spool.store import Dead, Pending, SpoolBase, Store, StoredItem
+from gateway.words import Direction
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.spool")

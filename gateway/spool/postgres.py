@@ -31,13 +31,14 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from gateway.errors import SpoolError, SpoolFull
-from gateway.shapes.webhooks import Direction, direction_of
+from gateway.shapes.webhooks import direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
 from gateway.spool import prune as retention
 from gateway.spool.postgres_conn import SCHEMA, PgConn, connect, psycopg, redact
 from gateway.spool.postgres_schema import MIGRATIONS, VERSION, migrate
 from gateway.spool.store import CODES, PARTITIONS, Dead, Pending, SpoolBase, StoredItem, person_of
+from gateway.words import Direction
 
 # What callers import from here, wherever it is defined.
 __all__ = [

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import SpoolError, SpoolFull
-from gateway.shapes.webhooks import Direction, direction_of
+from gateway.shapes.webhooks import direction_of
 from gateway.spool import audit as trail
 from gateway.spool import erasure, lane
 from gateway.spool import prune as retention
@@ -38,6 +38,7 @@ from gateway.spool.sqlite_file import (
 from gateway.spool.sqlite_lane import SqliteLane
 from gateway.spool.sqlite_schema import _DIRECTION_INDEX, _SCHEMA, _sent_history
 from gateway.spool.store import CODES, TO_DIDOMI, Dead, Pending, StoredItem
+from gateway.words import Direction
 
 # What callers import from here, wherever it is defined.
 __all__ = [

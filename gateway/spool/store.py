@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import SpoolError
-from gateway.shapes.webhooks import Direction
 from gateway.spool import audit as trail
 from gateway.spool.conn import Conn
+from gateway.words import Direction
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
