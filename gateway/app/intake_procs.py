@@ -43,6 +43,7 @@ from gateway.http.probes import readyz
 from gateway.metrics import Metrics, metrics_handler
 from gateway.spool.lock import WriteTurns
 from gateway.spool.sqlite import SpoolDB
+from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
 from gateway.spool.store import Store
 
 log = logging.getLogger("gateway.server")
@@ -259,7 +260,8 @@ def take_turns(config: Config, db: Store) -> WriteTurns | None:
     """With several intake processes on a SQLite spool, queue its writers on `WriteTurns`."""
     if config.server.intake_processes <= 1 or not isinstance(db, SpoolDB):
         return None
-    turns = WriteTurns(db.path)
+    # Bounded as SQLite's own wait for its lock would be: the queue stands in for that wait.
+    turns = WriteTurns(db.path, timeout_s=BUSY_TIMEOUT_S)
     db.writers = turns
     return turns
 
