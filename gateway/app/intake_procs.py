@@ -164,7 +164,11 @@ class IntakeProcesses:
         pause = RESTART_MIN_S
         while not self.stopping:
             started = time.monotonic()
-            code = await self._run(child)
+            try:
+                code = await self._run(child)
+            except Exception:  # whatever went wrong, this loop is all that restarts it
+                log.exception("intake process %d failed", child.index)
+                code = None
             if time.monotonic() - started > RESTART_MAX_S:
                 pause = RESTART_MIN_S  # it ran a while: a new failure, not the same one again
             if self.stopping:
@@ -203,16 +207,53 @@ class IntakeProcesses:
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
         data = pickle.dumps(launch)
-        proc.stdin.write(len(data).to_bytes(8, "big") + data)
-        await proc.stdin.drain()
-        while line := await proc.stdout.readline():
-            try:
-                self._apply(child, _decode_report(line))
-            except msgspec.DecodeError:
-                log.warning("intake process %d wrote an unreadable line", child.index)
+        try:
+            proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            await proc.stdin.drain()
+            while line := await proc.stdout.readline():
+                try:
+                    self._apply(child, _decode_report(line))
+                except msgspec.DecodeError:
+                    log.warning("intake process %d wrote an unreadable line", child.index)
+        except (OSError, ValueError) as exc:
+            # A broken pipe, or a line over the limit (ValueError): its reports can no longer
+            # be followed, so its stored rows would go uncounted. It is dead to us: stopped
+            # (it drains as on SIGTERM, within the shutdown timeout) and started again.
+            child.down = f"its pipe failed ({exc!r}); starting it again"
+            log.error("intake process %d: its pipe failed: %r; stopping it", child.index, exc)
+            await self._put_down(child, proc)
         code = await proc.wait()
         proc.stdin.close()
         return code
+
+    async def _put_down(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM a child whose pipe failed, then SIGKILL once the shutdown timeout is up."""
+        if proc.returncode is None and proc.pid not in self._terminated:
+            self._terminated.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        try:
+            timeout = self.config.server.shutdown_timeout_s + 1
+            await asyncio.wait_for(self._read_rest(child, proc.stdout), timeout=timeout)
+        except TimeoutError:
+            log.error("intake process %d did not stop in time; killing it", child.index)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def _read_rest(self, child: Child, stdout: asyncio.StreamReader) -> None:
+        """Count what a child stopping still reports (its last rows), until it exits."""
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError:
+                continue  # over the limit: dropped, with what the reader buffered of it
+            if not line:
+                return
+            with contextlib.suppress(msgspec.DecodeError):
+                # Not `ready`: it is going down, and must stay named in /readyz.
+                report = msgspec.structs.replace(_decode_report(line), ready=False)
+                self._apply(child, report)
 
     def reload(self) -> None:
         """Pass a reload on: SIGHUP to every child ready, and to the others once they are."""
