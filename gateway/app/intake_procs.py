@@ -94,11 +94,12 @@ class Child:
 class IntakeProcesses:
     """Starts, follows, restarts and stops the children of `server.intake_processes`."""
 
-    def __init__(self, app: web.Application, launch: dict[str, Any]) -> None:
+    def __init__(self, app: web.Application, launch: dict[str, Any], live: LiveRules) -> None:
         self.app = app
         self.config = app[CONFIG]
         self.metrics: Metrics = app[METRICS]
         self.launch = launch
+        self.live = live
         self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
         self.stopping = False
         self._stopped = asyncio.Event()
@@ -187,7 +188,12 @@ class IntakeProcesses:
             pause = min(RESTART_MAX_S, pause * 2)
 
     async def _run(self, child: Child) -> int | None:
-        launch = Launch(index=child.index, side=self.side, **self.launch)
+        # The config in force now: keys reloaded since `serve()` (mappings.dir, didomi.*) would
+        # be stale in this child until the next reload. The files may say more (keys that need
+        # a restart): the running config wins, as it does in this process.
+        launch = Launch(
+            index=child.index, side=self.side, **{**self.launch, "config": self.live.config}
+        )
         child.stored, child.counted = (0, 0), {}
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -315,7 +321,7 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
         if config.server.intake_processes <= 1:
             yield
             return
-        procs = IntakeProcesses(app, launch)
+        procs = IntakeProcesses(app, launch, live)
         spool = app[SPOOL]
         if spool.handoff is not None:
             spool.handoff.shared = True  # their rows are read from the file

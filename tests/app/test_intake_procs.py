@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from aiohttp import web
 from gateway.app import intake_only, intake_procs
 from gateway.app.intake_procs import REPORT_S
 from gateway.app.reload import LiveRules
+from gateway.config.settings import load_config
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, State
 from gateway.metrics import Metrics
 from gateway.spool.audit import Record
@@ -563,3 +565,42 @@ async def test_an_intake_process_whose_pipe_fails_is_logged_and_restarted(
         with contextlib.suppress(StopAsyncIteration):
             await anext(context)
 
+
+async def test_a_restarted_intake_process_starts_from_the_config_in_force(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    secrets_env: dict[str, str],
+) -> None:
+    """A child started again after a reload gets the reloaded config (here mappings.dir), not
+    the one the gateway started with."""
+    for name, value in secrets_env.items():
+        monkeypatch.setenv(name, value)
+    first, second = tmp_path / "mappings", tmp_path / "mappings2"
+    path = write_config(
+        tmp_path, server={"intake_processes": 2}, mappings={"dir": str(first), "watch": False}
+    )
+    shutil.copytree(first, second)
+    config = load_config(path)
+    live = LiveRules.load(config, Metrics(), path)
+    notes, _state, context = await _stand_in(
+        tmp_path, monkeypatch, "exit", live, config_path=str(path)
+    )
+    try:
+
+        async def started() -> bool:
+            return len(_starts(notes)) >= 1
+
+        await eventually(started, 30, "the first start")
+        write_config(
+            tmp_path, server={"intake_processes": 2}, mappings={"dir": str(second), "watch": False}
+        )
+        assert await live.reload_async()
+
+        async def restarted() -> bool:
+            return len(_starts(notes)) >= 2
+
+        await eventually(restarted, 30, lambda: f"a restart; started: {_starts(notes)}")
+        assert _starts(notes)[:2] == [str(first), str(second)]
+    finally:
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(context)
