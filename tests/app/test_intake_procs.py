@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -604,3 +606,56 @@ async def test_a_restarted_intake_process_starts_from_the_config_in_force(
     finally:
         with contextlib.suppress(StopAsyncIteration):
             await anext(context)
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # its commit is held on the SQLite spool's write turns
+async def test_an_intake_process_whose_main_process_dies_mid_drain_finishes_its_drain(
+    tmp_path: Path, auth_headers: dict[str, str]
+) -> None:
+    """SIGTERM, then its main process gone (stdin closed) while a webhook's commit waits: the
+    intake process answers that request and exits 0 instead of cutting its drain short."""
+    port = free_port()
+    spool = tmp_path / "gateway.db"
+    config = build_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2, "shutdown_timeout_s": 10},
+        delivery={"spool": str(spool)},
+    )
+    launch = intake_procs.Launch(config, None, "json", "INFO", 1, "\0gateway-test-nobody")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway.app.intake_only"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    turns = -1
+    try:
+        data = pickle.dumps(launch)
+        proc.stdin.write(len(data).to_bytes(8, "big") + data)
+        await proc.stdin.drain()
+        while b'"ready":true' not in await asyncio.wait_for(proc.stdout.readline(), 30):
+            pass
+        # Another process's write turn: the webhook's commit waits for it, in flight.
+        turns = os.open(spool.with_name(spool.name + ".writers"), os.O_RDWR)
+        fcntl.flock(turns, fcntl.LOCK_EX)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/webhooks/didomi"
+            post = asyncio.create_task(
+                session.post(url, data=choice("mid-drain", True), headers=auth_headers)
+            )
+            await asyncio.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # as the main process does when shutdown begins
+            await asyncio.sleep(0.5)
+            proc.stdin.close()  # then the main process dies
+            await asyncio.sleep(1.0)
+            fcntl.flock(turns, fcntl.LOCK_UN)  # the commit goes through
+            resp = await asyncio.wait_for(post, 20)
+            assert resp.status == 202
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if turns >= 0:
+            os.close(turns)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
