@@ -118,9 +118,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
             turns.close()
 
 
-def _child_context(
-    live: LiveRules, reporter: Reporter, side: str, stopping: Stopping
-) -> Context:
+def _child_context(live: LiveRules, reporter: Reporter, side: str, stopping: Stopping) -> Context:
     async def context(app: web.Application) -> AsyncIterator[None]:
         stopping.install(asyncio.get_running_loop())
         state, metrics = app[STATE], app[METRICS]

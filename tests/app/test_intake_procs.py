@@ -523,7 +523,7 @@ async def _stand_in(
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN, encoding="utf-8")
     python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} {notes} {mode}\n')
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} {notes} {mode}\n")
     python.chmod(0o755)
     monkeypatch.setattr(intake_procs, "RESTART_MIN_S", 0.1)
     monkeypatch.setattr(intake_procs.sys, "executable", str(python))
@@ -628,7 +628,8 @@ async def test_an_intake_process_whose_main_process_dies_mid_drain_finishes_its_
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     turns = -1
     try:
         data = pickle.dumps(launch)
