@@ -4,7 +4,8 @@ Started by `app.intake_procs` as `python -m gateway.app.intake_only`, its `Launc
 stdin. It opens the spool without the gateway's lock (SQLite's WAL lets several processes write
 one file; the main process holds the lock and delivers), checks, decodes and stores webhooks as
 the main process does, and reports on stdout (`intake_procs.Report`). It stops on SIGTERM or
-SIGINT, draining as the main process does, and when its stdin closes: the main process is gone.
+SIGINT, draining as the main process does, and when its stdin closes: the main process is gone
+(if that happens mid-drain, the drain goes on, within the shutdown timeout).
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
             turns.close()
 
 
-def _child_context(live: LiveRules, reporter: Reporter, side: str) -> Context:
+def _child_context(live: LiveRules, reporter: Reporter, side: str, stopping: Stopping) -> Context:
     async def context(app: web.Application) -> AsyncIterator[None]:
+        stopping.install(asyncio.get_running_loop())
         state, metrics = app[STATE], app[METRICS]
         state.person_of = lambda webhook: live.current().person(webhook)
         state.identity = lambda: live.current().identity
@@ -184,12 +186,40 @@ def _read_launch() -> Launch:
     return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 - our parent's
 
 
-def _watch_stdin() -> None:
-    """Stop (as SIGTERM would) once stdin closes: the main process exited or was killed."""
+class Stopping:
+    """Whether this process's shutdown has begun: on SIGTERM or SIGINT, or once stdin closes."""
+
+    def __init__(self) -> None:
+        self.began = False
+
+    def signalled(self) -> None:
+        """SIGTERM or SIGINT (on the loop): begin the drain, as aiohttp's own handler does."""
+        self.began = True
+        raise web.GracefulExit()
+
+    def parent_gone(self) -> None:
+        """Stdin closed (on the loop): the main process exited or was killed."""
+        if self.began:
+            # It died mid-drain, after its SIGTERM: a second one would make aiohttp cut this
+            # drain short. The drain goes on, bounded by the shutdown timeout as always.
+            log.warning("intake process: the main process is gone; finishing the drain")
+            return
+        os.kill(os.getpid(), signal.SIGTERM)  # stop as the main process would have told us
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take SIGTERM and SIGINT over from aiohttp's handlers (installed before startup)."""
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.signalled)
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stopping: Stopping) -> None:
+    """Tell the loop once stdin closes: the main process exited or was killed."""
     with contextlib.suppress(OSError):
         while os.read(0, 65536):
             pass
-    os.kill(os.getpid(), signal.SIGTERM)
+    with contextlib.suppress(RuntimeError):  # the loop has closed: this process is done
+        loop.call_soon_threadsafe(stopping.parent_gone)
 
 
 def main() -> int:
@@ -201,7 +231,10 @@ def main() -> int:
     configure_logging(fmt, launch.log_level)
     for secret in secrets_of(config):
         register_secret(secret)
-    threading.Thread(target=_watch_stdin, name="stdin", daemon=True).start()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stopping = Stopping()
+    threading.Thread(target=_watch_stdin, args=(loop, stopping), name="stdin", daemon=True).start()
     metrics = Metrics()
     try:
         live = LiveRules.load(config, metrics, launch.config_path)
@@ -209,8 +242,6 @@ def main() -> int:
         for problem in exc.problems:
             log.error("intake process %d cannot start: %s", launch.index, problem)
         return 1
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     out = os.fdopen(1, "wb", buffering=0, closefd=False)
     transport, _ = loop.run_until_complete(loop.connect_write_pipe(asyncio.Protocol, out))
     reporter = Reporter(transport)
@@ -218,7 +249,7 @@ def main() -> int:
     app = create_app(
         config,
         metrics=metrics,
-        contexts=[_child_context(live, reporter, launch.side)],
+        contexts=[_child_context(live, reporter, launch.side, stopping)],
         spool=_spool_context,
         probes=probes,
     )

@@ -43,6 +43,7 @@ from gateway.http.probes import readyz
 from gateway.metrics import Metrics, metrics_handler
 from gateway.spool.lock import WriteTurns
 from gateway.spool.sqlite import SpoolDB
+from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
 from gateway.spool.store import Store
 
 log = logging.getLogger("gateway.server")
@@ -93,11 +94,12 @@ class Child:
 class IntakeProcesses:
     """Starts, follows, restarts and stops the children of `server.intake_processes`."""
 
-    def __init__(self, app: web.Application, launch: dict[str, Any]) -> None:
+    def __init__(self, app: web.Application, launch: dict[str, Any], live: LiveRules) -> None:
         self.app = app
         self.config = app[CONFIG]
         self.metrics: Metrics = app[METRICS]
         self.launch = launch
+        self.live = live
         self.children = [Child(i) for i in range(1, self.config.server.intake_processes)]
         self.stopping = False
         self._stopped = asyncio.Event()
@@ -163,7 +165,11 @@ class IntakeProcesses:
         pause = RESTART_MIN_S
         while not self.stopping:
             started = time.monotonic()
-            code = await self._run(child)
+            try:
+                code = await self._run(child)
+            except Exception:  # whatever went wrong, this loop is all that restarts it
+                log.exception("intake process %d failed", child.index)
+                code = None
             if time.monotonic() - started > RESTART_MAX_S:
                 pause = RESTART_MIN_S  # it ran a while: a new failure, not the same one again
             if self.stopping:
@@ -182,7 +188,12 @@ class IntakeProcesses:
             pause = min(RESTART_MAX_S, pause * 2)
 
     async def _run(self, child: Child) -> int | None:
-        launch = Launch(index=child.index, side=self.side, **self.launch)
+        # The config in force now: keys reloaded since `serve()` (mappings.dir, didomi.*) would
+        # be stale in this child until the next reload. The files may say more (keys that need
+        # a restart): the running config wins, as it does in this process.
+        launch = Launch(
+            index=child.index, side=self.side, **{**self.launch, "config": self.live.config}
+        )
         child.stored, child.counted = (0, 0), {}
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -202,16 +213,53 @@ class IntakeProcesses:
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
         data = pickle.dumps(launch)
-        proc.stdin.write(len(data).to_bytes(8, "big") + data)
-        await proc.stdin.drain()
-        while line := await proc.stdout.readline():
-            try:
-                self._apply(child, _decode_report(line))
-            except msgspec.DecodeError:
-                log.warning("intake process %d wrote an unreadable line", child.index)
+        try:
+            proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            await proc.stdin.drain()
+            while line := await proc.stdout.readline():
+                try:
+                    self._apply(child, _decode_report(line))
+                except msgspec.DecodeError:
+                    log.warning("intake process %d wrote an unreadable line", child.index)
+        except (OSError, ValueError) as exc:
+            # A broken pipe, or a line over the limit (ValueError): its reports can no longer
+            # be followed, so its stored rows would go uncounted. It is dead to us: stopped
+            # (it drains as on SIGTERM, within the shutdown timeout) and started again.
+            child.down = f"its pipe failed ({exc!r}); starting it again"
+            log.error("intake process %d: its pipe failed: %r; stopping it", child.index, exc)
+            await self._put_down(child, proc)
         code = await proc.wait()
         proc.stdin.close()
         return code
+
+    async def _put_down(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM a child whose pipe failed, then SIGKILL once the shutdown timeout is up."""
+        if proc.returncode is None and proc.pid not in self._terminated:
+            self._terminated.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        try:
+            timeout = self.config.server.shutdown_timeout_s + 1
+            await asyncio.wait_for(self._read_rest(child, proc.stdout), timeout=timeout)
+        except TimeoutError:
+            log.error("intake process %d did not stop in time; killing it", child.index)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def _read_rest(self, child: Child, stdout: asyncio.StreamReader) -> None:
+        """Count what a child stopping still reports (its last rows), until it exits."""
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError:
+                continue  # over the limit: dropped, with what the reader buffered of it
+            if not line:
+                return
+            with contextlib.suppress(msgspec.DecodeError):
+                # Not `ready`: it is going down, and must stay named in /readyz.
+                report = msgspec.structs.replace(_decode_report(line), ready=False)
+                self._apply(child, report)
 
     def reload(self) -> None:
         """Pass a reload on: SIGHUP to every child ready, and to the others once they are."""
@@ -259,7 +307,8 @@ def take_turns(config: Config, db: Store) -> WriteTurns | None:
     """With several intake processes on a SQLite spool, queue its writers on `WriteTurns`."""
     if config.server.intake_processes <= 1 or not isinstance(db, SpoolDB):
         return None
-    turns = WriteTurns(db.path)
+    # Bounded as SQLite's own wait for its lock would be: the queue stands in for that wait.
+    turns = WriteTurns(db.path, timeout_s=BUSY_TIMEOUT_S)
     db.writers = turns
     return turns
 
@@ -272,7 +321,7 @@ def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
         if config.server.intake_processes <= 1:
             yield
             return
-        procs = IntakeProcesses(app, launch)
+        procs = IntakeProcesses(app, launch, live)
         spool = app[SPOOL]
         if spool.handoff is not None:
             spool.handoff.shared = True  # their rows are read from the file

@@ -260,21 +260,37 @@ class Spool:
         await future
 
     async def _settle_queued(self) -> None:
-        # Whatever queued up while the last acknowledgement ran goes into the next one.
-        while self._settling:
-            queued, self._settling = self._settling, []
-            # An erasure is written alone and after what was settled before it, as each went
-            # in call order before grouping: an outcome about the person written after the
-            # scrub would keep their identifier (applied times, audit) in the spool.
-            run: list[tuple[_Outcome, asyncio.Future[None]]] = []
-            for entry in queued:
-                if entry[0].erase:
-                    await self._settle_run(run)
-                    run = []
-                    await self._settle_group([entry])
-                else:
-                    run.append(entry)
-            await self._settle_run(run)
+        queued: list[tuple[_Outcome, asyncio.Future[None]]] = []
+        try:
+            # Whatever queued up while the last acknowledgement ran goes into the next one.
+            while self._settling:
+                queued, self._settling = self._settling, []
+                await self._settle_each(queued)
+        except BaseException as exc:
+            # Cancelled (shutdown) or broken: every outcome taken or still queued would wait
+            # forever. Their callers get a SpoolError and retry (`_retrying`, which starts
+            # another settler) or, stopping, leave their rows pending for the next start.
+            error = SpoolError(f"the spool's acknowledgement stopped: {exc!r}")
+            for _, future in [*queued, *self._settling]:
+                if not future.done():
+                    future.set_exception(error)
+            self._settling = []
+            raise
+
+    async def _settle_each(self, queued: list[tuple[_Outcome, asyncio.Future[None]]]) -> None:
+        """Write queued outcomes in call order, an erasure alone."""
+        # An erasure is written alone and after what was settled before it, as each went
+        # in call order before grouping: an outcome about the person written after the
+        # scrub would keep their identifier (applied times, audit) in the spool.
+        run: list[tuple[_Outcome, asyncio.Future[None]]] = []
+        for entry in queued:
+            if entry[0].erase:
+                await self._settle_run(run)
+                run = []
+                await self._settle_group([entry])
+            else:
+                run.append(entry)
+        await self._settle_run(run)
 
     async def _settle_run(self, run: list[tuple[_Outcome, asyncio.Future[None]]]) -> None:
         """Write outcomes without an erasure, one group per direction."""
@@ -297,10 +313,6 @@ class Spool:
                 if not future.done():
                     future.set_exception(exc)
             return
-        except BaseException:
-            for _, future in group:
-                future.cancel()  # stopping: the rows stay pending for the next start
-            raise
         for _, future in group:
             if not future.done():
                 future.set_result(None)

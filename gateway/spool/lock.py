@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 from gateway.errors import SpoolError, SpoolLocked
@@ -68,21 +69,69 @@ class WriteTurns:
     writer would stand idle while the file is free. Queued on an flock, it is woken the
     moment the other commits. A process that does not take it (the CLI) is still kept out by
     SQLite's own lock, and waits as before.
+
+    The wait is bounded by `timeout_s` (the SQLite busy timeout, which this queue stands in
+    for): a process wedged while holding the lock must not stop every writer for good. The
+    kernel has no timed flock, so a helper thread blocks in it; a writer that gives up
+    gets a SpoolError (intake answers 503, delivery retries) and the helper, once it gets
+    the lock nobody wants any more, lets it go at once.
     """
 
-    def __init__(self, spool: str | Path) -> None:
+    def __init__(self, spool: str | Path, timeout_s: float) -> None:
         self.path = Path(spool).with_name(Path(spool).name + ".writers")
+        self.timeout_s = timeout_s
+        self._turn = threading.Condition()
+        self._waiting = False  # the helper thread is blocked in flock
+        self._wanted = False  # a writer waits for the helper's lock
+        self._granted = False  # the helper got the lock for the writer waiting
+        self._closed = False
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise SpoolError(f"cannot create the spool's write lock {self.path}: {exc}") from exc
 
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass  # another process writes: queue behind it
+        with self._turn:
+            self._wanted, self._granted = True, False
+            if not self._waiting:  # else the last writer's helper is still queued: take it over
+                self._waiting = True
+                threading.Thread(target=self._queue, name="spool-turns", daemon=True).start()
+            granted = self._turn.wait_for(lambda: self._granted, timeout=self.timeout_s)
+            self._wanted = self._granted = False
+        if not granted:
+            raise SpoolError(
+                f"waited {self.timeout_s:g} s for the spool's write lock {self.path}: another"
+                " gateway process holds it and commits nothing; restart the one that is stuck"
+            )
+
+    def _queue(self) -> None:
+        """Block in flock on the helper thread; hand the lock to the writer, or drop it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:  # the file was closed: nobody writes any more
+            with self._turn:
+                self._waiting = False
+            return
+        with self._turn:
+            self._waiting = False
+            if self._closed:  # the descriptor is gone (or another file's): the lock went with it
+                return
+            if self._wanted:
+                self._granted = True
+                self._turn.notify_all()
+            else:  # the writer gave up: holding it would stop the others for nothing
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Close the file (dropping the lock if held)."""
-        os.close(self._fd)
+        with self._turn:
+            self._closed = True
+            os.close(self._fd)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
+import pickle
+import shutil
 import signal
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,9 +20,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import intake_only
+from gateway.app import intake_only, intake_procs
 from gateway.app.intake_procs import REPORT_S
-from gateway.http.intake import CONFIG, METRICS, SPOOL
+from gateway.app.reload import LiveRules
+from gateway.config.settings import load_config
+from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, State
 from gateway.metrics import Metrics
 from gateway.spool.audit import Record
 from gateway.testing.braze import FakeBraze
@@ -474,3 +481,182 @@ async def test_an_intake_process_counts_the_audit_records_it_sheds(
     finally:
         with pytest.raises(StopAsyncIteration):
             await anext(context)
+
+
+# A stand-in for `python -m gateway.app.intake_only`, run in its place (see `_stand_in`): it
+# notes each start (with the mappings.dir of its launch) in a file, then acts as `mode` says.
+STAND_IN = r"""
+import os, sys, time
+from pathlib import Path
+notes, mode = Path(sys.argv[1]), sys.argv[2]
+starts = len(notes.read_text().splitlines()) if notes.exists() else 0
+if mode == "broken_pipe" and starts == 0:
+    os.close(0)  # its launch, larger than a pipe holds, finds nobody reading
+    with notes.open("a") as f:
+        f.write("closed\n")
+    sys.exit(3)
+from gateway.app.intake_only import _read_launch
+launch = _read_launch()
+with notes.open("a") as f:
+    f.write(launch.config.mappings.dir + "\n")
+if starts == 0 and mode == "long_line":
+    sys.stdout.write('{"ready":true}\n')
+    sys.stdout.write("x" * (2**20 + 100) + "\n")  # over the parent's line limit
+    sys.stdout.flush()
+elif starts == 0 and mode == "exit":
+    sys.exit(3)
+while os.read(0, 65536):  # as an intake process: stop when the parent is gone
+    pass
+"""
+
+
+class _Spool:
+    handoff = None  # PostgreSQL-like: nobody counts the children's rows here
+
+
+async def _stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, live: LiveRules, **launch: Any
+) -> tuple[Path, State, Any]:
+    """Run `intake_processes` with one child, `STAND_IN` in `mode`; its start notes, its
+    state and its context (to close)."""
+    notes = tmp_path / "starts"
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN, encoding="utf-8")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} {notes} {mode}\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(intake_procs, "RESTART_MIN_S", 0.1)
+    monkeypatch.setattr(intake_procs.sys, "executable", str(python))
+    app = web.Application()
+    app[CONFIG], app[METRICS], app[STATE] = live.config, Metrics(), State()
+    app[SPOOL] = _Spool()  # type: ignore[assignment]  # only `handoff` is read
+    default = {"config": live.config, "config_path": None, "log_format": "json"}
+    context = intake_procs.intake_processes({**default, "log_level": "INFO", **launch}, live)(app)
+    await anext(context)
+    return notes, app[STATE], context
+
+
+def _starts(notes: Path) -> list[str]:
+    return notes.read_text().splitlines() if notes.exists() else []
+
+
+@pytest.mark.parametrize("mode", ["long_line", "broken_pipe"])
+async def test_an_intake_process_whose_pipe_fails_is_logged_and_restarted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    """A child that writes a line over the limit, or whose stdin breaks before its launch is
+    read, is logged, named in /readyz's degraded reasons and started again, not forgotten."""
+    config = build_config(tmp_path, server={"intake_processes": 2, "shutdown_timeout_s": 2})
+    live = LiveRules.load(config, Metrics(), None)
+    big = {"config_path": "x" * 2**20} if mode == "broken_pipe" else {}  # over a pipe's room
+    notes, state, context = await _stand_in(tmp_path, monkeypatch, mode, live, **big)
+    try:
+
+        async def restarted() -> bool:
+            return len(_starts(notes)) >= 2
+
+        await eventually(restarted, 30, lambda: f"a restart; started: {_starts(notes)}")
+        assert "intake process 1" in (state.degraded_reason() or "")  # not ready again yet
+        assert any(
+            r.levelname == "ERROR" and "intake process 1" in r.getMessage() for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+    finally:
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(context)
+
+
+async def test_a_restarted_intake_process_starts_from_the_config_in_force(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    secrets_env: dict[str, str],
+) -> None:
+    """A child started again after a reload gets the reloaded config (here mappings.dir), not
+    the one the gateway started with."""
+    for name, value in secrets_env.items():
+        monkeypatch.setenv(name, value)
+    first, second = tmp_path / "mappings", tmp_path / "mappings2"
+    path = write_config(
+        tmp_path, server={"intake_processes": 2}, mappings={"dir": str(first), "watch": False}
+    )
+    shutil.copytree(first, second)
+    config = load_config(path)
+    live = LiveRules.load(config, Metrics(), path)
+    notes, _state, context = await _stand_in(
+        tmp_path, monkeypatch, "exit", live, config_path=str(path)
+    )
+    try:
+
+        async def started() -> bool:
+            return len(_starts(notes)) >= 1
+
+        await eventually(started, 30, "the first start")
+        write_config(
+            tmp_path, server={"intake_processes": 2}, mappings={"dir": str(second), "watch": False}
+        )
+        assert await live.reload_async()
+
+        async def restarted() -> bool:
+            return len(_starts(notes)) >= 2
+
+        await eventually(restarted, 30, lambda: f"a restart; started: {_starts(notes)}")
+        assert _starts(notes)[:2] == [str(first), str(second)]
+    finally:
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(context)
+
+
+@pytest.mark.slow
+@pytest.mark.sqlite_only  # its commit is held on the SQLite spool's write turns
+async def test_an_intake_process_whose_main_process_dies_mid_drain_finishes_its_drain(
+    tmp_path: Path, auth_headers: dict[str, str]
+) -> None:
+    """SIGTERM, then its main process gone (stdin closed) while a webhook's commit waits: the
+    intake process answers that request and exits 0 instead of cutting its drain short."""
+    port = free_port()
+    spool = tmp_path / "gateway.db"
+    config = build_config(
+        tmp_path,
+        server={"port": port, "intake_processes": 2, "shutdown_timeout_s": 10},
+        delivery={"spool": str(spool)},
+    )
+    launch = intake_procs.Launch(config, None, "json", "INFO", 1, "\0gateway-test-nobody")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway.app.intake_only"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    turns = -1
+    try:
+        data = pickle.dumps(launch)
+        proc.stdin.write(len(data).to_bytes(8, "big") + data)
+        await proc.stdin.drain()
+        while b'"ready":true' not in await asyncio.wait_for(proc.stdout.readline(), 30):
+            pass
+        # Another process's write turn: the webhook's commit waits for it, in flight.
+        turns = os.open(spool.with_name(spool.name + ".writers"), os.O_RDWR)
+        fcntl.flock(turns, fcntl.LOCK_EX)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/webhooks/didomi"
+            post = asyncio.create_task(
+                session.post(url, data=choice("mid-drain", True), headers=auth_headers)
+            )
+            await asyncio.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # as the main process does when shutdown begins
+            await asyncio.sleep(0.5)
+            proc.stdin.close()  # then the main process dies
+            await asyncio.sleep(1.0)
+            fcntl.flock(turns, fcntl.LOCK_UN)  # the commit goes through
+            resp = await asyncio.wait_for(post, 20)
+            assert resp.status == 202
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if turns >= 0:
+            os.close(turns)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -194,3 +194,43 @@ async def test_an_erasure_is_written_after_the_outcomes_settled_before_it(
     finally:
         release.set()
         await spool.close()
+
+
+async def test_a_cancelled_settler_releases_every_waiter_and_their_rows_are_settled_on_retry(
+    make_store: MakeStore,  # noqa: F811 - the imported fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the task writing grouped acknowledgements is cancelled with one group on the spool
+    thread and others queued, no caller hangs nor sees itself cancelled: each gets an error,
+    retries, and every row is settled once the spool thread is free."""
+    db = make_store()
+    ids = _stored(db)
+    entered, release = threading.Event(), threading.Event()
+    original = db.ack
+
+    def ack(*args: Any, **kwargs: Any) -> None:
+        if not entered.is_set():  # the first acknowledgement holds the spool thread
+            entered.set()
+            assert release.wait(30)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(db, "ack", ack)
+    spool = Spool(db)
+    try:
+        running = asyncio.create_task(_settle(spool, ids[0], 0))
+        assert await asyncio.to_thread(entered.wait, 30)
+        queued = [asyncio.create_task(_settle(spool, row, n)) for n, row in enumerate(ids[1:], 1)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        settler = spool._settler
+        assert settler is not None
+        assert spool._settling  # outcomes queued behind the group on the spool thread
+        settler.cancel()
+        await asyncio.gather(settler, return_exceptions=True)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(running, *queued), timeout=30)
+        assert db.count_pending() == 0
+        assert len(db.applied_times([f"p{n}" for n in range(PEOPLE)])) == PEOPLE
+    finally:
+        release.set()
+        await spool.close()

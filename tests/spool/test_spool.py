@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
 from gateway.spool.face import Handoff, Spool
-from gateway.spool.lock import SpoolLock
+from gateway.spool.lock import SpoolLock, WriteTurns
 from gateway.spool.postgres import PgSpoolDB
 from gateway.spool.sqlite import Dead, SpoolDB
 from gateway.spool.store import Pending
@@ -578,3 +579,43 @@ async def test_intake_hands_its_rows_over_and_notices_rows_it_did_not_write(
         assert [r.id for r in spool.handoff.take(3, 10) or []] == [4]
     finally:
         await spool.close()
+
+
+@pytest.mark.sqlite_only  # an flock beside the spool file
+async def test_a_writer_wedged_on_the_write_turns_costs_a_spool_error_not_a_hang(
+    path: Path,
+) -> None:
+    """While another process holds `<spool>.writers` and commits nothing, a put and an
+    acknowledgement each wait the bound, then fail with SpoolError, the row staying pending;
+    once the lock is free they commit, and a wait given up never keeps the lock from others."""
+    db = SpoolDB(path)
+    db.put_many([item(1)])
+    db.writers = turns = WriteTurns(path, timeout_s=0.3)
+    spool = Spool(db)
+    wedged = os.open(turns.path, os.O_RDWR)  # another open file: as another process's
+    fcntl.flock(wedged, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SpoolError, match="write lock"):
+            await asyncio.wait_for(spool.put(*item(2)), timeout=30)
+        with pytest.raises(SpoolError, match="write lock"):
+            await asyncio.wait_for(spool.ack([1], stopping=lambda: True), timeout=30)
+        assert db.count_pending() == 1  # nothing of either is written, the row stays
+        fcntl.flock(wedged, fcntl.LOCK_UN)
+        assert await asyncio.wait_for(spool.put(*item(2)), timeout=30) is True
+        await asyncio.wait_for(spool.ack([1], stopping=lambda: False), timeout=30)
+        assert bodies(db) == [b'{"n": 2}']
+        # The helper that queued for the first writer dropped the lock it got: free for others.
+        for _ in range(300):
+            try:
+                fcntl.flock(wedged, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the write lock stayed held after every writer was done")
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(wedged, fcntl.LOCK_UN)
+        os.close(wedged)
+        await spool.close()
+        turns.close()

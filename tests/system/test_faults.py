@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -349,6 +350,52 @@ async def test_sigterm_returns_within_the_shutdown_timeout_whatever_delivery_wai
             gw.cleanup()
         assert took < 2 + 1 + 0.5, f"SIGTERM took {took:.1f} s"  # 0.5 s: interpreter exit
         assert spool_counts(tmp_path / "var" / "gateway.db") == (3, 0)
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.slow
+async def test_a_second_sigterm_during_the_drain_stops_at_once_with_status_1_keeping_the_rows(
+    tmp_path: Path, secrets_env: dict[str, str], auth_headers: dict[str, str]
+) -> None:
+    """A second SIGTERM while the gateway drains means "stop now": it exits with status 1
+    without waiting out server.shutdown_timeout_s, and the update in flight stays in the
+    spool (as it did before intake processes: aiohttp's own handling)."""
+    fake = FakeBraze(api_key=BRAZE_API_KEY)
+    await fake.start()
+    try:
+        fake.latency_s = 60.0
+        port = free_port()
+        write_config(
+            tmp_path,
+            server={"port": port, "shutdown_timeout_s": 30},
+            braze={"server": fake.url, "flush_interval_ms": 10, "timeout_s": 120},
+        )
+        gw = GatewayProcess(tmp_path, port, secrets_env)
+        await gw.start()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"{gw.base}/webhooks/didomi", data=choice("bye", True), headers=auth_headers
+                ) as resp,
+            ):
+                assert resp.status == 202
+
+            async def waiting() -> bool:
+                return len(fake.requests) >= 1
+
+            await eventually(waiting, 10, "a request to reach Braze")
+            started = time.monotonic()
+            gw.signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)  # draining: delivery waits on Braze for up to 30 s
+            gw.signal(signal.SIGTERM)
+            assert await gw.stop(timeout=60) == 1
+            took = time.monotonic() - started
+        finally:
+            gw.cleanup()
+        assert took < 30, f"the second SIGTERM waited {took:.1f} s"  # the drain's bound
+        assert spool_counts(tmp_path / "var" / "gateway.db") == (1, 0)
     finally:
         await fake.stop()
 
