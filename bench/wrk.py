@@ -233,7 +233,7 @@ def parse_variant(name: str, tree: Path | None = None) -> Variant:
         return Variant(name, "gateway", variant.whatif, tree=tree)
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
-    allowed = {"uvloop"} | {"gateway": {"nolog", "syncnormal"}, "bare": {"group"}}.get(base, set())
+    allowed = {"uvloop"} | {"gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung"}, "bare": {"group"}}.get(base, set())
     if base == "gateway":
         allowed |= {w for w in whatif if re.fullmatch(r"procs[1-9]", w)}
     if set(whatif) - allowed:
@@ -304,10 +304,15 @@ class Bench:
             if variant.tree is not None:
                 argv[1:3] = ["-c", _FROM_TREE, str(variant.tree)]
             whatif = [w for w in whatif if not w.startswith("procs")]
+            path = [str(variant.tree)] if variant.tree is not None else []  # for its children too
             if whatif:
                 env["BENCH_WHATIF"] = ",".join(whatif)
                 env["BENCH_SQLCOUNT"] = str(self.tmp / f"{name}.sql.json")
-                env["PYTHONPATH"] = os.pathsep.join((str(WHATIF), str(BENCH)))
+                env["BENCH_TXTIME_DIR"] = str((self.tmp / f"{name}.txtime").resolve())
+                (self.tmp / f"{name}.txtime").mkdir(exist_ok=True)
+                path += [str(WHATIF), str(BENCH)]
+            if path:
+                env["PYTHONPATH"] = os.pathsep.join(path)
             # N intake processes are there to use both cores: pinned to both.
             cpus = "0,1" if procs and procs[0] > 1 else 1
             proc = self.procs.start(name, self.pinned(cpus, argv), env)
