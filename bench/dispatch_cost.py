@@ -92,7 +92,9 @@ def once(rules: object, page: list[Pending]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Time the stages and print µs per webhook."""
-    parser = argparse.ArgumentParser(prog="bench/dispatch_cost.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="bench/dispatch_cost.py", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--webhooks", type=int, default=7500)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)

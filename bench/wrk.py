@@ -233,7 +233,10 @@ def parse_variant(name: str, tree: Path | None = None) -> Variant:
         return Variant(name, "gateway", variant.whatif, tree=tree)
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
-    allowed = {"uvloop"} | {"gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung"}, "bare": {"group"}}.get(base, set())
+    allowed = {"uvloop"} | {
+        "gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung"},
+        "bare": {"group"},
+    }.get(base, set())
     if base == "gateway":
         allowed |= {w for w in whatif if re.fullmatch(r"procs[1-9]", w)}
     if set(whatif) - allowed:

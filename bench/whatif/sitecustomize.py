@@ -112,7 +112,9 @@ if "txtime" in os.environ.get("BENCH_WHATIF", "").split(",") and _argv[:1] in ([
     import time
 
     _tx_lock = threading.Lock()
-    _tx: collections.defaultdict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    _tx: collections.defaultdict[str, list[float]] = collections.defaultdict(
+        lambda: [0, 0.0, 0.0, 0.0]
+    )
     _commits: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
 
     def _install() -> None:
@@ -167,7 +169,8 @@ if "txtime" in os.environ.get("BENCH_WHATIF", "").split(",") and _argv[:1] in ([
                 return None
             sys.meta_path.remove(self)
             spec = importlib.machinery.PathFinder.find_spec(name, path)
-            assert spec is not None and spec.loader is not None
+            assert spec is not None
+            assert spec.loader is not None
             load = spec.loader.exec_module
 
             def exec_module(module):  # type: ignore[no-untyped-def]

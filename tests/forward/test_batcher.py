@@ -246,7 +246,9 @@ class Backlog:
 backlogs = st.builds(
     Backlog,
     rows=st.lists(
-        st.tuples(st.sampled_from(("p", "q", "r", "s", "t", "u")), st.booleans(), st.integers(0, 2)),
+        st.tuples(
+            st.sampled_from(("p", "q", "r", "s", "t", "u")), st.booleans(), st.integers(0, 2)
+        ),
         max_size=30,
     ),
     in_flight=st.sets(st.sampled_from(("external_id:p", "external_id:t"))),
