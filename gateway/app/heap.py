@@ -19,18 +19,27 @@ from collections.abc import Iterator
 YOUNG = 10_000
 
 
+# Apps serving in this process (the tests run several): the first tunes, the last undoes.
+_serving = [0]
+_default = [gc.get_threshold()]
+
+
 @contextlib.contextmanager
 def settled() -> Iterator[None]:
     """While serving: start-up's objects left out of every collection (`gc.freeze`), the young
-    generation collected every `YOUNG` allocations; both undone after."""
-    before = gc.get_threshold()
-    # The young generations only: not to freeze start-up's recent garbage with the rest. A
-    # full collection took 50-150 ms, at every start of the app in the tests too.
-    gc.collect(1)
-    gc.freeze()
-    gc.set_threshold(YOUNG, *before[1:])
+    generation collected every `YOUNG` allocations; both undone once no app serves."""
+    _serving[0] += 1
+    if _serving[0] == 1:
+        _default[0] = gc.get_threshold()
+        # The young generations only: not to freeze start-up's recent garbage with the rest.
+        # A full collection took 50-150 ms, at every start of the app in the tests too.
+        gc.collect(1)
+        gc.freeze()
+        gc.set_threshold(YOUNG, *_default[0][1:])
     try:
         yield
     finally:
-        gc.set_threshold(*before)
-        gc.unfreeze()
+        _serving[0] -= 1
+        if not _serving[0]:
+            gc.set_threshold(*_default[0])
+            gc.unfreeze()

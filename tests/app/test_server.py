@@ -151,15 +151,19 @@ async def raw_status(client: Client, head: bytes, body_parts: Sequence[bytes]) -
 
 
 async def test_a_serving_gateway_freezes_its_start_up_and_collects_the_young_less_often(
-    start: Start, config: Config
+    start: Start, config: Config, make_config: MakeConfig, tmp_path: Path
 ) -> None:
     """Once started, start-up's objects are out of the garbage collector's way and its young
-    generation is collected every `heap.YOUNG` allocations; stopping undoes both."""
+    generation is collected every `heap.YOUNG` allocations; the last app to stop undoes both."""
     before = gc.get_threshold()
     client = await start(config)
     assert gc.get_threshold() == (heap.YOUNG, *before[1:])
     assert gc.get_freeze_count() > 0
-    await client.close()
+    (tmp_path / "second").mkdir()
+    second = await start(make_config(tmp_path / "second"))
+    await client.close()  # another app still serves: it stays tuned
+    assert gc.get_threshold() == (heap.YOUNG, *before[1:])
+    await second.close()
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
 
