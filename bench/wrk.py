@@ -24,7 +24,10 @@ process per variant, all started once and kept up for the whole run:
 - `gateway+procsN`: the gateway with `server.intake_processes = N`, pinned to both CPUs (the
   extra intake processes are there to use the second core, which wrk and the fake Braze share);
 - `gateway+syncnormal`: the gateway with SQLite's `synchronous=NORMAL` (whatif: what the fsync
-  of each commit costs; not a setting to ship, a 202 must survive power loss).
+  of each commit costs; not a setting to ship, a 202 must survive power loss);
+- `gateway+txtime`, `gateway+gctime` (with `--keep`): each spool transaction's write turn, work
+  and COMMIT, and the garbage collector's CPU, per process, into the temp dir's NAME.txtime/;
+  `gateway+switch`: `sys.setswitchinterval(0.0005)` (whatif).
 
 Each round runs every variant once, in the same order (A B C A B C ...), for `--seconds` each;
 the table gives the median of the rounds. wrk runs one thread and `--connections` connections,
@@ -234,7 +237,7 @@ def parse_variant(name: str, tree: Path | None = None) -> Variant:
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
     allowed = {"uvloop"} | {
-        "gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung"},
+        "gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung", "switch"},
         "bare": {"group"},
     }.get(base, set())
     if base == "gateway":
@@ -584,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="",
         help="more servers, comma-separated: bare+uvloop, bare+group, naive+uvloop, "
-        "gateway+uvloop, gateway+nolog, gateway+syncnormal, gateway+procs2 (or combined: "
+        "gateway+uvloop, gateway+nolog, gateway+syncnormal, gateway+procs2, gateway+txtime, "
+        "gateway+gctime, gateway+switch (or combined: "
         "gateway+uvloop+nolog)",
     )
     parser.add_argument(
