@@ -24,7 +24,10 @@ process per variant, all started once and kept up for the whole run:
 - `gateway+procsN`: the gateway with `server.intake_processes = N`, pinned to both CPUs (the
   extra intake processes are there to use the second core, which wrk and the fake Braze share);
 - `gateway+syncnormal`: the gateway with SQLite's `synchronous=NORMAL` (whatif: what the fsync
-  of each commit costs; not a setting to ship, a 202 must survive power loss).
+  of each commit costs; not a setting to ship, a 202 must survive power loss);
+- `gateway+txtime`, `gateway+gctime` (with `--keep`): each spool transaction's write turn, work
+  and COMMIT, and the garbage collector's CPU, per process, into the temp dir's NAME.txtime/;
+  `gateway+switch`: `sys.setswitchinterval(0.0005)` (whatif).
 
 Each round runs every variant once, in the same order (A B C A B C ...), for `--seconds` each;
 the table gives the median of the rounds. wrk runs one thread and `--connections` connections,
@@ -233,7 +236,10 @@ def parse_variant(name: str, tree: Path | None = None) -> Variant:
         return Variant(name, "gateway", variant.whatif, tree=tree)
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
-    allowed = {"uvloop"} | {"gateway": {"nolog", "syncnormal"}, "bare": {"group"}}.get(base, set())
+    allowed = {"uvloop"} | {
+        "gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung", "switch"},
+        "bare": {"group"},
+    }.get(base, set())
     if base == "gateway":
         allowed |= {w for w in whatif if re.fullmatch(r"procs[1-9]", w)}
     if set(whatif) - allowed:
@@ -304,10 +310,15 @@ class Bench:
             if variant.tree is not None:
                 argv[1:3] = ["-c", _FROM_TREE, str(variant.tree)]
             whatif = [w for w in whatif if not w.startswith("procs")]
+            path = [str(variant.tree)] if variant.tree is not None else []  # for its children too
             if whatif:
                 env["BENCH_WHATIF"] = ",".join(whatif)
                 env["BENCH_SQLCOUNT"] = str(self.tmp / f"{name}.sql.json")
-                env["PYTHONPATH"] = os.pathsep.join((str(WHATIF), str(BENCH)))
+                env["BENCH_TXTIME_DIR"] = str((self.tmp / f"{name}.txtime").resolve())
+                (self.tmp / f"{name}.txtime").mkdir(exist_ok=True)
+                path += [str(WHATIF), str(BENCH)]
+            if path:
+                env["PYTHONPATH"] = os.pathsep.join(path)
             # N intake processes are there to use both cores: pinned to both.
             cpus = "0,1" if procs and procs[0] > 1 else 1
             proc = self.procs.start(name, self.pinned(cpus, argv), env)
@@ -576,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="",
         help="more servers, comma-separated: bare+uvloop, bare+group, naive+uvloop, "
-        "gateway+uvloop, gateway+nolog, gateway+syncnormal, gateway+procs2 (or combined: "
+        "gateway+uvloop, gateway+nolog, gateway+syncnormal, gateway+procs2, gateway+txtime, "
+        "gateway+gctime, gateway+switch (or combined: "
         "gateway+uvloop+nolog)",
     )
     parser.add_argument(

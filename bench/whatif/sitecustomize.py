@@ -18,6 +18,11 @@ in the gateway itself):
 - `sqlcount`: every SQL statement SQLite runs is counted (a trace callback on each connection),
   with literals replaced by `?`; the counts go to the file BENCH_SQLCOUNT at exit. The callback
   costs time: a run with it measures counts, not speed (`bench/wrk.py --sql`).
+- `txtime` (also in the intake-only children): each spool write transaction timed, by what it
+  does: waiting for the write turn (`WriteTurns`), its work, its COMMIT (percentiles), into
+  BENCH_TXTIME_DIR/PID.json at exit (`bench/wrk.py --keep` leaves them in NAME.txtime/).
+- `gctime` (also in the children): the garbage collector's CPU per generation, into
+  BENCH_TXTIME_DIR/gc-PID.json; `gcfreeze`, `gcyoung`: what `app.heap` now does, measured first.
 """
 
 from __future__ import annotations
@@ -95,3 +100,133 @@ if "syncnormal" in WHAT:
         return _plain_connect(*args, factory=_Normal, **kwargs)  # type: ignore[arg-type,misc]
 
     sqlite3.connect = _normal  # type: ignore[assignment]
+
+
+# `txtime` acts in every gateway process, the intake-only children too (they inherit the
+# environment): each spool write transaction timed, by what it does, into BENCH_TXTIME_DIR.
+if "txtime" in os.environ.get("BENCH_WHATIF", "").split(",") and _argv[:1] in (["-m"], ["-c"]):
+    import atexit
+    import collections
+    import json
+    import threading
+    import time
+
+    _tx_lock = threading.Lock()
+    _tx: collections.defaultdict[str, list[float]] = collections.defaultdict(
+        lambda: [0, 0.0, 0.0, 0.0]
+    )
+    _commits: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+
+    def _install() -> None:
+        from gateway.spool import sqlite_file
+
+        def timed(self, work):  # type: ignore[no-untyped-def]
+            what = ".".join(getattr(work, "__qualname__", "?").split(".")[:2])
+            started = time.perf_counter()
+            try:
+                with self.writers:
+                    held = time.perf_counter()
+                    self.db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = work(self.db)
+                        committing = time.perf_counter()
+                        self.db.execute("COMMIT")
+                        self.committed_at = time.monotonic()
+                    except BaseException:
+                        self._rollback()
+                        raise
+                    ended = time.perf_counter()
+            except sqlite_file.sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            with _tx_lock:
+                row = _tx[what]
+                row[0] += 1
+                row[1] += held - started  # waiting for the write turn
+                row[2] += committing - held  # BEGIN and the work
+                row[3] += ended - committing  # COMMIT (and any checkpoint it runs)
+                _commits[what].append(round((ended - committing) * 1e6))
+            return result
+
+        sqlite_file.SqliteFile._tx = timed  # type: ignore[method-assign,assignment]
+
+    _started = time.perf_counter()
+
+    @atexit.register
+    def _dump_tx() -> None:
+        out = os.path.join(os.environ["BENCH_TXTIME_DIR"], f"{os.getpid()}.json")
+        with open(out, "w") as fh:
+            json.dump(
+                {"wall": time.perf_counter() - _started, "tx": dict(_tx), "commits_us": _commits},
+                fh,
+            )
+
+    import importlib.abc
+    import importlib.machinery
+
+    class _After(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
+            if name != "gateway.spool.sqlite_file":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            assert spec is not None
+            assert spec.loader is not None
+            load = spec.loader.exec_module
+
+            def exec_module(module):  # type: ignore[no-untyped-def]
+                load(module)
+                sys.modules[name] = module
+                _install()
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    sys.meta_path.insert(0, _After())
+
+
+# `gctime` (every gateway process, as `txtime`): the CPU the cyclic garbage collector takes,
+# per generation, into BENCH_TXTIME_DIR/gc-PID.json at exit.
+if "gctime" in os.environ.get("BENCH_WHATIF", "").split(",") and _argv[:1] in (["-m"], ["-c"]):
+    import atexit
+    import gc
+    import json
+    import time
+
+    _gc = {"runs": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "collected": [0, 0, 0]}
+    _gc_started = [0.0]
+    _gc_born = time.perf_counter()
+
+    def _gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            _gc_started[0] = time.thread_time()  # CPU: a descheduled thread's wait is not GC
+            return
+        generation = info["generation"]
+        _gc["runs"][generation] += 1
+        _gc["seconds"][generation] += time.thread_time() - _gc_started[0]
+        _gc["collected"][generation] += info["collected"]
+
+    gc.callbacks.append(_gc_timer)
+
+    @atexit.register
+    def _dump_gc() -> None:
+        out = os.path.join(os.environ["BENCH_TXTIME_DIR"], f"gc-{os.getpid()}.json")
+        with open(out, "w") as fh:
+            json.dump({"wall": time.perf_counter() - _gc_born, **_gc}, fh)
+
+
+# `gcfreeze`: gc.freeze() 4 s after start (the gateway is up by then): what start-up allocated
+# is left out of every later collection. `gcyoung`: the youngest generation collected every
+# 20,000 net allocations rather than 700 (and the freeze), so the objects of requests in
+# flight are traversed once per 20,000 rather than every 700.
+if {"gcfreeze", "gcyoung"} & set(os.environ.get("BENCH_WHATIF", "").split(",")) and _argv[:1] in (
+    ["-m"],
+    ["-c"],
+):
+    import gc
+    import threading
+
+    if "gcyoung" in os.environ["BENCH_WHATIF"].split(","):
+        gc.set_threshold(20_000, 10, 10)
+    _freezer = threading.Timer(4.0, gc.freeze)
+    _freezer.daemon = True
+    _freezer.start()

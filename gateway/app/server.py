@@ -29,6 +29,7 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.app import heap
 from gateway.app.intake_procs import intake_processes, take_turns
 from gateway.app.reload import LiveRules
 from gateway.app.wiring import BUDGET, DISPATCHER, REPLICAS, RULES, WRITEBACK, Context, delivery
@@ -156,8 +157,9 @@ async def _ready_context(app: web.Application) -> AsyncIterator[None]:
     # Ready to take webhooks; `serve` logs `ready` only once the port is bound as well.
     app[STATE].starting = False
     _publish_ready(app)
-    yield
-    await _drain(app)
+    with heap.settled():  # everything started: freeze it, collect the young less often
+        yield
+        await _drain(app)
 
 
 async def _drain(app: web.Application) -> None:

@@ -166,8 +166,19 @@ class Batcher:
         kept: deque[Entry] = deque()
         held: set[str] = set()
         kind: tuple[bool, str] | None = None
-        for entry in self._backlog:
+        limit = size
+        # Once the batch is full only its people's later rows can still join it: the scan
+        # stops when none is left ahead (a full scan per batch made a backlog of B rows cost
+        # B/size row visits per row). `left`: each batch person's rows not yet visited.
+        left: dict[str, int] = {}
+        ahead = 0
+        backlog = self._backlog
+        while backlog and (ahead or kind is None or len(items) < limit):
+            entry = backlog.popleft()
             key = entry.key
+            if key in left and key not in held:
+                left[key] -= 1
+                ahead -= 1
             if owned is not None and entry.row.part not in owned:
                 self._forget(entry)  # another replica delivers it now (rows given back, say)
                 continue
@@ -176,14 +187,19 @@ class Batcher:
             if key in held:
                 item = None  # an earlier row of theirs waits: so does this one
             elif item is None:
-                limit = delete_size if kind is not None and kind[0] else size
                 wanted = (mapped.delete, mapped.identity if mapped.delete else "")
+                if kind is None:
+                    limit = delete_size if wanted[0] else size
                 if key not in self.in_flight and len(items) < limit and kind in (None, wanted):
                     kind = wanted
                     item = items[key] = Item(mapped.identity, mapped.person, mapped.delete)
+                    left[key] = self._people[key] - 1  # this row is counted there too
+                    ahead += left[key]
             elif item.delete != mapped.delete:
                 item = None  # an update and a deletion of one person never share a request
             if item is None:
+                if key in left and key not in held:
+                    ahead -= left[key]  # their later rows wait behind this one
                 held.add(key)
                 kept.append(entry)
                 continue
@@ -191,7 +207,11 @@ class Batcher:
             self._people[key] -= 1
             if not self._people[key]:
                 del self._people[key]
-        self._backlog = kept
+        # The rest, unvisited, stays where it is, behind the rows held back (in spool order);
+        # rows of partitions given up are forgotten, as a full scan would have.
+        if owned is not None and any(entry.row.part not in owned for entry in backlog):
+            self.drop(owned.__contains__)  # over the rest only: `kept` is out of the backlog
+        self._backlog.extendleft(reversed(kept))
         if not items:
             return None
         self.in_flight.update(items)

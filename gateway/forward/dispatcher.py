@@ -437,6 +437,43 @@ def _trail(
     status: int | None,
     detail: str | None = None,
 ) -> list[Record]:
+    """The audit records of one settled item (`_trail_rows`), the common case built directly:
+    one row, whose every change was sent (a third of the dispatcher's per-object Python)."""
+    entries = item.entries
+    if len(entries) != 1 or item.delete or item.stale or not item.changes:
+        return _trail_rows(item, outcome, at, endpoint, status, detail)
+    entry = entries[0]
+    mapped = entry.mapped
+    origins = mapped.origins
+    changes = []
+    for target, change in item.changes.items():
+        if change.entry is not entry:
+            return _trail_rows(item, outcome, at, endpoint, status, detail)
+        changes.append((target, state_text(change.state), origins.get(target)))
+    record = Record(
+        item.person,
+        "to_braze",
+        outcome,
+        at,
+        event_id=mapped.event_id,
+        event_type=entry.row.type,
+        event_at=mapped.at,
+        endpoint=endpoint,
+        status=status,
+        detail=detail,
+        changes=tuple(changes),
+    )
+    return [record]
+
+
+def _trail_rows(
+    item: Item,
+    outcome: str,
+    at: float,
+    endpoint: str | None,
+    status: int | None,
+    detail: str | None = None,
+) -> list[Record]:
     """The audit records of one settled item: each target's winning choice (or the deletion),
     what was dropped as stale, and the rows whose every choice a later one overrode; one record
     per row and outcome, its targets packed (`audit.write`)."""

@@ -64,6 +64,8 @@ class Live:
         if len(rows) < FETCH_LIMIT:
             # Caught up: every row up to `complete` has been read, the hand-off has the rest.
             after = max(after, complete)
+        if handoff is not None:
+            rows = handoff.swap_in(rows)  # this process's own rows come decoded
         return [row for row in rows if row.id not in held], after
 
 

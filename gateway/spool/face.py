@@ -56,6 +56,17 @@ class Handoff:
         """Rows up to `upto` may include some another process wrote: read them from the spool."""
         self.complete_after = max(self.complete_after, upto)
 
+    def swap_in(self, rows: list[Pending]) -> list[Pending]:
+        """Rows read from the spool, those this process stored replaced by their copies here,
+        decoded already (with `server.intake_processes` most pages are read from the file).
+
+        The read decides which rows there are; a copy is the row its own commit stored."""
+        held = self.rows
+        if not held or not rows or held[-1].id < rows[0].id or held[0].id > rows[-1].id:
+            return rows
+        mine = {row.id: row for row in held}
+        return [mine.get(row.id, row) for row in rows]
+
     def take(self, cursor: int, limit: int) -> list[Pending] | None:
         """The rows after `cursor`, oldest first; None while the spool must be read first."""
         if cursor < self.complete_after:

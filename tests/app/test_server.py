@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
+from gateway.app import heap
 from gateway.app.server import CONFIG, SPOOL, STATE, Context, create_app, readyz
 from gateway.config.settings import Config
 from gateway.delivery import health
@@ -146,6 +148,24 @@ async def raw_status(client: Client, head: bytes, body_parts: Sequence[bytes]) -
 
 # ---------------------------------------------------------------------------
 # The order of the checks
+
+
+async def test_a_serving_gateway_freezes_its_start_up_and_collects_the_young_less_often(
+    start: Start, config: Config, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """Once started, start-up's objects are out of the garbage collector's way and its young
+    generation is collected every `heap.YOUNG` allocations; the last app to stop undoes both."""
+    before = gc.get_threshold()
+    client = await start(config)
+    assert gc.get_threshold() == (heap.YOUNG, *before[1:])
+    assert gc.get_freeze_count() > 0
+    (tmp_path / "second").mkdir()
+    second = await start(make_config(tmp_path / "second"))
+    await client.close()  # another app still serves: it stays tuned
+    assert gc.get_threshold() == (heap.YOUNG, *before[1:])
+    await second.close()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 async def test_bad_auth_wins_over_wrong_content_type(client: Client, metrics: Metrics) -> None:

@@ -200,3 +200,81 @@ def test_waiting_finds_an_earlier_row_appended_after_later_ones() -> None:
     batcher.add([entry(40, "r", delete=False), entry(120, "s", delete=False)])
     assert sorted(e.row.id for e in batcher.waiting(110)) == [40, 100, 101]
     assert [e.mapped.person for e in batcher.waiting(90)] == ["r"]
+
+
+def full_scan(
+    backlog: list[Entry], in_flight: set[str], size: int, delete_size: int, owned: set[int] | None
+) -> tuple[list[tuple[str, list[int]]], list[int]]:
+    """What `take` did before it stopped early: every backlog row visited. Returns the batch
+    (person, row ids) and the row ids left in the backlog, in order."""
+    items: dict[str, list[int]] = {}
+    deletes: dict[str, bool] = {}
+    kept: list[int] = []
+    held: set[str] = set()
+    kind: tuple[bool, str] | None = None
+    for e in backlog:
+        key, mapped = e.key, e.mapped
+        if owned is not None and e.row.part not in owned:
+            continue
+        ok = False
+        if key in held:
+            ok = False
+        elif key not in items:
+            limit = delete_size if kind is not None and kind[0] else size
+            wanted = (mapped.delete, mapped.identity if mapped.delete else "")
+            if key not in in_flight and len(items) < limit and kind in (None, wanted):
+                kind, ok = wanted, True
+                items[key], deletes[key] = [], mapped.delete
+        else:
+            ok = deletes[key] == mapped.delete
+        if not ok:
+            held.add(key)
+            kept.append(e.row.id)
+            continue
+        items[key].append(e.row.id)
+    return [(key.partition(":")[2], ids) for key, ids in items.items()], kept
+
+
+@dataclass
+class Backlog:
+    rows: list[tuple[str, bool, int]]  # (person, delete, partition) per row, in spool order
+    in_flight: set[str]
+    size: int
+    owned: set[int] | None
+
+
+backlogs = st.builds(
+    Backlog,
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(("p", "q", "r", "s", "t", "u")), st.booleans(), st.integers(0, 2)
+        ),
+        max_size=30,
+    ),
+    in_flight=st.sets(st.sampled_from(("external_id:p", "external_id:t"))),
+    size=st.integers(1, 3),
+    owned=st.none() | st.sets(st.integers(0, 2)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(backlogs)
+def test_take_stopping_once_full_takes_what_a_full_scan_takes(plan: Backlog) -> None:
+    """`take` stops reading the backlog once the batch is full and none of its people has a
+    row further on; the batch, the rows left and their order are what a scan of every row
+    gives, later rows of the batch's people still join it, and unowned rows are forgotten."""
+    rows = []
+    for n, (person, delete, part) in enumerate(plan.rows):
+        e = entry(n + 1, person, delete=delete)
+        rows.append(Entry(Pending(e.row.id, e.row.received_at, e.row.type, b"{}", part), e.mapped))
+    batcher = Batcher()
+    batcher.add(rows)
+    batcher.in_flight.update(plan.in_flight)
+    owned = frozenset(plan.owned) if plan.owned is not None else None
+    wanted, left = full_scan(rows, plan.in_flight, plan.size, plan.size, plan.owned)
+    batch = batcher.take(plan.size, delete_size=plan.size, owned=owned)
+    got = [(i.person, [r.id for r in i.rows]) for i in batch.items] if batch else []
+    assert got == wanted
+    assert [e.row.id for e in batcher.waiting(10**9)] == left
+    assert len(batcher) == len(left)
+    assert batcher.people_waiting == len({rows[i - 1].key for i in left})

@@ -468,3 +468,56 @@ async def test_erasure_by_email_sends_email_addresses(
     ]
     assert [r.status for r in fake.requests if r.path == "/users/delete"] == [201]
     assert "email:ann@example.com" not in fake.users
+
+
+def test_the_one_row_trail_is_what_the_general_trail_writes() -> None:
+    """`_trail` builds the record of a one-row item directly; for every kind of item (one row,
+    several merged, some changes stale, a row overridden, none sent) the records are those
+    `_trail_rows` writes."""
+    from gateway.forward.batcher import Batcher, Change, Entry
+    from gateway.forward.dispatcher import _trail, _trail_rows
+    from gateway.rules.mappings import Mapped
+    from gateway.shapes.webhooks import decode
+    from gateway.spool.store import Pending
+
+    rules = load_rules(ROOT / "mappings")
+    bodies = [
+        event("ann", True, "2025-01-01T00:00:00Z", topics="news"),
+        event("bob", False, "2025-01-01T00:00:00Z"),
+        event("bob", True, "2025-01-02T00:00:00Z", topics="offers"),  # merged with bob's first
+        event("cid", True, "2025-01-03T00:00:00Z"),
+        event("cid", False, "2025-01-01T00:00:00Z"),  # older: every choice overridden
+    ]
+    entries = []
+    for n, body in enumerate(bodies, start=1):
+        webhook = decode(body)
+        mapped = rules.apply(webhook, received_at=1000.0 + n)
+        assert isinstance(mapped, Mapped)
+        entries.append(Entry(Pending(n, 1000.0 + n, webhook.type, body, decoded=webhook), mapped))
+    batcher = Batcher()
+    batcher.add(entries)
+    batch = batcher.take(75)
+    assert batch is not None
+    items = batch.items
+    stale = Batcher()
+    stale.add([entries[0]])
+    taken = stale.take(75)
+    assert taken is not None
+    dropped = taken.items[0]
+    target = next(iter(dropped.changes))
+    dropped.stale[target] = dropped.changes.pop(target)  # as `drop_stale` leaves an item
+    empty = Batcher()
+    empty.add([entries[3]])
+    idle = empty.take(75)
+    assert idle is not None
+    idle.items[0].changes.clear()
+    alien = Batcher()
+    alien.add([entries[1]])
+    other = alien.take(75)
+    assert other is not None
+    first = next(iter(other.items[0].changes.values()))
+    other.items[0].changes[target] = Change(first.state, first.at, entry=entries[2])
+    for item in [*items, dropped, idle.items[0], other.items[0]]:
+        for args in (("delivered", 5.0, "/users/track", 201), ("dead-lettered", 5.0, None, None)):
+            assert _trail(item, *args, "why") == _trail_rows(item, *args, "why")
+    assert any(len(item.entries) == 1 and item.changes for item in items)

@@ -147,6 +147,42 @@ def test_token_expires(issuer: TokenIssuer, clock: Clock) -> None:
     assert not issuer.verify(token)
 
 
+def test_a_verified_token_is_checked_again_only_for_its_expiry(
+    issuer: TokenIssuer, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender reuses its token: once verified, it is not signed again per request, and it
+    is still refused from the second it expires."""
+    token, ttl = issuer.issue()
+    signed: list[str] = []
+    sign = issuer._sign
+    monkeypatch.setattr(issuer, "_sign", lambda body: signed.append(body) or sign(body))
+    assert issuer.verify(token)
+    assert issuer.verify(token)
+    assert len(signed) == 1
+    clock.now = T0 + ttl
+    assert not issuer.verify(token)
+    assert not issuer.verify(token)
+
+
+def test_refused_tokens_are_never_remembered(
+    issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forged token is checked, and refused, every time; remembered tokens are bounded."""
+    token, _ = issuer.issue()
+    body, sig = token.split(".")
+    forged = f"{body}.{sig[:-2]}{'A' if sig[-2] != 'A' else 'B'}{sig[-1]}"
+    signed: list[str] = []
+    sign = issuer._sign
+    monkeypatch.setattr(issuer, "_sign", lambda body: signed.append(body) or sign(body))
+    assert not issuer.verify(forged)
+    assert not issuer.verify(forged)
+    assert len(signed) == 2
+    tokens = [issuer.issue()[0] for _ in range(auth.KNOWN_TOKENS + 1)]
+    assert all(issuer.verify(t) for t in tokens)
+    assert len(issuer._known) <= auth.KNOWN_TOKENS
+    assert all(issuer.verify(t) for t in tokens)
+
+
 def test_forged_signature_is_refused(issuer: TokenIssuer) -> None:
     """Changing one character of the signature makes the token worthless."""
     token, _ = issuer.issue()

@@ -532,6 +532,22 @@ def test_a_shared_handoff_sends_delivery_to_the_spool_once_its_own_rows_are_take
     assert handoff.take(1, 100) == []
 
 
+def test_rows_read_from_the_spool_come_decoded_when_this_process_stored_them() -> None:
+    """Read back with another process's rows between them (`server.intake_processes`), this
+    process's own rows are its hand-off copies, with the webhook it decoded; the spool's read
+    still decides which rows there are and their order."""
+    handoff = Handoff(complete_after=0)
+    handoff.shared = True
+    mine = [Pending(n, T0, "event.created", b"{}", decoded=f"decoded {n}") for n in (2, 4, 5)]
+    for row in mine:
+        handoff.add(row)
+    read = [_row(n) for n in (1, 2, 3, 4, 6)]  # 5 was acknowledged meanwhile: not read
+    swapped = handoff.swap_in(read)
+    assert [r.id for r in swapped] == [1, 2, 3, 4, 6]
+    assert [r.decoded for r in swapped] == [None, "decoded 2", None, "decoded 4", None]
+    assert handoff.swap_in([_row(7)]) == [_row(7)]  # nothing of ours in the range
+
+
 def test_a_full_handoff_leaves_delivery_to_read_the_spool(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past its bound the hand-off forgets its rows and says where reading must go up to."""
     monkeypatch.setattr(Handoff, "LIMIT", 3)
