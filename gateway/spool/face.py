@@ -17,6 +17,7 @@ from gateway.errors import SpoolError
 from gateway.shapes.webhooks import Direction, direction_of
 from gateway.spool import audit as trail
 from gateway.spool import prune as retention
+from gateway.spool.known import Known
 from gateway.spool.store import Dead, Pending, SpoolBase, Store, StoredItem
 
 T = TypeVar("T")
@@ -102,6 +103,8 @@ class Spool:
         self.commits = 0
         self.rows_committed = 0
         self.largest_commit = 0
+        # The backfill lane's applied times read ahead, dropped by every ack that writes them.
+        self.known = Known()
 
     @property
     def pending(self) -> int:
@@ -245,6 +248,21 @@ class Spool:
         transaction (`_settle`): one commit for several Braze requests. An erasure goes alone:
         its scrub reaches the rows received before those it settles, no further.
         """
+        # The lane's read-ahead of these persons' applied times is no longer exact (`known`).
+        with self.known.writing({person for person, _, _ in applied}.union(erase)):
+            await self._ack(done, applied, dead, stopping, sent, direction, audit, erase)
+
+    async def _ack(
+        self,
+        done: Sequence[int],
+        applied: Sequence[tuple[str, str, float]],
+        dead: Sequence[Dead],
+        stopping: Callable[[], bool],
+        sent: Sequence[tuple[str, str, str, float]],
+        direction: Direction,
+        audit: Sequence[trail.Record],
+        erase: Sequence[str],
+    ) -> None:
         if erase:
 
             def write() -> None:
