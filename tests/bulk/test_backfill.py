@@ -585,3 +585,33 @@ async def test_users_stored_while_the_gateway_runs_are_found_without_the_gauges(
         await asyncio.sleep(0.5)  # the lane was read once, empty
         assert await run(config, [str(path)], out=io.StringIO()) == 0
         await drained(db, timeout=30)
+
+
+async def test_the_command_queues_its_commits_on_the_spools_write_turns(
+    tmp_path: Path, fake: FakeBraze
+) -> None:
+    """`gateway backfill` takes the SQLite spool's write turns as the gateway does (woken when
+    the other commits, not after SQLite's busy sleeps): while they are held it stores nobody,
+    and it stores everyone once they are free."""
+    from gateway.spool.lock import WriteTurns
+
+    spool = tmp_path / "var" / "gateway.db"
+    config = configure(tmp_path, str(spool), fake.url)
+    open_store(config.delivery, config.retention.person_key).close()
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user(f"t{n}", True, ago(days=2)) for n in range(20)]))
+    turns = WriteTurns(spool)
+    turns.__enter__()
+    try:
+        command = asyncio.create_task(run(config, [str(path)], out=io.StringIO()))
+        await asyncio.sleep(1.0)
+        assert not command.done()
+    finally:
+        turns.__exit__()
+        turns.close()
+    assert await asyncio.wait_for(command, 30) == 0
+    db = open_store(config.delivery, config.retention.person_key)
+    try:
+        assert db.count_backfill() == 20
+    finally:
+        db.close()
