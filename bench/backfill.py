@@ -25,6 +25,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -167,6 +168,7 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL spool")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the gateway into DIR")
     parser.add_argument("--profile-s", type=float, default=30.0, help="how long to sample")
+    parser.add_argument("--keep", action="store_true", help="keep the export, spool and logs")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         spool = None
@@ -277,6 +279,10 @@ def _run(args: argparse.Namespace, spool: str | None) -> int:
     finally:
         procs.stop_all()
         asyncio.run_coroutine_threadsafe(braze.stop(), loop).result()
+        if args.keep:
+            print(f"kept {tmp}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # the export and the spool: GBs at 1,000,000
 
     assert stored_at is not None
     first, last = braze.first_backfilled or t0, braze.last_backfilled or delivered_at

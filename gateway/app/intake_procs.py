@@ -304,8 +304,9 @@ class IntakeProcesses:
 
 
 def take_turns(config: Config, db: Store) -> WriteTurns | None:
-    """With several intake processes on a SQLite spool, queue its writers on `WriteTurns`."""
-    if config.server.intake_processes <= 1 or not isinstance(db, SpoolDB):
+    """On a SQLite spool, queue its writers on `WriteTurns`: several intake processes, and
+    `gateway backfill` storing beside the gateway, which takes them too."""
+    if not isinstance(db, SpoolDB):
         return None
     # Bounded as SQLite's own wait for its lock would be: the queue stands in for that wait.
     turns = WriteTurns(db.path, timeout_s=BUSY_TIMEOUT_S)

@@ -31,6 +31,9 @@ from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.spool import lane
 from gateway.spool.audit import state_text
 from gateway.spool.backend import open_store
+from gateway.spool.lock import WriteTurns
+from gateway.spool.sqlite import SpoolDB
+from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
 from gateway.spool.store import Store
 
 PLAIN_EVERY_S = 10.0  # a progress line this often when not on a terminal
@@ -300,6 +303,11 @@ async def run(
     rules = load_rules(config.mappings.dir, options_of(config))
     sources = [open_source(spec, didomi=config.didomi_api, stdin=stdin) for spec in specs]
     store = None if dry_run else open_store(config.delivery, config.retention.person_key)
+    turns = None
+    if isinstance(store, SpoolDB):
+        # The gateway delivering meanwhile commits on the same file: both queue on its write
+        # turns, each woken when the other commits, rather than in SQLite's 1-100 ms sleeps.
+        turns = store.writers = WriteTurns(store.path, timeout_s=BUSY_TIMEOUT_S)
     try:
         job = Backfill(config, store, rules, out)
         try:
@@ -316,3 +324,5 @@ async def run(
     finally:
         if store is not None:
             store.close()
+        if turns is not None:
+            turns.close()

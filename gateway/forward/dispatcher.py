@@ -28,7 +28,7 @@ from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
 from gateway.forward.batcher import Batch, Batcher, Entry, Item
 from gateway.forward.pages import Lane, Live, map_page
-from gateway.forward.stale import drop_stale
+from gateway.forward.stale import applied_for, drop_stale, read_ahead
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
 from gateway.rules.mappings import ERASED, ON_USER_DELETED, RuleSet
@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.dispatcher")
 
 LANE_PAUSE_S = 0.05  # between two looks at the backfill lane while its share is spent
+# The backfill lane's own requests in flight, per `braze.max_in_flight`, beside those: Braze
+# limits the rate (the lane keeps to its share, `lane.Budget`), not concurrency, and a lane
+# request spends most of its turn waiting, for Braze and then for its grouped acknowledgement.
+LANE_SLOTS = 2
+LANE_FEED = 2  # lane requests' worth of rows in the backlog at once (`Lane.feed`)
 
 
 class Dispatcher(Worker[Spool]):
@@ -72,6 +77,7 @@ class Dispatcher(Worker[Spool]):
         self.metrics = metrics
         self.batcher = Batcher()
         self._slots = asyncio.Semaphore(config.braze.max_in_flight)
+        self._lane_slots = asyncio.Semaphore(config.braze.max_in_flight * LANE_SLOTS)
         self._map_failures: Counter[int] = Counter()
         self.live = Live()
         self.lane = Lane(self._lane_rate)
@@ -89,7 +95,7 @@ class Dispatcher(Worker[Spool]):
     # -- forming batches ----------------------------------------------------------------------
 
     def _waiting(self) -> bool:
-        return bool(self.batcher)
+        return bool(self.batcher) or bool(self.lane.ready)
 
     async def _step(self) -> None:
         """Form one batch and start delivering it, or wait for work."""
@@ -109,7 +115,15 @@ class Dispatcher(Worker[Spool]):
             # Everything waiting belongs to people already in flight.
             await self._sleep(self.config.braze.flush_interval_ms / 1000)
             return
-        self._spawn(self._deliver(batch))
+        slot = self._slots
+        if not self._lane_slots.locked() and all(
+            entry.row.backfill for item in batch.items for entry in item.entries
+        ):
+            # Backfilled users only: on a lane slot, so the live slots stay free for live rows.
+            await self._lane_slots.acquire()  # free: returns at once
+            self._slots.release()
+            slot = self._lane_slots
+        self._spawn(self._deliver(batch, slot))
 
     async def _read_page(self) -> None:
         """Fetch and map more rows; rows that change nothing are acknowledged at once.
@@ -121,12 +135,18 @@ class Dispatcher(Worker[Spool]):
         self._follow_partitions()
         if len(self.batcher) >= braze.batch_size * braze.max_in_flight * 4:
             return
-        quiet = not self.batcher and not self._tasks
+        quiet = not self._waiting() and not self._tasks
         rows, cursor = await self.live.page(self.spool, self._cursor, self.batcher, quiet)
+        if self.live.written_elsewhere:
+            self.live.written_elsewhere = False
+            self.lane.more = True  # `gateway backfill` may have stored users: look at once
         backfill = False
         if not rows:
             self._cursor = cursor
-            # Live webhooks are caught up: the backfill lane may use its share.
+            # Live webhooks are caught up: the backfill lane may use its share, a few requests
+            # at a time in the backlog.
+            if self.lane.feed(self.batcher, braze.batch_size * LANE_FEED):
+                return
             slots = braze.batch_size * braze.max_in_flight
             rows, cursor = await self.lane.page(self.spool, self.batcher, slots)
             if not rows:
@@ -135,6 +155,9 @@ class Dispatcher(Worker[Spool]):
             backfill = True
         # Each row is mapped by exactly one rule set, even across a reload.
         page = map_page(self.rules(), rows, self._map_failures, self.clock)
+        if backfill and page.entries:
+            # One stale-check read for the page rather than one per request (`stale`).
+            await read_ahead(self.spool, {entry.mapped.person for entry in page.entries})
         if page.skipped or page.unmappable:
             await self._write_outcome(page.skipped, [], page.unmappable, audit=page.trail)
         for row in rows:
@@ -143,9 +166,11 @@ class Dispatcher(Worker[Spool]):
             self.lane.cursor = cursor
             if page.skipped:
                 self.metrics.backfill_users.labels("skipped").inc(len(page.skipped))
+            self.lane.ready.extend(page.entries)
+            self.lane.feed(self.batcher, braze.batch_size * LANE_FEED)
         else:
             self._cursor = cursor
-        self.batcher.add(page.entries)
+            self.batcher.add(page.entries)
         for reason, count in page.reasons.items():
             self.flow.skipped(reason, count)
         if clamped := sum(1 for entry in page.entries if entry.mapped.clamped):
@@ -156,6 +181,8 @@ class Dispatcher(Worker[Spool]):
 
     def _moved(self, owned: frozenset[int] | None) -> None:
         self.lane.cursor = 0
+        self.lane.forget()
+        self.spool.known.forget_all()  # another replica may have acked those persons
         if owned is not None:
             dropped = self.batcher.drop(owned.__contains__)
             if dropped:
@@ -171,6 +198,8 @@ class Dispatcher(Worker[Spool]):
         (the writeback holds Braze's reports of that person until Braze has it)."""
         if any(entry.mapped.person == person for entry in self.batcher.waiting(before)):
             return True
+        if any(e.mapped.person == person and e.row.id < before for e in self.lane.ready):
+            return True
         return any(key.partition(":")[2] == person for key in self.batcher.in_flight)
 
     def _ours(self, item: Item) -> bool:
@@ -180,7 +209,7 @@ class Dispatcher(Worker[Spool]):
     def busy_partitions(self) -> set[int]:
         """The partitions with updates in flight to Braze or still in the backlog (not to be
         given up yet: the backlog forgets them at the next refill)."""
-        return self.batcher.parts_held
+        return self.batcher.parts_held | {entry.row.part for entry in self.lane.ready}
 
     async def _read_gauges(self) -> None:
         """The oldest pending age and the backfilled users waiting: one indexed row and one
@@ -221,9 +250,9 @@ class Dispatcher(Worker[Spool]):
 
     # -- delivering ---------------------------------------------------------------------------
 
-    async def _deliver(self, batch: Batch) -> None:
+    async def _deliver(self, batch: Batch, slot: asyncio.Semaphore) -> None:
         try:
-            await self._drop_stale(batch.items)
+            await self._drop_stale(batch.items, ahead=True)
             await self._send(batch.items, batch.delete, attempt=0)
         except asyncio.CancelledError:
             raise  # stopping: the rows stay in the spool for the next start
@@ -234,12 +263,13 @@ class Dispatcher(Worker[Spool]):
             await self._pause(backoff(1, self.config.delivery))
         finally:
             self.batcher.release(batch)
-            self._slots.release()
+            slot.release()
             self._wake.set()
 
-    async def _drop_stale(self, items: list[Item]) -> None:
-        """Drop changes older than what was applied to that person and target (`stale`)."""
-        applied = await self.spool.applied_times([item.person for item in items])
+    async def _drop_stale(self, items: list[Item], *, ahead: bool = False) -> None:
+        """Drop changes older than what was applied to that person and target (`stale`); on
+        the first try, the lane's rows use their page's read-ahead while it is exact."""
+        applied = await applied_for(self.spool, items, ahead)
         drop_stale(items, applied, self.spool.floors, self.flow, self._lane_stale)
 
     def _lane_stale(self) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.delivery.worker import RECOUNT_S
+from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S
 from gateway.forward.batcher import Batcher, Entry
 from gateway.rules.mappings import Mapped, RuleSet
 from gateway.shapes.webhooks import Webhook, WebhookError, decode
@@ -29,6 +29,7 @@ class Live:
 
     def __init__(self) -> None:
         self.read_at = -math.inf  # when the spool was last read (the hand-off aside)
+        self.written_elsewhere = False  # another process wrote since the last look: a backfill?
 
     async def page(
         self, spool: Spool, cursor: int, batcher: Batcher, quiet: bool
@@ -47,11 +48,9 @@ class Live:
                 return rows, rows[-1].id
             # Idle, a replay from the CLI is what there is to find: looked for at once, by a
             # pragma that costs less than the read it saves.
-            if (
-                rows is not None
-                and time.monotonic() - self.read_at < RECOUNT_S
-                and not (quiet and await spool.written_elsewhere())
-            ):
+            elsewhere = quiet and await spool.written_elsewhere()
+            self.written_elsewhere = self.written_elsewhere or elsewhere
+            if rows is not None and time.monotonic() - self.read_at < RECOUNT_S and not elsewhere:
                 return [], cursor
             complete = handoff.complete_after
         held = set(batcher.ids)  # before reading: what is acked meanwhile left the inbox
@@ -70,26 +69,43 @@ class Live:
 
 
 class Lane:
-    """The backfill lane (`lane`): its own cursor, and its share of Braze's rate in objects."""
+    """The backfill lane (`lane`): its own cursor, its share of Braze's rate in objects, and
+    the rows read and mapped that wait to join the backlog (`ready`)."""
 
     def __init__(self, rate: Callable[[], float]) -> None:
         self.cursor = 0
         self.more = False  # the lane has rows this loop could not take yet
         self.read_at = -math.inf  # monotonic: when the lane was last read
         self.budget = lane.Budget(rate, time.monotonic)
+        # Read a page at a time (one spool trip, one stale-check read), handed to the backlog
+        # a few requests' worth at a time: a live row arriving meanwhile goes before the rest,
+        # and forming a batch, which looks through the whole backlog, stays cheap.
+        self.ready: deque[Entry] = deque()
+
+    def feed(self, batcher: Batcher, wanted: int) -> bool:
+        """Move ready rows to the backlog until it holds `wanted`; whether any moved."""
+        room = min(wanted - len(batcher), len(self.ready))
+        if room <= 0:
+            return False
+        batcher.add(self.ready.popleft() for _ in range(room))
+        return True
+
+    def forget(self) -> None:
+        """Drop the ready rows (the partitions changed: the lane is read again from its start)."""
+        self.ready.clear()
 
     async def page(self, spool: Spool, batcher: Batcher, slots: int) -> tuple[list[Pending], int]:
         """Backfilled rows after the lane's cursor, as many as its share allows now.
 
-        Only while the backlog is short (`slots` objects: enough for every request slot), so
-        a live webhook arriving meanwhile waits behind at most one round of requests; an empty
-        lane is read again when the dispatcher's gauges count rows (`more`).
+        Only while fewer than `slots` rows are ready (enough for every request slot); an empty
+        lane is read again after `IDLE_POLL_S` (one indexed read), or at once when the gauges
+        count rows or another process wrote to the spool (`more`).
         """
         now = time.monotonic()
-        if not self.more and now - self.read_at < RECOUNT_S:
-            return [], self.cursor  # empty when last read: the gauges say when not
-        # Enough for every request slot, no more: a live row arriving waits one round at most.
-        if len(batcher) >= slots:
+        if not self.more and now - self.read_at < IDLE_POLL_S:
+            # Empty when last read: `gateway backfill` may be storing, found this long after.
+            return [], self.cursor
+        if len(self.ready) >= slots:
             return [], self.cursor
         self.read_at = now
         self.more = False

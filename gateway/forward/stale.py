@@ -1,4 +1,8 @@
-"""The stale check before every try: a change older than what a person already has is dropped."""
+"""The stale check before every try: a change older than what a person already has is dropped.
+
+The applied times it compares with are read just before the request leaves; for the backfill
+lane they are read once per page ahead (`read_ahead`), and used while exact (`spool.known`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,47 @@ import math
 from collections.abc import Callable
 
 from gateway.delivery.ports import Flow
+from gateway.errors import SpoolError
 from gateway.forward.batcher import Item
 from gateway.rules.mappings import ERASED, braze_side
+from gateway.spool.face import Spool
+from gateway.spool.known import Times
 from gateway.spool.prune import OLDER_THAN_RETENTION
 
 log = logging.getLogger("gateway.dispatcher")  # the dispatcher's: logger names are a contract
+
+
+async def read_ahead(spool: Spool, persons: set[str]) -> None:
+    """Read a lane page's applied times in one trip, for the stale checks of its requests.
+
+    Only a shortcut: when the read fails, each request reads its own as live ones do, so no
+    row is held back by it.
+    """
+    with spool.known.reading():
+        try:
+            times = await spool.applied_times(persons)
+        except SpoolError as exc:
+            log.debug("the lane's applied times were not read ahead (read per request): %s", exc)
+            return
+        spool.known.keep(persons, times)
+
+
+async def applied_for(spool: Spool, items: list[Item], ahead: bool) -> Times:
+    """The applied times of the items' persons: read ahead (`ahead`, backfilled rows only,
+    the retention floors do not apply to those) where still exact, else read now."""
+    times: Times = {}
+    ask = []
+    for item in items:
+        found = None
+        if ahead and all(entry.row.backfill for entry in item.entries):
+            found = spool.known.take(item.person)
+        if found is None:
+            ask.append(item.person)
+        else:
+            times.update(found)
+    if ask:
+        times.update(await spool.applied_times(ask))
+    return times
 
 
 def drop_stale(

@@ -17,6 +17,7 @@ from gateway.errors import SpoolError
 from gateway.shapes.webhooks import direction_of
 from gateway.spool import audit as trail
 from gateway.spool import prune as retention
+from gateway.spool.known import Known
 from gateway.spool.store import Dead, Pending, SpoolBase, Store, StoredItem
 from gateway.words import Direction
 
@@ -115,6 +116,8 @@ class Spool:
         self.commits = 0
         self.rows_committed = 0
         self.largest_commit = 0
+        # The backfill lane's applied times read ahead, dropped by every ack that writes them.
+        self.known = Known()
 
     @property
     def pending(self) -> int:
@@ -259,8 +262,10 @@ class Spool:
         after the outcomes settled before it: its scrub reaches the rows received before those
         it settles, no further, and nothing acknowledged earlier writes the person back.
         """
-        outcome = _Outcome(direction, done, applied, dead, sent, audit, erase)
-        await self._retrying(lambda: self._settle(outcome), stopping)
+        # The lane's read-ahead of these persons' applied times is no longer exact (`known`).
+        with self.known.writing({person for person, _, _ in applied}.union(erase)):
+            outcome = _Outcome(direction, done, applied, dead, sent, audit, erase)
+            await self._retrying(lambda: self._settle(outcome), stopping)
 
     async def _settle(self, outcome: _Outcome) -> None:
         """Queue one outcome for the next grouped acknowledgement and wait until it commits."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from gateway.bulk.backfill import run
 from gateway.config.settings import Config
@@ -29,7 +30,7 @@ from gateway.spool.face import Spool
 from gateway.spool.store import Store
 from gateway.testing.braze import FakeBraze
 from gateway.testing.didomi import FakeDidomi
-from tests.conftest import SECRETS, build_config, choice
+from tests.conftest import BRAZE_API_KEY, SECRETS, build_config, choice
 from tests.system.test_reliability import eventually
 
 
@@ -459,3 +460,158 @@ async def test_a_spool_error_reading_the_lane_loses_no_backfilled_user(
         await drained(db)
     assert failures == 0
     assert {obj["external_id"] for obj in fake.objects_sent()} == {f"q{n}" for n in range(30)}
+
+
+class HoldingBraze(FakeBraze):
+    """A fake Braze that holds the first request naming `person` until `release` is set."""
+
+    def __init__(self, person: str) -> None:
+        super().__init__(api_key=BRAZE_API_KEY)
+        self.person = person.encode()
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def _serve(self, apply: Any, request: web.Request) -> web.Response:
+        raw = await request.read()  # aiohttp keeps it: the fake reads it again
+        if b'"%s"' % self.person in raw and not self.held.is_set():
+            self.held.set()
+            await self.release.wait()
+        return await super()._serve(apply, request)
+
+
+def _lane_count(metrics: Metrics, outcome: str) -> float:
+    return (
+        metrics.registry.get_sample_value("gateway_backfill_users_total", {"outcome": outcome})
+        or 0.0
+    )
+
+
+async def test_a_live_choice_acknowledged_after_the_lanes_stale_read_still_wins(
+    spool_url: str, tmp_path: Path
+) -> None:
+    """The lane's page reads its persons' applied times ahead; a newer live choice of one of
+    them acknowledged after that read (its request was at Braze) still makes the backfilled
+    snapshot stale: the read-ahead is not used for a person acked since."""
+    braze = HoldingBraze("racer")
+    await braze.start()
+    try:
+        config = build_config(
+            tmp_path,
+            braze={"server": braze.url, "flush_interval_ms": 10, "timeout_s": 60},
+            delivery={"spool": spool_url, "retry_initial_ms": 10, "retry_max_ms": 100},
+        )
+        path = tmp_path / "u.json"
+        others = [user(f"o{n}", True, ago(days=5)) for n in range(10)]
+        path.write_bytes(export([user("racer", True, ago(days=10)), *others]))
+        metrics = Metrics()
+        async with delivering(config, metrics) as db:
+            db.put_many([(None, "event.created", choice("racer", False, ago(days=1)), "racer")])
+            await asyncio.wait_for(braze.held.wait(), 20)  # the live choice is at Braze
+            assert await run(config, [str(path)], out=io.StringIO()) == 0
+
+            async def others_sent() -> bool:
+                sent = {obj["external_id"] for obj in braze.objects_sent()}
+                return {f"o{n}" for n in range(10)} <= sent
+
+            # The lane's page (racer with it) was read, and its applied times with it.
+            await eventually(others_sent, 20, "the other backfilled users at Braze")
+            braze.release.set()
+            await drained(db)
+            await eventually(lambda: _true(db.count_pending() == 0), 20, "the live choice")
+        assert braze.user_state("racer")["email_subscribe"] == "unsubscribed"  # type: ignore[index]
+        assert _lane_count(metrics, "stale") == 1
+        assert [o["external_id"] for o in braze.objects_sent()].count("racer") == 1
+    finally:
+        await braze.stop()
+
+
+@pytest.mark.parametrize("read_ahead_fails", [False, True])
+async def test_a_live_choice_acknowledged_before_the_lane_is_read_wins(
+    spool_url: str,
+    tmp_path: Path,
+    fake: FakeBraze,
+    read_ahead_fails: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newer live choice delivered before `gateway backfill` stores the person's snapshot,
+    to the same running gateway, makes the snapshot stale: through the page's read-ahead, or,
+    when that read fails, through the read before the request (every user is still delivered)."""
+    from gateway.errors import SpoolError
+
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "u.json"
+    others = [user(f"o{n}", True, ago(days=5)) for n in range(10)]
+    path.write_bytes(export([user("racer", True, ago(days=10)), *others]))
+    metrics = Metrics()
+    async with delivering(config, metrics) as db:
+        db.put_many([(None, "event.created", choice("racer", False, ago(days=1)), "racer")])
+        await eventually(lambda: _true(db.count_pending() == 0), 20, "the live choice")
+        if read_ahead_fails:
+            real = db.applied_times
+            failures = 1
+
+            def flaky(persons: Any) -> Any:
+                nonlocal failures
+                persons = list(persons)
+                if failures and len(persons) == 11:  # the lane's page: racer and the others
+                    failures -= 1
+                    raise SpoolError("the applied times cannot be read (injected)")
+                return real(persons)
+
+            monkeypatch.setattr(db, "applied_times", flaky)
+        assert await run(config, [str(path)], out=io.StringIO()) == 0
+        await drained(db)
+        if read_ahead_fails:
+            assert failures == 0
+    assert fake.user_state("racer")["email_subscribe"] == "unsubscribed"  # type: ignore[index]
+    assert _lane_count(metrics, "stale") == 1
+    assert {o["external_id"] for o in fake.objects_sent()} >= {f"o{n}" for n in range(10)}
+
+
+async def test_users_stored_while_the_gateway_runs_are_found_without_the_gauges(
+    spool_url: str, tmp_path: Path, fake: FakeBraze, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty lane is looked at again within a second, not at the gauges' next recount:
+    users `gateway backfill` stores beside a running gateway are delivered at once."""
+    from gateway.delivery import worker
+    from gateway.forward import pages
+
+    monkeypatch.setattr(worker, "RECOUNT_S", 600.0)
+    monkeypatch.setattr(pages, "RECOUNT_S", 600.0)
+    config = configure(tmp_path, spool_url, fake.url)
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user(f"n{n}", True, ago(days=2)) for n in range(20)]))
+    async with delivering(config) as db:
+        await asyncio.sleep(0.5)  # the lane was read once, empty
+        assert await run(config, [str(path)], out=io.StringIO()) == 0
+        await drained(db, timeout=30)
+
+
+async def test_the_command_queues_its_commits_on_the_spools_write_turns(
+    tmp_path: Path, fake: FakeBraze
+) -> None:
+    """`gateway backfill` takes the SQLite spool's write turns as the gateway does (woken when
+    the other commits, not after SQLite's busy sleeps): while they are held it stores nobody,
+    and it stores everyone once they are free."""
+    from gateway.spool.lock import WriteTurns
+
+    spool = tmp_path / "var" / "gateway.db"
+    config = configure(tmp_path, str(spool), fake.url)
+    open_store(config.delivery, config.retention.person_key).close()
+    path = tmp_path / "u.json"
+    path.write_bytes(export([user(f"t{n}", True, ago(days=2)) for n in range(20)]))
+    turns = WriteTurns(spool, timeout_s=10.0)
+    turns.__enter__()
+    try:
+        command = asyncio.create_task(run(config, [str(path)], out=io.StringIO()))
+        await asyncio.sleep(1.0)
+        assert not command.done()
+    finally:
+        turns.__exit__()
+        turns.close()
+    assert await asyncio.wait_for(command, 30) == 0
+    db = open_store(config.delivery, config.retention.person_key)
+    try:
+        assert db.count_backfill() == 20
+    finally:
+        db.close()
