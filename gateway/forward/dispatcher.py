@@ -26,16 +26,16 @@ from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.retry import Action, backoff, decide
 from gateway.delivery.worker import IDLE_POLL_S, RECOUNT_S, Worker
 from gateway.errors import SpoolError
-from gateway.forward.batcher import Batch, Batcher, Entry, Item
+from gateway.forward.batcher import Batch, Batcher, Item
 from gateway.forward.pages import Lane, Live, map_page
 from gateway.forward.stale import applied_for, drop_stale, read_ahead
+from gateway.forward.trail import endpoint_of, records_of
 from gateway.peers.braze import BrazeClient
 from gateway.peers.braze_bodies import MAX_DELETE_IDS, track_object
-from gateway.rules.mappings import ERASED, ON_USER_DELETED, RuleSet
-from gateway.spool.audit import Change, Record, state_text
+from gateway.rules.mappings import ERASED, RuleSet
+from gateway.spool.audit import Record
 from gateway.spool.face import Spool
 from gateway.spool.lane import rate as lane_rate
-from gateway.spool.prune import OLDER_THAN_RETENTION
 from gateway.spool.store import Dead
 
 if TYPE_CHECKING:
@@ -380,16 +380,16 @@ class Dispatcher(Worker[Spool]):
         trail: list[Record] = []
         erase: list[str] = []
         status = answer.status if answer is not None else None
-        endpoint = _endpoint(delete) if answer is not None else None
+        endpoint = endpoint_of(delete) if answer is not None else None
         delivered = lane_delivered = 0
         for index, item in enumerate(items):
             error = errors.get(index)
             if error is not None:
                 reason = f"Braze refused the object: {error}"
                 dead.extend(Dead(row.id, reason, item.person) for row in item.rows)
-                trail.extend(_trail(item, "dead-lettered", sent_at, endpoint, status, reason))
+                trail.extend(records_of(item, "dead-lettered", sent_at, endpoint, status, reason))
                 continue
-            trail.extend(_trail(item, "delivered", sent_at, endpoint, status))
+            trail.extend(records_of(item, "delivered", sent_at, endpoint, status))
             if item.erased_at is not None and (item.changes or item.delete):
                 erase.append(item.person)  # Braze has it: the spool may now forget them
             done.extend(row.id for row in item.rows)
@@ -439,11 +439,13 @@ class Dispatcher(Worker[Spool]):
     ) -> None:
         detail = f"{reason}: {answer.reason}"
         dead = [Dead(row.id, detail, item.person) for item in items for row in item.rows]
-        endpoint = _endpoint(delete)
+        endpoint = endpoint_of(delete)
         trail = [
             record
             for item in items
-            for record in _trail(item, "dead-lettered", sent_at, endpoint, answer.status, detail)
+            for record in records_of(
+                item, "dead-lettered", sent_at, endpoint, answer.status, detail
+            )
         ]
         await self._write_outcome([], [], dead, audit=trail)
         for item in items:
@@ -453,99 +455,3 @@ class Dispatcher(Worker[Spool]):
             self.metrics.backfill_users.labels("dead_lettered").inc(lanes)
         self._count_pending()
         log.warning("%d update(s) moved to the dead letters: %s", len(items), detail)
-
-
-def _endpoint(delete: bool) -> str:
-    return "/users/delete" if delete else "/users/track"
-
-
-def _trail(
-    item: Item,
-    outcome: str,
-    at: float,
-    endpoint: str | None,
-    status: int | None,
-    detail: str | None = None,
-) -> list[Record]:
-    """The audit records of one settled item (`_trail_rows`), the common case built directly:
-    one row, whose every change was sent (a third of the dispatcher's per-object Python)."""
-    entries = item.entries
-    if len(entries) != 1 or item.delete or item.stale or not item.changes:
-        return _trail_rows(item, outcome, at, endpoint, status, detail)
-    entry = entries[0]
-    mapped = entry.mapped
-    origins = mapped.origins
-    changes = []
-    for target, change in item.changes.items():
-        if change.entry is not entry:
-            return _trail_rows(item, outcome, at, endpoint, status, detail)
-        changes.append((target, state_text(change.state), origins.get(target)))
-    record = Record(
-        item.person,
-        "to_braze",
-        outcome,
-        at,
-        event_id=mapped.event_id,
-        event_type=entry.row.type,
-        event_at=mapped.at,
-        endpoint=endpoint,
-        status=status,
-        detail=detail,
-        changes=tuple(changes),
-    )
-    return [record]
-
-
-def _trail_rows(
-    item: Item,
-    outcome: str,
-    at: float,
-    endpoint: str | None,
-    status: int | None,
-    detail: str | None = None,
-) -> list[Record]:
-    """The audit records of one settled item: each target's winning choice (or the deletion),
-    what was dropped as stale, and the rows whose every choice a later one overrode; one record
-    per row and outcome, its targets packed (`audit.write`)."""
-    # (row id, outcome) -> the row's entry, whether it was sent, and its changes in order.
-    groups: dict[tuple[int, str], tuple[Entry, bool, list[Change]]] = {}
-
-    def add(entry: Entry, outcome: str, change: Change | None, sent: bool = True) -> None:
-        found = groups.get((entry.row.id, outcome))
-        if found is None:
-            found = groups[(entry.row.id, outcome)] = (entry, sent, [])
-        if change is not None:
-            found[2].append(change)
-
-    if item.delete:
-        for entry in item.entries:
-            add(entry, outcome, (ERASED, "deleted", ON_USER_DELETED))
-    for target, change in item.changes.items():
-        if change.entry is not None:
-            rule = change.entry.mapped.origins.get(target)
-            add(change.entry, outcome, (target, state_text(change.state), rule))
-    for target, change in item.stale.items():
-        if change.entry is not None:
-            rule = change.entry.mapped.origins.get(target)
-            why = OLDER_THAN_RETENTION if target in item.expired else "stale"
-            add(change.entry, why, (target, state_text(change.state), rule), sent=False)
-    used = {row for row, _ in groups}
-    for entry in item.entries:
-        if entry.row.id not in used:
-            add(entry, "skipped:superseded", None, sent=False)
-    return [
-        Record(
-            item.person,
-            "to_braze",
-            why,
-            at,
-            event_id=entry.mapped.event_id,
-            event_type=entry.row.type,
-            event_at=entry.mapped.at,
-            endpoint=endpoint if sent else None,
-            status=status if sent else None,
-            detail=detail if sent else None,
-            changes=tuple(changes),
-        )
-        for (_, why), (entry, sent, changes) in groups.items()
-    ]

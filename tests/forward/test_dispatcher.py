@@ -471,11 +471,11 @@ async def test_erasure_by_email_sends_email_addresses(
 
 
 def test_the_one_row_trail_is_what_the_general_trail_writes() -> None:
-    """`_trail` builds the record of a one-row item directly; for every kind of item (one row,
+    """`records_of` builds the record of a one-row item directly; for every kind of item (one row,
     several merged, some changes stale, a row overridden, none sent) the records are those
-    `_trail_rows` writes."""
+    `records_of_rows` writes."""
     from gateway.forward.batcher import Batcher, Change, Entry
-    from gateway.forward.dispatcher import _trail, _trail_rows
+    from gateway.forward.trail import records_of, records_of_rows
     from gateway.rules.mappings import Mapped
     from gateway.shapes.webhooks import decode
     from gateway.spool.store import Pending
@@ -519,5 +519,5 @@ def test_the_one_row_trail_is_what_the_general_trail_writes() -> None:
     other.items[0].changes[target] = Change(first.state, first.at, entry=entries[2])
     for item in [*items, dropped, idle.items[0], other.items[0]]:
         for args in (("delivered", 5.0, "/users/track", 201), ("dead-lettered", 5.0, None, None)):
-            assert _trail(item, *args, "why") == _trail_rows(item, *args, "why")
+            assert records_of(item, *args, "why") == records_of_rows(item, *args, "why")
     assert any(len(item.entries) == 1 and item.changes for item in items)
