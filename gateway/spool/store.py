@@ -127,7 +127,8 @@ class Store(Protocol):
 
     def handoff_from(self) -> int | None:
         """The last inbox id when delivery may take this process's new rows from memory
-        (`spool.Handoff`); None when other processes write rows too (PostgreSQL's replicas)."""
+        (`spool.handoff.Handoff`); None when other processes write rows too (PostgreSQL's
+        replicas)."""
 
     def fetch(
         self, after_id: int, limit: int, direction: Direction = "to_braze"

@@ -17,7 +17,8 @@ import pytest
 
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError, SpoolFull, SpoolLocked
-from gateway.spool.face import Handoff, Spool
+from gateway.spool.face import Spool
+from gateway.spool.handoff import Handoff
 from gateway.spool.lock import SpoolLock, WriteTurns
 from gateway.spool.postgres import PgSpoolDB
 from gateway.spool.sqlite import Dead, SpoolDB
