@@ -27,13 +27,14 @@ async def read_ahead(spool: Spool, persons: set[str]) -> None:
     Only a shortcut: when the read fails, each request reads its own as live ones do, so no
     row is held back by it.
     """
+    generation = spool.generation  # the partitions may move during the read (`known`)
     with spool.known.reading():
         try:
             times = await spool.applied_times(persons)
         except SpoolError as exc:
             log.debug("the lane's applied times were not read ahead (read per request): %s", exc)
             return
-        spool.known.keep(persons, times)
+        spool.known.keep(persons, times, generation=generation)
 
 
 async def applied_for(spool: Spool, items: list[Item], ahead: bool) -> Times:
@@ -44,7 +45,7 @@ async def applied_for(spool: Spool, items: list[Item], ahead: bool) -> Times:
     for item in items:
         found = None
         if ahead and all(entry.row.backfill for entry in item.entries):
-            found = spool.known.take(item.person)
+            found = spool.known.take(item.person, generation=spool.generation)
         if found is None:
             ask.append(item.person)
         else:

@@ -7,8 +7,10 @@ An entry is kept only while no acknowledgement of this process can have written 
 applied times since the read: an ack in progress during the read, one that finished during it,
 or one that starts after it drops the person, who is then read afresh before sending. Writes
 of other processes cannot touch them: on SQLite this process is the only one that acknowledges,
-on PostgreSQL only the owner of a person's partition does (and a change of partitions forgets
-everything, `forget_all`).
+on PostgreSQL only the owner of a person's partition does, and entries read under another
+`Spool.generation` of the partitions than the current one are never used: given up and taken
+back during the read, or after it before the dispatcher looked, another replica may have acked
+them meanwhile (a change the dispatcher sees forgets everything too, `forget_all`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Known:
         self._writing: Counter[str] = Counter()  # persons an ack in progress writes
         self._reads = 0  # read-aheads in progress
         self._written: set[str] = set()  # persons acked while a read-ahead was in progress
+        self._generation = 0  # `Spool.generation` when the entries' read began
 
     @contextlib.contextmanager
     def writing(self, persons: Iterable[str]) -> Iterator[None]:
@@ -60,11 +63,13 @@ class Known:
             if not self._reads:
                 self._written.clear()
 
-    def keep(self, persons: Iterable[str], times: Times) -> None:
-        """Hold what a read (inside `reading`) found for `persons`, but of those an ack may
-        have written meanwhile: their next stale check reads the spool."""
-        if len(self._times) > LIMIT:
+    def keep(self, persons: Iterable[str], times: Times, *, generation: int = 0) -> None:
+        """Hold what a read (inside `reading`, begun under the partitions' `generation`) found
+        for `persons`, but of those an ack may have written meanwhile: their next stale check
+        reads the spool."""
+        if len(self._times) > LIMIT or generation != self._generation:
             self._times.clear()
+            self._generation = generation
         people = {
             person
             for person in persons
@@ -76,8 +81,12 @@ class Known:
                 found[key[0]][key] = at
         self._times.update(found)
 
-    def take(self, person: str) -> Times | None:
-        """The person's applied times read ahead and still exact, once; None: read them."""
+    def take(self, person: str, *, generation: int = 0) -> Times | None:
+        """The person's applied times read ahead and still exact, once; None: read them.
+        `generation`: the partitions' now, which must be the one the read began under."""
+        if generation != self._generation:
+            self._times.clear()  # partitions moved since: another replica may have acked them
+            return None
         return self._times.pop(person, None)
 
     def forget_all(self) -> None:
