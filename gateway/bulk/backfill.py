@@ -304,11 +304,11 @@ async def run(
     sources = [open_source(spec, didomi=config.didomi_api, stdin=stdin) for spec in specs]
     store = None if dry_run else open_store(config.delivery, config.retention.person_key)
     turns = None
-    if isinstance(store, SpoolDB):
-        # The gateway delivering meanwhile commits on the same file: both queue on its write
-        # turns, each woken when the other commits, rather than in SQLite's 1-100 ms sleeps.
-        turns = store.writers = WriteTurns(store.path, timeout_s=BUSY_TIMEOUT_S)
     try:
+        if isinstance(store, SpoolDB):
+            # The gateway delivering meanwhile commits on the same file: both queue on its
+            # write turns, each woken when the other commits, not in SQLite's 1-100 ms sleeps.
+            turns = store.writers = WriteTurns(store.path, timeout_s=BUSY_TIMEOUT_S)
         job = Backfill(config, store, rules, out)
         try:
             for source in sources:
