@@ -9,14 +9,12 @@ requests are labelled by their aiohttp route's canonical path, never by the raw 
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -331,30 +329,6 @@ class Metrics:
             bound[1].observe(seconds)
 
         return meter
-
-    def middleware(self) -> Middleware:
-        """An aiohttp middleware that counts and times every request, by canonical route."""
-        meter = self.request_meter()
-
-        @web.middleware
-        async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-            started = time.perf_counter()
-            status = 500
-            try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            except asyncio.CancelledError:
-                status = 499  # the client went away before the answer (nginx's convention)
-                raise
-            else:
-                status = response.status
-                return response
-            finally:
-                meter(request, status, time.perf_counter() - started)
-
-        return observe
 
 
 def route_label(request: web.Request) -> str:
