@@ -156,14 +156,16 @@ class RateLimiter:
 
 
 def header_float(headers: Mapping[str, str], name: str) -> float | None:
-    """A numeric header's value, or None where it is missing or not a number."""
+    """A numeric header's value, or None where it is missing or not a finite number."""
     value = headers.get(name)
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return None
+    # float() takes "nan" and "inf" too: as a count or a wait they would raise or block for ever.
+    return number if math.isfinite(number) else None
 
 
 def _header_int(headers: Mapping[str, str], name: str) -> int | None:

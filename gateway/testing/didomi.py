@@ -173,6 +173,9 @@ class FakeDidomi(Served):
         user = self._user(regulation, organization_user_id)
         _merge(user, purposes)
         user.updated_at = updated_at or _now(-60.0)
+        # As Didomi's users are, never updated before they were created (the user was new now).
+        if _parse(user.updated_at) < _parse(user.created_at):
+            user.created_at = user.updated_at
 
     def act(
         self, organization_user_id: str, purposes: list[Json], regulation: str = DEFAULT_REGULATION
@@ -443,6 +446,11 @@ def _copy(purpose: Json) -> Json:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _parse(text: str) -> datetime:
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _now(offset_s: float = 0.0) -> str:

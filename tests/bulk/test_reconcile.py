@@ -347,6 +347,16 @@ def msgspec_replace(config: Config, url: str) -> Any:
     )
 
 
+async def test_window_limiter_takes_a_non_finite_rate_limit_header_for_a_missing_one() -> None:
+    """`nan` or `inf` in Braze's rate-limit headers is no number: releasing the slot neither
+    raises nor waits for ever; a 429 with them waits Braze's default second."""
+    limiter = WindowLimiter(2, 10.0, clock=lambda: 0.0)
+    for value in ("nan", "inf"):
+        number = await limiter.acquire()
+        odd = {"X-RateLimit-Remaining": value, "X-RateLimit-Reset": value, "Retry-After": value}
+        assert limiter.release(number, 429, odd) == 1.0
+
+
 async def test_window_limiter_holds_a_slot_a_window_after_its_answer() -> None:
     """A slot frees a full window after the answer, not after the start: latency never puts
     one request too many in Braze's window."""

@@ -14,7 +14,7 @@ from gateway.app.server import SPOOL
 from gateway.cli.main import main
 from gateway.config.settings import BrazeConfig
 from gateway.delivery.outcome import Verdict
-from gateway.delivery.pacing import RateLimiter
+from gateway.delivery.pacing import RateLimiter, header_float
 from gateway.metrics import Metrics
 from gateway.peers.braze import _classify, open_client
 from gateway.testing.braze import FakeBraze
@@ -154,6 +154,23 @@ async def test_the_limiter_spends_the_budget_of_requests_sent_since_the_answer()
         await asyncio.wait_for(limiter.acquire(), timeout=0.1)
     now[0] += 5.0  # the window resets
     assert await asyncio.wait_for(limiter.acquire(), timeout=1.0) == 4
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+async def test_the_limiter_takes_a_non_finite_rate_limit_header_for_a_missing_one(
+    value: str,
+) -> None:
+    """A `nan` or `inf` where Braze sends a number (a proxy's garbling, say) is no number: the
+    answer is still classified, not lost to a ValueError or OverflowError, and a 429 with it
+    waits Braze's default second."""
+    now = [100.0]
+    limiter = RateLimiter(1000.0, clock=lambda: now[0])
+    first = await limiter.acquire()
+    odd = {"X-RateLimit-Remaining": value, "X-RateLimit-Reset": value, "Retry-After": value}
+    assert limiter.observe(201, odd, first) is None
+    assert limiter.remaining is None
+    assert limiter.observe(429, odd, first) == 1.0
+    assert header_float(odd, "Retry-After") is None
 
 
 async def test_the_limiter_lets_requests_through_while_the_budget_lasts() -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -109,6 +110,28 @@ async def test_an_event_id_seen_before_is_refused_and_changes_nothing(
         assert user["consents"]["purposes"] == [{"id": "news", "enabled": True, "values": {}}]
     finally:
         await fake.stop()
+
+
+def ago_iso(days: float) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_a_seeded_user_was_created_no_later_than_its_status_dates(
+    fake_didomi: FakeDidomi,
+) -> None:
+    """A seeded user's `created_at` is not after its `updated_at` (the default's minute ago or
+    a date given), as no user Didomi returns is updated before it was created."""
+    fake_didomi.seed_user("u1", [{"id": "news", "enabled": True}])
+    fake_didomi.seed_user("u2", [{"id": "news", "enabled": True}], updated_at=ago_iso(days=9))
+    for person in ("u1", "u2"):
+        user = fake_didomi.user(person)
+        assert user is not None
+        created, updated = (parse_iso(user[key]) for key in ("created_at", "updated_at"))
+        assert created <= updated, (person, user["created_at"], user["updated_at"])
 
 
 async def test_events_merge_into_the_user_and_the_query_returns_it(
