@@ -370,7 +370,7 @@ async def test_a_webhook_steps_unchanged_targets_never_undo_a_pending_didomi_wit
     body = step("ann", now, email="opted_in", news="subscribed", offers="subscribed")
     assert (await gw.post("/webhooks/braze", body, BRAZE))[0] == 202
     await asyncio.sleep(0.5)
-    assert fake_didomi.events == []  # held while the earlier Didomi withdrawal is unsettled
+    assert fake_didomi.events == []  # nothing written over the unsettled withdrawal (held or stale)
     fake.heal()
     await gw.settle()
     user = fake_didomi.user("ann")
