@@ -26,7 +26,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from gateway.app.intake_procs import REPORT_S, Launch, Report, take_turns
+from gateway.app.intake_procs import REPORT_S, Launch, Report
 from gateway.app.reload import LiveRules
 from gateway.app.server import Context, create_app
 from gateway.config.settings import Config, secrets_of
@@ -35,7 +35,7 @@ from gateway.forward.intake import ACCEPTED
 from gateway.http.intake import CONFIG, METRICS, RETRY_AFTER_S, SPOOL, STATE, error_answer
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics
-from gateway.spool.backend import open_store
+from gateway.spool.backend import open_store, take_turns
 from gateway.spool.face import Spool
 from gateway.spool.sqlite import SpoolDB
 from gateway.spool.store import SpoolBase
@@ -93,7 +93,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     # No SpoolLock: the main process holds it and delivers; this one only adds rows.
     config = app[CONFIG]
     db = await asyncio.to_thread(open_store, config.delivery, config.retention.person_key)
-    turns = take_turns(config, db)
+    turns = take_turns(db)
     if isinstance(db, SpoolDB):
         # Its puts shed audit records under disk pressure too: counted, and reported.
         db.on_shed = app[METRICS].audit_shed.inc  # called from the spool thread; thread-safe

@@ -41,10 +41,6 @@ from gateway.config.settings import Config
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE
 from gateway.http.probes import readyz
 from gateway.metrics import Metrics, metrics_handler
-from gateway.spool.lock import WriteTurns
-from gateway.spool.sqlite import SpoolDB
-from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
-from gateway.spool.store import Store
 
 log = logging.getLogger("gateway.server")
 
@@ -301,17 +297,6 @@ class IntakeProcesses:
             counter = self._counters.get(name)
             if counter is not None and delta > 0:
                 (counter.labels(**labels) if labels else counter).inc(delta)
-
-
-def take_turns(config: Config, db: Store) -> WriteTurns | None:
-    """On a SQLite spool, queue its writers on `WriteTurns`: several intake processes, and
-    `gateway backfill` storing beside the gateway, which takes them too."""
-    if not isinstance(db, SpoolDB):
-        return None
-    # Bounded as SQLite's own wait for its lock would be: the queue stands in for that wait.
-    turns = WriteTurns(db.path, timeout_s=BUSY_TIMEOUT_S)
-    db.writers = turns
-    return turns
 
 
 def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.app import heap
-from gateway.app.intake_procs import intake_processes, take_turns
+from gateway.app.intake_procs import intake_processes
 from gateway.app.reload import LiveRules
 from gateway.app.wiring import BUDGET, DISPATCHER, REPLICAS, RULES, WRITEBACK, Context, delivery
 from gateway.config.settings import (
@@ -56,7 +56,7 @@ from gateway.http.probes import healthz, readyz
 from gateway.logs import configure_logging, register_secret
 from gateway.metrics import Metrics, metrics_handler
 from gateway.reverse import intake as braze_intake
-from gateway.spool.backend import open_store
+from gateway.spool.backend import open_store, take_turns
 from gateway.spool.face import Spool
 from gateway.spool.lock import SpoolLock
 from gateway.spool.postgres import PgSpoolDB, redact
@@ -115,7 +115,7 @@ async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     # this before it binds the port, so a refused second gateway never listens.
     config = app[CONFIG]
     lock, db = await asyncio.to_thread(_open_spool, config.delivery, config.retention.person_key)
-    turns = take_turns(config, db)
+    turns = take_turns(db)
     spool = Spool(db)
     app[SPOOL] = spool
     if isinstance(db, SpoolDB):

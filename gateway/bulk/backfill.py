@@ -30,10 +30,7 @@ from gateway.rules.mappings import Mapped, RuleSet, load_rules, options_of
 from gateway.shapes.webhooks import Parameters, Webhook
 from gateway.spool import lane
 from gateway.spool.audit import state_text
-from gateway.spool.backend import open_store
-from gateway.spool.lock import WriteTurns
-from gateway.spool.sqlite import SpoolDB
-from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
+from gateway.spool.backend import open_store, take_turns
 from gateway.spool.store import Store
 
 PLAIN_EVERY_S = 10.0  # a progress line this often when not on a terminal
@@ -305,10 +302,10 @@ async def run(
     store = None if dry_run else open_store(config.delivery, config.retention.person_key)
     turns = None
     try:
-        if isinstance(store, SpoolDB):
+        if store is not None:
             # The gateway delivering meanwhile commits on the same file: both queue on its
             # write turns, each woken when the other commits, not in SQLite's 1-100 ms sleeps.
-            turns = store.writers = WriteTurns(store.path, timeout_s=BUSY_TIMEOUT_S)
+            turns = take_turns(store)
         job = Backfill(config, store, rules, out)
         try:
             for source in sources:

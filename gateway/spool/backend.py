@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config.settings import is_postgresql
 from gateway.errors import SpoolError
+from gateway.spool.lock import WriteTurns
 from gateway.spool.store import Store
 
 if TYPE_CHECKING:
@@ -42,3 +43,17 @@ def open_store(delivery: DeliveryConfig, person_key: str = "", *, create: bool =
         min_free_bytes=delivery.min_free_bytes,
         person_key=person_key,
     )
+
+
+def take_turns(db: Store) -> WriteTurns | None:
+    """On a SQLite spool, queue its writers on `WriteTurns`: several intake processes, and
+    `gateway backfill` storing beside the gateway, which takes them too."""
+    from gateway.spool.sqlite import SpoolDB
+    from gateway.spool.sqlite_file import BUSY_TIMEOUT_S
+
+    if not isinstance(db, SpoolDB):
+        return None
+    # Bounded as SQLite's own wait for its lock would be: the queue stands in for that wait.
+    turns = WriteTurns(db.path, timeout_s=BUSY_TIMEOUT_S)
+    db.writers = turns
+    return turns
