@@ -353,16 +353,9 @@ class Dispatcher(Worker[Spool]):
                 return
             if action is Action.GIVE_BACK:
                 continue  # the loop's first step gives the moved rows back, sends the rest
-            self.flow.retried(decision.reason)
-            if action is Action.HOLD:
-                self.health.block(answer)
-            else:
-                self.health.retrying(answer)
+            await self._retry_later(decision, answer)  # returns at once once stopping
             if self.stopping:
                 return  # rows stay in the spool for the next start
-            await self._pause(decision.delay_s)
-            if self.stopping:
-                return
 
     async def _ack(
         self,
