@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/wrk.py [--seconds 12] [--rounds 3] [--connections 64] [--latency-ms 10]
                                   [--variants gateway+uvloop,bare+uvloop,naive+uvloop,gateway+nolog]
-                                  [--profile DIR] [--sql] [--no-pin] [--json FILE] [--keep]
+                                  [--profile DIR [--gil]] [--sql] [--no-pin] [--json FILE] [--keep]
                                   [--baseline DIR]
 
 wrk (Debian's package, installed with apt-get when missing) is a C load generator: unlike
@@ -27,7 +27,13 @@ process per variant, all started once and kept up for the whole run:
   of each commit costs; not a setting to ship, a 202 must survive power loss);
 - `gateway+txtime`, `gateway+gctime` (with `--keep`): each spool transaction's write turn, work
   and COMMIT, and the garbage collector's CPU, per process, into the temp dir's NAME.txtime/;
-  `gateway+switch`: `sys.setswitchinterval(0.0005)` (whatif).
+  `gateway+switch`: `sys.setswitchinterval(0.0005)` (whatif, the intake processes' too);
+- what a guarantee costs, by leaving its SQL out (whatif; never settings to ship):
+  `gateway+noevidx` without the audit trail's index by event id, `gateway+noaudit` without the
+  audit records, `gateway+noapplied` without the per-person applied times of the stale checks;
+  combined with `nolog` and `syncnormal`, the floor of the gateway's own Python;
+- `gateway+procsN+parentoff`: with intake processes, this process stops listening once it has,
+  so the children take every connection and its core is delivery's (whatif).
 
 Each round runs every variant once, in the same order (A B C A B C ...), for `--seconds` each;
 the table gives the median of the rounds. wrk runs one thread and `--connections` connections,
@@ -43,9 +49,12 @@ accepted webhook's object and the gateway counts them delivered (the drain inclu
 by them; `braze µs`, the fake Braze's CPU per webhook over the same window.
 
 `--profile DIR`: afterwards one more bare and one more gateway run under py-spy (`pip install
-py-spy`, pinned with wrk), summarised with `bench/profile_top.py`. `--sql`: afterwards one
-gateway run with a sqlite3 trace callback that counts the statements it runs (`bench/whatif`,
-`sqlcount`), printed per accepted webhook. Both slow the server down: not in the table.
+py-spy`, pinned with wrk), summarised with `bench/profile_top.py`; with `--gil`, py-spy samples
+only the thread holding the GIL: where the Python CPU goes, without the threads waiting for it
+(which otherwise count as busy in their last frame, `select` say), and without SQLite's C.
+`--sql`: afterwards one gateway run with a sqlite3 trace callback that counts the statements it
+runs (`bench/whatif`, `sqlcount`), printed per accepted webhook. Both slow the server down:
+not in the table.
 """
 
 from __future__ import annotations
@@ -237,7 +246,19 @@ def parse_variant(name: str, tree: Path | None = None) -> Variant:
     if base not in BASES:
         raise SystemExit(f"unknown variant {name!r}: the base must be one of {', '.join(BASES)}")
     allowed = {"uvloop"} | {
-        "gateway": {"nolog", "syncnormal", "txtime", "gctime", "gcfreeze", "gcyoung", "switch"},
+        "gateway": {
+            "nolog",
+            "syncnormal",
+            "txtime",
+            "gctime",
+            "gcfreeze",
+            "gcyoung",
+            "switch",
+            "noevidx",
+            "noaudit",
+            "noapplied",
+            "parentoff",
+        },
         "bare": {"group"},
     }.get(base, set())
     if base == "gateway":
@@ -500,6 +521,7 @@ class Bench:
             assert variant.proc is not None
             collapsed = folder / f"{name}.collapsed"
             argv = [spy, "record", "--pid", str(variant.proc.pid), "--rate", "250", "--threads"]
+            argv += ["--gil"] if self.args.gil else []
             argv += ["--subprocesses"] if "procs" in name else []
             argv += ["--nonblocking", "--format", "raw", "--output", str(collapsed)]
             spying = self.procs.start(f"py-spy-{name}", self.pinned(0, argv))
@@ -602,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="no taskset")
     parser.add_argument("--sql", action="store_true", help="count SQL statements per webhook")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy a gateway run")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (the Python CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
     args = parser.parse_args(argv)

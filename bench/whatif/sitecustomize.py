@@ -11,10 +11,17 @@ in the gateway itself):
 - `uvloop`: the gateway's event loop is uvloop's (`.venv/bin/pip install uvloop`, or put it
   on PYTHONPATH: `pip install --target /tmp/uvsite uvloop`, `PYTHONPATH=bench/whatif:/tmp/uvsite`).
 - `switch`: `sys.setswitchinterval(0.0005)`, to see whether the spool thread waits for the GIL.
-- `nolog`: the per-webhook `webhook accepted` line (logger `gateway.server`) is not written,
-  to measure what it costs (the line is the audit of intake: not a change to make as is).
+- `nolog`: the `webhooks accepted` line of each intake commit group (logger `gateway.server`)
+  is not written, to measure what it costs (the line is the audit of intake: not a change to
+  make as is).
 - `syncnormal`: the spool's `PRAGMA synchronous=FULL` is run as `NORMAL` (no fsync per
   commit in WAL mode), to see what durability costs; never a setting to ship.
+- `noevidx`, `noaudit`, `noapplied`: the audit trail's index by event id is not created, the
+  audit records are not inserted, the applied times (the stale checks' memory) are not
+  upserted: what each guarantee costs; never settings to ship.
+- `parentoff`: the gateway stops listening as soon as it listens, so with
+  `server.intake_processes` the children take every webhook and this process only delivers.
+- `switch` acts in the intake-only children as well.
 - `sqlcount`: every SQL statement SQLite runs is counted (a trace callback on each connection),
   with literals replaced by `?`; the counts go to the file BENCH_SQLCOUNT at exit. The callback
   costs time: a run with it measures counts, not speed (`bench/wrk.py --sql`).
@@ -35,7 +42,9 @@ _GATEWAY = _argv[:1] == ["-m"] and "run" in _argv and "--config" in _argv
 WHAT = set(os.environ.get("BENCH_WHATIF", "").split(",")) if _GATEWAY else set()
 
 
-if "switch" in WHAT:
+# `switch` acts in the intake-only children too (they inherit the environment).
+_ANY_GATEWAY = _argv[:1] in (["-m"], ["-c"])
+if "switch" in os.environ.get("BENCH_WHATIF", "").split(",") and _ANY_GATEWAY:
     sys.setswitchinterval(0.0005)
 if "uvloop" in WHAT:
     import uvloop
@@ -48,7 +57,7 @@ if "nolog" in WHAT:
     _info = _server.info
 
     def _quiet(msg: object, *args: object, **kwargs: object) -> None:
-        if msg != "webhook %s":
+        if msg != "webhooks accepted":
             _info(msg, *args, **kwargs)  # type: ignore[arg-type]
 
     _server.info = _quiet  # type: ignore[method-assign]
@@ -84,22 +93,56 @@ if "sqlcount" in WHAT:
             json.dump(dict(_counts), out, indent=1)
 
 
-if "syncnormal" in WHAT:
+if "parentoff" in WHAT:
+    # With `server.intake_processes`, this process stops listening once it has: the children
+    # take every connection, so its core is delivery's (and the spool's commits are theirs).
+    from aiohttp import web_runner
+
+    _start = web_runner.TCPSite.start
+
+    async def _start_then_close(self: web_runner.TCPSite) -> None:
+        await _start(self)
+        assert self._server is not None
+        self._server.close()
+
+    web_runner.TCPSite.start = _start_then_close  # type: ignore[method-assign]
+
+# What each guarantee of the spool costs, measured by leaving its SQL out (never to ship):
+# `noevidx` the audit trail's index by event id (`gateway trace --event`), `noaudit` the audit
+# records themselves, `noapplied` the per-person applied times (the stale checks' memory).
+_SKIP = {
+    "noaudit": "INSERT INTO audit(",
+    "noapplied": "INSERT INTO applied(",
+}
+_SKIPPED = tuple(prefix for name, prefix in _SKIP.items() if name in WHAT)
+if _SKIPPED or {"noevidx", "syncnormal"} & WHAT:
     import sqlite3
 
-    class _Normal(sqlite3.Connection):
+    class _WhatIf(sqlite3.Connection):
         def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-            if sql.replace(" ", "").upper() == "PRAGMASYNCHRONOUS=FULL":
+            if "syncnormal" in WHAT and sql.replace(" ", "").upper() == "PRAGMASYNCHRONOUS=FULL":
                 sql = "PRAGMA synchronous=NORMAL"
                 print("whatif syncnormal: PRAGMA synchronous=NORMAL", file=sys.stderr)
             return super().execute(sql, *args)  # type: ignore[arg-type]
 
+        def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if _SKIPPED and sql.startswith(_SKIPPED):
+                return super().execute("SELECT 1")
+            return super().executemany(sql, *args)  # type: ignore[arg-type]
+
+        def executescript(self, script: str) -> sqlite3.Cursor:
+            if "noevidx" in WHAT:
+                script = script.replace(
+                    "CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id);", ""
+                )
+            return super().executescript(script)
+
     _plain_connect = sqlite3.connect
 
-    def _normal(*args: object, **kwargs: object) -> sqlite3.Connection:
-        return _plain_connect(*args, factory=_Normal, **kwargs)  # type: ignore[arg-type,misc]
+    def _what_if(*args: object, **kwargs: object) -> sqlite3.Connection:
+        return _plain_connect(*args, factory=_WhatIf, **kwargs)  # type: ignore[arg-type,misc]
 
-    sqlite3.connect = _normal  # type: ignore[assignment]
+    sqlite3.connect = _what_if  # type: ignore[assignment]
 
 
 # `txtime` acts in every gateway process, the intake-only children too (they inherit the
