@@ -36,7 +36,12 @@ from gateway.spool.sqlite_file import (
     _row_cost,
 )
 from gateway.spool.sqlite_lane import SqliteLane
-from gateway.spool.sqlite_schema import _DIRECTION_INDEX, _SCHEMA, _sent_history
+from gateway.spool.sqlite_schema import (
+    _DIRECTION_INDEX,
+    _SCHEMA,
+    SCHEMA_VERSION,
+    _sent_history,
+)
 from gateway.spool.store import CODES, TO_DIDOMI, Dead, Pending, StoredItem
 from gateway.words import Direction
 
@@ -91,6 +96,7 @@ class SpoolDB(SqliteLane):
             # would write as many bytes as it deletes: on a full disk it could never commit.
             # FAST zeroes only what the delete rewrites anyway.
             self.db.execute("PRAGMA secure_delete=FAST")
+            self._refuse_newer()
             self.db.executescript(_SCHEMA + trail.SCHEMA + retention.SCHEMA + lane.SCHEMA)
             self._migrate()
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
@@ -102,6 +108,16 @@ class SpoolDB(SqliteLane):
             self.pending_backfill = self.count_backfill()
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
+
+    def _refuse_newer(self) -> None:
+        """Refuse, before touching it, a file whose schema a newer gateway wrote."""
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"the spool {self.path} was written by a newer gateway (schema version {version};"
+                f" this one knows up to {SCHEMA_VERSION}): run that version or a later one, or"
+                " point delivery.spool at another file"
+            )
 
     def _migrate(self) -> None:
         """Bring a spool file written by an older gateway up to this schema."""
@@ -129,6 +145,8 @@ class SpoolDB(SqliteLane):
         if "state" not in keyed:
             # A key of (person, target) kept one state per target: rebuilt with the state in it.
             self._tx(_sent_history)
+        if int(self.db.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the file; a WAL checkpoint folds the log back in."""

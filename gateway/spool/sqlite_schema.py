@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 
+# `PRAGMA user_version` of a file this gateway wrote: raised with every change of the tables'
+# shape or meaning, so an older gateway refuses the file instead of misreading it (records with
+# packed changes read as records without any, say). Files from before it say 0 and are migrated.
+SCHEMA_VERSION = 1
+
 _SENT = """
 CREATE TABLE IF NOT EXISTS sent (     -- the states sent to Braze, to know Braze's echoes of them
     person TEXT NOT NULL,

@@ -22,6 +22,7 @@ from gateway.spool.handoff import Handoff
 from gateway.spool.lock import SpoolLock, WriteTurns
 from gateway.spool.postgres import PgSpoolDB
 from gateway.spool.sqlite import Dead, SpoolDB
+from gateway.spool.sqlite_schema import SCHEMA_VERSION
 from gateway.spool.store import Pending
 
 WINDOW = 100.0
@@ -497,6 +498,44 @@ def test_a_spool_written_before_the_reverse_path_opens_and_keeps_its_rows(tmp_pa
         assert (db.pending_of("to_braze"), db.pending_of("to_didomi")) == (1, 1)
     finally:
         db.close()
+
+
+def test_a_spool_file_carries_its_schema_version_and_an_older_one_is_brought_up_to_it(
+    tmp_path: Path,
+) -> None:
+    """A new file and a migrated pre-version file both say the schema this gateway wrote."""
+    fresh = SpoolDB(tmp_path / "new.db")
+    fresh.close()
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL,"
+        " type TEXT NOT NULL, body BLOB NOT NULL)"
+    )
+    old.commit()
+    old.close()
+    SpoolDB(path).close()
+    for file in (tmp_path / "new.db", path):
+        version = sqlite3.connect(file).execute("PRAGMA user_version").fetchone()[0]
+        assert version == SCHEMA_VERSION >= 1
+
+
+def test_a_spool_written_by_a_newer_gateway_is_refused_untouched(tmp_path: Path) -> None:
+    """An older gateway must not misread (or migrate) a newer schema: it says which to run."""
+    path = tmp_path / "gateway.db"
+    SpoolDB(path).close()
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.execute("CREATE TABLE later_feature (x)")
+    newer.commit()
+    newer.close()
+    expected = rf"newer gateway \(schema version {SCHEMA_VERSION + 1}\b.*run that version"
+    with pytest.raises(SpoolError, match=expected) as err:
+        SpoolDB(path)
+    assert str(path) in str(err.value)
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    check.close()
 
 
 # ---------------------------------------------------------------------------
