@@ -6,7 +6,7 @@ Takes the benchmark's webhooks (`events.py`, one new person each) as intake hand
 (decoded, `Pending` rows) and runs what the dispatcher runs per object between the hand-off
 and the acknowledgement, without sockets or SQL: mapping a page (`map_page`), the backlog
 (`Batcher.add`, `take` of 75 with `Item.merge`), the Braze objects (`track_object`) and their
-JSON, and `_ack`'s per-item work with the audit records (`_trail`). Prints the best of
+JSON, and `_ack`'s per-item work with the audit records (`records_of`). Prints the best of
 `--repeats` in µs per webhook, per stage: the loop's CPU a change there saves, without the
 noise of a shared machine.
 """
@@ -22,8 +22,8 @@ import events
 import msgspec
 
 from gateway.forward.batcher import Batcher
-from gateway.forward.dispatcher import _trail
 from gateway.forward.pages import map_page
+from gateway.forward.trail import records_of
 from gateway.peers.braze_bodies import track_object
 from gateway.rules.mappings import ERASED, load_rules
 from gateway.shapes.webhooks import decode
@@ -76,12 +76,12 @@ def once(rules: object, page: list[Pending]) -> dict[str, float]:
         now = time.time()
         done, applied, trail = [], [], []
         for item in batch.items:
-            trail.extend(_trail(item, "delivered", now, "/users/track", 201))
+            trail.extend(records_of(item, "delivered", now, "/users/track", 201))
             done.extend(row.id for row in item.rows)
             applied.extend((item.person, target, c.at) for target, c in item.changes.items())
             if item.erased_at is not None:
                 applied.append((item.person, ERASED, item.erased_at))
-        spent["_ack + _trail"] += time.perf_counter() - t
+        spent["_ack + records_of"] += time.perf_counter() - t
         t = time.perf_counter()
         for item in batch.items:
             item.settled = True
