@@ -89,6 +89,7 @@ class SpoolDB(SqliteLane):
             self.db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
             )
+            self._refuse_newer()
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives power loss, which is what a 202 promises.
             self.db.execute("PRAGMA synchronous=FULL")
@@ -96,7 +97,6 @@ class SpoolDB(SqliteLane):
             # would write as many bytes as it deletes: on a full disk it could never commit.
             # FAST zeroes only what the delete rewrites anyway.
             self.db.execute("PRAGMA secure_delete=FAST")
-            self._refuse_newer()
             self.db.executescript(_SCHEMA + trail.SCHEMA + retention.SCHEMA + lane.SCHEMA)
             self._migrate()
             self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
@@ -113,6 +113,7 @@ class SpoolDB(SqliteLane):
         """Refuse, before touching it, a file whose schema a newer gateway wrote."""
         version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
+            self.db.close()
             raise SpoolError(
                 f"the spool {self.path} was written by a newer gateway (schema version {version};"
                 f" this one knows up to {SCHEMA_VERSION}): run that version or a later one, or"

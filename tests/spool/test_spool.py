@@ -526,6 +526,7 @@ def test_a_spool_written_by_a_newer_gateway_is_refused_untouched(tmp_path: Path)
     SpoolDB(path).close()
     newer = sqlite3.connect(path)
     newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.execute("PRAGMA journal_mode = DELETE")  # any change to it would show below
     newer.execute("CREATE TABLE later_feature (x)")
     newer.commit()
     newer.close()
@@ -535,7 +536,9 @@ def test_a_spool_written_by_a_newer_gateway_is_refused_untouched(tmp_path: Path)
     assert str(path) in str(err.value)
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     check.close()
+    assert not (tmp_path / "gateway.db-wal").exists()
 
 
 # ---------------------------------------------------------------------------
