@@ -679,3 +679,31 @@ async def test_a_replay_from_the_cli_reaches_braze_from_the_idle_server_promptly
         took = time.monotonic() - replayed
         assert took < 2.5, f"{letter.person} reached Braze {took:.1f} s after the replay"
     capsys.readouterr()
+
+
+def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
+    """`gateway render ... | head -1`: a reader that stops early ends the command quietly."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "render",
+            str(EVENTS / "consent_given.json"),
+            "--mappings",
+            str(ROOT / "mappings"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # as `head` does once it has its lines: every write now fails
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err, err
+    assert "BrokenPipeError" not in err, err
+    assert proc.returncode == 141, err  # as a shell reports a command stopped by SIGPIPE
