@@ -7,7 +7,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 
@@ -163,7 +163,7 @@ def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None
         try:
             msgspec.convert(value, types[key])
         except msgspec.ValidationError as exc:
-            _add_validation(exc, (*path, key), located)
+            _add_validation(exc, (*path, key), located, _choices(types[key]))
             wrong = True
     if wrong:
         return None
@@ -174,13 +174,26 @@ def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None
         return None
 
 
-def _add_validation(exc: msgspec.ValidationError, path: KeyPath, located: Located) -> None:
+def _add_validation(
+    exc: msgspec.ValidationError, path: KeyPath, located: Located, choices: str = ""
+) -> None:
     message = str(exc)
     sub: KeyPath = ()
     if m := _MSGSPEC_AT.search(message):
         message = message[: m.start()]
         sub = _parse_msgspec_path(m.group(1))
-    located.add((*path, *sub), _humane(message, (*path, *sub)))
+    message = _humane(message, (*path, *sub))
+    if choices and "invalid value" in message:
+        message += f"; use {choices}"  # msgspec names the wrong value, not the right ones
+    located.add((*path, *sub), message)
+
+
+def _choices(typ: Any) -> str:
+    """The values a `Literal` field takes, as a message lists them; "" for any other type."""
+    if get_origin(typ) is not Literal:
+        return ""
+    values = [repr(v) for v in get_args(typ)]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def _parse_msgspec_path(text: str) -> KeyPath:

@@ -343,15 +343,20 @@ def test_wrong_types_are_reported_on_their_lines(tmp_path: Path) -> None:
     ]
 
 
-def test_an_invalid_choice_is_reported_on_its_line(tmp_path: Path) -> None:
-    """A value outside a fixed set (auth.mode, on_user_deleted) is an error on its line."""
+def test_an_invalid_choice_is_reported_on_its_line_with_the_values_allowed(tmp_path: Path) -> None:
+    """A value outside a fixed set (auth.mode, on_user_deleted) is an error on its line that
+    lists the values to write instead."""
     path = write(
         tmp_path,
-        MINIMAL + '[didomi]\non_user_deleted = "purge"\n',
+        MINIMAL.replace("[auth]\n", '[auth]\nmode = "oauth"\n')
+        + '[didomi]\non_user_deleted = "purge"\n',
     )
     error = problems_of(path)
     assert lines(error) == [
-        f"{path}:{line_of(path, 'on_user_deleted')}: didomi.on_user_deleted: invalid value 'purge'"
+        f"{path}:{line_of(path, 'mode')}: auth.mode: invalid value 'oauth';"
+        " use 'oauth2', 'bearer' or 'none'",
+        f"{path}:{line_of(path, 'on_user_deleted')}: didomi.on_user_deleted: invalid value"
+        " 'purge'; use 'ignore', 'unsubscribe' or 'delete'",
     ]
 
 
