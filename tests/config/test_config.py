@@ -310,7 +310,10 @@ def test_unknown_section_is_an_error_on_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "\n[sever]\nport = 1\n")
     error = problems_of(path)
     line = line_of(path, "[sever]")
-    assert lines(error) == [f"{path}:{line}: unknown section [sever] (did you mean [server]?)"]
+    assert lines(error) == [
+        f"{path}:{line}: unknown section [sever] (did you mean [server]?); allowed: auth, backfill,"
+        " braze, braze_webhooks, check, delivery, didomi, didomi_api, mappings, retention, server"
+    ]
 
 
 def test_wrong_types_are_reported_on_their_lines(tmp_path: Path) -> None:
@@ -446,11 +449,15 @@ def test_line_index_finds_keys_tables_and_array_entries() -> None:
 # Unreadable and malformed files.
 
 
-def test_a_missing_file_is_a_problem(tmp_path: Path) -> None:
-    """A config path that does not exist is a ConfigError naming the file and the reason."""
+def test_a_missing_file_is_a_problem_that_says_how_to_name_it(tmp_path: Path) -> None:
+    """A config path that does not exist is a ConfigError naming the file, the reason, and
+    how to give the right one (a command run outside the config's folder meets it first)."""
     path = tmp_path / "absent.toml"
     error = problems_of(path)
-    assert lines(error) == [f"{path}: cannot read the file: No such file or directory"]
+    assert lines(error) == [
+        f"{path}: cannot read the file: No such file or directory; give the config's path with"
+        " --config PATH (`gateway render` and `gateway test` need only --mappings DIR)"
+    ]
 
 
 def test_a_directory_is_an_unreadable_file(tmp_path: Path) -> None:
