@@ -48,8 +48,11 @@ def body_of(raw: bytes) -> bytes:
 class Report:
     """Progress while reading (a bar on a terminal, a line every 10 s elsewhere) and totals."""
 
-    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO, clock: Callable[[], float] = time.monotonic, *, dry: bool = False
+    ) -> None:
         self.out = out
+        self.stored = "would be stored" if dry else "stored"  # a dry run stores nobody
         self.tty = out.isatty()
         self.clock = clock
         self.started = clock()
@@ -72,7 +75,7 @@ class Report:
             eta = f", ETA {_duration(left)}"
         line = (
             f"{source.label}: {counts['read']:,} read ({rate:,.0f}/s), "
-            f"{counts['stored']:,} stored{eta}{note}"
+            f"{counts['stored']:,} {self.stored}{eta}{note}"
         )
         if self.tty:
             done = source.done / source.size if source.size else 0.0
@@ -113,7 +116,7 @@ class Backfill:
         self.rules = rules
         self.out = out
         self.clock = clock
-        self.report = Report(out)
+        self.report = Report(out, dry=store is None)
         self.changes: Counter[tuple[str, str]] = Counter()  # dry run: (target, state) -> users
         self.malformed_at: list[str] = []
         self.totals: Counter[str] = Counter()
