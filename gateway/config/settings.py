@@ -126,7 +126,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def resolve(p: str) -> str:
         if is_postgresql(p):
             return p  # a database URL, not a path
-        return str(base / p) if not Path(p).is_absolute() else p
+        # Written plainly (`../mappings` from examples/ is `<root>/mappings`): the rule paths
+        # check, trace and the audit trail print come from here. `base` has no symlinks left.
+        return os.path.normpath(base / p) if not Path(p).is_absolute() else p
 
     return msgspec.structs.replace(
         config,

@@ -789,6 +789,21 @@ def test_relative_paths_resolve_against_the_config_folder(
     assert Path(config.mappings.dir) == folder / "rules"
 
 
+def test_relative_paths_leading_out_of_the_config_folder_are_written_plainly(
+    tmp_path: Path,
+) -> None:
+    """`../mappings` from examples/demo.toml is `<root>/mappings`, so the rule paths that check,
+    trace and the audit trail print never read `examples/../mappings/email.toml:7`."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    path = write(
+        folder, MINIMAL + '[delivery]\nspool = "../var/demo.db"\n[mappings]\ndir = "../mappings"\n'
+    )
+    config = load_config(path, {})
+    assert config.delivery.spool == str(tmp_path.resolve() / "var" / "demo.db")
+    assert config.mappings.dir == str(tmp_path.resolve() / "mappings")
+
+
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     """Absolute spool and mappings paths are used as written."""
     spool, rules = tmp_path / "abs" / "s.db", tmp_path / "abs" / "rules"
