@@ -675,6 +675,22 @@ def test_non_positive_numbers_are_refused(tmp_path: Path) -> None:
     assert f"{path}:{line_of(path, 'port =')}: server.port must be between 1 and 65535" in text
 
 
+def test_backfill_limits_are_refused_each_at_its_key(tmp_path: Path) -> None:
+    """A backfill share outside (0, 1] and a zero max_pending are each an error on their own
+    line, naming the key once (not `backfill: backfill.share` at the table's header)."""
+    path = write(
+        tmp_path,
+        MINIMAL + "[backfill]\nshare = 2.0\nmax_pending = 0\nusers_per_transaction = 0\n",
+    )
+    assert lines(problems_of(path)) == [
+        f"{path}:{line_of(path, 'share')}: backfill.share must be above 0 and at most 1"
+        " (of Braze's rate)",
+        f"{path}:{line_of(path, 'max_pending')}: backfill.max_pending must be at least 1",
+        f"{path}:{line_of(path, 'users_per_transaction')}: backfill.users_per_transaction must"
+        " be at least 1",
+    ]
+
+
 def test_the_disk_reserve_defaults_to_64_mib_and_refuses_less_than_1_mib(tmp_path: Path) -> None:
     """delivery.min_free_bytes is 64 MiB unless set, and below 1 MiB it is an error on its line."""
     assert load_config(write(tmp_path, MINIMAL), {}).delivery.min_free_bytes == 64 * 1024 * 1024
