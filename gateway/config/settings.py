@@ -76,11 +76,11 @@ def load_config(
     if raw is None:
         if not path.exists():  # most often a command run outside the config's folder
             (problem,) = located.problems
-            hint = (
+            to_do = (
                 "give the config's path with --config PATH"
                 " (`gateway render` and `gateway test` need only --mappings DIR)"
             )
-            located.problems = [Problem(problem.file, f"{problem.message}; {hint}")]
+            located.problems = [Problem(problem.file, f"{problem.message}; {to_do}")]
         raise ConfigError(located.problems)
     written = raw
     raw = interpolate(raw, env, located, strict=require_secrets)
