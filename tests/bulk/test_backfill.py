@@ -184,7 +184,8 @@ async def test_dry_run_stores_nothing_and_says_what_would_change(tmp_path: Path)
     text = out.getvalue()
     assert "2 would be stored" in text
     # The progress line says so too: nothing it prints may claim a row was stored.
-    claims = [line for line in text.splitlines() if " stored" in line.replace("would be stored", "")]
+    said = [line.replace("would be stored", "") for line in text.splitlines()]
+    claims = [line for line in said if " stored" in line]
     assert claims == []
     assert "email_subscribe: opted_in -> 1" in text
     assert "email_subscribe: unsubscribed -> 1" in text

@@ -396,8 +396,8 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
 ) -> None:
     """Users backfilled and delivered, then Braze drifts (email, groups, attribute, a deleted
     profile): --fix stores Didomi's state in the lane (not deduped against the backfill, not
-    stale at the same date), delivery applies it, and a second run finds no drift (both
-    backends; the ratios reach the spool's meta there too)."""
+    stale at the same date) and says how many, delivery applies it, and a second run finds no
+    drift (both backends; the ratios reach the spool's meta there too)."""
     from gateway.bulk.backfill import run as backfill
     from tests.bulk.test_backfill import configure, delivering, drained
 
@@ -415,8 +415,11 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
         fake.users["user-5"].subscription_groups[OFFERS] = "unsubscribed"
         fake.users["user-6"].attributes["consent_marketing"] = True
         del fake.users["user-7"]
-        drifted = await run(config, options(export, fix=True))
+        fixing = options(export, fix=True)
+        drifted = await run(config, fixing)
         assert drifted.drifting == 5
+        said = fixing.err.getvalue()  # type: ignore[attr-defined]
+        assert "reconcile --fix: 5 person(s) in drift stored for the gateway to deliver" in said
         await drained(db)
         again = await run(config, options(export))
     assert again.drifting == 0, again
