@@ -239,6 +239,19 @@ def test_check_warns_when_the_spool_volume_cannot_hold_the_audit_retention(
     assert "retention.audit_days" not in capsys.readouterr().out
 
 
+def test_check_refuses_a_negative_rate_and_allow_unreachable_without_online(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative --changes-per-day, or --allow-unreachable without --online (where it would
+    do nothing), is a usage error (exit 2) that says what to write, not a silent answer."""
+    assert main(["check", "--config", str(setup), "--changes-per-day", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--changes-per-day takes a number of consent changes a day, 0 or more" in err
+    assert main(["check", "--config", str(setup), "--allow-unreachable"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-unreachable only applies with --online" in err
+
+
 ASSUMES = "# assumes no other Didomi choices; the gateway reads the person's current ones first"
 
 
