@@ -465,3 +465,24 @@ async def test_exit_status_tells_no_drift_drift_and_failure(
     assert await asyncio.to_thread(command, wrong, refused) == 2
     assert "API key is wrong" in refused.err.getvalue()  # type: ignore[attr-defined]
     assert main(["reconcile", str(export), "--sample", "0"]) == 2
+
+
+async def test_a_config_problem_exits_2_and_a_file_needs_only_the_braze_key(
+    tmp_path: Path, fake: FakeBraze, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config reconcile cannot load is "could not finish" (2), never 1, which means drift to
+    cron and scripts; reading an export file needs only braze.api_key, not the secrets of the
+    webhook routes it never serves."""
+    from gateway.cli.main import main
+    from gateway.config.settings import load_config
+    from tests.conftest import SECRETS, write_config
+
+    path = write_config(tmp_path, braze={"server": fake.url, "update_existing_only": False})
+    export = write_export(tmp_path / "users.json", 4)
+    seed_agreeing(fake, load_config(path, SECRETS), 4)
+    command = ["reconcile", "--config", str(path), str(export)]
+    monkeypatch.delenv("DIDOMI_CLIENT_SECRET", raising=False)
+    monkeypatch.delenv("BRAZE_API_KEY", raising=False)
+    assert await asyncio.to_thread(main, command) == 2
+    monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
+    assert await asyncio.to_thread(main, command) == 0
