@@ -174,6 +174,38 @@ expect = {{ email_subscribe = "unsubscribed" }}
     assert out.splitlines()[-1] == "1 passed, 1 failed"
 
 
+def test_a_test_whose_event_cannot_be_used_says_where_it_looked_and_why_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A [[test]] event file that is not there is named by the path read (relative to its
+    mapping file), and a malformed inline event's reason is not said twice."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.toml").write_text(
+        """
+[[map]]
+to = "OPTED_IN"
+purpose = "marketing_email"
+
+[[test]]
+name = "missing"
+event = "events/nope.json"
+expect = { email_subscribe = "opted_in" }
+
+[[test]]
+name = "inline"
+event = { type = "event.created" }
+expect = { email_subscribe = "opted_in" }
+"""
+    )
+    assert main(["test", "--mappings", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot read the event 'events/nope.json' at {folder / 'events' / 'nope.json'}" in out
+    assert "(an event path is relative to its mapping file)" in out
+    assert "not a Didomi webhook" in out
+    assert out.count("not a Didomi webhook") == 1, out
+
+
 def test_dead_letters_list_replay_purge(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """dead-letters lists with reasons, replays into the spool, purges, and refuses unknown ids."""
     spool = setup.parent / "var" / "gateway.db"
