@@ -298,7 +298,8 @@ async def run(
     stdin: BinaryIO | None = None,
     stall_s: float = STALL_S,
 ) -> int:
-    """The command: 0 when done (and delivered, with `wait`), 2 when nothing delivers."""
+    """The command: 0 when done (and delivered, with `wait`), 1 when no line was a user, 2 when
+    nothing delivers."""
     out = out or sys.stderr
     rules = load_rules(config.mappings.dir, options_of(config))
     sources = [open_source(spec, didomi=config.didomi_api, stdin=stdin) for spec in specs]
@@ -318,6 +319,14 @@ async def run(
             print("backfill: interrupted; run the same command again to go on", file=out)
             raise
         job.summary(dry_run)
+        if job.totals["read"] == 0 and job.totals["malformed"] > 0:
+            # Not an export at all (a config file, a CSV): success would hide the mistake.
+            print(
+                "backfill: no line of the source is a Didomi user; give a Didomi export"
+                " (one user a line, as the batch export writes them)",
+                file=out,
+            )
+            return 1
         if wait and store is not None:
             return await follow(config, store, out, stall_s)
         return 0
