@@ -18,7 +18,7 @@ import msgspec
 from gateway.bulk import drift
 from gateway.bulk.backfill import body_of  # the lane's row: the same bytes backfill stores
 from gateway.bulk.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
-from gateway.bulk.sources import open_source
+from gateway.bulk.sources import SourceError, open_source
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
 from gateway.peers.braze_export import EXPORT, STATUS, BrazeReader
@@ -118,6 +118,13 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
             print(f"{source.label}: {source.malformed} malformed line(s) skipped", file=options.err)
             for where in source.malformed_at:
                 print(f"  {where}", file=options.err)
+    if report.read == 0 and any(source.malformed for source in sources):
+        # Not an export (a config file, a CSV): "no drift" would clear gateway_drift_ratio and
+        # silence BrazeDrift for as long as the job reads the wrong file.
+        raise SourceError(
+            "no line of the sources is a Didomi user; give a Didomi export (one user a line,"
+            " as the batch export writes them)"
+        )
     drift.save(store, drift.LastRun(time.time(), report.sampled, report.ratios()))
     return report
 

@@ -486,3 +486,22 @@ async def test_a_config_problem_exits_2_and_a_file_needs_only_the_braze_key(
     assert await asyncio.to_thread(main, command) == 2
     monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
     assert await asyncio.to_thread(main, command) == 0
+
+
+async def test_a_source_with_no_user_in_any_line_could_not_finish_and_records_nothing(
+    tmp_path: Path, reconcile_config: Config
+) -> None:
+    """Reconciling a file that holds no Didomi user (gateway.toml by mistake) exits 2 and
+    leaves no ratios for gateway_drift_ratio: "no drift" would silence BrazeDrift for ever."""
+    from gateway.cli.reconcile import command
+
+    wrong = tmp_path / "not-an-export.json"
+    wrong.write_text('[server]\nport = 8080\n# a config, not users\n"x"\n')
+    said = options(wrong)
+    assert await asyncio.to_thread(command, reconcile_config, said) == 2
+    assert "no line of the sources is a Didomi user" in said.err.getvalue()  # type: ignore[attr-defined]
+    store = open_store(reconcile_config.delivery, reconcile_config.retention.person_key)
+    try:
+        assert drift.load(store) is None
+    finally:
+        store.close()
