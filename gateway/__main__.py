@@ -1,6 +1,10 @@
-"""`python -m gateway` and the `gateway` script: the command line, quiet on Ctrl-C throughout."""
+"""`python -m gateway` and the `gateway` script: the command line, quiet on Ctrl-C and `| head`."""
 
+import os
 import signal
+import sys
+
+EXIT_PIPE_CLOSED = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
 
 
 def main() -> int:
@@ -17,6 +21,13 @@ def main() -> int:
         return command()
     except KeyboardInterrupt:  # between the two lines above and cli.main's own guard
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (`gateway trace ... | head`): nothing is wrong, and what is
+        # still buffered must not fail again at exit, so stdout points at /dev/null from here.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE_CLOSED
     finally:
         # On the way out (threads joined, logs flushed) an interrupt has nothing left to stop.
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -62,6 +62,15 @@ LIVE_KEYS = frozenset(
     }
 )
 
+# Keys the running gateway never reads: the command named reads them from the file at its next
+# run, so a reload that finds them changed has nothing to restart.
+COMMAND_KEYS = {
+    "braze.export_requests_per_minute": "gateway reconcile",
+    "check.reconcile": "gateway check --online",
+    "backfill.max_pending": "gateway backfill",
+    "backfill.users_per_transaction": "gateway backfill",
+}
+
 Stamp = tuple[tuple[str, int, int], ...]
 
 
@@ -193,6 +202,13 @@ class LiveRules:
         for key in changed_keys(self.config, read):
             if key in LIVE_KEYS:
                 log.info("%s changed and applies now", key, extra={"setting": key})
+            elif key in COMMAND_KEYS:
+                log.info(
+                    "%s changed; only `%s` reads it, at its next run: nothing to restart",
+                    key,
+                    COMMAND_KEYS[key],
+                    extra={"setting": key},
+                )
             else:
                 # Never the values: this may be auth.client_secret.
                 log.warning(

@@ -48,8 +48,11 @@ def body_of(raw: bytes) -> bytes:
 class Report:
     """Progress while reading (a bar on a terminal, a line every 10 s elsewhere) and totals."""
 
-    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO, clock: Callable[[], float] = time.monotonic, *, dry: bool = False
+    ) -> None:
         self.out = out
+        self.stored = "would be stored" if dry else "stored"  # a dry run stores nobody
         self.tty = out.isatty()
         self.clock = clock
         self.started = clock()
@@ -72,7 +75,7 @@ class Report:
             eta = f", ETA {_duration(left)}"
         line = (
             f"{source.label}: {counts['read']:,} read ({rate:,.0f}/s), "
-            f"{counts['stored']:,} stored{eta}{note}"
+            f"{counts['stored']:,} {self.stored}{eta}{note}"
         )
         if self.tty:
             done = source.done / source.size if source.size else 0.0
@@ -113,7 +116,7 @@ class Backfill:
         self.rules = rules
         self.out = out
         self.clock = clock
-        self.report = Report(out)
+        self.report = Report(out, dry=store is None)
         self.changes: Counter[tuple[str, str]] = Counter()  # dry run: (target, state) -> users
         self.malformed_at: list[str] = []
         self.totals: Counter[str] = Counter()
@@ -295,7 +298,8 @@ async def run(
     stdin: BinaryIO | None = None,
     stall_s: float = STALL_S,
 ) -> int:
-    """The command: 0 when done (and delivered, with `wait`), 2 when nothing delivers."""
+    """The command: 0 when done (and delivered, with `wait`), 1 when no line was a user, 2 when
+    nothing delivers."""
     out = out or sys.stderr
     rules = load_rules(config.mappings.dir, options_of(config))
     sources = [open_source(spec, didomi=config.didomi_api, stdin=stdin) for spec in specs]
@@ -315,6 +319,14 @@ async def run(
             print("backfill: interrupted; run the same command again to go on", file=out)
             raise
         job.summary(dry_run)
+        if job.totals["read"] == 0 and job.totals["malformed"] > 0:
+            # Not an export at all (a config file, a CSV): success would hide the mistake.
+            print(
+                "backfill: no line of the source is a Didomi user; give a Didomi export"
+                " (one user a line, as the batch export writes them)",
+                file=out,
+            )
+            return 1
         if wait and store is not None:
             return await follow(config, store, out, stall_s)
         return 0

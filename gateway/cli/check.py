@@ -32,6 +32,20 @@ def print_problems(problems: Sequence[Problem], out: TextIO | None = None) -> No
 
 def check(args: argparse.Namespace) -> int:
     """`gateway check`: 0 when the config and the rules hold, 1 with the problems listed."""
+    # Usage first, as `gateway reconcile --sample 0` does: a flag that would do nothing, or
+    # a rate that would shrink the estimate, is a mistake to say before reading anything.
+    if args.changes_per_day is not None and args.changes_per_day < 0:
+        print(
+            "gateway check: --changes-per-day takes a number of consent changes a day, 0 or more",
+            file=sys.stderr,
+        )
+        return 2
+    if args.allow_unreachable and not args.online:
+        print(
+            "gateway check: --allow-unreachable only applies with --online: write both",
+            file=sys.stderr,
+        )
+        return 2
     problems: list[Problem] = []
     config: Config | None = None
     try:

@@ -234,7 +234,20 @@ def _reconcile(args: argparse.Namespace) -> int:
     if args.sample is not None and args.sample < 1:
         print("gateway reconcile: --sample takes a number of persons, 1 or more", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    # A config it cannot load is "could not finish" (2): 1 means drift to cron and scripts.
+    # An export file needs only Braze's key, not the secrets of routes reconcile never serves.
+    try:
+        config = load_config(args.config, require_secrets="didomi-api" in args.sources)
+    except ConfigError as exc:
+        _problems(exc.problems)
+        return 2
+    if not config.braze.api_key:
+        print(
+            f"{args.config}: braze.api_key is empty: `gateway reconcile` reads Braze with it;"
+            " set the variable it names (BRAZE_API_KEY in the example gateway.toml)",
+            file=sys.stderr,
+        )
+        return 2
     options = Options(
         args.sources,
         sample=args.sample,

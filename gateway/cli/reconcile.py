@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
@@ -18,7 +18,7 @@ import msgspec
 from gateway.bulk import drift
 from gateway.bulk.backfill import body_of  # the lane's row: the same bytes backfill stores
 from gateway.bulk.reconcile import Difference, Person, Reconciler, Report, iso, persons, sample
-from gateway.bulk.sources import open_source
+from gateway.bulk.sources import SourceError, open_source
 from gateway.config.settings import Config
 from gateway.errors import GatewayError
 from gateway.peers.braze_export import EXPORT, STATUS, BrazeReader
@@ -79,7 +79,7 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
     report = Report(
         missing_is_drift=not config.braze.update_existing_only, sampled=options.sample is not None
     )
-    fixes = _fixer(store) if options.fix else None
+    fixes = _Fixer(store) if options.fix else None
     show = _shower(store, options)
 
     async def on_difference(difference: Difference) -> None:
@@ -101,6 +101,11 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
         await reader.close()
     if fixes is not None:
         await fixes(None)
+        print(
+            f"reconcile --fix: {fixes.stored} person(s) in drift stored for the gateway to deliver"
+            " (the backfill lane, behind live webhooks); run again once delivered to see none",
+            file=options.err,
+        )
     stats = reader.stats
     print(
         f"Braze: {stats.requests[EXPORT]} export and {stats.requests[STATUS]} subscription-status"
@@ -113,6 +118,13 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
             print(f"{source.label}: {source.malformed} malformed line(s) skipped", file=options.err)
             for where in source.malformed_at:
                 print(f"  {where}", file=options.err)
+    if report.read == 0 and any(source.malformed for source in sources):
+        # Not an export (a config file, a CSV): "no drift" would clear gateway_drift_ratio and
+        # silence BrazeDrift for as long as the job reads the wrong file.
+        raise SourceError(
+            "no line of the sources is a Didomi user; give a Didomi export (one user a line,"
+            " as the batch export writes them)"
+        )
     drift.save(store, drift.LastRun(time.time(), report.sampled, report.ratios()))
     return report
 
@@ -143,29 +155,33 @@ FIX_SOURCE = "reconcile --fix"  # the lane's progress row of the corrections (ne
 FIX_BATCH = 500  # corrections a transaction
 
 
-def _fixer(store: Store) -> Callable[[Person | None], Awaitable[None]]:
+class _Fixer:
     """Stores each drifting person's Didomi status through the backfill lane (None: flush).
 
     The row is the `user.updated` webhook backfill stores, so delivery maps and dates it as
     any backfilled user: by Didomi's `updated_at`, never over a newer choice applied since.
     Its key names this run, so a snapshot backfilled (or fixed) before does not hide it.
     """
-    run_id = f"{time.time():.6f}"
-    rows: list[tuple[str, bytes, str]] = []
 
-    async def fix(found: Person | None) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.run_id = f"{time.time():.6f}"
+        self.rows: list[tuple[str, bytes, str]] = []
+        self.stored = 0  # persons written to the lane so far, for the closing line
+
+    async def __call__(self, found: Person | None) -> None:
+        rows = self.rows
         if found is not None:
             user_id = found.record.user.id or ""
-            key = f"reconcile|{run_id}|{found.person}|{user_id}|{found.at:.3f}"
+            key = f"reconcile|{self.run_id}|{found.person}|{user_id}|{found.at:.3f}"
             rows.append((key, body_of(found.record.raw), found.person))
         if rows and (found is None or len(rows) >= FIX_BATCH):
             batch = list(rows)
             rows.clear()
             await asyncio.to_thread(
-                store.put_backfill, batch, FIX_SOURCE, "", {"fixed": len(batch)}, finished=True
+                self.store.put_backfill, batch, FIX_SOURCE, "", {"fixed": len(batch)}, finished=True
             )
-
-    return fix
+            self.stored += len(batch)
 
 
 def _print(report: Report, options: Options) -> None:

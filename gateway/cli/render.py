@@ -182,9 +182,13 @@ def _run_test(rules: RuleSet, test: LoadedTest) -> list[str]:
     try:
         webhook = decode(event_from_test(test))
     except OSError as exc:
-        return [f"cannot read the event {test.spec.event!r}: {exc.strerror or exc}"]
+        read = test.base / str(test.spec.event)
+        return [
+            f"cannot read the event {test.spec.event!r} at {read}: {exc.strerror or exc}"
+            " (an event path is relative to its mapping file)"
+        ]
     except WebhookError as exc:
-        return [f"the event is not a Didomi webhook: {exc}"]
+        return [f"the event cannot be used: {exc}"]  # which says why, in the body's terms
     result = rules.apply(webhook)
     produced: dict[Target, State] = result.changes if isinstance(result, Mapped) else {}
     expected: dict[Target, Any] = {}

@@ -63,6 +63,18 @@ def check_config(config: Config, located: Located, *, require_secrets: bool) -> 
     ):
         if fvalue <= 0:
             located.add(key, f"{format_path(key)} must be positive")
+    backfill = config.backfill
+    if not 0.0 < backfill.share <= 1.0:
+        located.add(
+            ("backfill", "share"),
+            "backfill.share must be above 0 and at most 1 (of Braze's rate)",
+        )
+    for key, count in (
+        (("backfill", "max_pending"), backfill.max_pending),
+        (("backfill", "users_per_transaction"), backfill.users_per_transaction),
+    ):
+        if count < 1:
+            located.add(key, f"{format_path(key)} must be at least 1")
     scheme = _URL_SCHEME.match(delivery.spool)
     if scheme is not None and not is_postgresql(delivery.spool):
         # Only the scheme is echoed: the rest of a URL may hold a password.

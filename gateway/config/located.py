@@ -7,7 +7,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -17,6 +18,7 @@ KeyPath = tuple[str | int, ...]
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 _MSGSPEC_AT = re.compile(r" - at `\$(.*)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`$")
 
 
 def format_path(path: KeyPath) -> str:
@@ -163,7 +165,7 @@ def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None
         try:
             msgspec.convert(value, types[key])
         except msgspec.ValidationError as exc:
-            _add_validation(exc, (*path, key), located)
+            _add_validation(exc, (*path, key), located, types[key])
             wrong = True
     if wrong:
         return None
@@ -174,13 +176,61 @@ def convert(raw: Any, typ: type[T], located: Located, path: KeyPath) -> T | None
         return None
 
 
-def _add_validation(exc: msgspec.ValidationError, path: KeyPath, located: Located) -> None:
+def _add_validation(
+    exc: msgspec.ValidationError, path: KeyPath, located: Located, typ: Any = None
+) -> None:
     message = str(exc)
     sub: KeyPath = ()
     if m := _MSGSPEC_AT.search(message):
         message = message[: m.start()]
         sub = _parse_msgspec_path(m.group(1))
-    located.add((*path, *sub), _humane(message, (*path, *sub)))
+    at = _type_at(typ, sub)
+    # msgspec names the wrong value or key, not the right ones: say those, as for a table.
+    if (unknown := _UNKNOWN_FIELD.match(message)) and _is_struct(at):
+        key = unknown.group(1)
+        known = [f.encode_name for f in msgspec.structs.fields(at)]
+        hint = difflib.get_close_matches(key, known, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        message = f"unknown key {key!r}{did_you_mean}; allowed: {', '.join(sorted(known))}"
+        located.add((*path, *sub, key), _humane(message, (*path, *sub)))
+        return
+    message = _humane(message, (*path, *sub))
+    choices = _choices(at)
+    if choices and "invalid value" in message:
+        message += f"; use {choices}"
+    located.add((*path, *sub), message)
+
+
+def _unwrap(typ: Any) -> Any:
+    """`X | None` as X: an optional value converts as its type."""
+    members = [m for m in get_args(typ) if m is not type(None)]
+    return members[0] if get_origin(typ) in (Union, UnionType) and len(members) == 1 else typ
+
+
+def _is_struct(typ: Any) -> bool:
+    return isinstance(typ, type) and issubclass(typ, msgspec.Struct)
+
+
+def _type_at(typ: Any, sub: KeyPath) -> Any:
+    """The type found at `sub` inside `typ` (Struct fields, list items), or None if unknown."""
+    for part in sub:
+        typ = _unwrap(typ)
+        if isinstance(part, int):
+            args = get_args(typ)
+            typ = args[0] if get_origin(typ) is list and args else None
+        elif _is_struct(typ):
+            typ = {f.encode_name: f.type for f in msgspec.structs.fields(typ)}.get(part)
+        else:
+            return None
+    return _unwrap(typ)
+
+
+def _choices(typ: Any) -> str:
+    """The values a `Literal` field takes, as a message lists them; "" for any other type."""
+    if get_origin(typ) is not Literal:
+        return ""
+    values = [repr(v) for v in get_args(typ)]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def _parse_msgspec_path(text: str) -> KeyPath:

@@ -155,13 +155,7 @@ class BackfillConfig(Strict, frozen=True):
     # Backfilled users waiting in the spool, at most: the command waits for delivery beyond
     # it, so live webhooks keep their room (delivery.max_pending counts both).
     max_pending: int = 100_000
-    users_per_transaction: int = 2000
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.share <= 1.0:
-            raise ValueError("backfill.share must be above 0 and at most 1 (of Braze's rate)")
-        if self.max_pending < 1 or self.users_per_transaction < 1:
-            raise ValueError("backfill.max_pending and users_per_transaction must be at least 1")
+    users_per_transaction: int = 2000  # limits: config/checks.py, each at its key's line
 
 
 class Config(Strict, frozen=True):

@@ -35,7 +35,7 @@ from gateway.config.sections import (
     request_bound_s,
     secrets_of,
 )
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Problem
 
 # The config's public names, wherever they are defined: callers import them from here.
 __all__ = [
@@ -74,6 +74,13 @@ def load_config(
     located = Located(str(path))
     raw = read_toml(path, located)
     if raw is None:
+        if not path.exists():  # most often a command run outside the config's folder
+            (problem,) = located.problems
+            to_do = (
+                "give the config's path with --config PATH"
+                " (`gateway render` and `gateway test` need only --mappings DIR)"
+            )
+            located.problems = [Problem(problem.file, f"{problem.message}; {to_do}")]
         raise ConfigError(located.problems)
     written = raw
     raw = interpolate(raw, env, located, strict=require_secrets)
@@ -84,7 +91,8 @@ def load_config(
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             did_you_mean = f" (did you mean [{hint[0]}]?)" if hint else ""
-            located.add((key,), f"unknown section [{key}]{did_you_mean}")
+            allowed = ", ".join(sorted(known))
+            located.add((key,), f"unknown section [{key}]{did_you_mean}; allowed: {allowed}")
             continue
         section = convert(value, known[key], located, (key,))
         if section is None:
@@ -118,7 +126,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def resolve(p: str) -> str:
         if is_postgresql(p):
             return p  # a database URL, not a path
-        return str(base / p) if not Path(p).is_absolute() else p
+        # Written plainly (`../mappings` from examples/ is `<root>/mappings`): the rule paths
+        # check, trace and the audit trail print come from here. `base` has no symlinks left.
+        return os.path.normpath(base / p) if not Path(p).is_absolute() else p
 
     return msgspec.structs.replace(
         config,

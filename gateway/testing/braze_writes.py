@@ -43,6 +43,7 @@ EMAIL_STATES = frozenset({"opted_in", "subscribed", "unsubscribed"})
 GROUP_STATES = frozenset({"subscribed", "unsubscribed"})
 GROUP_KEYS = frozenset({"subscription_group_id", "subscription_state"})
 NOT_ATTRIBUTES = frozenset({*PRIMARY_IDS, "_update_existing_only", "email_subscribe"})
+IDENTIFYING = frozenset({*PRIMARY_IDS, "_update_existing_only"})  # what changes nothing
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
@@ -153,6 +154,15 @@ class TrackAndDelete:
                     self.ignored.append(obj)
                 return
             self.known_users.add(key)
+        elif (
+            self.known_users is None
+            and update_only
+            and key not in self.users
+            and _sets_nothing(obj)
+        ):
+            # Every user is taken to exist, but an update that sets nothing leaves no profile to
+            # show: `gateway check --online`'s probe must not appear in the demo's /fake/users.
+            return
         user = self.users.setdefault(key, User())
         report = self.on_change
         for name, value in obj.items():
@@ -259,3 +269,8 @@ def _check_groups(groups: Any) -> str | None:
         if group["subscription_state"] not in GROUP_STATES:
             return "BAD_SUBSCRIPTION_GROUP_STATE"
     return None
+
+
+def _sets_nothing(obj: Json) -> bool:
+    """Whether an attributes object only names its user (a probe), changing nothing."""
+    return all(name in IDENTIFYING for name in obj)

@@ -112,6 +112,29 @@ async def test_restart_keys_are_named_in_the_log_and_keep_their_values(
     assert running.delivery.spool == str(tmp_path / "var" / "gateway.db")
 
 
+async def test_keys_only_a_command_reads_are_never_said_to_need_a_restart(
+    live: LiveRules, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key the server never reads (reconcile's pace, check's demand, the backfill command's
+    batch and wait) is logged as read by its command at its next run, not as a restart to do."""
+    write_config(
+        tmp_path,
+        braze={"batch_size": 10, "export_requests_per_minute": 2500},
+        check={"reconcile": True},
+        backfill={"max_pending": 5, "users_per_transaction": 7},
+    )
+    with caplog.at_level(logging.INFO, logger="gateway.reload"):
+        assert await live.reload_async() is True
+    warned = {r.setting for r in caplog.records if r.levelno >= logging.WARNING}
+    assert warned == set()
+    said = {r.setting: r.getMessage() for r in caplog.records if hasattr(r, "setting")}
+    assert "`gateway reconcile`" in said["braze.export_requests_per_minute"]
+    assert "`gateway check --online`" in said["check.reconcile"]
+    assert "`gateway backfill`" in said["backfill.max_pending"]
+    assert "`gateway backfill`" in said["backfill.users_per_transaction"]
+    assert all("nothing to restart" in message for message in said.values())
+
+
 def test_every_braze_key_but_max_in_flight_applies_live() -> None:
     """Of [braze], only max_in_flight (the dispatcher's fixed slots) waits for a restart."""
     braze = {key for key in LIVE_KEYS if key.startswith("braze.")}

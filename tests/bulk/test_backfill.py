@@ -183,9 +183,27 @@ async def test_dry_run_stores_nothing_and_says_what_would_change(tmp_path: Path)
     assert await run(config, [str(path)], dry_run=True, out=out) == 0
     text = out.getvalue()
     assert "2 would be stored" in text
+    # The progress line says so too: nothing it prints may claim a row was stored.
+    said = [line.replace("would be stored", "") for line in text.splitlines()]
+    claims = [line for line in said if " stored" in line]
+    assert claims == []
     assert "email_subscribe: opted_in -> 1" in text
     assert "email_subscribe: unsubscribed -> 1" in text
     assert not (tmp_path / "spool.db").exists()
+
+
+async def test_a_source_with_no_user_in_any_line_is_an_error(tmp_path: Path) -> None:
+    """A file whose every line is malformed (gateway.toml given by mistake) exits 1 saying it
+    holds no Didomi user, instead of 0 as if a backfill of nobody had succeeded."""
+    config = configure(tmp_path, str(tmp_path / "spool.db"), "http://127.0.0.1:1")
+    wrong = tmp_path / "gateway.toml"
+    for dry_run in (True, False):
+        out = io.StringIO()
+        assert await run(config, [str(wrong)], dry_run=dry_run, out=out) == 1
+        assert "no line of the source is a Didomi user" in out.getvalue()
+    good = tmp_path / "u.json"
+    good.write_bytes(export([user("d1", True, ago(days=1))]) + b"{not json\n")
+    assert await run(config, [str(good)], dry_run=True, out=io.StringIO()) == 0
 
 
 async def test_a_three_year_old_status_passes_the_retention_floor(

@@ -396,8 +396,8 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
 ) -> None:
     """Users backfilled and delivered, then Braze drifts (email, groups, attribute, a deleted
     profile): --fix stores Didomi's state in the lane (not deduped against the backfill, not
-    stale at the same date), delivery applies it, and a second run finds no drift (both
-    backends; the ratios reach the spool's meta there too)."""
+    stale at the same date) and says how many, delivery applies it, and a second run finds no
+    drift (both backends; the ratios reach the spool's meta there too)."""
     from gateway.bulk.backfill import run as backfill
     from tests.bulk.test_backfill import configure, delivering, drained
 
@@ -415,8 +415,11 @@ async def test_fix_then_delivery_then_a_second_run_reports_no_drift(
         fake.users["user-5"].subscription_groups[OFFERS] = "unsubscribed"
         fake.users["user-6"].attributes["consent_marketing"] = True
         del fake.users["user-7"]
-        drifted = await run(config, options(export, fix=True))
+        fixing = options(export, fix=True)
+        drifted = await run(config, fixing)
         assert drifted.drifting == 5
+        said = fixing.err.getvalue()  # type: ignore[attr-defined]
+        assert "reconcile --fix: 5 person(s) in drift stored for the gateway to deliver" in said
         await drained(db)
         again = await run(config, options(export))
     assert again.drifting == 0, again
@@ -462,3 +465,43 @@ async def test_exit_status_tells_no_drift_drift_and_failure(
     assert await asyncio.to_thread(command, wrong, refused) == 2
     assert "API key is wrong" in refused.err.getvalue()  # type: ignore[attr-defined]
     assert main(["reconcile", str(export), "--sample", "0"]) == 2
+
+
+async def test_a_config_problem_exits_2_and_a_file_needs_only_the_braze_key(
+    tmp_path: Path, fake: FakeBraze, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config reconcile cannot load is "could not finish" (2), never 1, which means drift to
+    cron and scripts; reading an export file needs only braze.api_key, not the secrets of the
+    webhook routes it never serves."""
+    from gateway.cli.main import main
+    from gateway.config.settings import load_config
+    from tests.conftest import SECRETS, write_config
+
+    path = write_config(tmp_path, braze={"server": fake.url, "update_existing_only": False})
+    export = write_export(tmp_path / "users.json", 4)
+    seed_agreeing(fake, load_config(path, SECRETS), 4)
+    command = ["reconcile", "--config", str(path), str(export)]
+    monkeypatch.delenv("DIDOMI_CLIENT_SECRET", raising=False)
+    monkeypatch.delenv("BRAZE_API_KEY", raising=False)
+    assert await asyncio.to_thread(main, command) == 2
+    monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
+    assert await asyncio.to_thread(main, command) == 0
+
+
+async def test_a_source_with_no_user_in_any_line_could_not_finish_and_records_nothing(
+    tmp_path: Path, reconcile_config: Config
+) -> None:
+    """Reconciling a file that holds no Didomi user (gateway.toml by mistake) exits 2 and
+    leaves no ratios for gateway_drift_ratio: "no drift" would silence BrazeDrift for ever."""
+    from gateway.cli.reconcile import command
+
+    wrong = tmp_path / "not-an-export.json"
+    wrong.write_text('[server]\nport = 8080\n# a config, not users\n"x"\n')
+    said = options(wrong)
+    assert await asyncio.to_thread(command, reconcile_config, said) == 2
+    assert "no line of the sources is a Didomi user" in said.err.getvalue()  # type: ignore[attr-defined]
+    store = open_store(reconcile_config.delivery, reconcile_config.retention.person_key)
+    try:
+        assert drift.load(store) is None
+    finally:
+        store.close()

@@ -174,6 +174,38 @@ expect = {{ email_subscribe = "unsubscribed" }}
     assert out.splitlines()[-1] == "1 passed, 1 failed"
 
 
+def test_a_test_whose_event_cannot_be_used_says_where_it_looked_and_why_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A [[test]] event file that is not there is named by the path read (relative to its
+    mapping file), and a malformed inline event's reason is not said twice."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.toml").write_text(
+        """
+[[map]]
+to = "OPTED_IN"
+purpose = "marketing_email"
+
+[[test]]
+name = "missing"
+event = "events/nope.json"
+expect = { email_subscribe = "opted_in" }
+
+[[test]]
+name = "inline"
+event = { type = "event.created" }
+expect = { email_subscribe = "opted_in" }
+"""
+    )
+    assert main(["test", "--mappings", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot read the event 'events/nope.json' at {folder / 'events' / 'nope.json'}" in out
+    assert "(an event path is relative to its mapping file)" in out
+    assert "not a Didomi webhook" in out
+    assert out.count("not a Didomi webhook") == 1, out
+
+
 def test_dead_letters_list_replay_purge(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """dead-letters lists with reasons, replays into the spool, purges, and refuses unknown ids."""
     spool = setup.parent / "var" / "gateway.db"
@@ -237,6 +269,19 @@ def test_check_warns_when_the_spool_volume_cannot_hold_the_audit_retention(
     assert captured.err == ""
     assert main(["check", "--config", str(setup)]) == 0  # without the flag: no such line
     assert "retention.audit_days" not in capsys.readouterr().out
+
+
+def test_check_refuses_a_negative_rate_and_allow_unreachable_without_online(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative --changes-per-day, or --allow-unreachable without --online (where it would
+    do nothing), is a usage error (exit 2) that says what to write, not a silent answer."""
+    assert main(["check", "--config", str(setup), "--changes-per-day", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--changes-per-day takes a number of consent changes a day, 0 or more" in err
+    assert main(["check", "--config", str(setup), "--allow-unreachable"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-unreachable only applies with --online" in err
 
 
 ASSUMES = "# assumes no other Didomi choices; the gateway reads the person's current ones first"
@@ -679,3 +724,31 @@ async def test_a_replay_from_the_cli_reaches_braze_from_the_idle_server_promptly
         took = time.monotonic() - replayed
         assert took < 2.5, f"{letter.person} reached Braze {took:.1f} s after the replay"
     capsys.readouterr()
+
+
+def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
+    """`gateway render ... | head -1`: a reader that stops early ends the command quietly."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "render",
+            str(EVENTS / "consent_given.json"),
+            "--mappings",
+            str(ROOT / "mappings"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # as `head` does once it has its lines: every write now fails
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err, err
+    assert "BrokenPipeError" not in err, err
+    assert proc.returncode == 141, err  # as a shell reports a command stopped by SIGPIPE

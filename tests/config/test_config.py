@@ -310,7 +310,10 @@ def test_unknown_section_is_an_error_on_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "\n[sever]\nport = 1\n")
     error = problems_of(path)
     line = line_of(path, "[sever]")
-    assert lines(error) == [f"{path}:{line}: unknown section [sever] (did you mean [server]?)"]
+    assert lines(error) == [
+        f"{path}:{line}: unknown section [sever] (did you mean [server]?); allowed: auth, backfill,"
+        " braze, braze_webhooks, check, delivery, didomi, didomi_api, mappings, retention, server"
+    ]
 
 
 def test_wrong_types_are_reported_on_their_lines(tmp_path: Path) -> None:
@@ -343,15 +346,20 @@ def test_wrong_types_are_reported_on_their_lines(tmp_path: Path) -> None:
     ]
 
 
-def test_an_invalid_choice_is_reported_on_its_line(tmp_path: Path) -> None:
-    """A value outside a fixed set (auth.mode, on_user_deleted) is an error on its line."""
+def test_an_invalid_choice_is_reported_on_its_line_with_the_values_allowed(tmp_path: Path) -> None:
+    """A value outside a fixed set (auth.mode, on_user_deleted) is an error on its line that
+    lists the values to write instead."""
     path = write(
         tmp_path,
-        MINIMAL + '[didomi]\non_user_deleted = "purge"\n',
+        MINIMAL.replace("[auth]\n", '[auth]\nmode = "oauth"\n')
+        + '[didomi]\non_user_deleted = "purge"\n',
     )
     error = problems_of(path)
     assert lines(error) == [
-        f"{path}:{line_of(path, 'on_user_deleted')}: didomi.on_user_deleted: invalid value 'purge'"
+        f"{path}:{line_of(path, 'mode')}: auth.mode: invalid value 'oauth';"
+        " use 'oauth2', 'bearer' or 'none'",
+        f"{path}:{line_of(path, 'on_user_deleted')}: didomi.on_user_deleted: invalid value"
+        " 'purge'; use 'ignore', 'unsubscribe' or 'delete'",
     ]
 
 
@@ -441,11 +449,15 @@ def test_line_index_finds_keys_tables_and_array_entries() -> None:
 # Unreadable and malformed files.
 
 
-def test_a_missing_file_is_a_problem(tmp_path: Path) -> None:
-    """A config path that does not exist is a ConfigError naming the file and the reason."""
+def test_a_missing_file_is_a_problem_that_says_how_to_name_it(tmp_path: Path) -> None:
+    """A config path that does not exist is a ConfigError naming the file, the reason, and
+    how to give the right one (a command run outside the config's folder meets it first)."""
     path = tmp_path / "absent.toml"
     error = problems_of(path)
-    assert lines(error) == [f"{path}: cannot read the file: No such file or directory"]
+    assert lines(error) == [
+        f"{path}: cannot read the file: No such file or directory; give the config's path with"
+        " --config PATH (`gateway render` and `gateway test` need only --mappings DIR)"
+    ]
 
 
 def test_a_directory_is_an_unreadable_file(tmp_path: Path) -> None:
@@ -663,6 +675,22 @@ def test_non_positive_numbers_are_refused(tmp_path: Path) -> None:
     assert f"{path}:{line_of(path, 'port =')}: server.port must be between 1 and 65535" in text
 
 
+def test_backfill_limits_are_refused_each_at_its_key(tmp_path: Path) -> None:
+    """A backfill share outside (0, 1] and a zero max_pending are each an error on their own
+    line, naming the key once (not `backfill: backfill.share` at the table's header)."""
+    path = write(
+        tmp_path,
+        MINIMAL + "[backfill]\nshare = 2.0\nmax_pending = 0\nusers_per_transaction = 0\n",
+    )
+    assert lines(problems_of(path)) == [
+        f"{path}:{line_of(path, 'share')}: backfill.share must be above 0 and at most 1"
+        " (of Braze's rate)",
+        f"{path}:{line_of(path, 'max_pending')}: backfill.max_pending must be at least 1",
+        f"{path}:{line_of(path, 'users_per_transaction')}: backfill.users_per_transaction must"
+        " be at least 1",
+    ]
+
+
 def test_the_disk_reserve_defaults_to_64_mib_and_refuses_less_than_1_mib(tmp_path: Path) -> None:
     """delivery.min_free_bytes is 64 MiB unless set, and below 1 MiB it is an error on its line."""
     assert load_config(write(tmp_path, MINIMAL), {}).delivery.min_free_bytes == 64 * 1024 * 1024
@@ -775,6 +803,21 @@ def test_relative_paths_resolve_against_the_config_folder(
     config = load_config(path, {})
     assert Path(config.delivery.spool) == folder / "data" / "spool.db"
     assert Path(config.mappings.dir) == folder / "rules"
+
+
+def test_relative_paths_leading_out_of_the_config_folder_are_written_plainly(
+    tmp_path: Path,
+) -> None:
+    """`../mappings` from examples/demo.toml is `<root>/mappings`, so the rule paths that check,
+    trace and the audit trail print never read `examples/../mappings/email.toml:7`."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    path = write(
+        folder, MINIMAL + '[delivery]\nspool = "../var/demo.db"\n[mappings]\ndir = "../mappings"\n'
+    )
+    config = load_config(path, {})
+    assert config.delivery.spool == str(tmp_path.resolve() / "var" / "demo.db")
+    assert config.mappings.dir == str(tmp_path.resolve() / "mappings")
 
 
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:

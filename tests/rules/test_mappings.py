@@ -859,6 +859,23 @@ def test_unknown_key_inside_map(tmp_path: Path) -> None:
     ]
 
 
+def test_unknown_key_inside_a_tests_expect_table_has_a_hint(tmp_path: Path) -> None:
+    """A typo inside a [[test]]'s `expect` is reported on its line with a did-you-mean and the
+    allowed keys, as a typo one level up is."""
+    folder = tmp_path / "m"
+    path = write(
+        folder,
+        "a.toml",
+        rule("OPTED_IN")
+        + '[[test]]\nname = "t"\nevent = "e.json"\nexpect = { emailsubscribe = "opted_in" }\n',
+    )
+    assert [str(p) for p in load_error(folder).problems] == [
+        f"{path}:{line_of(path, 'emailsubscribe')}: test[0].expect: unknown key 'emailsubscribe'"
+        " (did you mean 'email_subscribe'?); allowed: attributes, email_subscribe,"
+        " subscription_groups"
+    ]
+
+
 def test_unknown_key_inside_identity_and_test(tmp_path: Path) -> None:
     """Typos inside [identity] and [[test]] are reported on their lines too."""
     folder = tmp_path / "m"

@@ -354,6 +354,19 @@ async def test_known_users_update_only_ignores_unknown_and_upsert_creates(
     assert known == {"old", "new"}
 
 
+async def test_an_update_only_object_that_sets_nothing_shows_no_profile(
+    http: aiohttp.ClientSession, fake: FakeBraze
+) -> None:
+    """`gateway check --online`'s probe (a random external_id, update-only, nothing set) is
+    accepted, and the demo's /fake/users lists no profile for it, as Braze creates none."""
+    probe = {"external_id": "gateway-check-0123", "_update_existing_only": True}
+    status, answer, _ = await track(http, fake, attrs(probe))
+    assert (status, answer) == (201, {"message": "success", "attributes_processed": 1})
+    assert "gateway-check-0123" not in fake.users
+    async with http.get(f"{fake.url}/fake/users") as resp:
+        assert (await resp.json())["users"] == []
+
+
 async def test_update_existing_only_defaults_follow_braze(
     http: aiohttp.ClientSession, make_fake: Callable[..., Any]
 ) -> None:
