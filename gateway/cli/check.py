@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from gateway.config.located import LineIndex
 from gateway.config.settings import (
     Config,
     braze_base_url,
@@ -19,6 +21,7 @@ from gateway.config.settings import (
 from gateway.errors import ConfigError, Problem
 from gateway.reverse.rules import ReverseRules
 from gateway.rules.mappings import Options, RuleSet, load_rules, options_of
+from gateway.shapes.webhooks import DOCUMENTED_REGULATIONS
 from gateway.spool.sqlite import AUDIT_CHANGE_BYTES, AUDIT_RECORD_BYTES
 
 
@@ -75,11 +78,33 @@ def check(args: argparse.Namespace) -> int:
     # optional, so these never change the exit status.
     for origin, reason in ReverseRules.from_ruleset(rules).unreversible:
         print(f"{origin}: warning: not reversible (Braze -> Didomi): {reason}")
+    for warning in _regulation_warnings(args.config, config):
+        print(warning, file=sys.stderr)
     if args.changes_per_day is not None:
         print(f"{args.config}: {_capacity(config, rules, args.changes_per_day)}")
     if args.online:
         return _check_online(config, rules, args.config, args.allow_unreachable)
     return 0
+
+
+def _regulation_warnings(config_path: str, config: Config) -> list[Problem]:
+    """`didomi.regulations` ids Didomi does not document: a typo would skip every event."""
+    text = Path(config_path).read_text(encoding="utf-8")
+    line = LineIndex(text).line(("didomi", "regulations"))
+    known = ", ".join(DOCUMENTED_REGULATIONS)
+    out = []
+    for regulation in config.didomi.regulations:
+        if regulation in DOCUMENTED_REGULATIONS:
+            continue
+        hint = difflib.get_close_matches(regulation, DOCUMENTED_REGULATIONS, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        message = (
+            f"warning: didomi.regulations: {regulation!r} is not a regulation id Didomi"
+            f" documents ({known}){did_you_mean} If it is a typo, the events of the regulation"
+            " meant are skipped as `regulation`; kept as written, since Didomi adds regulations"
+        )
+        out.append(Problem(config_path, message, line))
+    return out
 
 
 def _check_online(config: Config, rules: RuleSet, config_path: str, allow_unreachable: bool) -> int:

@@ -80,6 +80,11 @@ class DidomiUser(Lenient, frozen=True):
     metadata: dict[str, Any] | None = None
 
 
+# The regulation ids Didomi documents (developers.didomi.io, Data Manager > Regulations), in its
+# order. Didomi adds regulations over time, so another id is warned about, never refused.
+DOCUMENTED_REGULATIONS = ("gdpr", "cpra", "cpa", "ctdpa", "vcdpa")
+
+
 class Entity(Lenient, frozen=True):
     """A consent event or a user, whichever the webhook carries."""
 

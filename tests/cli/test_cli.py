@@ -73,6 +73,34 @@ def test_check_lists_every_problem_on_stderr_and_exits_1(
     assert "Traceback" not in captured.err
 
 
+def test_check_warns_of_a_regulation_didomi_does_not_document_on_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo (`gdrp`) would skip every event as `regulation`: said, with the ids, exit still 0."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    config = write_config(tmp_path, didomi={"regulations": ["gdrp", "cpra", "lgpd"]})
+    assert main(["check", "--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 2, captured.err
+    gdrp, lgpd = warnings
+    line = next(
+        n
+        for n, text in enumerate(config.read_text().splitlines(), start=1)
+        if text.startswith("regulations")
+    )
+    assert gdrp.startswith(f"{config}:{line}: warning: didomi.regulations: 'gdrp'")
+    assert "did you mean 'gdpr'?" in gdrp
+    assert "gdpr, cpra, cpa, ctdpa, vcdpa" in gdrp
+    assert "skipped as `regulation`" in gdrp
+    assert "'lgpd'" in lgpd
+    assert "did you mean" not in lgpd
+    write_config(tmp_path, didomi={"regulations": ["gdpr", "cpra"]})
+    assert main(["check", "--config", str(config)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_check_never_shows_a_traceback_for_a_broken_file(tmp_path: Path) -> None:
     """Invalid TOML is reported with its line by the real command, never as a traceback."""
     path = tmp_path / "gateway.toml"
