@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from gateway.config.located import LineIndex
+from gateway.config.located import LineIndex, format_path
 from gateway.config.settings import (
     Config,
     braze_base_url,
@@ -88,22 +88,24 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _regulation_warnings(config_path: str, config: Config) -> list[Problem]:
-    """`didomi.regulations` ids Didomi does not document: a typo would skip every event."""
-    text = Path(config_path).read_text(encoding="utf-8")
-    line = LineIndex(text).line(("didomi", "regulations"))
+    """Regulation ids Didomi does not document: a typo would skip (or read) no event of it."""
+    lines = LineIndex(Path(config_path).read_text(encoding="utf-8"))
     known = ", ".join(DOCUMENTED_REGULATIONS)
+    named = [(("didomi", "regulations"), r) for r in config.didomi.regulations]
+    if config.didomi_api.enabled:  # what the reverse path and `backfill didomi-api` ask for
+        named.append((("didomi_api", "regulation"), config.didomi_api.regulation))
     out = []
-    for regulation in config.didomi.regulations:
+    for key, regulation in named:
         if regulation in DOCUMENTED_REGULATIONS:
             continue
         hint = difflib.get_close_matches(regulation, DOCUMENTED_REGULATIONS, n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         message = (
-            f"warning: didomi.regulations: {regulation!r} is not a regulation id Didomi"
+            f"warning: {format_path(key)}: {regulation!r} is not a regulation id Didomi"
             f" documents ({known}){did_you_mean} If it is a typo, the events of the regulation"
             " meant are skipped as `regulation`; kept as written, since Didomi adds regulations"
         )
-        out.append(Problem(config_path, message, line))
+        out.append(Problem(config_path, message, lines.line(key)))
     return out
 
 

@@ -99,6 +99,12 @@ def test_check_warns_of_a_regulation_didomi_does_not_document_on_its_line(
     write_config(tmp_path, didomi={"regulations": ["gdpr", "cpra"]})
     assert main(["check", "--config", str(config)]) == 0
     assert "warning" not in capsys.readouterr().err
+    api = {"enabled": True, "organization_id": "org", "key": "k", "secret": "s"}
+    write_config(tmp_path, didomi_api={**api, "regulation": "gpdr"})
+    assert main(["check", "--config", str(config)]) == 0
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert "warning: didomi_api.regulation: 'gpdr'" in warning
+    assert "did you mean 'gdpr'?" in warning
 
 
 def test_check_never_shows_a_traceback_for_a_broken_file(tmp_path: Path) -> None:
