@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.app.reload import LiveRules
 from gateway.app.retention import Retention
 from gateway.bulk.drift import follow as follow_drift
-from gateway.config.settings import Config, fake_braze_address
+from gateway.config.settings import Config, fake_braze_address, fake_didomi_address
 from gateway.errors import GatewayError
 from gateway.forward.dispatcher import Dispatcher
 from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, nothing
@@ -53,6 +53,7 @@ def delivery(live: LiveRules) -> Context:
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
             back: Writeback | None = None
             if config.didomi_api.enabled:
+                await stack.enter_async_context(_fake_didomi(config))
                 didomi = await stack.enter_async_context(
                     open_didomi_client(config.didomi_api, on_request=metrics.didomi_request)
                 )
@@ -128,6 +129,39 @@ def delivery(live: LiveRules) -> Context:
                 live.listeners.remove(follow)
 
     return context
+
+
+@contextlib.asynccontextmanager
+async def _fake_didomi(config: Config) -> AsyncIterator[None]:
+    """The demo's fake Didomi (`didomi_api.base_url = "fake://..."`), served by this process."""
+    api = config.didomi_api
+    address = fake_didomi_address(api.base_url)
+    if address is None:
+        yield
+        return
+    from gateway.testing.didomi import FakeDidomi  # test code, and only a demo needs it
+
+    fake = FakeDidomi(key=api.key, secret=api.secret, organization_id=api.organization_id)
+    host, port = address
+    try:
+        url = await fake.start(host, port)
+    except OSError as exc:
+        raise GatewayError(
+            f"cannot serve the demo's fake Didomi on {host}:{port}: {exc.strerror or exc};"
+            " pick another port in didomi_api.base_url"
+        ) from None
+    log.warning(
+        "DEMO: didomi_api.base_url is the fake Didomi of gateway.testing, served by this process"
+        " at %s: nothing reaches Didomi and its users are lost at exit; see a person at"
+        " %s/fake/users/<organization_user_id>",
+        url,
+        url,
+        extra={"fake_didomi": url},
+    )
+    try:
+        yield
+    finally:
+        await fake.stop()
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,9 @@ from gateway.config.located import LineIndex, format_path
 from gateway.config.settings import (
     Config,
     braze_base_url,
+    didomi_base_url,
     fake_braze_address,
+    fake_didomi_address,
     is_postgresql,
     load_config,
 )
@@ -72,6 +74,9 @@ def check(args: argparse.Namespace) -> int:
             f"a DEMO: Braze is the fake served by `gateway run` itself at"
             f" {braze_base_url(config.braze.server)}, nothing reaches a real Braze"
         )
+    if config.didomi_api.enabled and fake_didomi_address(config.didomi_api.base_url) is not None:
+        url = didomi_base_url(config.didomi_api.base_url).removesuffix("/v1")
+        braze += f"; Didomi the fake it serves at {url}, nothing reaches Didomi"
     print(f"{args.config}: ok ({braze}, auth {config.auth.mode})")
     print(rules.summary())
     # Information, not a problem: a forward-only rule is legitimate, and the reverse path is

@@ -1,4 +1,5 @@
-"""What `braze.server` (instance, host, URL, demo fake://) and `delivery.spool` point at."""
+"""What `braze.server` (instance, host, URL, demo fake://), `didomi_api.base_url` and
+`delivery.spool` point at."""
 
 from __future__ import annotations
 
@@ -40,10 +41,32 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 def fake_braze_address(server: str) -> tuple[str, int] | None:
     """The loopback host and port of `braze.server = "fake://HOST:PORT"` (the demo's in-process
     fake Braze), None for a real server; ValueError for a fake that is not on loopback."""
-    server = server.strip()
-    if not server.startswith(FAKE_SCHEME):
+    return _fake_address(server, "braze.server", "fake Braze")
+
+
+def fake_didomi_address(base_url: str) -> tuple[str, int] | None:
+    """The loopback host and port of `didomi_api.base_url = "fake://HOST:PORT"` (the demo's
+    in-process fake Didomi), None for a real API; ValueError for a fake off loopback."""
+    return _fake_address(base_url, "didomi_api.base_url", "fake Didomi")
+
+
+def didomi_base_url(base_url: str) -> str:
+    """`didomi_api.base_url` as the client calls it: the demo's fake:// serves /v1 on loopback."""
+    fake = fake_didomi_address(base_url)
+    if fake is None:
+        return base_url.strip().rstrip("/")
+    return f"{_http(*fake)}/v1"
+
+
+def _http(loopback: str, port: int) -> str:
+    return f"http://[{loopback}]:{port}" if ":" in loopback else f"http://{loopback}:{port}"
+
+
+def _fake_address(value: str, key: str, fake: str) -> tuple[str, int] | None:
+    value = value.strip()
+    if not value.startswith(FAKE_SCHEME):
         return None
-    url = urlsplit(server)
+    url = urlsplit(value)
     try:
         port = url.port
     except ValueError:
@@ -51,8 +74,8 @@ def fake_braze_address(server: str) -> tuple[str, int] | None:
     host = url.hostname
     if host not in _LOOPBACK or not port or url.path.strip("/") or url.query:
         raise ValueError(
-            f"{server!r}: the fake Braze is a demo served by this process on loopback; write"
-            " fake://127.0.0.1:PORT (a port from 1 to 65535)"
+            f"{value!r}: the {fake} is a demo served by this process on loopback; write"
+            f" {key} = fake://127.0.0.1:PORT (a port from 1 to 65535)"
         )
     assert host is not None  # in _LOOPBACK
     return host, port
@@ -63,8 +86,7 @@ def braze_base_url(server: str) -> str:
     server = server.strip()
     fake = fake_braze_address(server)
     if fake is not None:
-        loopback, port = fake
-        return f"http://[{loopback}]:{port}" if ":" in loopback else f"http://{loopback}:{port}"
+        return _http(*fake)
     if server.startswith(("http://", "https://")):
         return server.rstrip("/")
     if _INSTANCE_NAME.match(server):

@@ -7,7 +7,12 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config.addresses import FAKE_SCHEME, braze_base_url, is_postgresql
+from gateway.config.addresses import (
+    FAKE_SCHEME,
+    braze_base_url,
+    fake_didomi_address,
+    is_postgresql,
+)
 from gateway.config.located import Located, format_path
 from gateway.config.sections import Config, lease_floor
 
@@ -146,18 +151,22 @@ def check_config(config: Config, located: Located, *, require_secrets: bool) -> 
 
 
 def check_fake_is_written(written: dict[str, Any], config: Config, located: Located) -> None:
-    """The demo's fake Braze only where the file itself says so: never through a variable, so
-    an unset or mistyped variable in a real deployment can never turn it into the demo."""
-    if not config.braze.server.strip().startswith(FAKE_SCHEME):
-        return
-    braze = written.get("braze")
-    literal = braze.get("server") if isinstance(braze, dict) else None
-    if not isinstance(literal, str) or "${" in literal:
-        located.add(
-            ("braze", "server"),
-            "braze.server names the demo's fake Braze through an environment variable; write"
-            ' it in the file (server = "fake://127.0.0.1:9090"), or name a real Braze instance',
-        )
+    """The demo's fakes only where the file itself says so: never through a variable, so an
+    unset or mistyped variable in a real deployment can never turn it into the demo."""
+    for (section, key), value, fake, real in (
+        (("braze", "server"), config.braze.server, "Braze", "a real Braze instance"),
+        (("didomi_api", "base_url"), config.didomi_api.base_url, "Didomi", "Didomi's API"),
+    ):
+        if not value.strip().startswith(FAKE_SCHEME):
+            continue
+        table = written.get(section)
+        literal = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(literal, str) or "${" in literal:
+            located.add(
+                (section, key),
+                f"{section}.{key} names the demo's fake {fake} through an environment variable;"
+                f' write it in the file ({key} = "fake://127.0.0.1:PORT"), or name {real}',
+            )
 
 
 def _check_reverse_path(config: Config, located: Located, *, require_secrets: bool) -> None:
@@ -180,7 +189,12 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
             " true, or they would wait in the spool for ever",
         )
     url = urlsplit(api.base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        fake = fake_didomi_address(api.base_url)
+    except ValueError as exc:
+        located.add(("didomi_api", "base_url"), str(exc))
+        fake = ("", 0)
+    if fake is None and (url.scheme not in ("http", "https") or not url.hostname):
         located.add(
             ("didomi_api", "base_url"),
             f"didomi_api.base_url must be an http(s) URL, e.g. https://api.didomi.io/v1,"

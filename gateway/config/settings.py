@@ -14,7 +14,13 @@ from typing import Any, get_args
 
 import msgspec
 
-from gateway.config.addresses import braze_base_url, fake_braze_address, is_postgresql
+from gateway.config.addresses import (
+    braze_base_url,
+    didomi_base_url,
+    fake_braze_address,
+    fake_didomi_address,
+    is_postgresql,
+)
 from gateway.config.checks import check_config, check_fake_is_written
 from gateway.config.located import Located, convert, interpolate, read_toml
 from gateway.config.sections import (
@@ -53,7 +59,9 @@ __all__ = [
     "ServerConfig",
     "Strict",
     "braze_base_url",
+    "didomi_base_url",
     "fake_braze_address",
+    "fake_didomi_address",
     "is_postgresql",
     "lease_of",
     "load_config",

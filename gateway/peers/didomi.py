@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from gateway.config.settings import DidomiApiConfig
+from gateway.config.settings import DidomiApiConfig, didomi_base_url
 from gateway.delivery.outcome import Answer, Verdict
 from gateway.delivery.pacing import RateLimiter
 from gateway.logs import REDACTED, redact
@@ -132,7 +132,7 @@ class DidomiClient:
     ) -> None:
         self.session = session
         self.config = config
-        self.base_url = config.base_url.rstrip("/")
+        self.base_url = didomi_base_url(config.base_url)  # the demo's fake:// too
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.limiter = limiter
         self.clock = clock  # epoch seconds, as the JWT's exp is

@@ -44,7 +44,7 @@ from gateway.testing.braze_writes import (
 from gateway.testing.didomi import (
     FakeDidomi as FakeDidomi,  # the Consents API's fake, for one import
 )
-from gateway.testing.served import Served
+from gateway.testing.served import Served, readable
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # Braze answers 413 above 4 MB
 
@@ -171,7 +171,7 @@ class FakeBraze(Served, TrackAndDelete, Reads):
         }
 
     async def _all_users(self, request: web.Request) -> web.Response:
-        return _readable(200, {"users": [self.user_state(key) for key in sorted(self.users)]})
+        return readable(200, {"users": [self.user_state(key) for key in sorted(self.users)]})
 
     async def _one_user(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
@@ -179,8 +179,8 @@ class FakeBraze(Served, TrackAndDelete, Reads):
         if state is None:
             # An external id names itself; other identifiers carry their kind, as in `users`.
             detail = f"no user {key!r} (never updated, or deleted); an email is email:ADDRESS"
-            return _readable(404, {"message": detail})
-        return _readable(200, state)
+            return readable(404, {"message": detail})
+        return readable(200, state)
 
     async def _serve(
         self, apply: Callable[[Json], tuple[int, Json, int]], request: web.Request
@@ -323,9 +323,3 @@ def _json(status: int, payload: Json, headers: dict[str, str]) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
-
-
-def _readable(status: int, payload: Json) -> web.Response:
-    """JSON for people reading along (`curl` in a terminal): indented, ending in a newline."""
-    body = msgspec.json.format(msgspec.json.encode(payload), indent=2) + b"\n"
-    return web.Response(status=status, body=body, content_type="application/json")

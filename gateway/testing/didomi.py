@@ -6,7 +6,9 @@ and secret for a JWT-shaped token, `POST /v1/consents/events` records an event a
 into the user's current status, `GET /v1/consents/users` returns that status, and
 `GET /v1/metadata/purposes` and `GET /v1/preferences` list the ids `define()` made. Errors carry
 Didomi's body, `{"code", "name", "message", "errors"}`. It records the traffic and injects
-faults on demand. Clients use `fake.url + "/v1"` as `didomi_api.base_url`.
+faults on demand. Clients use `fake.url + "/v1"` as `didomi_api.base_url`; the demo
+(`base_url = "fake://127.0.0.1:PORT"`) is served by `gateway run` itself, and
+`GET /fake/users/{organization_user_id}` shows a user's status without a token.
 
 As Didomi does, a user carries the `updated_at` of the last event merged into it (the time the
 event was recorded), and, with `on_webhook` set, every event recorded (the gateway's own too,
@@ -31,7 +33,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from gateway.testing.served import Served
+from gateway.testing.served import Served, readable
 
 PREFIX = "/v1"
 DEFAULT_REGULATION = "gdpr"
@@ -137,6 +139,8 @@ class FakeDidomi(Served):
         self.list_limit = PAGE_LIMIT  # the most a page of those lists holds
         self.app.router.add_get(f"{PREFIX}/metadata/purposes", self._list_purposes)
         self.app.router.add_get(f"{PREFIX}/preferences", self._list_preferences)
+        # What the demo shows (no token, as the fake Braze's /fake/users): one user's status.
+        self.app.router.add_get("/fake/users/{organization_user_id}", self._one_user)
 
     def fail_next(
         self,
@@ -261,6 +265,15 @@ class FakeDidomi(Served):
         cursor = _b64(str(end).encode()) if end < len(users) else None
         page = {"data": users[start:end], "limit": PAGE_LIMIT, "cursor": cursor}
         return await self._answer(request, path, 200, page)
+
+    async def _one_user(self, request: web.Request) -> web.Response:
+        person = request.match_info["organization_user_id"]
+        regulation = request.query.get("regulation") or DEFAULT_REGULATION
+        found = self.user(person, regulation)
+        if found is None:
+            detail = f"no user {person!r} under {regulation!r} (no event recorded for them)"
+            return readable(404, {"message": detail})
+        return readable(200, found)
 
     # -----------------------------------------------------------------------
     # The Data Manager: purposes and the preferences library, paged by $limit and $skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
 
@@ -28,3 +29,9 @@ class Served:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def readable(status: int, payload: object) -> web.Response:
+    """JSON for people reading along (`curl` in a terminal): indented, ending in a newline."""
+    body = msgspec.json.format(msgspec.json.encode(payload), indent=2) + b"\n"
+    return web.Response(status=status, body=body, content_type="application/json")

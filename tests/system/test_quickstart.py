@@ -23,7 +23,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from gateway.config.settings import braze_base_url, load_config
+from gateway.config.settings import braze_base_url, didomi_base_url, load_config
 from gateway.errors import ConfigError
 from gateway.testing.braze import FakeBraze
 from tests.conftest import ROOT, SECRETS, free_port, write_config
@@ -32,7 +32,9 @@ README = ROOT / "README.md"
 DEMO = ROOT / "examples" / "demo.toml"
 RUN_MARKER = "# Run the demo"
 LINES_MARKER = "# In a second terminal"
+BACK_MARKER = "# Then the other way"
 GATEWAY_PORT, FAKE_PORT = 8080, 9090  # as the demo config and the README write them
+DIDOMI_PORT = 9091  # the demo's fake Didomi
 GROUP = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"  # a group of mappings/email.toml
 
 
@@ -49,22 +51,28 @@ def readme_lines_after(marker: str) -> list[str]:
     return block
 
 
-def here(command: str, port: int, fake_port: int) -> str:
+def here(command: str, port: int, fake_port: int, didomi_port: int = DIDOMI_PORT) -> str:
     """A README command with this run's ports and interpreter, the rest as written."""
     return (
         command.replace(f"127.0.0.1:{GATEWAY_PORT}", f"127.0.0.1:{port}")
         .replace(f"127.0.0.1:{FAKE_PORT}", f"127.0.0.1:{fake_port}")
+        .replace(f"127.0.0.1:{DIDOMI_PORT}", f"127.0.0.1:{didomi_port}")
         .replace(".venv/bin/gateway", f"{shlex.quote(sys.executable)} -m gateway")
     )
 
 
-def lay_out_demo(directory: Path, port: int, fake_port: int) -> None:
+def lay_out_demo(
+    directory: Path, port: int, fake_port: int, didomi_port: int = DIDOMI_PORT
+) -> None:
     """The files the quick start reads, where the repository has them, on this run's ports."""
     text = DEMO.read_text(encoding="utf-8")
     assert f"port = {GATEWAY_PORT}\n" in text
     assert f'"fake://127.0.0.1:{FAKE_PORT}"' in text
-    text = text.replace(f"port = {GATEWAY_PORT}\n", f"port = {port}\n").replace(
-        f"fake://127.0.0.1:{FAKE_PORT}", f"fake://127.0.0.1:{fake_port}"
+    assert f'"fake://127.0.0.1:{DIDOMI_PORT}"' in text
+    text = (
+        text.replace(f"port = {GATEWAY_PORT}\n", f"port = {port}\n")
+        .replace(f"fake://127.0.0.1:{FAKE_PORT}", f"fake://127.0.0.1:{fake_port}")
+        .replace(f"fake://127.0.0.1:{DIDOMI_PORT}", f"fake://127.0.0.1:{didomi_port}")
     )
     (directory / "examples").mkdir()
     (directory / "examples" / "demo.toml").write_text(text, encoding="utf-8")
@@ -112,8 +120,9 @@ async def test_the_readme_quick_start_delivers_within_a_minute(tmp_path: Path) -
             pytest.skip(f"{tool} is not installed here, and the quick start uses it")
     (run,) = readme_lines_after(RUN_MARKER)
     token, post, see = readme_lines_after(LINES_MARKER)
-    port, fake_port = free_port(), free_port()
-    lay_out_demo(tmp_path, port, fake_port)
+    braze_act, see_didomi = readme_lines_after(BACK_MARKER)
+    port, fake_port, didomi_port = free_port(), free_port(), free_port()
+    lay_out_demo(tmp_path, port, fake_port, didomi_port)
     # The install before it is .ci/run's job; the gateway is this test run's.
     start = here(run.split(" && ")[-1], port, fake_port)
     assert start.startswith(shlex.quote(sys.executable)), run
@@ -129,11 +138,11 @@ async def test_the_readme_quick_start_delivers_within_a_minute(tmp_path: Path) -
         )
     try:
         await ready(f"http://127.0.0.1:{port}", proc, log)
-        posted = await shell(here(f"{token}\n{post}", port, fake_port), tmp_path)
+        posted = await shell(here(f"{token}\n{post}", port, fake_port, didomi_port), tmp_path)
         assert msgspec.json.decode(posted) == {"status": "accepted"}
         deadline = time.monotonic() + 60
         while True:
-            seen = await shell(here(see, port, fake_port), tmp_path)
+            seen = await shell(here(see, port, fake_port, didomi_port), tmp_path)
             # Both halves of the line: the fake's answer may predate a delivery the trail shows.
             if '"user": "user-123"' in seen and "201 delivered" in seen:
                 break
@@ -147,6 +156,29 @@ async def test_the_readme_quick_start_delivers_within_a_minute(tmp_path: Path) -
         said = log.read_text()
         assert "DEMO" in said
         assert f"http://127.0.0.1:{fake_port}" in said
+        # The other way: Braze's unsubscribe, through the same rules read backwards, to Didomi.
+        acted = await shell(here(braze_act, port, fake_port, didomi_port), tmp_path)
+        assert msgspec.json.decode(acted) == {"status": "accepted"}
+        deadline = time.monotonic() + 60
+        while True:
+            back = await shell(
+                here(see_didomi.replace("curl -s", "curl -s -f", 1), port, fake_port, didomi_port)
+                + " || true",
+                tmp_path,
+            )
+            if "200 delivered" in back:
+                break
+            assert time.monotonic() < deadline, f"Didomi never got the choice:\n{back}"
+            await asyncio.sleep(0.5)
+        user = msgspec.json.decode(back[: back.index("\n}\n") + 3])
+        assert user["organization_user_id"] == "user-123"
+        assert {"id": "marketing_email", "enabled": False, "values": {}} in user["consents"][
+            "purposes"
+        ]
+        top = back[back.index("\n}\n") + 3 :].splitlines()[0]  # the trail, newest first
+        assert "to_didomi" in top
+        assert "/consents/events email_subscribe=unsubscribed" in top
+        assert f"http://127.0.0.1:{didomi_port}" in log.read_text()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -174,6 +206,32 @@ def test_the_fake_braze_is_only_ever_written_in_the_file(tmp_path: Path) -> None
     demo = load_config(DEMO, {})  # the shipped demo needs no environment at all
     assert braze_base_url(demo.braze.server) == f"http://127.0.0.1:{FAKE_PORT}"
     assert demo.server.host == "127.0.0.1"
+
+
+def test_the_fake_didomi_is_written_in_the_file_on_loopback_only(tmp_path: Path) -> None:
+    """As the fake Braze: never through a variable, never off loopback; the demo's is /v1."""
+    api = {"enabled": True, "organization_id": "org", "key": "k", "secret": "s"}
+    fake = "fake://127.0.0.1:9091"
+    for base_url, env, said in (
+        ("${DIDOMI_URL}", {"DIDOMI_URL": fake}, "environment variable"),
+        (f"${{DIDOMI_URL:-{fake}}}", {}, "environment variable"),
+        ("fake://0.0.0.0:9091", {}, "fake://127.0.0.1:PORT"),
+        ("fake://127.0.0.1", {}, "fake://127.0.0.1:PORT"),
+        ("fake://127.0.0.1:9091/v1", {}, "fake://127.0.0.1:PORT"),
+    ):
+        path = write_config(tmp_path, didomi_api={**api, "base_url": base_url})
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, {**SECRETS, **env})
+        (problem,) = caught.value.problems
+        assert problem.line is not None, base_url
+        assert "didomi_api.base_url" in problem.message, base_url
+        assert said in problem.message, base_url
+    config = load_config(write_config(tmp_path, didomi_api={**api, "base_url": fake}), SECRETS)
+    assert didomi_base_url(config.didomi_api.base_url) == "http://127.0.0.1:9091/v1"
+    assert didomi_base_url("https://api.didomi.io/v1/") == "https://api.didomi.io/v1"
+    demo = load_config(DEMO, {})
+    assert didomi_base_url(demo.didomi_api.base_url) == f"http://127.0.0.1:{DIDOMI_PORT}/v1"
+    assert demo.braze_webhooks is not None
 
 
 def test_the_fake_braze_serves_loopback_only(tmp_path: Path) -> None:
@@ -210,6 +268,7 @@ def test_check_says_the_demo_is_a_demo_without_loading_the_fake() -> None:
     first = done.stdout.splitlines()[0]
     assert "DEMO" in first
     assert f"http://127.0.0.1:{FAKE_PORT}" in first
+    assert f"Didomi the fake it serves at http://127.0.0.1:{DIDOMI_PORT}" in first
     assert "loaded: []" in done.stdout
 
 
@@ -253,17 +312,32 @@ async def test_the_fake_braze_shows_a_persons_state() -> None:
     assert everyone == [state]
 
 
-def test_a_taken_fake_port_stops_the_demo_and_names_the_key(tmp_path: Path) -> None:
-    """A fake Braze whose port is taken stops `gateway run` with exit 1, naming braze.server."""
+@pytest.mark.parametrize("key", ["braze.server", "didomi_api.base_url"])
+def test_a_taken_fake_port_stops_the_demo_and_names_the_key(tmp_path: Path, key: str) -> None:
+    """A fake whose port is taken stops `gateway run` with exit 1, naming its key."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         fake_port = taken.getsockname()[1]
+        fake = f"fake://127.0.0.1:{fake_port}"
+        sections: dict[str, dict[str, object]] = {"braze": {"server": fake, "api_key": "demo"}}
+        if key == "didomi_api.base_url":
+            sections = {
+                "braze": {"server": f"fake://127.0.0.1:{free_port()}", "api_key": "demo"},
+                "didomi_api": {
+                    "enabled": True,
+                    "base_url": fake,
+                    "organization_id": "demo",
+                    "key": "k",
+                    "secret": "s",
+                },
+                "braze_webhooks": {"tokens": ["t"]},
+            }
         path = write_config(
             tmp_path,
             server={"port": free_port()},
             auth={"client_secret": "demo"},
-            braze={"server": f"fake://127.0.0.1:{fake_port}", "api_key": "demo"},
+            **sections,
         )
         done = subprocess.run(
             [sys.executable, "-m", "gateway", "run", "--config", str(path)],
@@ -273,7 +347,7 @@ def test_a_taken_fake_port_stops_the_demo_and_names_the_key(tmp_path: Path) -> N
             check=False,
             cwd=tmp_path,
         )
-    assert done.returncode == 1
+    assert done.returncode == 1, done.stderr
     assert f"127.0.0.1:{fake_port}" in done.stderr
-    assert "braze.server" in done.stderr
+    assert key in done.stderr
     assert "Traceback" not in done.stderr
