@@ -27,6 +27,7 @@ from gateway.http.intake import CONFIG, METRICS, SPOOL, STATE, nothing
 from gateway.peers.braze import open_client
 from gateway.peers.didomi import open_didomi_client
 from gateway.reverse.writeback import Writeback
+from gateway.rules.ruleset import RuleSet
 from gateway.spool.replicas import Budget, Replicas
 
 log = logging.getLogger("gateway.server")
@@ -53,7 +54,7 @@ def delivery(live: LiveRules) -> Context:
             dispatcher = Dispatcher(config, spool, live.current, client, metrics)
             back: Writeback | None = None
             if config.didomi_api.enabled:
-                await stack.enter_async_context(_fake_didomi(config))
+                await stack.enter_async_context(_fake_didomi(config, live.current()))
                 didomi = await stack.enter_async_context(
                     open_didomi_client(config.didomi_api, on_request=metrics.didomi_request)
                 )
@@ -132,8 +133,9 @@ def delivery(live: LiveRules) -> Context:
 
 
 @contextlib.asynccontextmanager
-async def _fake_didomi(config: Config) -> AsyncIterator[None]:
-    """The demo's fake Didomi (`didomi_api.base_url = "fake://..."`), served by this process."""
+async def _fake_didomi(config: Config, rules: RuleSet) -> AsyncIterator[None]:
+    """The demo's fake Didomi (`didomi_api.base_url = "fake://..."`), served by this process,
+    its library holding the purposes and preference values the rules name (`check --online`)."""
     api = config.didomi_api
     address = fake_didomi_address(api.base_url)
     if address is None:
@@ -142,6 +144,15 @@ async def _fake_didomi(config: Config) -> AsyncIterator[None]:
     from gateway.testing.didomi import FakeDidomi  # test code, and only a demo needs it
 
     fake = FakeDidomi(key=api.key, secret=api.secret, organization_id=api.organization_id)
+    preferences: dict[str, list[str]] = {}
+    for ref in rules.references:
+        if ref.kind == "preference":
+            preferences.setdefault(ref.id, [])
+        elif ref.kind == "value" and ref.preference is not None:
+            values = preferences.setdefault(ref.preference, [])
+            values += [] if ref.id in values else [ref.id]
+    purposes = sorted({ref.id for ref in rules.references if ref.kind == "purpose"})
+    fake.define(purposes, preferences)
     host, port = address
     try:
         url = await fake.start(host, port)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from gateway.cli.online_checker import Checker, busy
+from gateway.config.settings import didomi_base_url
 from gateway.shapes.webhooks import Lenient
 
 PAGE = 100  # Didomi: "$limit ... usually has to be lower than 100"
@@ -54,7 +55,7 @@ class DidomiChecker(Checker):
                 warning=True,
             )
             return
-        base = api.base_url.rstrip("/")
+        base = didomi_base_url(api.base_url)  # the demo's fake:// too
         host = urlsplit(base).netloc
         login = {"type": "api-key", "key": api.key, "secret": api.secret}
         answer = await self.call("POST", base + "/sessions", api.timeout_s, json=login)

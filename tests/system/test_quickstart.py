@@ -186,6 +186,34 @@ async def test_the_readme_quick_start_delivers_within_a_minute(tmp_path: Path) -
     assert status == 0, log.read_text()
 
 
+async def test_check_online_passes_against_the_running_demo_both_ways(tmp_path: Path) -> None:
+    """The demo's fakes know what its rules name: `check --online` finds every id, exit 0."""
+    port, fake_port, didomi_port = free_port(), free_port(), free_port()
+    lay_out_demo(tmp_path, port, fake_port, didomi_port)
+    config = tmp_path / "examples" / "demo.toml"
+    log = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(config),
+            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+        )  # fmt: skip
+    try:
+        await ready(f"http://127.0.0.1:{port}", proc, log)
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "check", "--online", "--config", str(config),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        said, err = await asyncio.wait_for(check.communicate(), timeout=60)
+        assert check.returncode == 0, err.decode()
+        lines = said.decode().splitlines()
+        assert any(f"online: Didomi 127.0.0.1:{didomi_port}: login" in line for line in lines)
+        assert any("1 purpose id(s) and 3 preference value id(s) exist" in x for x in lines)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0, log.read_text()
+
+
 def test_the_fake_braze_is_only_ever_written_in_the_file(tmp_path: Path) -> None:
     """`fake://` from an environment variable is a config error; written in the file, it loads."""
     fake = "fake://127.0.0.1:9090"
