@@ -132,27 +132,36 @@ class IntakeProcesses:
         self.stopping = True
         self._stopped.set()
         for child in self.children:
-            proc = child.proc
-            # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
-            if proc is not None and proc.returncode is None and proc.pid not in self._terminated:
-                self._terminated.add(proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+            if child.proc is not None:
+                self._terminate(child.proc)
+
+    def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
+        if proc.returncode is None and proc.pid not in self._terminated:
+            self._terminated.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every child not yet told, wait for them to drain (`grace_s` at most), then
         SIGKILL."""
-        running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
         self.terminate()
-        try:
-            await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
-        except TimeoutError:
-            for proc in running:
-                if proc.returncode is None:
-                    log.error("intake process did not stop in time; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Not `wait_for`: cancelled, a follower would leave its child unreaped, its last
+            # reports unread; killed, the child closes its stdout and the follower returns.
+            _, late = await asyncio.wait(self._tasks, timeout=grace_s + 1.0)
+            if late:
+                # Every child running now: one started while the shutdown began is here too.
+                for child in self.children:
+                    proc = child.proc
+                    if proc is not None and proc.returncode is None:
+                        log.error("intake process %d did not stop in time; killing it", child.index)
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                _, late = await asyncio.wait(late, timeout=5.0)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -205,6 +214,9 @@ class IntakeProcesses:
             log.error("cannot start intake process %d: %s", child.index, exc)
             return None
         child.proc = proc
+        if self.stopping:
+            # Shutdown began while it started: `terminate` could not see it yet.
+            self._terminate(proc)
         assert proc.stdin is not None
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
