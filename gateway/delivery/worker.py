@@ -132,7 +132,12 @@ class Worker(Generic[S]):
 
     async def _gauges(self) -> None:
         while not self.stopping:
-            await self._read_gauges()
+            try:
+                await self._read_gauges()
+            except Exception:
+                # As the main loop: one bad read (a bug) must not freeze the gauges for good,
+                # the oldest pending age above all, which is what alerts during an outage.
+                self.log.exception("reading the delivery gauges failed; trying again")
             await self._pause(RECOUNT_S)
 
     def _count_pending(self) -> None:
