@@ -128,7 +128,9 @@ class Worker(Generic[S]):
             except Exception:
                 # One bad moment (a spool error, a bug) must not stop delivery for good.
                 self.log.exception(self.LOOP_FAILED)
-                await self._sleep(LOOP_PAUSE_S)
+                # Not `_sleep`: each stored webhook would cut it short, and a failure that
+                # persists would be retried, and logged, once per request.
+                await self._pause(LOOP_PAUSE_S)
 
     async def _gauges(self) -> None:
         while not self.stopping:

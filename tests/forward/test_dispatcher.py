@@ -241,6 +241,32 @@ async def test_a_failed_gauge_read_does_not_stop_the_gauges(
         assert calls >= 2
 
 
+async def test_a_failing_loop_pauses_even_while_webhooks_keep_waking_it(
+    fake: FakeBraze, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every turn of the loop fails, it tries again after its pause, not at each
+    webhook's wake-up: a failure that persists is not retried (and logged) per request."""
+    async with harness(fake) as h:
+        dispatcher = h.dispatcher
+        tries = 0
+
+        async def broken() -> None:
+            nonlocal tries
+            tries += 1
+            raise RuntimeError("a page that cannot be read")
+
+        monkeypatch.setattr(dispatcher, "_read_page", broken)
+        while not tries:
+            await asyncio.sleep(0.01)
+        seen, began = tries, time.monotonic()
+        for _ in range(50):  # intake storing webhooks, each waking the loop
+            dispatcher.wake()
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - began
+        allowed = took / worker.LOOP_PAUSE_S + 2  # however slow the machine is
+        assert tries - seen <= allowed, f"{tries - seen} tries in {took:.2f} s"
+
+
 async def test_429_waits_for_retry_after(fake: FakeBraze, harness: Any) -> None:
     """A 429 holds every request for the time Braze asks, then the update is sent again."""
     fake.fail_next(429, headers={"X-Ratelimit-Retry-After": "0.5"})
