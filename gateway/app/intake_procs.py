@@ -220,8 +220,8 @@ class IntakeProcesses:
         assert proc.stdin is not None
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
-        data = pickle.dumps(launch)
         try:
+            data = pickle.dumps(launch)
             proc.stdin.write(len(data).to_bytes(8, "big") + data)
             await proc.stdin.drain()
             while line := await proc.stdout.readline():
@@ -236,6 +236,20 @@ class IntakeProcesses:
             child.down = f"its pipe failed ({exc!r}); starting it again"
             log.error("intake process %d: its pipe failed: %r; stopping it", child.index, exc)
             await self._put_down(child, proc)
+        except Exception:
+            # Anything else (a bug here): it cannot be followed either, and left running it
+            # would serve unwatched beside the one `_keep` starts in its place. Stopped (it
+            # drains as on SIGTERM), its reports no longer read.
+            child.down = "following it failed; starting it again"
+            log.exception("intake process %d: following it failed; stopping it", child.index)
+            self._terminate(proc)
+            try:
+                timeout = self.config.server.shutdown_timeout_s + 1
+                await asyncio.wait_for(proc.wait(), timeout=timeout)
+            except TimeoutError:
+                log.error("intake process %d did not stop in time; killing it", child.index)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
         code = await proc.wait()
         proc.stdin.close()
         return code
