@@ -245,7 +245,7 @@ class IntakeProcesses:
             self._terminate(proc)
             try:
                 timeout = self.config.server.shutdown_timeout_s + 1
-                await asyncio.wait_for(proc.wait(), timeout=timeout)
+                await asyncio.wait_for(_discard(proc.stdout), timeout=timeout)
             except TimeoutError:
                 log.error("intake process %d did not stop in time; killing it", child.index)
                 with contextlib.suppress(ProcessLookupError):
@@ -323,6 +323,12 @@ class IntakeProcesses:
             counter = self._counters.get(name)
             if counter is not None and delta > 0:
                 (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+async def _discard(stdout: asyncio.StreamReader) -> None:
+    """Read a child's stdout to its end, unread: its pipe then closes with it."""
+    while await stdout.read(2**16):
+        pass
 
 
 def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:
