@@ -161,7 +161,7 @@ class IntakeProcesses:
                 _, late = await asyncio.wait(late, timeout=5.0)
                 for task in late:
                     task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
