@@ -214,10 +214,14 @@ class IntakeProcesses:
             log.error("cannot start intake process %d: %s", child.index, exc)
             return None
         child.proc = proc
-        if self.stopping:
-            # Shutdown began while it started: `terminate` could not see it yet.
-            self._terminate(proc)
         assert proc.stdin is not None
+        if self.stopping:
+            # Shutdown began while it started: `terminate` could not see it yet. It has served
+            # nothing: stopped at once, its launch never sent.
+            self._terminate(proc)
+            code = await proc.wait()
+            proc.stdin.close()
+            return code
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
         try:
