@@ -132,26 +132,35 @@ class IntakeProcesses:
         self.stopping = True
         self._stopped.set()
         for child in self.children:
-            proc = child.proc
-            # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
-            if proc is not None and proc.returncode is None and proc.pid not in self._terminated:
-                self._terminated.add(proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+            if child.proc is not None:
+                self._terminate(child.proc)
+
+    def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        # Once per process: a second SIGTERM would cut its drain short (aiohttp exits).
+        if proc.returncode is None and proc.pid not in self._terminated:
+            self._terminated.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every child not yet told, wait for them to drain (`grace_s` at most), then
         SIGKILL."""
-        running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
         self.terminate()
-        try:
-            await asyncio.wait_for(asyncio.gather(*self._tasks), timeout=grace_s + 1.0)
-        except TimeoutError:
-            for proc in running:
-                if proc.returncode is None:
-                    log.error("intake process did not stop in time; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+        if self._tasks:
+            # Not `wait_for`: cancelled, a follower would leave its child unreaped, its last
+            # reports unread; killed, the child closes its stdout and the follower returns.
+            _, late = await asyncio.wait(self._tasks, timeout=grace_s + 1.0)
+            if late:
+                # Every child running now: one started while the shutdown began is here too.
+                for child in self.children:
+                    proc = child.proc
+                    if proc is not None and proc.returncode is None:
+                        log.error("intake process %d did not stop in time; killing it", child.index)
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                _, late = await asyncio.wait(late, timeout=5.0)
+                for task in late:
+                    task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
@@ -206,10 +215,17 @@ class IntakeProcesses:
             return None
         child.proc = proc
         assert proc.stdin is not None
+        if self.stopping:
+            # Shutdown began while it started: `terminate` could not see it yet. It has served
+            # nothing: stopped at once, its launch never sent.
+            self._terminate(proc)
+            code = await proc.wait()
+            proc.stdin.close()
+            return code
         assert proc.stdout is not None
         # Kept open: the child stops when it reads EOF there, so it never outlives this process.
-        data = pickle.dumps(launch)
         try:
+            data = pickle.dumps(launch)
             proc.stdin.write(len(data).to_bytes(8, "big") + data)
             await proc.stdin.drain()
             while line := await proc.stdout.readline():
@@ -224,6 +240,20 @@ class IntakeProcesses:
             child.down = f"its pipe failed ({exc!r}); starting it again"
             log.error("intake process %d: its pipe failed: %r; stopping it", child.index, exc)
             await self._put_down(child, proc)
+        except Exception:
+            # Anything else (a bug here): it cannot be followed either, and left running it
+            # would serve unwatched beside the one `_keep` starts in its place. Stopped (it
+            # drains as on SIGTERM), its reports no longer read.
+            child.down = "following it failed; starting it again"
+            log.exception("intake process %d: following it failed; stopping it", child.index)
+            self._terminate(proc)
+            try:
+                timeout = self.config.server.shutdown_timeout_s + 1
+                await asyncio.wait_for(_discard(proc.stdout), timeout=timeout)
+            except TimeoutError:
+                log.error("intake process %d did not stop in time; killing it", child.index)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
         code = await proc.wait()
         proc.stdin.close()
         return code
@@ -297,6 +327,12 @@ class IntakeProcesses:
             counter = self._counters.get(name)
             if counter is not None and delta > 0:
                 (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+async def _discard(stdout: asyncio.StreamReader) -> None:
+    """Read a child's stdout to its end, unread: its pipe then closes with it."""
+    while await stdout.read(2**16):
+        pass
 
 
 def intake_processes(launch: dict[str, Any], live: LiveRules) -> Context:

@@ -128,11 +128,18 @@ class Worker(Generic[S]):
             except Exception:
                 # One bad moment (a spool error, a bug) must not stop delivery for good.
                 self.log.exception(self.LOOP_FAILED)
-                await self._sleep(LOOP_PAUSE_S)
+                # Not `_sleep`: each stored webhook would cut it short, and a failure that
+                # persists would be retried, and logged, once per request.
+                await self._pause(LOOP_PAUSE_S)
 
     async def _gauges(self) -> None:
         while not self.stopping:
-            await self._read_gauges()
+            try:
+                await self._read_gauges()
+            except Exception:
+                # As the main loop: one bad read (a bug) must not freeze the gauges for good,
+                # the oldest pending age above all, which is what alerts during an outage.
+                self.log.exception("reading the delivery gauges failed; trying again")
             await self._pause(RECOUNT_S)
 
     def _count_pending(self) -> None:

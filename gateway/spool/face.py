@@ -364,16 +364,26 @@ class Spool:
                     results = await self.run(self.db.put_many, items, stored)
                 else:
                     results = await self.run(self.db.put_many, items)
-            except SpoolError as exc:
+            except Exception as exc:
+                if not isinstance(exc, SpoolError):
+                    # A bug, not the disk: its puts are refused (503) as for a SpoolError, and
+                    # the writer goes on with the puts queued meanwhile, which would otherwise
+                    # wait for another request to start a writer.
+                    log.exception("the spool's intake commit failed unexpectedly")
+                    exc = SpoolError(f"the spool failed: {exc!r}")
                 self.write_error = (time.monotonic(), str(exc))
                 for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             except BaseException as exc:
-                for _, future, _ in batch:
+                # Cancelled: the puts taken and those queued behind them are all refused (503,
+                # Didomi retries), none left waiting for a writer that no longer runs.
+                error = SpoolError(f"the spool's intake stopped: {exc!r}")
+                for _, future, _ in [*batch, *self._queue]:
                     if not future.done():
-                        future.set_exception(SpoolError(f"the spool failed: {exc!r}"))
+                        future.set_exception(error)
+                self._queue = []
                 raise
             self.write_error = None
             if stored:
@@ -419,7 +429,8 @@ class Spool:
     async def close(self) -> None:
         """Finish queued writes, then close the file and the thread."""
         if self._writer is not None:
-            await self._writer
+            # Cancelled or broken, it answered its puts with an error: no reason not to close.
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._settler is not None:
             await asyncio.gather(self._settler, return_exceptions=True)
         await self.run(self.db.close)

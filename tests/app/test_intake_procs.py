@@ -505,6 +505,9 @@ if starts == 0 and mode == "long_line":
     sys.stdout.flush()
 elif starts == 0 and mode == "exit":
     sys.exit(3)
+elif mode == "ready":
+    sys.stdout.write('{"ready":true}\n')
+    sys.stdout.flush()
 while os.read(0, 65536):  # as an intake process: stop when the parent is gone
     pass
 """
@@ -660,3 +663,84 @@ async def test_an_intake_process_whose_main_process_dies_mid_drain_finishes_its_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_an_intake_process_starting_when_shutdown_begins_is_stopped_with_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child whose start is under way when the intake processes stop (restarted after a
+    crash, say) is told to stop too, and is gone once they have stopped."""
+    config = build_config(tmp_path, server={"intake_processes": 2, "shutdown_timeout_s": 1})
+    live = LiveRules.load(config, Metrics(), None)
+    spawn = asyncio.create_subprocess_exec
+    spawning, go = asyncio.Event(), asyncio.Event()
+    started: list[asyncio.subprocess.Process] = []
+
+    async def slow_spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        spawning.set()
+        await go.wait()  # the stop begins meanwhile
+        proc = await spawn(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(intake_procs.asyncio, "create_subprocess_exec", slow_spawn)
+    _notes, _state, context = await _stand_in(tmp_path, monkeypatch, "stay", live)
+    try:
+        await asyncio.wait_for(spawning.wait(), 30)
+        stop = asyncio.create_task(anext(context))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the stop has looked at the children and told them
+        go.set()
+        with contextlib.suppress(StopAsyncIteration):
+            await asyncio.wait_for(stop, 30)
+        [proc] = started
+        assert not _alive(proc.pid), "a child started during shutdown outlived it"
+    finally:
+        go.set()
+        for proc in started:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+async def test_an_intake_process_whose_reports_cannot_be_followed_is_stopped_not_orphaned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while following a child (here, applying its first report) stops
+    that child before another is started: none is left serving unwatched beside its successor."""
+    config = build_config(tmp_path, server={"intake_processes": 2, "shutdown_timeout_s": 1})
+    live = LiveRules.load(config, Metrics(), None)
+    spawn = asyncio.create_subprocess_exec
+    started: list[asyncio.subprocess.Process] = []
+
+    async def spawning(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await spawn(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    apply = intake_procs.IntakeProcesses._apply
+    applied = 0
+
+    def broken(self: Any, child: Any, report: Any) -> None:
+        nonlocal applied
+        applied += 1
+        if applied == 1:
+            raise RuntimeError("a bug while counting a report")
+        apply(self, child, report)
+
+    monkeypatch.setattr(intake_procs.asyncio, "create_subprocess_exec", spawning)
+    monkeypatch.setattr(intake_procs.IntakeProcesses, "_apply", broken)
+    _notes, _state, context = await _stand_in(tmp_path, monkeypatch, "ready", live)
+    try:
+        await eventually(lambda: _true(len(started) >= 2), 30, "a second start")
+        first = started[0]
+        await eventually(lambda: _true(not _alive(first.pid)), 10, "the first child to be stopped")
+    finally:
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(context)
+        for proc in started:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()

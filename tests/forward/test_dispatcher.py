@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from gateway.config.settings import BrazeConfig, Config, DeliveryConfig
+from gateway.delivery import worker
 from gateway.forward.dispatcher import Dispatcher
 from gateway.metrics import Metrics
 from gateway.peers.braze import open_client
@@ -209,6 +210,61 @@ async def test_connection_refused_retries_until_braze_is_back(tmp_path: Path, ha
         finally:
             await fake.stop()
     assert fake.users["fay"].email_subscribe == "opted_in"
+
+
+async def test_a_failed_gauge_read_does_not_stop_the_gauges(
+    tmp_path: Path, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One unexpected error reading the gauges (not a SpoolError) is logged and the gauges'
+    loop goes on: during a Braze outage the oldest pending age keeps being reported."""
+    monkeypatch.setattr(worker, "RECOUNT_S", 0.05)
+    port = free_port()
+    fake = FakeBraze(api_key=KEY)
+    fake.url = f"http://127.0.0.1:{port}"  # nothing listens: the row stays pending
+    async with harness(fake) as h:
+        read = h.spool.oldest_pending_at
+        calls = 0
+
+        async def oldest(direction: Any = "to_braze") -> float | None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in the gauges' read")
+            return await read(direction)
+
+        monkeypatch.setattr(h.spool, "oldest_pending_at", oldest)
+        await h.put(event("gus", True))
+        deadline = time.monotonic() + 20
+        while h.sample("gateway_spool_oldest_pending_age_seconds", direction="to_braze") <= 0:
+            assert time.monotonic() < deadline, f"the age was never reported ({calls} reads)"
+            await asyncio.sleep(0.05)
+        assert calls >= 2
+
+
+async def test_a_failing_loop_pauses_even_while_webhooks_keep_waking_it(
+    fake: FakeBraze, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every turn of the loop fails, it tries again after its pause, not at each
+    webhook's wake-up: a failure that persists is not retried (and logged) per request."""
+    async with harness(fake) as h:
+        dispatcher = h.dispatcher
+        tries = 0
+
+        async def broken() -> None:
+            nonlocal tries
+            tries += 1
+            raise RuntimeError("a page that cannot be read")
+
+        monkeypatch.setattr(dispatcher, "_read_page", broken)
+        while not tries:
+            await asyncio.sleep(0.01)
+        seen, began = tries, time.monotonic()
+        for _ in range(50):  # intake storing webhooks, each waking the loop
+            dispatcher.wake()
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - began
+        allowed = took / worker.LOOP_PAUSE_S + 2  # however slow the machine is
+        assert tries - seen <= allowed, f"{tries - seen} tries in {took:.2f} s"
 
 
 async def test_429_waits_for_retry_after(fake: FakeBraze, harness: Any) -> None:

@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -325,6 +326,52 @@ async def test_spool_full_fails_only_the_futures_beyond_the_bound(make_store: Ma
         assert spool.pending == 3
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("failure", ["raises", "cancelled"])
+async def test_a_failed_intake_commit_strands_no_put_queued_behind_it(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """When the intake commit on the spool thread raises something other than a SpoolError,
+    or the task writing it is cancelled, its puts get a SpoolError (a 503), the puts queued
+    behind it are answered without waiting for another request, and the spool still closes."""
+    db = make_store()
+    entered, release = threading.Event(), threading.Event()
+    original = db.put_many
+
+    def put_many(*args: Any, **kwargs: Any) -> Any:
+        if not entered.is_set():  # the first commit holds the spool thread, then fails
+            entered.set()
+            assert release.wait(30)
+            raise RuntimeError("a bug on the spool thread")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(db, "put_many", put_many)
+    spool = Spool(db)
+    try:
+        first = asyncio.create_task(spool.put(*item(0)))
+        assert await asyncio.to_thread(entered.wait, 30)
+        queued = [asyncio.create_task(spool.put(*item(n))) for n in range(1, 6)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        writer = spool._writer
+        assert writer is not None
+        if failure == "cancelled":
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        release.set()
+        with pytest.raises(SpoolError):
+            await asyncio.wait_for(first, 30)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*queued, return_exceptions=True), timeout=30
+        )
+        # Stored, or refused with a SpoolError the client retries: never left waiting.
+        assert all(a is True or isinstance(a, SpoolError) for a in answers), answers
+        stored = sum(1 for a in answers if a is True)
+        assert db.count_pending() == stored
+    finally:
+        release.set()
+        await asyncio.wait_for(spool.close(), 30)
 
 
 async def test_close_commits_queued_puts_first(make_store: MakeStore) -> None:
