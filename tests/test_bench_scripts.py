@@ -22,29 +22,22 @@ def test_the_benchmark_scripts_are_all_found() -> None:
     assert {"events", "procs", "probes"} <= set(HELPERS)
 
 
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """This interpreter in bench/, as the scripts are run."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def test_the_benchmark_helper_modules_import() -> None:
     """The modules the scripts share (processes, probes, tables, events) import."""
-    done = subprocess.run(
-        [sys.executable, "-c", "; ".join(f"import {name}" for name in HELPERS)],
-        cwd=BENCH,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _python("-c", "; ".join(f"import {name}" for name in HELPERS))
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_benchmark_script_imports_and_prints_its_usage(script: str) -> None:
     """`--help` imports the script's modules (the gateway's among them) and exits 0."""
-    done = subprocess.run(
-        [sys.executable, script, "--help"],
-        cwd=BENCH,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _python(script, "--help")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower(), done.stdout[-2000:]

@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -29,6 +30,9 @@ from gateway.peers.didomi import open_didomi_client
 from gateway.reverse.writeback import Writeback
 from gateway.rules.ruleset import RuleSet
 from gateway.spool.replicas import Budget, Replicas
+
+if TYPE_CHECKING:  # test code: loaded only when a demo serves a fake
+    from gateway.testing.served import Served
 
 log = logging.getLogger("gateway.server")
 
@@ -153,26 +157,8 @@ async def _fake_didomi(config: Config, rules: RuleSet) -> AsyncIterator[None]:
             values += [] if ref.id in values else [ref.id]
     purposes = sorted({ref.id for ref in rules.references if ref.kind == "purpose"})
     fake.define(purposes, preferences)
-    host, port = address
-    try:
-        url = await fake.start(host, port)
-    except OSError as exc:
-        raise GatewayError(
-            f"cannot serve the demo's fake Didomi on {host}:{port}: {exc.strerror or exc};"
-            " pick another port in didomi_api.base_url"
-        ) from None
-    log.warning(
-        "DEMO: didomi_api.base_url is the fake Didomi of gateway.testing, served by this process"
-        " at %s: nothing reaches Didomi and its users are lost at exit; see a person at"
-        " %s/fake/users/<organization_user_id>",
-        url,
-        url,
-        extra={"fake_didomi": url},
-    )
-    try:
+    async with _serving(fake, address, "didomi_api.base_url", "Didomi", "organization_user_id"):
         yield
-    finally:
-        await fake.stop()
 
 
 @contextlib.asynccontextmanager
@@ -185,22 +171,35 @@ async def _fake_braze(config: Config) -> AsyncIterator[None]:
     from gateway.testing.braze import FakeBraze  # test code, and only a demo needs it
 
     fake = FakeBraze(api_key=config.braze.api_key)
+    async with _serving(fake, address, "braze.server", "Braze", "external id"):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    fake: Served, address: tuple[str, int], key: str, name: str, person: str
+) -> AsyncIterator[None]:
+    """Serve a demo's fake on its loopback port for as long as the context lasts."""
     host, port = address
     try:
         url = await fake.start(host, port)
     except OSError as exc:
         raise GatewayError(
-            f"cannot serve the demo's fake Braze on {host}:{port}: {exc.strerror or exc};"
-            " pick another port in braze.server"
+            f"cannot serve the demo's fake {name} on {host}:{port}: {exc.strerror or exc};"
+            f" pick another port in {key}"
         ) from None
-    # Loud on purpose: a gateway that looks healthy while nothing reaches Braze is a demo only.
+    # Loud on purpose: a gateway that looks healthy while nothing reaches the real service is
+    # a demo only.
     log.warning(
-        "DEMO: braze.server is the fake Braze of gateway.testing, served by this process at"
-        " %s: nothing reaches a real Braze and its users are lost at exit; see a person at"
-        " %s/fake/users/<external id>",
+        "DEMO: %s is the fake %s of gateway.testing, served by this process at %s: nothing"
+        " reaches a real %s and its users are lost at exit; see a person at %s/fake/users/<%s>",
+        key,
+        name,
         url,
+        name,
         url,
-        extra={"fake_braze": url},
+        person,
+        extra={f"fake_{name.lower()}": url},
     )
     try:
         yield
