@@ -118,12 +118,14 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
             print(f"{source.label}: {source.malformed} malformed line(s) skipped", file=options.err)
             for where in source.malformed_at:
                 print(f"  {where}", file=options.err)
-    if report.read == 0 and any(source.malformed for source in sources):
-        # Not an export (a config file, a CSV): "no drift" would clear gateway_drift_ratio and
-        # silence BrazeDrift for as long as the job reads the wrong file.
+    if report.read == 0:
+        # Not an export (a config file, a CSV), or an export job that wrote nothing: "no drift"
+        # would clear gateway_drift_ratio and silence BrazeDrift while the job reads it.
         raise SourceError(
             "no line of the sources is a Didomi user; give a Didomi export (one user a line,"
             " as the batch export writes them)"
+            if any(source.malformed for source in sources)
+            else "the sources hold no user (an empty export?): nothing was compared"
         )
     drift.save(store, drift.LastRun(time.time(), report.sampled, report.ratios()))
     return report
