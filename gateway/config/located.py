@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -113,9 +113,16 @@ def _os_reason(exc: BaseException) -> str:
 
 
 def interpolate(
-    value: Any, env: Mapping[str, str], located: Located, path: KeyPath = (), *, strict: bool = True
+    value: Any,
+    env: Mapping[str, str],
+    located: Located,
+    path: KeyPath = (),
+    *,
+    strict: bool = True,
+    secret: Callable[[KeyPath], bool] = lambda path: False,
 ) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` inside string values, recording missing variables."""
+    """Replace `${VAR}` and `${VAR:-default}` inside string values, recording missing variables
+    (`secret` says which keys hold one: never to be given a default in the file)."""
     if isinstance(value, str):
         if "${" not in value:
             return value
@@ -129,18 +136,24 @@ def interpolate(
             if default is not None:
                 return default
             if strict:
-                hint = f"set it, or write ${{{name}:-default}}"
+                hint = (
+                    f"export {name}=... where the gateway runs"
+                    if secret(path)
+                    else f"set it, or write ${{{name}:-default}}"
+                )
                 located.add(path, f"environment variable {name} is not set ({hint})")
             return ""
 
         return _ENV_REF.sub(replace, value)
     if isinstance(value, dict):
         return {
-            k: interpolate(v, env, located, (*path, k), strict=strict) for k, v in value.items()
+            k: interpolate(v, env, located, (*path, k), strict=strict, secret=secret)
+            for k, v in value.items()
         }
     if isinstance(value, list):
         return [
-            interpolate(v, env, located, (*path, i), strict=strict) for i, v in enumerate(value)
+            interpolate(v, env, located, (*path, i), strict=strict, secret=secret)
+            for i, v in enumerate(value)
         ]
     return value
 

@@ -22,7 +22,7 @@ from gateway.config.addresses import (
     is_postgresql,
 )
 from gateway.config.checks import check_config, check_fake_is_written
-from gateway.config.located import Located, convert, interpolate, read_toml
+from gateway.config.located import KeyPath, Located, convert, interpolate, read_toml
 from gateway.config.sections import (
     AuthConfig,
     BackfillConfig,
@@ -91,7 +91,7 @@ def load_config(
             located.problems = [Problem(problem.file, f"{problem.message}; {to_do}")]
         raise ConfigError(located.problems)
     written = raw
-    raw = interpolate(raw, env, located, strict=require_secrets)
+    raw = interpolate(raw, env, located, strict=require_secrets, secret=_is_secret)
     sections: dict[str, Any] = {}
     failed: set[str | int] = set()
     known = {f.name: _table_type(f.type) for f in msgspec.structs.fields(Config)}
@@ -143,3 +143,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         delivery=msgspec.structs.replace(config.delivery, spool=resolve(config.delivery.spool)),
         mappings=msgspec.structs.replace(config.mappings, dir=resolve(config.mappings.dir)),
     )
+
+
+def _is_secret(path: KeyPath) -> bool:
+    """Whether a key path names a secret field (`api_key`, `tokens[0]`, ...) of its section."""
+    if len(path) < 2 or not isinstance(path[0], str):
+        return False
+    field = next((f for f in msgspec.structs.fields(Config) if f.encode_name == path[0]), None)
+    if field is None:
+        return False
+    section = field.type
+    for member in get_args(section) or (section,):  # `X | None` for optional sections
+        if isinstance(member, type) and path[1] in getattr(member, "secret_fields", ()):
+            return True
+    return False

@@ -246,6 +246,24 @@ def test_a_missing_variable_is_an_error_naming_it_on_its_line(tmp_path: Path) ->
     assert problem.line == line
     assert str(problem).startswith(f"{path}:{line}: environment variable BRAZE_API_KEY is not set")
     assert "BRAZE_API_KEY" in str(error)
+    # A secret is set, never given a default in the file: the hint does not suggest one.
+    assert ":-default" not in problem.message
+    assert "export BRAZE_API_KEY" in problem.message
+
+
+def test_a_missing_variable_outside_a_secret_may_be_given_a_default(tmp_path: Path) -> None:
+    """For a setting that is not a secret, writing `${VAR:-default}` is the other way out."""
+    path = write(
+        tmp_path,
+        """\
+        [braze]
+        server = "${BRAZE_SERVER}"
+        api_key = "k"
+        """,
+    )
+    (problem,) = [p for p in problems_of(path, {}).problems if "BRAZE_SERVER" in p.message]
+    assert "environment variable BRAZE_SERVER is not set" in problem.message
+    assert "${BRAZE_SERVER:-default}" in problem.message
 
 
 def test_every_missing_variable_is_reported(tmp_path: Path) -> None:
