@@ -760,8 +760,14 @@ async def test_a_replay_from_the_cli_reaches_braze_from_the_idle_server_promptly
     capsys.readouterr()
 
 
-def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
-    """`gateway render ... | head -1`: a reader that stops early ends the command quietly."""
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_cut_short_by_the_reader_prints_no_traceback(buffered: bool) -> None:
+    """`gateway render ... | head -1`: a reader that stops early ends the command quietly,
+    with stdout block-buffered (a shell's pipe, the output still unwritten when the command
+    returns) as with PYTHONUNBUFFERED set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -775,6 +781,7 @@ def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     proc.stdout.close()  # as `head` does once it has its lines: every write now fails
