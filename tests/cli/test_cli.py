@@ -208,6 +208,26 @@ expect = {{ email_subscribe = "unsubscribed" }}
     assert out.splitlines()[-1] == "1 passed, 1 failed"
 
 
+def test_check_warns_of_an_undocumented_didomi_api_regulation_even_when_not_enabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`backfill didomi-api` reads [didomi_api] without `enabled` (no reverse path), so a typo
+    in its regulation is warned about there too, on its line, exit still 0."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    api = {"organization_id": "org", "key": "k", "secret": "s", "regulation": "cppa"}
+    config = write_config(tmp_path, didomi_api=api)
+    assert main(["check", "--config", str(config)]) == 0
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    line = next(
+        n
+        for n, text in enumerate(config.read_text().splitlines(), start=1)
+        if text.startswith("regulation")
+    )
+    assert warning.startswith(f"{config}:{line}: warning: didomi_api.regulation: 'cppa'")
+    assert "did you mean 'cpa'?" in warning
+
+
 def test_a_test_whose_event_cannot_be_used_says_where_it_looked_and_why_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
