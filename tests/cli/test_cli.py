@@ -813,3 +813,28 @@ def test_output_cut_short_by_the_reader_prints_no_traceback(buffered: bool) -> N
     assert "Traceback" not in err, err
     assert "BrokenPipeError" not in err, err
     assert proc.returncode == 141, err  # as a shell reports a command stopped by SIGPIPE
+
+
+def test_a_command_started_with_stdout_closed_ends_quietly() -> None:
+    """Started with no stdout at all (`>&-`, as some supervisors do), a command that prints
+    still ends with its own status and no traceback: there is nothing to flush."""
+    done = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            'exec "$@" >&-',
+            "sh",
+            sys.executable,
+            "-m",
+            "gateway",
+            "render",
+            str(EVENTS / "consent_given.json"),
+            "--mappings",
+            str(ROOT / "mappings"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
