@@ -18,7 +18,13 @@ def main() -> int:
 
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return command()
+        status = command()
+        # Flushed here, not at exit: a pipe's stdout is block-buffered, so a short output is
+        # written only now, and a reader gone by then fails this write, not the interpreter's
+        # (which would print 'Exception ignored ... BrokenPipeError' and exit 120).
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+            sys.stdout.flush()
+        return status
     except KeyboardInterrupt:  # between the two lines above and cli.main's own guard
         return 130
     except BrokenPipeError:

@@ -97,8 +97,9 @@ def _regulation_warnings(config_path: str, config: Config) -> list[Problem]:
     lines = LineIndex(Path(config_path).read_text(encoding="utf-8"))
     known = ", ".join(DOCUMENTED_REGULATIONS)
     named = [(("didomi", "regulations"), r) for r in config.didomi.regulations]
-    if config.didomi_api.enabled:  # what the reverse path and `backfill didomi-api` ask for
-        named.append((("didomi_api", "regulation"), config.didomi_api.regulation))
+    # What the reverse path and `backfill didomi-api` ask for; the latter reads [didomi_api]
+    # without `enabled`, so it is checked either way (its default, gdpr, never warns).
+    named.append((("didomi_api", "regulation"), config.didomi_api.regulation))
     out = []
     for key, regulation in named:
         if regulation in DOCUMENTED_REGULATIONS:

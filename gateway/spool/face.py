@@ -387,7 +387,15 @@ class Spool:
                 raise
             self.write_error = None
             if stored:
-                self._hand_over(stored, batch)
+                try:
+                    self._hand_over(stored, batch)
+                except Exception:
+                    # A bug: the rows are committed all the same, so their puts are answered
+                    # below; delivery reads them from the spool instead of skipping them.
+                    log.exception("handing stored rows over to delivery failed")
+                    assert self.handoff is not None
+                    self._last_id = stored[-1][1].id
+                    self.handoff.gap(self._last_id)
             self.commits += 1
             self.rows_committed += len(batch)
             self.largest_commit = max(self.largest_commit, len(batch))

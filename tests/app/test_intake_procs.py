@@ -669,7 +669,8 @@ async def test_an_intake_process_starting_when_shutdown_begins_is_stopped_with_t
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A child whose start is under way when the intake processes stop (restarted after a
-    crash, say) is told to stop too, and is gone once they have stopped."""
+    crash, say) is told to stop too (SIGTERM, not the kill after the grace), its launch never
+    sent, and is gone once they have stopped."""
     config = build_config(tmp_path, server={"intake_processes": 2, "shutdown_timeout_s": 1})
     live = LiveRules.load(config, Metrics(), None)
     spawn = asyncio.create_subprocess_exec
@@ -684,7 +685,7 @@ async def test_an_intake_process_starting_when_shutdown_begins_is_stopped_with_t
         return proc
 
     monkeypatch.setattr(intake_procs.asyncio, "create_subprocess_exec", slow_spawn)
-    _notes, _state, context = await _stand_in(tmp_path, monkeypatch, "stay", live)
+    notes, _state, context = await _stand_in(tmp_path, monkeypatch, "stay", live)
     try:
         await asyncio.wait_for(spawning.wait(), 30)
         stop = asyncio.create_task(anext(context))
@@ -695,6 +696,8 @@ async def test_an_intake_process_starting_when_shutdown_begins_is_stopped_with_t
             await asyncio.wait_for(stop, 30)
         [proc] = started
         assert not _alive(proc.pid), "a child started during shutdown outlived it"
+        assert proc.returncode == -signal.SIGTERM, proc.returncode
+        assert _starts(notes) == [], "it was sent its launch"
     finally:
         go.set()
         for proc in started:

@@ -208,6 +208,26 @@ expect = {{ email_subscribe = "unsubscribed" }}
     assert out.splitlines()[-1] == "1 passed, 1 failed"
 
 
+def test_check_warns_of_an_undocumented_didomi_api_regulation_even_when_not_enabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`backfill didomi-api` reads [didomi_api] without `enabled` (no reverse path), so a typo
+    in its regulation is warned about there too, on its line, exit still 0."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    api = {"organization_id": "org", "key": "k", "secret": "s", "regulation": "cppa"}
+    config = write_config(tmp_path, didomi_api=api)
+    assert main(["check", "--config", str(config)]) == 0
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    line = next(
+        n
+        for n, text in enumerate(config.read_text().splitlines(), start=1)
+        if text.startswith("regulation")
+    )
+    assert warning.startswith(f"{config}:{line}: warning: didomi_api.regulation: 'cppa'")
+    assert "did you mean 'cpa'?" in warning
+
+
 def test_a_test_whose_event_cannot_be_used_says_where_it_looked_and_why_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -760,8 +780,14 @@ async def test_a_replay_from_the_cli_reaches_braze_from_the_idle_server_promptly
     capsys.readouterr()
 
 
-def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
-    """`gateway render ... | head -1`: a reader that stops early ends the command quietly."""
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_cut_short_by_the_reader_prints_no_traceback(buffered: bool) -> None:
+    """`gateway render ... | head -1`: a reader that stops early ends the command quietly,
+    with stdout block-buffered (a shell's pipe, the output still unwritten when the command
+    returns) as with PYTHONUNBUFFERED set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -775,6 +801,7 @@ def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     proc.stdout.close()  # as `head` does once it has its lines: every write now fails
@@ -786,3 +813,28 @@ def test_output_cut_short_by_the_reader_prints_no_traceback() -> None:
     assert "Traceback" not in err, err
     assert "BrokenPipeError" not in err, err
     assert proc.returncode == 141, err  # as a shell reports a command stopped by SIGPIPE
+
+
+def test_a_command_started_with_stdout_closed_ends_quietly() -> None:
+    """Started with no stdout at all (`>&-`, as some supervisors do), a command that prints
+    still ends with its own status and no traceback: there is nothing to flush."""
+    done = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            'exec "$@" >&-',
+            "sh",
+            sys.executable,
+            "-m",
+            "gateway",
+            "render",
+            str(EVENTS / "consent_given.json"),
+            "--mappings",
+            str(ROOT / "mappings"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr

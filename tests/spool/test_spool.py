@@ -687,6 +687,36 @@ async def test_intake_hands_its_rows_over_and_notices_rows_it_did_not_write(
         await spool.close()
 
 
+async def test_a_failed_hand_over_answers_its_puts_and_leaves_the_rows_to_the_spool(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug handing committed rows over to delivery neither leaves their requests (or those
+    queued behind) waiting nor hides the rows from delivery: it reads them from the spool."""
+    spool = Spool(SpoolDB(path))
+    try:
+        handoff = spool.handoff
+        assert handoff is not None
+        add, calls = handoff.add, 0
+
+        def broken(row: Pending) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug handing a row over")
+            add(row)
+
+        monkeypatch.setattr(handoff, "add", broken)
+        puts = [asyncio.create_task(spool.put(*item(n))) for n in (1, 2)]
+        answers = await asyncio.wait_for(asyncio.gather(*puts, return_exceptions=True), 10)
+        assert answers == [True, True]  # committed, whatever became of the hand-over
+        assert await asyncio.wait_for(spool.put(*item(3)), 10)
+        # Row 1 is not held: delivery must read the spool up to it, not skip it.
+        taken = handoff.take(0, 10)
+        assert taken is None or [r.id for r in taken][:1] == [1], taken
+    finally:
+        await asyncio.wait_for(spool.close(), 30)
+
+
 @pytest.mark.sqlite_only  # an flock beside the spool file
 async def test_a_writer_wedged_on_the_write_turns_costs_a_spool_error_not_a_hang(
     path: Path,
