@@ -235,18 +235,28 @@ def _reconcile(args: argparse.Namespace) -> int:
         print("gateway reconcile: --sample takes a number of persons, 1 or more", file=sys.stderr)
         return 2
     # A config it cannot load is "could not finish" (2): 1 means drift to cron and scripts.
-    # An export file needs only Braze's key, not the secrets of routes reconcile never serves.
+    # It needs Braze's key (and Didomi's API credentials to read didomi-api), not the secrets
+    # of the webhook routes it never serves.
     try:
-        config = load_config(args.config, require_secrets="didomi-api" in args.sources)
+        config = load_config(args.config, require_secrets=False)
     except ConfigError as exc:
         _problems(exc.problems)
         return 2
-    if not config.braze.api_key:
+    needed = [("braze.api_key", config.braze.api_key, "reads Braze with it")]
+    if "didomi-api" in args.sources:
+        api = config.didomi_api
+        needed += [
+            (f"didomi_api.{name}", getattr(api, name), "reads Didomi's users with it")
+            for name in ("organization_id", "key", "secret")
+        ]
+    missing = [(key, why) for key, value, why in needed if not value]
+    for key, why in missing:
         print(
-            f"{args.config}: braze.api_key is empty: `gateway reconcile` reads Braze with it;"
-            " set the variable it names (BRAZE_API_KEY in the example gateway.toml)",
+            f"{args.config}: {key} is empty: `gateway reconcile` {why}; set it, or the"
+            " environment variable it names",
             file=sys.stderr,
         )
+    if missing:
         return 2
     options = Options(
         args.sources,

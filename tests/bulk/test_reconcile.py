@@ -24,6 +24,7 @@ from gateway.shapes.webhooks import Entity
 from gateway.spool.backend import open_store
 from gateway.spool.face import Spool
 from gateway.testing.braze import FakeBraze
+from gateway.testing.didomi import FakeDidomi
 from tests.conftest import BRAZE_API_KEY, MakeConfig, recent
 
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
@@ -486,6 +487,33 @@ async def test_a_config_problem_exits_2_and_a_file_needs_only_the_braze_key(
     assert await asyncio.to_thread(main, command) == 2
     monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
     assert await asyncio.to_thread(main, command) == 0
+
+
+async def test_reading_didomi_api_needs_its_credentials_and_no_webhook_secret(
+    tmp_path: Path, fake: FakeBraze, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reconcile didomi-api` needs [didomi_api]'s key and secret (2, naming them, when one is
+    missing), never the webhook routes' DIDOMI_CLIENT_SECRET, which it does not serve."""
+    from gateway.cli.main import main
+    from tests.conftest import write_config
+
+    for n in range(3):
+        fake_didomi.seed_user(f"api-{n}", [{"id": "marketing_email", "enabled": True}])
+    api = {
+        "base_url": fake_didomi.url + "/v1",
+        "organization_id": fake_didomi.organization_id,
+        "key": "${DIDOMI_API_KEY}",
+        "secret": fake_didomi.secret,
+    }
+    path = write_config(tmp_path, braze={"server": fake.url}, didomi_api=api)
+    monkeypatch.delenv("DIDOMI_CLIENT_SECRET", raising=False)
+    monkeypatch.delenv("DIDOMI_API_KEY", raising=False)
+    monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
+    command = ["reconcile", "--config", str(path), "didomi-api"]
+    assert await asyncio.to_thread(main, command) == 2
+    monkeypatch.setenv("DIDOMI_API_KEY", fake_didomi.key)
+    assert await asyncio.to_thread(main, command) in (0, 1)  # compared: drift or none
+    assert fake_didomi.sessions >= 1
 
 
 @pytest.mark.parametrize(
