@@ -194,6 +194,16 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
     except ValueError as exc:
         located.add(("didomi_api", "base_url"), str(exc))
         fake = ("", 0)
+    fake_braze = config.braze.server.strip().startswith(FAKE_SCHEME)
+    if api.enabled and (fake is not None) != fake_braze:
+        # Real Braze acts kept by an in-memory fake are lost at exit; a demo's made-up acts
+        # written to a real Didomi are recorded as consent.
+        located.add(
+            ("didomi_api", "base_url"),
+            "braze.server and didomi_api.base_url must be both the demo's fakes (fake://) or"
+            " both real services while [didomi_api] is enabled: one fake beside one real"
+            " service would lose real consent changes or record made-up ones",
+        )
     if fake is None and (url.scheme not in ("http", "https") or not url.hostname):
         located.add(
             ("didomi_api", "base_url"),

@@ -240,6 +240,7 @@ def test_the_fake_didomi_is_written_in_the_file_on_loopback_only(tmp_path: Path)
     """As the fake Braze: never through a variable, never off loopback; the demo's is /v1."""
     api = {"enabled": True, "organization_id": "org", "key": "k", "secret": "s"}
     fake = "fake://127.0.0.1:9091"
+    braze = {"server": "fake://127.0.0.1:9090"}  # both fakes: a demo
     for base_url, env, said in (
         ("${DIDOMI_URL}", {"DIDOMI_URL": fake}, "environment variable"),
         (f"${{DIDOMI_URL:-{fake}}}", {}, "environment variable"),
@@ -247,19 +248,44 @@ def test_the_fake_didomi_is_written_in_the_file_on_loopback_only(tmp_path: Path)
         ("fake://127.0.0.1", {}, "fake://127.0.0.1:PORT"),
         ("fake://127.0.0.1:9091/v1", {}, "fake://127.0.0.1:PORT"),
     ):
-        path = write_config(tmp_path, didomi_api={**api, "base_url": base_url})
+        path = write_config(tmp_path, braze=braze, didomi_api={**api, "base_url": base_url})
         with pytest.raises(ConfigError) as caught:
             load_config(path, {**SECRETS, **env})
         (problem,) = caught.value.problems
         assert problem.line is not None, base_url
         assert "didomi_api.base_url" in problem.message, base_url
         assert said in problem.message, base_url
-    config = load_config(write_config(tmp_path, didomi_api={**api, "base_url": fake}), SECRETS)
+    path = write_config(tmp_path, braze=braze, didomi_api={**api, "base_url": fake})
+    config = load_config(path, SECRETS)
     assert didomi_base_url(config.didomi_api.base_url) == "http://127.0.0.1:9091/v1"
     assert didomi_base_url("https://api.didomi.io/v1/") == "https://api.didomi.io/v1"
     demo = load_config(DEMO, {})
     assert didomi_base_url(demo.didomi_api.base_url) == f"http://127.0.0.1:{DIDOMI_PORT}/v1"
     assert demo.braze_webhooks is not None
+
+
+def test_a_fake_on_one_side_only_is_refused_with_the_reverse_path_on(tmp_path: Path) -> None:
+    """A real Braze's unsubscribes written to the in-memory fake Didomi would be lost at exit,
+    and a demo's made-up acts written to a real Didomi would be recorded as consent: refused."""
+    api = {"enabled": True, "organization_id": "org", "key": "k", "secret": "s"}
+    for braze, didomi in (
+        ("US-01", "fake://127.0.0.1:9091"),
+        ("fake://127.0.0.1:9090", "https://api.didomi.io/v1"),
+    ):
+        path = write_config(
+            tmp_path, braze={"server": braze}, didomi_api={**api, "base_url": didomi}
+        )
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, SECRETS)
+        (problem,) = caught.value.problems
+        assert "both" in problem.message, problem.message
+        assert problem.line is not None
+    path = write_config(  # reading users only (backfill didomi-api) mixes nothing
+        tmp_path,
+        braze={"server": "fake://127.0.0.1:9090"},
+        didomi_api={**api, "enabled": False, "base_url": "https://api.didomi.io/v1"},
+    )
+    load_config(path, SECRETS)
 
 
 def test_the_fake_braze_serves_loopback_only(tmp_path: Path) -> None:
