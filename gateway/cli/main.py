@@ -236,19 +236,27 @@ def _reconcile(args: argparse.Namespace) -> int:
         return 2
     # A config it cannot load is "could not finish" (2): 1 means drift to cron and scripts.
     # It needs Braze's key (and Didomi's API credentials to read didomi-api), not the secrets
-    # of the webhook routes it never serves.
+    # of the webhook routes it never serves; and the person key the spool was written with,
+    # or it would key a new spool with a random one the gateway's key is then refused by.
+    api_keys = ("organization_id", "key", "secret") if "didomi-api" in args.sources else ()
     try:
-        config = load_config(args.config, require_secrets=False)
+        config = load_config(
+            args.config,
+            require_secrets=False,
+            needed={
+                "braze.api_key",
+                "retention.person_key",
+                *(f"didomi_api.{name}" for name in api_keys),
+            },
+        )
     except ConfigError as exc:
         _problems(exc.problems)
         return 2
     needed = [("braze.api_key", config.braze.api_key, "reads Braze with it")]
-    if "didomi-api" in args.sources:
-        api = config.didomi_api
-        needed += [
-            (f"didomi_api.{name}", getattr(api, name), "reads Didomi's users with it")
-            for name in ("organization_id", "key", "secret")
-        ]
+    needed += [
+        (f"didomi_api.{name}", getattr(config.didomi_api, name), "reads Didomi's users with it")
+        for name in api_keys
+    ]
     missing = [(key, why) for key, value, why in needed if not value]
     for key, why in missing:
         print(

@@ -120,9 +120,11 @@ def interpolate(
     *,
     strict: bool = True,
     secret: Callable[[KeyPath], bool] = lambda path: False,
+    needed: Callable[[KeyPath], bool] = lambda path: False,
 ) -> Any:
     """Replace `${VAR}` and `${VAR:-default}` inside string values, recording missing variables
-    (`secret` says which keys hold one: never to be given a default in the file)."""
+    (`secret` says which keys hold one: never to be given a default in the file; `needed`,
+    which keys must have theirs set even when not `strict`)."""
     if isinstance(value, str):
         if "${" not in value:
             return value
@@ -135,7 +137,7 @@ def interpolate(
                 return value
             if default is not None:
                 return default
-            if strict:
+            if strict or needed(path):
                 hint = (
                     f"export {name}=... where the gateway runs"
                     if secret(path)
@@ -147,12 +149,12 @@ def interpolate(
         return _ENV_REF.sub(replace, value)
     if isinstance(value, dict):
         return {
-            k: interpolate(v, env, located, (*path, k), strict=strict, secret=secret)
+            k: interpolate(v, env, located, (*path, k), strict=strict, secret=secret, needed=needed)
             for k, v in value.items()
         }
     if isinstance(value, list):
         return [
-            interpolate(v, env, located, (*path, i), strict=strict, secret=secret)
+            interpolate(v, env, located, (*path, i), strict=strict, secret=secret, needed=needed)
             for i, v in enumerate(value)
         ]
     return value

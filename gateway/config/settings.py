@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, get_args
 
@@ -22,7 +22,14 @@ from gateway.config.addresses import (
     is_postgresql,
 )
 from gateway.config.checks import check_config, check_fake_is_written
-from gateway.config.located import KeyPath, Located, convert, interpolate, read_toml
+from gateway.config.located import (
+    KeyPath,
+    Located,
+    convert,
+    format_path,
+    interpolate,
+    read_toml,
+)
 from gateway.config.sections import (
     AuthConfig,
     BackfillConfig,
@@ -71,11 +78,17 @@ __all__ = [
 
 
 def load_config(
-    path: str | Path, env: Mapping[str, str] | None = None, *, require_secrets: bool = True
+    path: str | Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    require_secrets: bool = True,
+    needed: Collection[str] = (),
 ) -> Config:
     """Load and check `gateway.toml`; raise ConfigError listing every problem found.
 
-    With `require_secrets=False` (render, test), missing variables and secrets are not errors.
+    With `require_secrets=False` (render, test), missing variables and secrets are not errors,
+    but for the keys `needed` names (`braze.api_key`): a command that uses one must not run on
+    an empty value a missing variable left.
     """
     path = Path(path)
     env = os.environ if env is None else env
@@ -91,7 +104,14 @@ def load_config(
             located.problems = [Problem(problem.file, f"{problem.message}; {to_do}")]
         raise ConfigError(located.problems)
     written = raw
-    raw = interpolate(raw, env, located, strict=require_secrets, secret=_is_secret)
+    raw = interpolate(
+        raw,
+        env,
+        located,
+        strict=require_secrets,
+        secret=_is_secret,
+        needed=lambda where: format_path(where[:2]) in needed,
+    )
     sections: dict[str, Any] = {}
     failed: set[str | int] = set()
     known = {f.name: _table_type(f.type) for f in msgspec.structs.fields(Config)}

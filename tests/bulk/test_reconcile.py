@@ -489,6 +489,34 @@ async def test_a_config_problem_exits_2_and_a_file_needs_only_the_braze_key(
     assert await asyncio.to_thread(main, command) == 0
 
 
+async def test_reconcile_needs_the_person_key_variable_and_never_keys_the_spool_itself(
+    tmp_path: Path, fake: FakeBraze, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `retention.person_key = "${GATEWAY_PERSON_KEY}"` unset, reconcile exits 2 naming
+    the variable, rather than keying a fresh spool with a random key of its own, which the
+    gateway started with GATEWAY_PERSON_KEY would then refuse."""
+    from gateway.cli.main import main
+    from gateway.config.settings import load_config
+    from tests.conftest import SECRETS, write_config
+
+    retention = {"person_key": "${GATEWAY_PERSON_KEY}"}
+    path = write_config(tmp_path, braze={"server": fake.url}, retention=retention)
+    export = write_export(tmp_path / "users.json", 4)
+    secrets = {**SECRETS, "GATEWAY_PERSON_KEY": "test-person-key-3a1f"}
+    config = load_config(path, secrets)
+    seed_agreeing(fake, config, 4)
+    command = ["reconcile", "--config", str(path), str(export)]
+    monkeypatch.setenv("BRAZE_API_KEY", BRAZE_API_KEY)
+    monkeypatch.delenv("GATEWAY_PERSON_KEY", raising=False)
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    assert await asyncio.to_thread(main, command) == 2
+    assert "environment variable GATEWAY_PERSON_KEY is not set" in err.getvalue()
+    open_store(config.delivery, config.retention.person_key).close()  # the gateway's key holds
+    monkeypatch.setenv("GATEWAY_PERSON_KEY", secrets["GATEWAY_PERSON_KEY"])
+    assert await asyncio.to_thread(main, command) == 0
+
+
 async def test_reading_didomi_api_needs_its_credentials_and_no_webhook_secret(
     tmp_path: Path, fake: FakeBraze, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
