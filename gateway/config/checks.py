@@ -131,6 +131,7 @@ def check_config(config: Config, located: Located, *, require_secrets: bool) -> 
             "retention.applied_days must cover retention.bodies_days, delivery.give_up_after_s"
             f" and delivery.dedupe_window_s ({late / 86_400:g} days): a late choice older than"
             " the pruned times would be refused",
+            reads=("delivery",),
         )
     if config.didomi.max_clock_skew_s < 0:
         located.add(("didomi", "max_clock_skew_s"), "didomi.max_clock_skew_s must not be negative")
@@ -181,12 +182,14 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
             f"delivery.lease_s must be at least {lease_floor(config):g} s with these timeouts: a"
             " replica starts no request that could outlive its lease, and needs room for two"
             " missed heartbeats besides; raise lease_s or lower braze.timeout_s",
+            reads=("braze", "didomi_api"),
         )
     if config.braze_webhooks is not None and not api.enabled:
         located.add(
             ("braze_webhooks",),
             "[braze_webhooks] takes Braze's changes for Didomi: set [didomi_api] enabled ="
             " true, or they would wait in the spool for ever",
+            reads=("didomi_api",),
         )
     url = urlsplit(api.base_url)
     try:
@@ -203,6 +206,7 @@ def _check_reverse_path(config: Config, located: Located, *, require_secrets: bo
             "braze.server and didomi_api.base_url must be both the demo's fakes (fake://) or"
             " both real services while [didomi_api] is enabled: one fake beside one real"
             " service would lose real consent changes or record made-up ones",
+            reads=("braze",),
         )
     if fake is None and (url.scheme not in ("http", "https") or not url.hostname):
         located.add(

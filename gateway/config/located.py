@@ -78,12 +78,16 @@ class Located:
         self.index = LineIndex(text)
         self.problems: list[Problem] = []
         self.paths: list[KeyPath] = []  # parallel to problems, to filter by section
+        # Parallel too: every section a problem's rule read, its own and those of `reads`.
+        self.sections: list[frozenset[str | int]] = []
 
-    def add(self, path: KeyPath, message: str) -> None:
+    def add(self, path: KeyPath, message: str, *, reads: tuple[str, ...] = ()) -> None:
+        """Record a problem at `path`; `reads` names the other sections its rule judged."""
         line = self.index.line(path)
         where = None if line is not None else format_path(path) or None
         self.problems.append(Problem(self.file, message, line=line, path=where))
         self.paths.append(path)
+        self.sections.append(frozenset((*path[:1], *reads)))
 
 
 def read_toml(path: Path, located: Located) -> dict[str, Any] | None:

@@ -134,8 +134,9 @@ def load_config(
     check_config(config, checks, require_secrets=require_secrets)
     check_fake_is_written(written, config, checks)
     seen = set(located.paths)
-    for problem, where in zip(checks.problems, checks.paths, strict=True):
-        if where[0] not in failed and where not in seen:
+    # A rule that read a section which did not load judged its defaults, not the file.
+    for problem, where, read in zip(checks.problems, checks.paths, checks.sections, strict=True):
+        if not read & failed and where not in seen:
             located.problems.append(problem)
     if located.problems:
         raise ConfigError(sorted(located.problems, key=lambda p: p.line or 0))

@@ -288,6 +288,25 @@ def test_a_fake_on_one_side_only_is_refused_with_the_reverse_path_on(tmp_path: P
     load_config(path, SECRETS)
 
 
+def test_a_section_that_does_not_load_draws_no_cross_section_problem(tmp_path: Path) -> None:
+    """A typo in [braze] (or [didomi_api]) of the demo is its one problem: the rules reading
+    that section with it (fakes on both sides, [braze_webhooks] needing [didomi_api]) would
+    judge its defaults, not what the file says."""
+    api = {"enabled": True, "organization_id": "org", "key": "k", "secret": "s"}
+    fakes = {"server": "fake://127.0.0.1:9090"}, {**api, "base_url": "fake://127.0.0.1:9091"}
+    for braze, didomi_api, wrong in (
+        ({**fakes[0], "batch_size": "many"}, fakes[1], "braze.batch_size"),
+        (fakes[0], {**fakes[1], "timeout_s": "slow"}, "didomi_api.timeout_s"),
+    ):
+        path = write_config(
+            tmp_path, braze=braze, didomi_api=didomi_api, braze_webhooks={"tokens": ["t"]}
+        )
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, SECRETS)
+        (problem,) = caught.value.problems
+        assert wrong in problem.message, problem.message
+
+
 def test_the_fake_braze_serves_loopback_only(tmp_path: Path) -> None:
     """A fake Braze off loopback, or without a port, is refused with the form to write."""
     for server in (
