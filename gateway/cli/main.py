@@ -17,6 +17,10 @@ from gateway.config.settings import load_config
 from gateway.errors import ConfigError, GatewayError
 
 DEFAULT_CONFIG = "gateway.toml"
+# What a command that opens the spool needs even without the secrets: loaded with a variable
+# of `retention.person_key` unset, it would key a new spool with a random key of its own (the
+# gateway's key then refused) or fail on a written one with "another key".
+SPOOL_NEEDS = frozenset({"retention.person_key"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,7 +174,9 @@ def _backfill(args: argparse.Namespace) -> int:
     from gateway.bulk.backfill import run  # the readers and the spool load only for this command
 
     # Didomi's key and secret are needed only to read through its API.
-    config = load_config(args.config, require_secrets="didomi-api" in args.sources)
+    config = load_config(
+        args.config, require_secrets="didomi-api" in args.sources, needed=SPOOL_NEEDS
+    )
     return asyncio.run(run(config, args.sources, dry_run=args.dry_run, wait=args.wait))
 
 
@@ -209,14 +215,14 @@ def _run(args: argparse.Namespace) -> int:
 def _dead_letters(args: argparse.Namespace) -> int:
     from gateway.cli.deadletters import command
 
-    config = load_config(args.config, require_secrets=False)
+    config = load_config(args.config, require_secrets=False, needed=SPOOL_NEEDS)
     return command(config, args.action, args.id)
 
 
 def _trace(args: argparse.Namespace) -> int:
     from gateway.cli.trace import TraceError, command
 
-    config = load_config(args.config, require_secrets=False)
+    config = load_config(args.config, require_secrets=False, needed=SPOOL_NEEDS)
     person = args.person
     if person == "-":
         person = sys.stdin.readline().strip()
@@ -236,18 +242,13 @@ def _reconcile(args: argparse.Namespace) -> int:
         return 2
     # A config it cannot load is "could not finish" (2): 1 means drift to cron and scripts.
     # It needs Braze's key (and Didomi's API credentials to read didomi-api), not the secrets
-    # of the webhook routes it never serves; and the person key the spool was written with,
-    # or it would key a new spool with a random one the gateway's key is then refused by.
+    # of the webhook routes it never serves.
     api_keys = ("organization_id", "key", "secret") if "didomi-api" in args.sources else ()
     try:
         config = load_config(
             args.config,
             require_secrets=False,
-            needed={
-                "braze.api_key",
-                "retention.person_key",
-                *(f"didomi_api.{name}" for name in api_keys),
-            },
+            needed={"braze.api_key", *SPOOL_NEEDS, *(f"didomi_api.{name}" for name in api_keys)},
         )
     except ConfigError as exc:
         _problems(exc.problems)
@@ -280,7 +281,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from gateway.config.settings import is_postgresql
     from gateway.spool.backend import open_store
 
-    config = load_config(args.config, require_secrets=False)
+    config = load_config(args.config, require_secrets=False, needed=SPOOL_NEEDS)
     spool = config.delivery.spool
     if is_postgresql(spool):
         from gateway.spool.postgres import VERSION, connect, migrate, redact

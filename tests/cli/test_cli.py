@@ -838,3 +838,36 @@ def test_a_command_started_with_stdout_closed_ends_quietly() -> None:
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("command", ["migrate", "backfill", "trace", "dead-letters"])
+def test_a_command_opening_the_spool_needs_the_person_key_variable(
+    tmp_path: Path,
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With `retention.person_key = "${GATEWAY_PERSON_KEY}"` unset, a command that opens the
+    spool stops naming the variable: it neither keys a new spool with a random key of its own
+    (the gateway's key is then refused) nor fails on a written one with 'another key'."""
+    from gateway.config.settings import load_config
+    from gateway.spool.backend import open_store
+    from tests.bulk.test_reconcile import write_export
+
+    key = "test-person-key-3a1f"
+    path = write_config(tmp_path, retention={"person_key": "${GATEWAY_PERSON_KEY}"})
+    config = load_config(path, {**SECRETS, "GATEWAY_PERSON_KEY": key})
+    if command in ("trace", "dead-letters"):  # they read a spool the gateway wrote
+        open_store(config.delivery, key).close()
+    args = {
+        "migrate": [],
+        "backfill": [str(write_export(tmp_path / "users.json", 2))],
+        "trace": ["user-1"],
+        "dead-letters": ["list"],
+    }[command]
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("GATEWAY_PERSON_KEY", raising=False)
+    assert main([command, "--config", str(path), *args]) != 0
+    assert "environment variable GATEWAY_PERSON_KEY is not set" in capsys.readouterr().err
+    open_store(config.delivery, key).close()  # the gateway's key still opens it
