@@ -21,7 +21,9 @@ class Served:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
+        port = self._runner.addresses[0][1]
+        # An IPv6 address is bracketed in a URL (the demo's fake://[::1]:PORT logs this one).
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         return self.url
 
     async def stop(self) -> None:

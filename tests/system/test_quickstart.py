@@ -325,6 +325,24 @@ def test_the_fake_braze_serves_loopback_only(tmp_path: Path) -> None:
     assert braze_base_url(load_config(config, SECRETS).braze.server) == "http://[::1]:9090"
 
 
+async def test_a_fake_on_ipv6_loopback_names_a_url_that_opens() -> None:
+    """`fake://[::1]:PORT` is accepted, so the URL the DEMO line names (the fake's `url`) is
+    bracketed as a URL must be, and a person's page opens there."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    fake = FakeBraze(api_key="k")
+    try:
+        url = await fake.start("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        assert url.startswith("http://[::1]:"), url
+        async with aiohttp.ClientSession() as session, session.get(url + "/fake/users") as got:
+            assert got.status == 200
+    finally:
+        await fake.stop()
+
+
 def test_check_says_the_demo_is_a_demo_without_loading_the_fake() -> None:
     """`gateway check` on the demo says DEMO and the fake's URL, and never imports test code."""
     probe = (
