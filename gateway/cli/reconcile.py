@@ -118,12 +118,17 @@ async def _compare(config: Config, options: Options, rules: RuleSet, store: Stor
             print(f"{source.label}: {source.malformed} malformed line(s) skipped", file=options.err)
             for where in source.malformed_at:
                 print(f"  {where}", file=options.err)
-    if report.read == 0:
-        # Not an export (a config file, a CSV), or an export job that wrote nothing: "no drift"
-        # would clear gateway_drift_ratio and silence BrazeDrift while the job reads it.
+    if report.population == 0:
+        # Not an export (a config file, a CSV), an export job that wrote nothing, or one of
+        # users the rules never map (another organization's): "no drift" would clear
+        # gateway_drift_ratio and silence BrazeDrift while the job reads it.
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(report.skipped.items()))
         raise SourceError(
-            "no line of the sources is a Didomi user; give a Didomi export (one user a line,"
-            " as the batch export writes them)"
+            f"none of the {report.read} user(s) read is one the rules map ({skipped}): nothing"
+            " was compared; give the export of the organization and regulation the rules read"
+            if report.read
+            else "no line of the sources is a Didomi user; give a Didomi export (one user a"
+            " line, as the batch export writes them)"
             if any(source.malformed for source in sources)
             else "the sources hold no user (an empty export?): nothing was compared"
         )

@@ -544,6 +544,30 @@ async def test_reading_didomi_api_needs_its_credentials_and_no_webhook_secret(
     assert fake_didomi.sessions >= 1
 
 
+async def test_a_source_whose_users_the_rules_all_skip_could_not_finish_and_records_nothing(
+    tmp_path: Path, reconcile_config: Config
+) -> None:
+    """An export in which no user is one the rules map (no identity: the wrong organization's
+    export, say) compared nobody: exit 2 and no ratios, not a "no drift" that clears
+    gateway_drift_ratio and silences BrazeDrift for as long as the job reads it."""
+    from gateway.cli.reconcile import command
+
+    export = tmp_path / "users.json"
+    with export.open("w") as out:
+        for n in range(3):
+            user = {k: v for k, v in didomi_user(n).items() if k != "organization_user_id"}
+            out.write(json.dumps({"user": user, "events": []}) + "\n")
+    said = options(export)
+    assert await asyncio.to_thread(command, reconcile_config, said) == 2
+    said_err = said.err.getvalue()  # type: ignore[attr-defined]
+    assert "none of the 3 user(s) read" in said_err, said_err
+    store = open_store(reconcile_config.delivery, reconcile_config.retention.person_key)
+    try:
+        assert drift.load(store) is None
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
