@@ -175,7 +175,9 @@ def _backfill(args: argparse.Namespace) -> int:
 
     # Didomi's key and secret are needed only to read through its API.
     config = load_config(
-        args.config, require_secrets="didomi-api" in args.sources, needed=SPOOL_NEEDS
+        args.config,
+        require_secrets="didomi-api" in args.sources,
+        needed=() if args.dry_run else SPOOL_NEEDS,  # a dry run opens no spool
     )
     return asyncio.run(run(config, args.sources, dry_run=args.dry_run, wait=args.wait))
 

@@ -871,3 +871,5 @@ def test_a_command_opening_the_spool_needs_the_person_key_variable(
     assert main([command, "--config", str(path), *args]) != 0
     assert "environment variable GATEWAY_PERSON_KEY is not set" in capsys.readouterr().err
     open_store(config.delivery, key).close()  # the gateway's key still opens it
+    if command == "backfill":  # a dry run opens no spool: it needs no key
+        assert main([command, "--config", str(path), *args, "--dry-run"]) == 0
