@@ -21,6 +21,7 @@ DEFAULT_CONFIG = "gateway.toml"
 # of `retention.person_key` unset, it would key a new spool with a random key of its own (the
 # gateway's key then refused) or fail on a written one with "another key".
 SPOOL_NEEDS = frozenset({"retention.person_key"})
+DIDOMI_API_KEYS = ("organization_id", "key", "secret")  # what reading Didomi's API needs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,12 +174,26 @@ def _backfill(args: argparse.Namespace) -> int:
 
     from gateway.bulk.backfill import run  # the readers and the spool load only for this command
 
-    # Didomi's key and secret are needed only to read through its API.
+    # It reads Didomi (its API's credentials, for didomi-api only) and stores: no secret of the
+    # webhook routes or of Braze, which it never serves nor calls.
+    api_keys = DIDOMI_API_KEYS if "didomi-api" in args.sources else ()
     config = load_config(
         args.config,
-        require_secrets="didomi-api" in args.sources,
-        needed=() if args.dry_run else SPOOL_NEEDS,  # a dry run opens no spool
+        require_secrets=False,
+        needed={  # a dry run opens no spool
+            *(() if args.dry_run else SPOOL_NEEDS),
+            *(f"didomi_api.{name}" for name in api_keys),
+        },
     )
+    empty = [name for name in api_keys if not getattr(config.didomi_api, name)]
+    for name in empty:
+        print(
+            f"{args.config}: didomi_api.{name} is empty: `gateway backfill didomi-api` reads"
+            " Didomi's users with it; set it, or the environment variable it names",
+            file=sys.stderr,
+        )
+    if empty:
+        return 1
     return asyncio.run(run(config, args.sources, dry_run=args.dry_run, wait=args.wait))
 
 
@@ -245,7 +260,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     # A config it cannot load is "could not finish" (2): 1 means drift to cron and scripts.
     # It needs Braze's key (and Didomi's API credentials to read didomi-api), not the secrets
     # of the webhook routes it never serves.
-    api_keys = ("organization_id", "key", "secret") if "didomi-api" in args.sources else ()
+    api_keys = DIDOMI_API_KEYS if "didomi-api" in args.sources else ()
     try:
         config = load_config(
             args.config,

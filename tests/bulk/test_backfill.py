@@ -30,7 +30,7 @@ from gateway.spool.face import Spool
 from gateway.spool.store import Store
 from gateway.testing.braze import FakeBraze
 from gateway.testing.didomi import FakeDidomi
-from tests.conftest import BRAZE_API_KEY, SECRETS, build_config, choice
+from tests.conftest import BRAZE_API_KEY, SECRETS, build_config, choice, write_config
 from tests.system.test_reliability import eventually
 
 
@@ -172,6 +172,31 @@ async def test_api_source_reads_every_page(
     out = io.StringIO()
     assert await run(config, ["didomi-api"], out=out) == 0
     assert "230 users read, 230 stored" in out.getvalue()
+
+
+async def test_reading_didomi_api_needs_its_credentials_and_no_other_secret(
+    tmp_path: Path, fake_didomi: FakeDidomi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway backfill didomi-api` needs [didomi_api]'s key and secret (1, naming the missing
+    one), never Braze's key nor the webhook routes' secret: it only reads Didomi and stores."""
+    from gateway.cli.main import main
+
+    for n in range(3):
+        fake_didomi.seed_user(f"b{n}", [{"id": "marketing_email", "enabled": True}])
+    api = {
+        "base_url": fake_didomi.url + "/v1",
+        "organization_id": fake_didomi.organization_id,
+        "key": "${DIDOMI_API_KEY}",
+        "secret": fake_didomi.secret,
+    }
+    path = write_config(tmp_path, didomi_api=api)
+    for name in ("DIDOMI_CLIENT_SECRET", "BRAZE_API_KEY", "DIDOMI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    command = ["backfill", "--config", str(path), "didomi-api"]
+    assert await asyncio.to_thread(main, command) == 1
+    monkeypatch.setenv("DIDOMI_API_KEY", fake_didomi.key)
+    assert await asyncio.to_thread(main, command) == 0
+    assert fake_didomi.sessions >= 1
 
 
 async def test_dry_run_stores_nothing_and_says_what_would_change(tmp_path: Path) -> None:
