@@ -32,6 +32,16 @@ from tests.system.test_reliability import (  # noqa: F401 - start_gateway is a f
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 NEWS = "3b0a6f8e-5c1d-4e2f-9a7b-0c1d2e3f4a5b"
+# `gateway render` of a shipped event with the shipped rules: it prints, and needs no config.
+RENDER = [
+    sys.executable,
+    "-m",
+    "gateway",
+    "render",
+    str(EVENTS / "consent_given.json"),
+    "--mappings",
+    str(ROOT / "mappings"),
+]
 
 
 @pytest.fixture
@@ -789,15 +799,7 @@ def test_output_cut_short_by_the_reader_prints_no_traceback(buffered: bool) -> N
     if not buffered:
         env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "render",
-            str(EVENTS / "consent_given.json"),
-            "--mappings",
-            str(ROOT / "mappings"),
-        ],
+        RENDER,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -819,19 +821,7 @@ def test_a_command_started_with_stdout_closed_ends_quietly() -> None:
     """Started with no stdout at all (`>&-`, as some supervisors do), a command that prints
     still ends with its own status and no traceback: there is nothing to flush."""
     done = subprocess.run(
-        [
-            "/bin/sh",
-            "-c",
-            'exec "$@" >&-',
-            "sh",
-            sys.executable,
-            "-m",
-            "gateway",
-            "render",
-            str(EVENTS / "consent_given.json"),
-            "--mappings",
-            str(ROOT / "mappings"),
-        ],
+        ["/bin/sh", "-c", 'exec "$@" >&-', "sh", *RENDER],
         capture_output=True,
         text=True,
         timeout=60,
