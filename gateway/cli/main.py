@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,7 +204,14 @@ def _backfill(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import logging
+    import signal
 
+    # Until the server's own handler takes SIGINT (aiohttp's, as the serving starts), an
+    # interrupt ends the process as SIGINT does by default. Raised as KeyboardInterrupt, it could
+    # land in an import's lock callback, be printed as "Exception ignored" and lost, and the
+    # gateway then started as if it had never been interrupted.
+    with contextlib.suppress(ValueError):  # not the main thread: not ours to change
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     from gateway.app.server import serve  # the server pulls in aiohttp; check/render/test need not
     from gateway.logs import configure_logging
 
