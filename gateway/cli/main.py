@@ -14,7 +14,7 @@ from gateway.cli.check import check as _check
 from gateway.cli.check import print_problems as _problems
 from gateway.cli.render import render as _render
 from gateway.cli.render import test as _test
-from gateway.config.settings import load_config
+from gateway.config.settings import Config, load_config
 from gateway.errors import ConfigError, GatewayError
 
 DEFAULT_CONFIG = "gateway.toml"
@@ -186,16 +186,27 @@ def _backfill(args: argparse.Namespace) -> int:
             *(f"didomi_api.{name}" for name in api_keys),
         },
     )
-    empty = [name for name in api_keys if not getattr(config.didomi_api, name)]
-    for name in empty:
-        print(
-            f"{args.config}: didomi_api.{name} is empty: `gateway backfill didomi-api` reads"
-            " Didomi's users with it; set it, or the environment variable it names",
-            file=sys.stderr,
-        )
-    if empty:
+    if _said_empty(args.config, "gateway backfill didomi-api", _didomi_api(config, api_keys)):
         return 1
     return asyncio.run(run(config, args.sources, dry_run=args.dry_run, wait=args.wait))
+
+
+def _didomi_api(config: Config, names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """`[didomi_api]`'s credentials named, as `_said_empty` takes them."""
+    api = config.didomi_api
+    return [(f"didomi_api.{n}", getattr(api, n), "reads Didomi's users with it") for n in names]
+
+
+def _said_empty(path: str, command: str, settings: Sequence[tuple[str, str, str]]) -> bool:
+    """Say which of (key, value, what the command does with it) is empty; whether any is."""
+    empty = [(key, why) for key, value, why in settings if not value]
+    for key, why in empty:
+        print(
+            f"{path}: {key} is empty: `{command}` {why}; set it, or the environment variable"
+            " it names",
+            file=sys.stderr,
+        )
+    return bool(empty)
 
 
 # ---------------------------------------------------------------------------
@@ -279,18 +290,7 @@ def _reconcile(args: argparse.Namespace) -> int:
         _problems(exc.problems)
         return 2
     needed = [("braze.api_key", config.braze.api_key, "reads Braze with it")]
-    needed += [
-        (f"didomi_api.{name}", getattr(config.didomi_api, name), "reads Didomi's users with it")
-        for name in api_keys
-    ]
-    missing = [(key, why) for key, value, why in needed if not value]
-    for key, why in missing:
-        print(
-            f"{args.config}: {key} is empty: `gateway reconcile` {why}; set it, or the"
-            " environment variable it names",
-            file=sys.stderr,
-        )
-    if missing:
+    if _said_empty(args.config, "gateway reconcile", needed + _didomi_api(config, api_keys)):
         return 2
     options = Options(
         args.sources,
