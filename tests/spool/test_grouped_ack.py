@@ -41,6 +41,24 @@ def _calls(
     return calls
 
 
+def _hold_first_ack(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """The first acknowledgement holds the spool thread: set `entered` once it does, and waits
+    for `release`; the later ones run as written."""
+    entered, release = threading.Event(), threading.Event()
+    original = db.ack
+
+    def ack(*args: Any, **kwargs: Any) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(30)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(db, "ack", ack)
+    return entered, release
+
+
 async def _settle(spool: Spool, row: int, n: int, *, stopping: bool = False) -> None:
     await spool.ack(
         [row],
@@ -162,16 +180,7 @@ async def test_an_erasure_is_written_after_the_outcomes_settled_before_it(
     record under their identifier."""
     db = make_store()
     ids = _stored(db)
-    entered, release = threading.Event(), threading.Event()
-    original = db.ack
-
-    def ack(*args: Any, **kwargs: Any) -> None:
-        if not entered.is_set():  # the first acknowledgement holds the spool thread
-            entered.set()
-            assert release.wait(30)
-        original(*args, **kwargs)
-
-    monkeypatch.setattr(db, "ack", ack)
+    entered, release = _hold_first_ack(db, monkeypatch)
     spool = Spool(db)
     try:
         running = asyncio.create_task(_settle(spool, ids[1], 1))
@@ -205,16 +214,7 @@ async def test_a_cancelled_settler_releases_every_waiter_and_their_rows_are_sett
     retries, and every row is settled once the spool thread is free."""
     db = make_store()
     ids = _stored(db)
-    entered, release = threading.Event(), threading.Event()
-    original = db.ack
-
-    def ack(*args: Any, **kwargs: Any) -> None:
-        if not entered.is_set():  # the first acknowledgement holds the spool thread
-            entered.set()
-            assert release.wait(30)
-        original(*args, **kwargs)
-
-    monkeypatch.setattr(db, "ack", ack)
+    entered, release = _hold_first_ack(db, monkeypatch)
     spool = Spool(db)
     try:
         running = asyncio.create_task(_settle(spool, ids[0], 0))
